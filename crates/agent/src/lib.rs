@@ -1,0 +1,114 @@
+//! The Convoy agent: it enrolls with a controller once, then keeps one mutual-TLS session open,
+//! says hello with what it has on disk, sends heartbeats, renews its certificate well before it
+//! expires, and reconnects with backoff when the controller goes away.
+//!
+//! The agent is a library first: [`Agent`] holds no process-global state, so several agents run
+//! in one process (tests, the demo, benchmarks). The `convoy-agent` binary is a thin wrapper.
+
+#![forbid(unsafe_code)]
+
+mod enroll;
+mod identity;
+mod session;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+pub use enroll::{enroll, EnrollOptions};
+pub use identity::{AgentFile, AGENT_FILE, CA_FILE, IDENTITY_FILE};
+pub use session::{Agent, AgentConfig, AgentStatus};
+
+/// Everything the agent reports as a failure, each naming what went wrong.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{0} is already enrolled (found {1}); use a new data directory")]
+    AlreadyEnrolled(PathBuf, PathBuf),
+    #[error("{0} is not enrolled: run `convoy-agent enroll` first")]
+    NotEnrolled(PathBuf),
+    #[error("agent file {path}: {message}")]
+    AgentFile { path: PathBuf, message: String },
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error(transparent)]
+    Pki(#[from] convoy_pki::Error),
+    #[error(transparent)]
+    Dial(#[from] convoy_transport::Error),
+    #[error("controller refused: {}", .0.message())]
+    Refused(tonic::Status),
+    #[error("invalid {what}: {message}")]
+    Invalid { what: &'static str, message: String },
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Parses `k=v` pairs (labels, variables) into a map, refusing duplicates and empty keys.
+pub fn parse_pairs(what: &'static str, pairs: &[String]) -> Result<BTreeMap<String, String>> {
+    let mut map = BTreeMap::new();
+    for p in pairs {
+        let (k, v) = p
+            .split_once('=')
+            .ok_or_else(|| Error::Invalid { what, message: format!("{p:?} is not KEY=VALUE") })?;
+        if k.is_empty() {
+            return Err(Error::Invalid { what, message: format!("{p:?} has an empty key") });
+        }
+        if map.insert(k.to_owned(), v.to_owned()).is_some() {
+            return Err(Error::Invalid { what, message: format!("{k:?} is given twice") });
+        }
+    }
+    Ok(map)
+}
+
+/// Reconnection backoff: exponential with full jitter between half and all of the step,
+/// capped at `max`.
+#[derive(Clone, Debug)]
+pub struct Backoff {
+    pub base: Duration,
+    pub max: Duration,
+    attempt: u32,
+}
+
+impl Backoff {
+    pub fn new(base: Duration, max: Duration) -> Self {
+        Self { base, max, attempt: 0 }
+    }
+
+    /// The next delay to wait.
+    pub fn next_delay(&mut self) -> Duration {
+        let step = self.base.saturating_mul(1u32 << self.attempt.min(16)).min(self.max);
+        self.attempt = self.attempt.saturating_add(1);
+        let jitter: f64 = rand::random_range(0.5..=1.0);
+        step.mul_f64(jitter)
+    }
+
+    pub fn reset(&mut self) {
+        self.attempt = 0;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_with_jitter_and_caps() {
+        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_secs(30));
+        let first = b.next_delay();
+        assert!(first >= Duration::from_millis(50) && first <= Duration::from_millis(100));
+        for _ in 0..30 {
+            assert!(b.next_delay() <= Duration::from_secs(30));
+        }
+        assert!(b.next_delay() >= Duration::from_secs(15));
+        b.reset();
+        assert!(b.next_delay() <= Duration::from_millis(100));
+    }
+
+    #[test]
+    fn pairs_are_checked() {
+        assert_eq!(parse_pairs("label", &["a=b".into()]).unwrap()["a"], "b");
+        for bad in ["ab", "=x"] {
+            assert!(parse_pairs("label", &[bad.into()]).is_err());
+        }
+        assert!(parse_pairs("label", &["a=1".into(), "a=2".into()]).is_err());
+    }
+}

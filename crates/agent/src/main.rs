@@ -1,0 +1,112 @@
+//! `convoy-agent`: enroll once, then run.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use convoy_agent::{Agent, AgentConfig, EnrollOptions};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+#[command(
+    name = "convoy-agent",
+    version,
+    about = "The Convoy agent: installs and runs the releases its controller orders"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Join a controller with a one-time token; the private key is generated here and never sent.
+    Enroll {
+        /// The controller's gRPC address, HOST:PORT.
+        #[arg(long)]
+        controller: String,
+        /// The controller's CA certificate (PEM).
+        #[arg(long)]
+        ca: PathBuf,
+        /// The join token from `convoy token create`.
+        #[arg(long, env = "CONVOY_JOIN_TOKEN", hide_env_values = true)]
+        token: String,
+        #[arg(long)]
+        region: String,
+        /// Requested agent id; the controller generates one when omitted.
+        #[arg(long)]
+        id: Option<String>,
+        /// A label, KEY=VALUE; repeatable.
+        #[arg(long = "label", value_name = "KEY=VALUE")]
+        labels: Vec<String>,
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// The name to check the controller's certificate against, if not the address's host.
+        #[arg(long)]
+        server_name: Option<String>,
+    },
+    /// Run the agent: hold a session with the controller until SIGINT or SIGTERM.
+    Run {
+        #[arg(long)]
+        data_dir: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Enroll { controller, ca, token, region, id, labels, data_dir, server_name } => {
+            let ca_pem = std::fs::read_to_string(&ca)
+                .map_err(|e| anyhow::anyhow!("cannot read CA certificate {}: {e}", ca.display()))?;
+            let labels = convoy_agent::parse_pairs("label", &labels)?;
+            let file = convoy_agent::enroll(EnrollOptions {
+                controller,
+                ca_pem,
+                token,
+                region,
+                id,
+                labels,
+                data_dir: data_dir.clone(),
+                server_name,
+            })
+            .await?;
+            println!("enrolled as {} in region {} (data dir {})", file.id, file.region, data_dir.display());
+            Ok(())
+        }
+        Command::Run { data_dir } => {
+            let agent = Agent::new(AgentConfig::new(data_dir))?;
+            let cancel = CancellationToken::new();
+            let stop = cancel.clone();
+            tokio::spawn(async move {
+                convoy_transport::shutdown_signal().await;
+                tracing::info!("signal received, stopping");
+                stop.cancel();
+            });
+            agent.run(cancel).await?;
+            Ok(())
+        }
+    }
+}

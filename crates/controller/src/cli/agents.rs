@@ -1,0 +1,137 @@
+use std::path::Path;
+
+use convoy_proto::v1 as pb;
+use serde::Serialize;
+
+use super::Output;
+
+#[derive(clap::Args, Debug)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct Args {
+    #[command(subcommand)]
+    command: Option<Command>,
+    /// Only agents in this region.
+    #[arg(long)]
+    region: Option<String>,
+    #[arg(short, long, value_enum, default_value_t)]
+    output: Output,
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum Command {
+    /// Refuse this agent from now on and close its live session.
+    Revoke { id: String },
+}
+
+#[derive(Serialize)]
+struct AgentJson {
+    id: String,
+    region: String,
+    labels: std::collections::BTreeMap<String, String>,
+    online: bool,
+    revoked: bool,
+    first_seen: i64,
+    last_seen: i64,
+    agent_version: String,
+    cert_serial: String,
+    cert_not_after: i64,
+    releases: Vec<ReleaseJson>,
+}
+
+#[derive(Serialize)]
+struct ReleaseJson {
+    app: String,
+    version: String,
+    active: bool,
+}
+
+pub async fn run(config: Option<&Path>, args: Args) -> anyhow::Result<()> {
+    let config = super::load_config(config)?;
+    let mut client = crate::client::admin_client(&config).await?;
+    if let Some(Command::Revoke { id }) = args.command {
+        let resp = client
+            .revoke_agent(pb::RevokeAgentRequest { agent_id: id.clone() })
+            .await
+            .map_err(super::status_error)?
+            .into_inner();
+        println!("revoked {id}{}", if resp.was_online { " (its live session was closed)" } else { "" });
+        return Ok(());
+    }
+    let resp = client
+        .list_agents(pb::ListAgentsRequest { region: args.region.unwrap_or_default() })
+        .await
+        .map_err(super::status_error)?
+        .into_inner();
+    print!("{}", render(resp.agents, args.output)?);
+    Ok(())
+}
+
+/// Renders agents as a table or JSON.
+pub(crate) fn render(mut agents: Vec<pb::AgentInfo>, output: Output) -> anyhow::Result<String> {
+    agents.sort_by(|a, b| (&a.region, &a.id).cmp(&(&b.region, &b.id)));
+    if output == Output::Json {
+        let list: Vec<AgentJson> = agents
+            .into_iter()
+            .map(|a| AgentJson {
+                id: a.id,
+                region: a.region,
+                labels: a.labels.into_iter().collect(),
+                online: a.online,
+                revoked: a.revoked,
+                first_seen: a.first_seen_unix,
+                last_seen: a.last_seen_unix,
+                agent_version: a.agent_version,
+                cert_serial: a.cert_serial,
+                cert_not_after: a.cert_not_after_unix,
+                releases: a
+                    .releases
+                    .into_iter()
+                    .map(|r| ReleaseJson { app: r.app, version: r.version, active: r.active })
+                    .collect(),
+            })
+            .collect();
+        return Ok(serde_json::to_string_pretty(&list)? + "\n");
+    }
+    let mut rows =
+        vec![["ID", "REGION", "LABELS", "STATE", "LAST SEEN", "CERT EXPIRES", "RELEASES"].map(String::from)];
+    for a in agents {
+        let mut labels: Vec<_> = a.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        labels.sort();
+        let releases: Vec<_> =
+            a.releases.iter().filter(|r| r.active).map(|r| format!("{}@{}", r.app, r.version)).collect();
+        let state = if a.revoked {
+            "revoked"
+        } else if a.online {
+            "online"
+        } else {
+            "offline"
+        };
+        rows.push([
+            a.id,
+            a.region,
+            if labels.is_empty() { "-".into() } else { labels.join(",") },
+            state.into(),
+            super::fmt_ago(a.last_seen_unix),
+            super::fmt_time(a.cert_not_after_unix),
+            if releases.is_empty() { "-".into() } else { releases.join(",") },
+        ]);
+    }
+    Ok(table(&rows))
+}
+
+/// Left-aligned columns separated by two spaces.
+pub(crate) fn table<const N: usize>(rows: &[[String; N]]) -> String {
+    let mut widths = [0usize; N];
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    for row in rows {
+        let line: Vec<String> = row.iter().zip(widths).map(|(c, w)| format!("{c:<w$}")).collect();
+        out.push_str(line.join("  ").trim_end());
+        out.push('\n');
+    }
+    out
+}

@@ -1,0 +1,90 @@
+//! The `convoy` command line: `convoy serve` runs the controller, every other subcommand is the
+//! admin CLI talking to a controller over mutual-TLS gRPC. One module per noun.
+//!
+//! Data goes to stdout, diagnostics to stderr; `-o json` gives machine-readable listings.
+
+mod agents;
+mod demo;
+mod init;
+mod serve;
+mod token;
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+use crate::config::Config;
+
+#[derive(Parser, Debug)]
+#[command(name = "convoy", version, about = "Convoy: signed releases to a fleet, with instant rollback")]
+pub struct Cli {
+    /// The controller config file [default: certs/convoy.toml].
+    #[arg(long, global = true, env = "CONVOY_CONFIG")]
+    pub config: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Create a CA, the controller's certificate, the first admin's certificate and a config.
+    Init(init::Args),
+    /// Run the controller.
+    Serve(serve::Args),
+    /// Join tokens for enrolling agents.
+    #[command(subcommand)]
+    Token(token::Command),
+    /// List agents, or revoke one.
+    Agents(agents::Args),
+    /// Run a self-contained local fleet and show it working.
+    Demo(demo::Args),
+}
+
+/// Output format for listings.
+#[derive(Clone, Copy, Debug, Default, ValueEnum, PartialEq, Eq)]
+pub enum Output {
+    #[default]
+    Table,
+    Json,
+}
+
+/// Loads the config the admin commands use.
+pub(crate) fn load_config(explicit: Option<&std::path::Path>) -> anyhow::Result<Config> {
+    let path = Config::locate(explicit);
+    Ok(Config::load(&path)?)
+}
+
+/// Turns a gRPC status into an error that reads well on a terminal.
+pub(crate) fn status_error(status: tonic::Status) -> anyhow::Error {
+    anyhow::anyhow!("controller refused ({:?}): {}", status.code(), status.message())
+}
+
+/// Runs a parsed command line.
+pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    let config = cli.config.as_deref();
+    match cli.command {
+        Command::Init(args) => init::run(args),
+        Command::Serve(args) => serve::run(config, args).await,
+        Command::Token(cmd) => token::run(config, cmd).await,
+        Command::Agents(args) => agents::run(config, args).await,
+        Command::Demo(args) => demo::run(args).await,
+    }
+}
+
+/// Formats a Unix time as UTC, `2026-11-29 14:31:39Z`, or `-` for zero.
+pub(crate) fn fmt_time(unix: i64) -> String {
+    if unix <= 0 {
+        return "-".into();
+    }
+    let t = std::time::UNIX_EPOCH + std::time::Duration::from_secs(unix as u64);
+    humantime::format_rfc3339_seconds(t).to_string().replace('T', " ")
+}
+
+/// Formats how long ago a Unix time was, `12s ago`.
+pub(crate) fn fmt_ago(unix: i64) -> String {
+    if unix <= 0 {
+        return "never".into();
+    }
+    let secs = (crate::logic::now() - unix).max(0) as u64;
+    format!("{} ago", humantime::format_duration(std::time::Duration::from_secs(secs)))
+}

@@ -1,0 +1,39 @@
+use std::path::Path;
+use std::time::Duration;
+
+use convoy_proto::v1 as pb;
+
+#[derive(clap::Subcommand, Debug)]
+pub enum Command {
+    /// Create a one-time join token; prints the token on stdout.
+    Create {
+        /// Bind the token to a region: the agent cannot enroll elsewhere.
+        #[arg(long)]
+        region: Option<String>,
+        /// How long the token stays valid.
+        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        ttl: Duration,
+        /// A label the agent gets, KEY=VALUE; repeatable.
+        #[arg(long = "label", value_name = "KEY=VALUE")]
+        labels: Vec<String>,
+    },
+}
+
+pub async fn run(config: Option<&Path>, cmd: Command) -> anyhow::Result<()> {
+    let Command::Create { region, ttl, labels } = cmd;
+    let labels = convoy_agent::parse_pairs("label", &labels)?;
+    let config = super::load_config(config)?;
+    let mut client = crate::client::admin_client(&config).await?;
+    let resp = client
+        .create_token(pb::CreateTokenRequest {
+            region: region.unwrap_or_default(),
+            ttl_secs: ttl.as_secs(),
+            labels: labels.into_iter().collect(),
+        })
+        .await
+        .map_err(super::status_error)?
+        .into_inner();
+    println!("{}", resp.token);
+    eprintln!("expires {}", super::fmt_time(resp.expires_at_unix));
+    Ok(())
+}

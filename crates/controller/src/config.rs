@@ -1,0 +1,192 @@
+//! The controller's configuration file (`convoy.toml`, written by `convoy init`).
+//!
+//! Layers: built-in defaults < the TOML file < flags. The raw file is parsed into [`RawConfig`]
+//! (unknown fields are errors), then validated into [`Config`], whose paths are absolute.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use convoy_pki::TrustDomain;
+use serde::{Deserialize, Serialize};
+
+/// The file name `convoy init` writes in its data directory.
+pub const CONFIG_FILE: &str = "convoy.toml";
+/// Where the admin CLI looks when neither `--config` nor `CONVOY_CONFIG` says otherwise.
+pub const DEFAULT_CONFIG_PATH: &str = "certs/convoy.toml";
+pub const DEFAULT_GRPC_ADDR: &str = "0.0.0.0:7443";
+pub const DEFAULT_HTTP_ADDR: &str = "0.0.0.0:7480";
+
+/// Configuration errors; each names the file and the field.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot read config {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("config {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("config {path}: field `{field}`: {message}")]
+    Field { path: PathBuf, field: &'static str, message: String },
+}
+
+/// The file as written on disk. Relative paths are relative to the file's directory.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    pub trust_domain: String,
+    #[serde(default = "default_state_dir")]
+    pub state_dir: PathBuf,
+    #[serde(default = "default_grpc")]
+    pub grpc_addr: String,
+    #[serde(default = "default_http")]
+    pub http_addr: String,
+    /// Where admin commands dial the controller, `HOST:PORT`.
+    pub controller: String,
+    #[serde(default = "default_lifetime", with = "humantime_serde")]
+    pub agent_cert_lifetime: Duration,
+    #[serde(default = "default_heartbeat", with = "humantime_serde")]
+    pub heartbeat_interval: Duration,
+    pub tls: RawTls,
+    pub admin: Option<RawAdmin>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTls {
+    pub ca_cert: PathBuf,
+    /// Only the controller needs the CA key; an admin's copy of the config may omit it.
+    pub ca_key: Option<PathBuf>,
+    pub server_cert: Option<PathBuf>,
+    pub server_key: Option<PathBuf>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAdmin {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+fn default_state_dir() -> PathBuf {
+    PathBuf::from("state")
+}
+fn default_grpc() -> String {
+    DEFAULT_GRPC_ADDR.into()
+}
+fn default_http() -> String {
+    DEFAULT_HTTP_ADDR.into()
+}
+fn default_lifetime() -> Duration {
+    convoy_pki::DEFAULT_AGENT_CERT_LIFETIME
+}
+fn default_heartbeat() -> Duration {
+    Duration::from_secs(5)
+}
+
+/// The validated configuration.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub path: PathBuf,
+    pub trust_domain: TrustDomain,
+    pub state_dir: PathBuf,
+    pub grpc_addr: SocketAddr,
+    pub http_addr: SocketAddr,
+    pub controller: String,
+    pub agent_cert_lifetime: Duration,
+    pub heartbeat_interval: Duration,
+    pub ca_cert: PathBuf,
+    pub ca_key: Option<PathBuf>,
+    pub server_cert: Option<PathBuf>,
+    pub server_key: Option<PathBuf>,
+    pub admin: Option<(PathBuf, PathBuf)>,
+}
+
+impl Config {
+    /// Reads and validates the file at `path`.
+    pub fn load(path: &Path) -> Result<Self, Error> {
+        let text =
+            std::fs::read_to_string(path).map_err(|source| Error::Read { path: path.into(), source })?;
+        let raw: RawConfig =
+            toml::from_str(&text).map_err(|e| Error::Parse { path: path.into(), message: e.to_string() })?;
+        Self::validate(path, raw)
+    }
+
+    fn validate(path: &Path, raw: RawConfig) -> Result<Self, Error> {
+        let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        let base = std::path::absolute(&base).unwrap_or(base);
+        let abs = |p: &Path| if p.is_absolute() { p.to_path_buf() } else { base.join(p) };
+        let field = |field: &'static str, message: String| Error::Field { path: path.into(), field, message };
+        let trust_domain =
+            TrustDomain::new(&raw.trust_domain).map_err(|e| field("trust_domain", e.to_string()))?;
+        let grpc_addr = raw
+            .grpc_addr
+            .parse()
+            .map_err(|_| field("grpc_addr", format!("{:?} is not an IP:PORT address", raw.grpc_addr)))?;
+        let http_addr = raw
+            .http_addr
+            .parse()
+            .map_err(|_| field("http_addr", format!("{:?} is not an IP:PORT address", raw.http_addr)))?;
+        if !raw.controller.contains(':') {
+            return Err(field("controller", format!("{:?} is not HOST:PORT", raw.controller)));
+        }
+        if raw.agent_cert_lifetime < Duration::from_secs(3) {
+            return Err(field("agent_cert_lifetime", "must be at least 3s".into()));
+        }
+        if raw.heartbeat_interval.is_zero() {
+            return Err(field("heartbeat_interval", "must be more than zero".into()));
+        }
+        Ok(Self {
+            path: path.to_path_buf(),
+            trust_domain,
+            state_dir: abs(&raw.state_dir),
+            grpc_addr,
+            http_addr,
+            controller: raw.controller,
+            agent_cert_lifetime: raw.agent_cert_lifetime,
+            heartbeat_interval: raw.heartbeat_interval,
+            ca_cert: abs(&raw.tls.ca_cert),
+            ca_key: raw.tls.ca_key.as_deref().map(abs),
+            server_cert: raw.tls.server_cert.as_deref().map(abs),
+            server_key: raw.tls.server_key.as_deref().map(abs),
+            admin: raw.admin.map(|a| (abs(&a.cert), abs(&a.key))),
+        })
+    }
+
+    /// Finds the config: an explicit path, else `CONVOY_CONFIG` (clap fills that in), else the
+    /// default location `convoy init` uses in a checkout.
+    pub fn locate(explicit: Option<&Path>) -> PathBuf {
+        explicit.map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG_PATH))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(body: &str, expected_err: Option<&str>) {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("convoy.toml");
+        std::fs::write(&p, body).unwrap();
+        match (Config::load(&p), expected_err) {
+            (Ok(_), None) => {}
+            (Err(e), Some(want)) => assert!(e.to_string().contains(want), "{e} should mention {want}"),
+            (Ok(_), Some(want)) => panic!("expected an error mentioning {want}"),
+            (Err(e), None) => panic!("unexpected error {e}"),
+        }
+    }
+
+    const OK: &str =
+        "trust_domain = \"convoy.test\"\ncontroller = \"127.0.0.1:7443\"\n[tls]\nca_cert = \"ca.pem\"\n";
+
+    #[test]
+    fn config_errors_name_the_field() {
+        check(OK, None);
+        check(&OK.replace("convoy.test", "Not Valid"), Some("trust_domain"));
+        check(&format!("grpc_addr = \"nope\"\n{OK}"), Some("grpc_addr"));
+        check(&format!("http_addr = \"1.2.3.4\"\n{OK}"), Some("http_addr"));
+        check(&format!("agent_cert_lifetime = \"1s\"\n{OK}"), Some("agent_cert_lifetime"));
+        check(&format!("agent_cert_lifetime = \"soon\"\n{OK}"), Some("agent_cert_lifetime"));
+        check(&format!("colour = \"blue\"\n{OK}"), Some("colour"));
+        check(&OK.replace("controller = \"127.0.0.1:7443\"\n", ""), Some("controller"));
+        check("this is [not toml", Some("config"));
+    }
+}

@@ -1,0 +1,284 @@
+//! gRPC handlers: translation between the wire and [`crate::logic`], and authorization by the
+//! verified certificate's identity. No decisions are made here.
+
+use std::collections::BTreeMap;
+use std::pin::Pin;
+use std::time::Duration;
+
+use convoy_pki::Identity;
+use convoy_proto::v1 as pb;
+use convoy_transport::PeerInfo;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status, Streaming};
+use tracing::Instrument;
+
+use crate::logic::{self, Controller};
+use crate::store::ReportedRelease;
+
+/// How long a new session may take to send its hello.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Maps a domain error to a gRPC status: the one place where this happens.
+pub fn to_status(err: logic::Error) -> Status {
+    use logic::Error as E;
+    let msg = err.to_string();
+    match err {
+        E::TokenMalformed | E::TokenUnknown => Status::unauthenticated(msg),
+        E::TokenUsed(_)
+        | E::TokenExpired(_)
+        | E::TokenRegion { .. }
+        | E::Revoked(_)
+        | E::PermissionDenied(_) => Status::permission_denied(msg),
+        E::AgentExists(_) => Status::already_exists(msg),
+        E::UnknownAgent(_) => Status::not_found(msg),
+        E::InvalidArgument(_) | E::Csr(_) => Status::invalid_argument(msg),
+        E::Store(_) | E::Internal(_) => {
+            tracing::error!(error = %msg, "internal error");
+            Status::internal(msg)
+        }
+    }
+}
+
+fn peer_identity<T>(req: &Request<T>) -> Option<&Identity> {
+    req.extensions().get::<PeerInfo>().and_then(|p| p.identity.as_ref())
+}
+
+fn require_agent<T>(req: &Request<T>) -> Result<String, Status> {
+    match peer_identity(req) {
+        Some(Identity::Agent(id)) => Ok(id.clone()),
+        Some(other) => Err(Status::permission_denied(format!(
+            "{other} is not an agent: agent RPCs need an agent certificate"
+        ))),
+        None => Err(Status::unauthenticated("a client certificate is required for this RPC")),
+    }
+}
+
+fn require_admin<T>(req: &Request<T>) -> Result<Identity, Status> {
+    match peer_identity(req) {
+        Some(id @ Identity::Admin(_)) => Ok(id.clone()),
+        Some(other) => Err(Status::permission_denied(format!(
+            "{other} is not an admin: admin RPCs need an admin certificate"
+        ))),
+        None => Err(Status::unauthenticated("a client certificate is required for this RPC")),
+    }
+}
+
+fn labels(map: std::collections::HashMap<String, String>) -> BTreeMap<String, String> {
+    map.into_iter().collect()
+}
+
+fn releases(list: Vec<pb::ReleaseRef>) -> Vec<ReportedRelease> {
+    list.into_iter().map(|r| ReportedRelease { app: r.app, version: r.version, active: r.active }).collect()
+}
+
+/// The enrollment service, reachable without a client certificate.
+#[derive(Clone)]
+pub struct EnrollmentSvc(pub Controller);
+
+#[tonic::async_trait]
+impl pb::enrollment_server::Enrollment for EnrollmentSvc {
+    async fn enroll(&self, req: Request<pb::EnrollRequest>) -> Result<Response<pb::EnrollResponse>, Status> {
+        let remote = req.extensions().get::<PeerInfo>().and_then(|p| p.remote);
+        let r = req.into_inner();
+        let span = tracing::info_span!("enroll", ?remote, requested_id = %r.agent_id, region = %r.region);
+        let result = self
+            .0
+            .enroll(r.token, r.agent_id, r.region, labels(r.labels), r.csr_der)
+            .instrument(span.clone())
+            .await;
+        match result {
+            Ok(e) => Ok(Response::new(pb::EnrollResponse {
+                agent_id: e.agent_id,
+                certificate_pem: e.cert_pem,
+                ca_pem: self.0.ca_pem().to_owned(),
+                region: e.region,
+                labels: e.labels.into_iter().collect(),
+            })),
+            Err(err) => {
+                span.in_scope(|| tracing::warn!(error = %err, "enrollment refused"));
+                Err(to_status(err))
+            }
+        }
+    }
+}
+
+/// The agent service: sessions and renewal.
+#[derive(Clone)]
+pub struct AgentSvc(pub Controller);
+
+type SessionStream = Pin<Box<dyn Stream<Item = Result<pb::ControllerMessage, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl pb::agent_service_server::AgentService for AgentSvc {
+    type SessionStream = SessionStream;
+
+    async fn session(
+        &self,
+        req: Request<Streaming<pb::AgentMessage>>,
+    ) -> Result<Response<SessionStream>, Status> {
+        let agent_id = require_agent(&req)?;
+        let span = tracing::info_span!("session", %agent_id);
+        let ctl = self.0.clone();
+        if let Err(e) = ctl.check_agent(&agent_id).instrument(span.clone()).await {
+            span.in_scope(|| tracing::warn!(error = %e, "session refused"));
+            return Err(to_status(e));
+        }
+        let mut inbound = req.into_inner();
+        let hello = match tokio::time::timeout(HELLO_TIMEOUT, inbound.message()).await {
+            Ok(Ok(Some(pb::AgentMessage { msg: Some(pb::agent_message::Msg::Hello(h)) }))) => h,
+            Ok(Ok(Some(_))) => {
+                return Err(Status::invalid_argument("the first message of a session must be a hello"))
+            }
+            Ok(Ok(None)) | Ok(Err(_)) => return Err(Status::cancelled("session closed before its hello")),
+            Err(_) => return Err(Status::deadline_exceeded("no hello within 10s")),
+        };
+        if hello.agent_id != agent_id {
+            span.in_scope(|| tracing::warn!(claimed = %hello.agent_id, "hello claims another agent id"));
+            return Err(Status::permission_denied(format!(
+                "hello claims agent {:?} but the certificate is for agent {agent_id:?}",
+                hello.agent_id
+            )));
+        }
+        let (order_tx, mut order_rx) = mpsc::channel::<logic::Order>(64);
+        let handle = ctl
+            .open_session(&agent_id, hello.agent_version, releases(hello.releases), order_tx)
+            .instrument(span.clone())
+            .await
+            .map_err(to_status)?;
+        let (out_tx, out_rx) = mpsc::channel(64);
+        let welcome = pb::ControllerMessage {
+            msg: Some(pb::controller_message::Msg::Welcome(pb::Welcome {
+                heartbeat_interval_secs: ctl.heartbeat_interval().as_secs().max(1) as u32,
+            })),
+        };
+        let _ = out_tx.send(Ok(welcome)).await;
+        // A session that misses three heartbeats is dead even if TCP has not noticed.
+        let silence = ctl.heartbeat_interval() * 3;
+        tokio::spawn(
+            async move {
+                loop {
+                    tokio::select! {
+                        () = handle.cancel.cancelled() => {
+                            let still_allowed = ctl.check_agent(&handle.agent_id).await;
+                            let status = match still_allowed {
+                                Err(e) => to_status(e),
+                                Ok(_) => Status::aborted("session replaced or controller shutting down"),
+                            };
+                            let _ = out_tx.send(Err(status)).await;
+                            break;
+                        }
+                        order = order_rx.recv() => match order {
+                            Some(order) => match order {},
+                            None => break,
+                        },
+                        msg = tokio::time::timeout(silence, inbound.message()) => match msg {
+                            Ok(Ok(Some(pb::AgentMessage { msg: Some(pb::agent_message::Msg::Heartbeat(hb)) }))) => {
+                                if let Err(e) = ctl.heartbeat(&handle.agent_id, releases(hb.releases)).await {
+                                    tracing::warn!(error = %e, "heartbeat not recorded");
+                                }
+                            }
+                            Ok(Ok(Some(_))) => tracing::debug!("unexpected message ignored"),
+                            Ok(Ok(None)) => break,
+                            Ok(Err(e)) => {
+                                tracing::info!(error = %e, "session stream failed");
+                                break;
+                            }
+                            Err(_) => {
+                                tracing::warn!(silence_secs = silence.as_secs(), "no heartbeat, closing session");
+                                break;
+                            }
+                        },
+                    }
+                }
+                ctl.end_session(&handle).await;
+            }
+            .instrument(span),
+        );
+        Ok(Response::new(Box::pin(ReceiverStream::new(out_rx))))
+    }
+
+    async fn renew(&self, req: Request<pb::RenewRequest>) -> Result<Response<pb::RenewResponse>, Status> {
+        let agent_id = require_agent(&req)?;
+        let span = tracing::info_span!("renew", %agent_id);
+        match self.0.renew(agent_id, req.into_inner().csr_der).instrument(span.clone()).await {
+            Ok(pem) => Ok(Response::new(pb::RenewResponse { certificate_pem: pem })),
+            Err(e) => {
+                span.in_scope(|| tracing::warn!(error = %e, "renewal refused"));
+                Err(to_status(e))
+            }
+        }
+    }
+}
+
+/// The admin service.
+#[derive(Clone)]
+pub struct AdminSvc(pub Controller);
+
+#[tonic::async_trait]
+impl pb::admin_service_server::AdminService for AdminSvc {
+    async fn create_token(
+        &self,
+        req: Request<pb::CreateTokenRequest>,
+    ) -> Result<Response<pb::CreateTokenResponse>, Status> {
+        let admin = require_admin(&req)?;
+        let r = req.into_inner();
+        let region = (!r.region.is_empty()).then_some(r.region);
+        let ttl = Duration::from_secs(r.ttl_secs);
+        let (token, expires) = self
+            .0
+            .create_token(region, labels(r.labels), ttl, &admin)
+            .instrument(tracing::info_span!("create_token", %admin))
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(pb::CreateTokenResponse { token, expires_at_unix: expires }))
+    }
+
+    async fn list_agents(
+        &self,
+        req: Request<pb::ListAgentsRequest>,
+    ) -> Result<Response<pb::ListAgentsResponse>, Status> {
+        require_admin(&req)?;
+        let r = req.into_inner();
+        let region = (!r.region.is_empty()).then_some(r.region);
+        let agents = self.0.list_agents(region).await.map_err(to_status)?;
+        let agents = agents
+            .into_iter()
+            .map(|v| pb::AgentInfo {
+                id: v.record.id,
+                region: v.record.region,
+                labels: v.record.labels.into_iter().collect(),
+                online: v.online,
+                first_seen_unix: v.record.first_seen,
+                last_seen_unix: v.record.last_seen,
+                cert_serial: v.record.cert_serial,
+                cert_not_after_unix: v.record.cert_not_after,
+                releases: v
+                    .record
+                    .releases
+                    .into_iter()
+                    .map(|r| pb::ReleaseRef { app: r.app, version: r.version, active: r.active })
+                    .collect(),
+                revoked: v.record.revoked,
+                agent_version: v.record.agent_version,
+            })
+            .collect();
+        Ok(Response::new(pb::ListAgentsResponse { agents }))
+    }
+
+    async fn revoke_agent(
+        &self,
+        req: Request<pb::RevokeAgentRequest>,
+    ) -> Result<Response<pb::RevokeAgentResponse>, Status> {
+        let admin = require_admin(&req)?;
+        let id = req.into_inner().agent_id;
+        let was_online = self
+            .0
+            .revoke_agent(&id, &admin)
+            .instrument(tracing::info_span!("revoke_agent", %admin, agent_id = %id))
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(pb::RevokeAgentResponse { was_online }))
+    }
+}

@@ -1,0 +1,19 @@
+//! The Convoy controller: it holds the CA, the agent registry and (in later stages) releases and
+//! rollouts, and serves agents and admins over mutual-TLS gRPC.
+//!
+//! Layers, top to bottom: [`cli`] (the `convoy` command), [`server`] (listeners and lifecycle),
+//! [`grpc`] (wire translation and authorization by certificate identity), [`logic`] (decisions,
+//! no tonic), [`store`] (sled). [`init`] creates a PKI and config; [`client`] is the admin's
+//! connection to a controller.
+
+#![forbid(unsafe_code)]
+
+pub mod cli;
+pub mod client;
+pub mod config;
+pub mod grpc;
+pub mod init;
+pub mod local;
+pub mod logic;
+pub mod server;
+pub mod store;

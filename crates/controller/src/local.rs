@@ -1,0 +1,173 @@
+//! A controller and agents in one process, on loopback: what `convoy demo` runs and what the
+//! integration tests build on. Everything is real (PKI, TLS, gRPC over sockets, sled on disk);
+//! only the process boundary is missing.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::Context;
+use convoy_agent::{Agent, AgentConfig, AgentStatus, EnrollOptions};
+use convoy_proto::v1 as pb;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
+
+use crate::config::Config;
+use crate::init::{init, InitOptions};
+use crate::logic::Controller;
+use crate::server::Prepared;
+
+/// Timings for a local fleet; tests shorten them.
+#[derive(Clone, Debug)]
+pub struct LocalOptions {
+    pub agent_cert_lifetime: Option<Duration>,
+    pub heartbeat_interval: Duration,
+    /// Reuse this gRPC address (a restart keeps the port agents know).
+    pub grpc_addr: Option<SocketAddr>,
+}
+
+impl Default for LocalOptions {
+    fn default() -> Self {
+        Self { agent_cert_lifetime: None, heartbeat_interval: Duration::from_secs(1), grpc_addr: None }
+    }
+}
+
+/// A running in-process controller.
+pub struct LocalController {
+    pub dir: PathBuf,
+    pub config: Config,
+    pub grpc_addr: SocketAddr,
+    pub http_addr: SocketAddr,
+    pub controller: Controller,
+    stop: CancellationToken,
+    task: JoinHandle<Result<(), crate::server::Error>>,
+}
+
+impl LocalController {
+    /// Starts a controller whose PKI and state live in `dir`; runs `convoy init` there first if
+    /// it has no config yet.
+    pub async fn start(dir: &Path, opts: LocalOptions) -> anyhow::Result<Self> {
+        let grpc = TcpListener::bind(opts.grpc_addr.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0))))
+            .await
+            .context("binding the gRPC listener")?;
+        let http = TcpListener::bind("127.0.0.1:0").await.context("binding the HTTP listener")?;
+        let grpc_addr = grpc.local_addr()?;
+        let http_addr = http.local_addr()?;
+        let config_path = dir.join(crate::config::CONFIG_FILE);
+        if !config_path.exists() {
+            init(&InitOptions {
+                data_dir: dir.to_path_buf(),
+                trust_domain: "convoy.test".into(),
+                controller: grpc_addr.to_string(),
+                grpc_addr: grpc_addr.to_string(),
+                http_addr: http_addr.to_string(),
+                ..InitOptions::default()
+            })?;
+        }
+        let mut config = Config::load(&config_path)?;
+        config.controller = grpc_addr.to_string();
+        config.heartbeat_interval = opts.heartbeat_interval;
+        if let Some(l) = opts.agent_cert_lifetime {
+            config.agent_cert_lifetime = l;
+        }
+        let prepared = Prepared::open(&config)?;
+        let controller = prepared.controller.clone();
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(prepared.serve(grpc, http, stop.clone().cancelled_owned()));
+        Ok(Self { dir: dir.to_path_buf(), config, grpc_addr, http_addr, controller, stop, task })
+    }
+
+    /// Stops the controller and waits for it to drain.
+    pub async fn stop(self) -> anyhow::Result<()> {
+        self.stop.cancel();
+        self.task.await.context("controller task panicked")??;
+        Ok(())
+    }
+
+    /// An admin client using the admin certificate `convoy init` made.
+    pub async fn admin(&self) -> anyhow::Result<pb::admin_service_client::AdminServiceClient<Channel>> {
+        crate::client::admin_client(&self.config).await
+    }
+
+    /// A one-time join token, optionally bound to a region.
+    pub async fn token(&self, region: Option<&str>, ttl: Duration) -> anyhow::Result<String> {
+        let resp = self
+            .admin()
+            .await?
+            .create_token(pb::CreateTokenRequest {
+                region: region.unwrap_or_default().to_owned(),
+                ttl_secs: ttl.as_secs(),
+                labels: Default::default(),
+            })
+            .await?;
+        Ok(resp.into_inner().token)
+    }
+
+    pub fn ca_pem(&self) -> anyhow::Result<String> {
+        Ok(std::fs::read_to_string(&self.config.ca_cert)?)
+    }
+
+    /// Enrolls an agent with a fresh region-bound token into `data_dir`.
+    pub async fn enroll(&self, data_dir: &Path, id: &str, region: &str) -> anyhow::Result<()> {
+        let token = self.token(Some(region), Duration::from_secs(600)).await?;
+        convoy_agent::enroll(EnrollOptions {
+            controller: self.grpc_addr.to_string(),
+            ca_pem: self.ca_pem()?,
+            token,
+            region: region.into(),
+            id: Some(id.into()),
+            labels: Default::default(),
+            data_dir: data_dir.to_path_buf(),
+            server_name: None,
+        })
+        .await?;
+        Ok(())
+    }
+}
+
+/// An agent running in this process.
+pub struct LocalAgent {
+    pub id: String,
+    pub data_dir: PathBuf,
+    pub status: watch::Receiver<AgentStatus>,
+    cancel: CancellationToken,
+    task: JoinHandle<convoy_agent::Result<()>>,
+}
+
+impl LocalAgent {
+    /// Runs the enrolled agent in `data_dir` with quick reconnects.
+    pub fn spawn(data_dir: &Path) -> anyhow::Result<Self> {
+        let mut config = AgentConfig::new(data_dir);
+        config.reconnect_base = Duration::from_millis(100);
+        config.reconnect_max = Duration::from_secs(2);
+        config.heartbeat_interval = Duration::from_secs(1);
+        let agent = Agent::new(config)?;
+        let id = agent.id().to_owned();
+        let status = agent.status();
+        let cancel = CancellationToken::new();
+        let task = tokio::spawn(agent.run(cancel.clone()));
+        Ok(Self { id, data_dir: data_dir.to_path_buf(), status, cancel, task })
+    }
+
+    /// Waits until the agent's status satisfies `pred`, or fails after `timeout`.
+    pub async fn wait_for(
+        &mut self,
+        timeout: Duration,
+        pred: impl Fn(&AgentStatus) -> bool,
+    ) -> anyhow::Result<AgentStatus> {
+        let status = tokio::time::timeout(timeout, self.status.wait_for(|s| pred(s)))
+            .await
+            .with_context(|| format!("agent {} did not reach the expected state in {timeout:?}", self.id))??
+            .clone();
+        Ok(status)
+    }
+
+    pub async fn stop(self) -> anyhow::Result<()> {
+        self.cancel.cancel();
+        self.task.await.context("agent task panicked")??;
+        Ok(())
+    }
+}

@@ -1,0 +1,426 @@
+//! The controller's logic: enrollment, certificate renewal, the agent registry and live sessions.
+//! Nothing here knows about gRPC; [`crate::grpc`] translates to and from the wire.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use base64::Engine;
+use convoy_pki::{Ca, Identity};
+use sha2::{Digest, Sha256};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::store::{self, AgentRecord, EnrollConflict, ReportedRelease, Store, TokenRecord};
+
+/// Everything the controller refuses, each with the specific reason.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("join token is malformed")]
+    TokenMalformed,
+    #[error("join token is unknown")]
+    TokenUnknown,
+    #[error("join token was already used (by agent {0})")]
+    TokenUsed(String),
+    #[error("join token expired {0}s ago")]
+    TokenExpired(i64),
+    #[error("join token is bound to region {bound:?} but the agent asked for region {asked:?}")]
+    TokenRegion { bound: String, asked: String },
+    #[error("agent id {0:?} is already enrolled")]
+    AgentExists(String),
+    #[error("agent {0:?} is revoked")]
+    Revoked(String),
+    #[error("agent {0:?} is not enrolled")]
+    UnknownAgent(String),
+    #[error("{0}")]
+    InvalidArgument(String),
+    #[error("certificate signing request refused: {0}")]
+    Csr(String),
+    #[error("{0}")]
+    PermissionDenied(String),
+    #[error(transparent)]
+    Store(#[from] store::Error),
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Seconds since the Unix epoch.
+pub fn now() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
+}
+
+fn token_hash(token: &str) -> Vec<u8> {
+    Sha256::digest(token.as_bytes()).to_vec()
+}
+
+/// Checks a region or label string: short, printable, no separators that would confuse a shell
+/// or a selector.
+pub fn validate_word(what: &str, s: &str) -> Result<()> {
+    let ok = !s.is_empty()
+        && s.len() <= 63
+        && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"-._/".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::InvalidArgument(format!(
+            "{what} {s:?} is invalid: use 1-63 letters, digits, '-', '_', '.' or '/'"
+        )))
+    }
+}
+
+fn validate_labels(labels: &BTreeMap<String, String>) -> Result<()> {
+    for (k, v) in labels {
+        validate_word("label key", k)?;
+        validate_word(&format!("label {k} value"), v)?;
+    }
+    Ok(())
+}
+
+/// An order for an agent, sent down its live session. Later work adds install, activate and
+/// rollback orders; the session plumbing already carries them.
+#[derive(Clone, Debug)]
+pub enum Order {}
+
+/// The sending half of an agent's live session.
+pub type SessionTx = mpsc::Sender<Order>;
+
+struct Session {
+    id: u64,
+    cancel: CancellationToken,
+    _tx: SessionTx,
+}
+
+/// What the controller runs on: its CA, its store and the live sessions. Cheap to clone.
+#[derive(Clone)]
+pub struct Controller {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    ca: Ca,
+    store: Store,
+    agent_cert_lifetime: Duration,
+    heartbeat_interval: Duration,
+    sessions: Mutex<HashMap<String, Session>>,
+    next_session: std::sync::atomic::AtomicU64,
+}
+
+/// The result of a successful enrollment.
+#[derive(Debug)]
+pub struct Enrolled {
+    pub agent_id: String,
+    pub cert_pem: String,
+    pub region: String,
+    pub labels: BTreeMap<String, String>,
+}
+
+/// An agent as listed for admins.
+#[derive(Clone, Debug)]
+pub struct AgentView {
+    pub record: AgentRecord,
+    pub online: bool,
+}
+
+/// Handle for a registered session; dropping it does not end the session, [`Controller::end_session`] does.
+#[derive(Debug)]
+pub struct SessionHandle {
+    pub agent_id: String,
+    pub session_id: u64,
+    pub cancel: CancellationToken,
+}
+
+impl Controller {
+    pub fn new(ca: Ca, store: Store, agent_cert_lifetime: Duration, heartbeat_interval: Duration) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                ca,
+                store,
+                agent_cert_lifetime,
+                heartbeat_interval,
+                sessions: Mutex::new(HashMap::new()),
+                next_session: 1.into(),
+            }),
+        }
+    }
+
+    pub fn ca_pem(&self) -> &str {
+        self.inner.ca.cert_pem()
+    }
+
+    pub fn heartbeat_interval(&self) -> Duration {
+        self.inner.heartbeat_interval
+    }
+
+    /// Runs a blocking store operation off the async threads.
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Controller) -> Result<T> + Send + 'static,
+    ) -> Result<T> {
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || f(&this))
+            .await
+            .map_err(|e| Error::Internal(format!("blocking task failed: {e}")))?
+    }
+
+    /// Creates a one-time join token. Only its hash is stored.
+    pub async fn create_token(
+        &self,
+        region: Option<String>,
+        labels: BTreeMap<String, String>,
+        ttl: Duration,
+        created_by: &Identity,
+    ) -> Result<(String, i64)> {
+        if let Some(r) = &region {
+            validate_word("region", r)?;
+        }
+        validate_labels(&labels)?;
+        if ttl.is_zero() || ttl > Duration::from_secs(30 * 24 * 3600) {
+            return Err(Error::InvalidArgument("token ttl must be between 1s and 30 days".into()));
+        }
+        let raw: [u8; 32] = rand::random();
+        let token = format!("cvt_{}", base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(raw));
+        let created_at = now();
+        let rec = TokenRecord {
+            region,
+            labels,
+            created_at,
+            expires_at: created_at + ttl.as_secs().max(1) as i64,
+            created_by: created_by.to_string(),
+            used_by: None,
+        };
+        let expires = rec.expires_at;
+        let bound_region = rec.region.clone();
+        let hash = token_hash(&token);
+        self.blocking(move |c| Ok(c.inner.store.put_token(&hash, &rec)?)).await?;
+        tracing::info!(region = ?bound_region, expires_at = expires, created_by = %created_by, "join token created");
+        Ok((token, expires))
+    }
+
+    /// Enrolls an agent: checks the token, signs the CSR for an identity the controller
+    /// chooses, and records the agent, all or nothing.
+    pub async fn enroll(
+        &self,
+        token: String,
+        requested_id: String,
+        region: String,
+        labels: BTreeMap<String, String>,
+        csr_der: Vec<u8>,
+    ) -> Result<Enrolled> {
+        self.blocking(move |c| c.enroll_blocking(&token, &requested_id, &region, labels, &csr_der)).await
+    }
+
+    fn enroll_blocking(
+        &self,
+        token: &str,
+        requested_id: &str,
+        region: &str,
+        mut labels: BTreeMap<String, String>,
+        csr_der: &[u8],
+    ) -> Result<Enrolled> {
+        if !token.starts_with("cvt_") || token.len() != 47 {
+            return Err(Error::TokenMalformed);
+        }
+        let hash = token_hash(token);
+        let tok = self.inner.store.token(&hash)?.ok_or(Error::TokenUnknown)?;
+        if let Some(by) = &tok.used_by {
+            return Err(Error::TokenUsed(by.clone()));
+        }
+        let now = now();
+        if now >= tok.expires_at {
+            return Err(Error::TokenExpired(now - tok.expires_at));
+        }
+        let region = match (&tok.region, region) {
+            (Some(bound), asked) if !asked.is_empty() && asked != bound => {
+                return Err(Error::TokenRegion { bound: bound.clone(), asked: asked.to_owned() })
+            }
+            (Some(bound), _) => bound.clone(),
+            (None, "") => return Err(Error::InvalidArgument("the agent must name its region".into())),
+            (None, asked) => asked.to_owned(),
+        };
+        validate_word("region", &region)?;
+        validate_labels(&labels)?;
+        // Labels the admin put on the token win over what the agent asks for.
+        labels.extend(tok.labels.clone());
+        let id = if requested_id.is_empty() {
+            format!("agent-{}", hex::encode(rand::random::<[u8; 4]>()))
+        } else {
+            requested_id.to_owned()
+        };
+        let identity = Identity::agent(&id).map_err(|e| Error::InvalidArgument(e.to_string()))?;
+        if self.inner.store.agent(&id)?.is_some() {
+            return Err(Error::AgentExists(id));
+        }
+        let issued = self
+            .inner
+            .ca
+            .sign_csr(csr_der, &identity, self.inner.agent_cert_lifetime)
+            .map_err(|e| Error::Csr(e.to_string()))?;
+        let rec = AgentRecord {
+            id: id.clone(),
+            region: region.clone(),
+            labels: labels.clone(),
+            first_seen: now,
+            last_seen: now,
+            cert_serial: issued.info.serial.clone(),
+            cert_not_after: issued.info.not_after,
+            agent_version: String::new(),
+            releases: vec![],
+            revoked: false,
+        };
+        match self.inner.store.commit_enrollment(&hash, &rec)? {
+            Ok(()) => {}
+            Err(EnrollConflict::TokenGone) => return Err(Error::TokenUnknown),
+            Err(EnrollConflict::TokenUsed) => return Err(Error::TokenUsed("another agent".into())),
+            Err(EnrollConflict::AgentExists) => return Err(Error::AgentExists(id)),
+        }
+        tracing::info!(agent_id = %id, %region, serial = %issued.info.serial, "agent enrolled");
+        Ok(Enrolled { agent_id: id, cert_pem: issued.cert_pem, region, labels })
+    }
+
+    /// Issues a new certificate for an enrolled, unrevoked agent from a CSR made with a new key.
+    pub async fn renew(&self, agent_id: String, csr_der: Vec<u8>) -> Result<String> {
+        self.blocking(move |c| {
+            let rec = c.inner.store.agent(&agent_id)?.ok_or_else(|| Error::UnknownAgent(agent_id.clone()))?;
+            if rec.revoked {
+                return Err(Error::Revoked(agent_id));
+            }
+            let identity = Identity::agent(&agent_id).map_err(|e| Error::InvalidArgument(e.to_string()))?;
+            let issued = c
+                .inner
+                .ca
+                .sign_csr(&csr_der, &identity, c.inner.agent_cert_lifetime)
+                .map_err(|e| Error::Csr(e.to_string()))?;
+            c.inner.store.update_agent(&agent_id, true, |r| {
+                r.cert_serial = issued.info.serial.clone();
+                r.cert_not_after = issued.info.not_after;
+            })?;
+            tracing::info!(%agent_id, serial = %issued.info.serial, not_after = issued.info.not_after, "agent certificate renewed");
+            Ok(issued.cert_pem)
+        })
+        .await
+    }
+
+    /// Refuses identities that are revoked or unknown. Called for every agent RPC.
+    pub async fn check_agent(&self, agent_id: &str) -> Result<AgentRecord> {
+        let id = agent_id.to_owned();
+        let rec = self
+            .blocking(move |c| Ok(c.inner.store.agent(&id)?))
+            .await?
+            .ok_or_else(|| Error::UnknownAgent(agent_id.to_owned()))?;
+        if rec.revoked {
+            return Err(Error::Revoked(agent_id.to_owned()));
+        }
+        Ok(rec)
+    }
+
+    /// Registers a live session for `agent_id` after its hello. A newer session replaces an
+    /// older one for the same agent.
+    pub async fn open_session(
+        &self,
+        agent_id: &str,
+        agent_version: String,
+        releases: Vec<ReportedRelease>,
+        tx: SessionTx,
+    ) -> Result<SessionHandle> {
+        self.check_agent(agent_id).await?;
+        let id = agent_id.to_owned();
+        self.blocking(move |c| {
+            c.inner.store.update_agent(&id, true, |r| {
+                r.last_seen = now();
+                r.agent_version = agent_version.clone();
+                r.releases = releases.clone();
+            })?;
+            Ok(())
+        })
+        .await?;
+        let session_id = self.inner.next_session.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let cancel = CancellationToken::new();
+        let old = self
+            .lock_sessions()
+            .insert(agent_id.to_owned(), Session { id: session_id, cancel: cancel.clone(), _tx: tx });
+        if let Some(old) = old {
+            old.cancel.cancel();
+        }
+        tracing::info!(agent_id, session_id, "agent online");
+        Ok(SessionHandle { agent_id: agent_id.to_owned(), session_id, cancel })
+    }
+
+    fn lock_sessions(&self) -> std::sync::MutexGuard<'_, HashMap<String, Session>> {
+        // A panic while holding this lock cannot leave the map inconsistent: every critical
+        // section is a single insert or remove.
+        self.inner.sessions.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Records a heartbeat. Not flushed: last-seen times are advisory, sled flushes them soon.
+    pub async fn heartbeat(&self, agent_id: &str, releases: Vec<ReportedRelease>) -> Result<()> {
+        let id = agent_id.to_owned();
+        self.blocking(move |c| {
+            c.inner.store.update_agent(&id, false, |r| {
+                r.last_seen = now();
+                r.releases = releases.clone();
+            })?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Ends a session, unless a newer one has replaced it.
+    pub async fn end_session(&self, handle: &SessionHandle) {
+        let removed = {
+            let mut sessions = self.lock_sessions();
+            match sessions.get(&handle.agent_id) {
+                Some(s) if s.id == handle.session_id => sessions.remove(&handle.agent_id).is_some(),
+                _ => false,
+            }
+        };
+        if removed {
+            let id = handle.agent_id.clone();
+            let _ = self
+                .blocking(move |c| Ok(c.inner.store.update_agent(&id, true, |r| r.last_seen = now())?))
+                .await;
+            tracing::info!(agent_id = %handle.agent_id, session_id = handle.session_id, "agent offline");
+        }
+    }
+
+    /// Closes every live session, so that a graceful shutdown does not wait on streams that
+    /// would otherwise never end. Agents reconnect to the next controller.
+    pub fn close_all_sessions(&self) {
+        for (_, s) in self.lock_sessions().drain() {
+            s.cancel.cancel();
+        }
+    }
+
+    pub fn is_online(&self, agent_id: &str) -> bool {
+        self.lock_sessions().contains_key(agent_id)
+    }
+
+    /// Lists agents, optionally only one region's.
+    pub async fn list_agents(&self, region: Option<String>) -> Result<Vec<AgentView>> {
+        let records = self.blocking(|c| Ok(c.inner.store.agents()?)).await?;
+        let sessions = self.lock_sessions();
+        Ok(records
+            .into_iter()
+            .filter(|r| region.as_deref().is_none_or(|want| r.region == want))
+            .map(|record| AgentView { online: sessions.contains_key(&record.id), record })
+            .collect())
+    }
+
+    /// Revokes an agent: it is refused from now on, and its live session is closed.
+    pub async fn revoke_agent(&self, agent_id: &str, by: &Identity) -> Result<bool> {
+        let id = agent_id.to_owned();
+        let updated =
+            self.blocking(move |c| Ok(c.inner.store.update_agent(&id, true, |r| r.revoked = true)?)).await?;
+        if updated.is_none() {
+            return Err(Error::UnknownAgent(agent_id.to_owned()));
+        }
+        let live = self.lock_sessions().remove(agent_id);
+        let was_online = live.is_some();
+        if let Some(s) = live {
+            s.cancel.cancel();
+        }
+        tracing::warn!(agent_id, by = %by, was_online, "agent revoked");
+        Ok(was_online)
+    }
+}

@@ -1,0 +1,123 @@
+//! Running the controller: gRPC (agents and admins) and HTTP (`/healthz`) on bound listeners,
+//! until a shutdown future completes.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use convoy_pki::{files, Ca};
+use convoy_proto::v1 as pb;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::grpc::{AdminSvc, AgentSvc, EnrollmentSvc};
+use crate::logic::Controller;
+use crate::store::Store;
+
+/// How long shutdown waits for in-flight RPCs before giving up on them.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Why the controller could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("config {path}: {what} is not set; the controller needs it")]
+    Missing { path: String, what: &'static str },
+    #[error(transparent)]
+    Pki(#[from] convoy_pki::Error),
+    #[error(transparent)]
+    Store(#[from] crate::store::Error),
+    #[error("gRPC server: {0}")]
+    Grpc(#[from] tonic::transport::Error),
+    #[error("HTTP server: {0}")]
+    Http(std::io::Error),
+}
+
+/// A controller ready to serve: its logic plus the TLS config its listener uses.
+pub struct Prepared {
+    pub controller: Controller,
+    tls: std::sync::Arc<rustls::ServerConfig>,
+    td: convoy_pki::TrustDomain,
+}
+
+impl Prepared {
+    /// Loads the CA, server certificate and state store named by `config`.
+    pub fn open(config: &Config) -> Result<Self, Error> {
+        let path = config.path.display().to_string();
+        let need = |p: &Option<std::path::PathBuf>, what| {
+            p.clone().ok_or_else(|| Error::Missing { path: path.clone(), what })
+        };
+        let ca_pem = files::read_to_string(&config.ca_cert)?;
+        let ca_key = files::read_to_string(&need(&config.ca_key, "tls.ca_key")?)?;
+        let cert = files::read_to_string(&need(&config.server_cert, "tls.server_cert")?)?;
+        let key = files::read_to_string(&need(&config.server_key, "tls.server_key")?)?;
+        let ca = Ca::load(config.trust_domain.clone(), &ca_pem, &ca_key)?;
+        let tls = convoy_pki::server_config(&ca_pem, &cert, &key)?;
+        let store = Store::open(&config.state_dir)?;
+        let controller = Controller::new(ca, store, config.agent_cert_lifetime, config.heartbeat_interval);
+        Ok(Self { controller, tls, td: config.trust_domain.clone() })
+    }
+
+    /// Serves until `shutdown` completes, then closes agent sessions and drains.
+    pub async fn serve(
+        self,
+        grpc: TcpListener,
+        http: TcpListener,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), Error> {
+        let grpc_addr = grpc.local_addr().ok();
+        let http_addr = http.local_addr().ok();
+        tracing::info!(?grpc_addr, ?http_addr, "controller serving");
+        let stop = CancellationToken::new();
+        let ctl = self.controller.clone();
+        {
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                shutdown.await;
+                tracing::info!("shutting down: closing agent sessions");
+                ctl.close_all_sessions();
+                stop.cancel();
+            });
+        }
+        let incoming = convoy_transport::incoming(grpc, self.tls, self.td);
+        let ctl = self.controller;
+        let grpc_server = tonic::transport::Server::builder()
+            .http2_keepalive_interval(Some(Duration::from_secs(5)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(5)))
+            .add_service(pb::enrollment_server::EnrollmentServer::new(EnrollmentSvc(ctl.clone())))
+            .add_service(pb::agent_service_server::AgentServiceServer::new(AgentSvc(ctl.clone())))
+            .add_service(pb::admin_service_server::AdminServiceServer::new(AdminSvc(ctl.clone())))
+            .serve_with_incoming_shutdown(incoming, stop.clone().cancelled_owned());
+        let app = axum::Router::new().route("/healthz", axum::routing::get(|| async { "ok\n" }));
+        let http_server = axum::serve(http, app).with_graceful_shutdown(stop.clone().cancelled_owned());
+        let http_task = tokio::spawn(async move { http_server.await.map_err(Error::Http) });
+        let grpc_result = grpc_server.await;
+        // Once shutdown begins, give in-flight HTTP requests a bounded time.
+        let http_result = match tokio::time::timeout(DRAIN_TIMEOUT, http_task).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => Err(Error::Http(std::io::Error::other(e))),
+            Err(_) => Ok(()),
+        };
+        grpc_result?;
+        http_result?;
+        tracing::info!("controller stopped");
+        Ok(())
+    }
+}
+
+/// Binds both listeners from the config, with optional overrides from flags.
+pub async fn bind(
+    config: &Config,
+    grpc_addr: Option<SocketAddr>,
+    http_addr: Option<SocketAddr>,
+) -> std::io::Result<(TcpListener, TcpListener)> {
+    let grpc_addr = grpc_addr.unwrap_or(config.grpc_addr);
+    let http_addr = http_addr.unwrap_or(config.http_addr);
+    let grpc = TcpListener::bind(grpc_addr)
+        .await
+        .map_err(|e| std::io::Error::new(e.kind(), format!("cannot bind gRPC address {grpc_addr}: {e}")))?;
+    let http = TcpListener::bind(http_addr)
+        .await
+        .map_err(|e| std::io::Error::new(e.kind(), format!("cannot bind HTTP address {http_addr}: {e}")))?;
+    Ok((grpc, http))
+}

@@ -1,0 +1,203 @@
+//! The controller's state in sled, behind one small interface.
+//!
+//! Named trees hold versioned JSON records. Every write that changes a state transition is
+//! flushed before the call returns, so an acknowledged change survives a crash. The methods are
+//! blocking; async callers run them on the blocking pool (see [`crate::logic`]).
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use sled::transaction::{ConflictableTransactionError, TransactionError};
+use sled::Transactional;
+
+/// Storage errors.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("state store: {0}")]
+    Sled(#[from] sled::Error),
+    #[error("state store record {key:?} in {tree}: {reason}")]
+    Corrupt { tree: &'static str, key: String, reason: String },
+    #[error("state store record {key:?} in {tree} has format version {found}, this build reads {expected}")]
+    Version { tree: &'static str, key: String, found: u32, expected: u32 },
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// The format version of every record this build writes.
+const FORMAT: u32 = 1;
+
+#[derive(Serialize, Deserialize)]
+struct Envelope<T> {
+    v: u32,
+    #[serde(flatten)]
+    body: T,
+}
+
+fn encode<T: Serialize>(body: &T) -> Vec<u8> {
+    // Serializing plain structs with string keys cannot fail.
+    serde_json::to_vec(&Envelope { v: FORMAT, body }).unwrap_or_default()
+}
+
+fn decode<T: DeserializeOwned>(tree: &'static str, key: &[u8], bytes: &[u8]) -> Result<T> {
+    let key = String::from_utf8_lossy(key).into_owned();
+    let env: Envelope<serde_json::Value> = serde_json::from_slice(bytes).map_err(|e| Error::Corrupt {
+        tree,
+        key: key.clone(),
+        reason: e.to_string(),
+    })?;
+    if env.v != FORMAT {
+        return Err(Error::Version { tree, key, found: env.v, expected: FORMAT });
+    }
+    serde_json::from_value(env.body).map_err(|e| Error::Corrupt { tree, key, reason: e.to_string() })
+}
+
+/// A join token as stored: only its hash is the key, never the token itself.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct TokenRecord {
+    pub region: Option<String>,
+    pub labels: BTreeMap<String, String>,
+    pub created_at: i64,
+    pub expires_at: i64,
+    pub created_by: String,
+    pub used_by: Option<String>,
+}
+
+/// A release an agent reported having on disk.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReportedRelease {
+    pub app: String,
+    pub version: String,
+    pub active: bool,
+}
+
+/// An enrolled agent.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct AgentRecord {
+    pub id: String,
+    pub region: String,
+    pub labels: BTreeMap<String, String>,
+    pub first_seen: i64,
+    pub last_seen: i64,
+    pub cert_serial: String,
+    pub cert_not_after: i64,
+    pub agent_version: String,
+    pub releases: Vec<ReportedRelease>,
+    pub revoked: bool,
+}
+
+/// Why an enrollment commit did not happen.
+#[derive(Debug)]
+pub enum EnrollConflict {
+    TokenGone,
+    TokenUsed,
+    AgentExists,
+}
+
+/// The controller's sled database.
+#[derive(Clone)]
+pub struct Store {
+    db: sled::Db,
+    agents: sled::Tree,
+    tokens: sled::Tree,
+}
+
+impl Store {
+    pub fn open(dir: &Path) -> Result<Self> {
+        let db = sled::Config::new().path(dir).flush_every_ms(Some(500)).open()?;
+        let agents = db.open_tree("agents")?;
+        let tokens = db.open_tree("tokens")?;
+        Ok(Self { db, agents, tokens })
+    }
+
+    fn flush(&self) -> Result<()> {
+        self.db.flush()?;
+        Ok(())
+    }
+
+    pub fn put_token(&self, hash: &[u8], rec: &TokenRecord) -> Result<()> {
+        self.tokens.insert(hash, encode(rec))?;
+        self.flush()
+    }
+
+    pub fn token(&self, hash: &[u8]) -> Result<Option<TokenRecord>> {
+        self.tokens.get(hash)?.map(|b| decode("tokens", hash, &b)).transpose()
+    }
+
+    /// Marks the token used and creates the agent in one transaction, then flushes. Fails
+    /// without changing anything if the token was used meanwhile or the id is taken.
+    pub fn commit_enrollment(&self, hash: &[u8], agent: &AgentRecord) -> Result<Result<(), EnrollConflict>> {
+        let agent_bytes = encode(agent);
+        let outcome = (&self.tokens, &self.agents).transaction(|(tokens, agents)| {
+            let Some(raw) = tokens.get(hash)? else {
+                return Err(ConflictableTransactionError::Abort(EnrollConflict::TokenGone));
+            };
+            let mut tok: TokenRecord = decode("tokens", hash, &raw)
+                .map_err(|_| ConflictableTransactionError::Abort(EnrollConflict::TokenGone))?;
+            if tok.used_by.is_some() {
+                return Err(ConflictableTransactionError::Abort(EnrollConflict::TokenUsed));
+            }
+            if agents.get(agent.id.as_bytes())?.is_some() {
+                return Err(ConflictableTransactionError::Abort(EnrollConflict::AgentExists));
+            }
+            tok.used_by = Some(agent.id.clone());
+            tokens.insert(hash, encode(&tok))?;
+            agents.insert(agent.id.as_bytes(), agent_bytes.clone())?;
+            Ok(())
+        });
+        match outcome {
+            Ok(()) => {
+                self.flush()?;
+                Ok(Ok(()))
+            }
+            Err(TransactionError::Abort(c)) => Ok(Err(c)),
+            Err(TransactionError::Storage(e)) => Err(e.into()),
+        }
+    }
+
+    pub fn agent(&self, id: &str) -> Result<Option<AgentRecord>> {
+        self.agents.get(id.as_bytes())?.map(|b| decode("agents", id.as_bytes(), &b)).transpose()
+    }
+
+    pub fn agents(&self) -> Result<Vec<AgentRecord>> {
+        self.agents
+            .iter()
+            .map(|kv| {
+                let (k, v) = kv?;
+                decode("agents", &k, &v)
+            })
+            .collect()
+    }
+
+    /// Applies `f` to an agent's record atomically. Returns the new record, or `None` when the
+    /// agent does not exist. `durable` flushes before returning.
+    pub fn update_agent(
+        &self,
+        id: &str,
+        durable: bool,
+        mut f: impl FnMut(&mut AgentRecord),
+    ) -> Result<Option<AgentRecord>> {
+        let mut decode_err = None;
+        let new = self.agents.update_and_fetch(id.as_bytes(), |old| {
+            let old = old?;
+            match decode::<AgentRecord>("agents", id.as_bytes(), old) {
+                Ok(mut rec) => {
+                    f(&mut rec);
+                    Some(encode(&rec))
+                }
+                Err(e) => {
+                    decode_err = Some(e);
+                    Some(old.to_vec())
+                }
+            }
+        })?;
+        if let Some(e) = decode_err {
+            return Err(e);
+        }
+        if durable {
+            self.flush()?;
+        }
+        new.map(|b| decode("agents", id.as_bytes(), &b)).transpose()
+    }
+}
