@@ -1,5 +1,3 @@
-use std::path::Path;
-
 use convoy_proto::v1 as pb;
 use serde::Serialize;
 
@@ -45,8 +43,8 @@ struct ReleaseJson {
     active: bool,
 }
 
-pub async fn run(config: Option<&Path>, args: Args) -> anyhow::Result<()> {
-    let config = super::load_config(config)?;
+pub async fn run(config: &super::Globals, args: Args) -> anyhow::Result<()> {
+    let config = config.load_config()?;
     let mut client = crate::client::admin_client(&config).await?;
     if let Some(Command::Revoke { id }) = args.command {
         let resp = client

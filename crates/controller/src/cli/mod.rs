@@ -21,6 +21,9 @@ pub struct Cli {
     /// The controller config file [default: certs/convoy.toml].
     #[arg(long, global = true, env = "CONVOY_CONFIG")]
     pub config: Option<PathBuf>,
+    /// The controller to talk to, HOST:PORT; overrides the config's `controller`.
+    #[arg(long, global = true, env = "CONVOY_CONTROLLER")]
+    pub controller: Option<String>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -48,10 +51,23 @@ pub enum Output {
     Json,
 }
 
-/// Loads the config the admin commands use.
-pub(crate) fn load_config(explicit: Option<&std::path::Path>) -> anyhow::Result<Config> {
-    let path = Config::locate(explicit);
-    Ok(Config::load(&path)?)
+/// Where the config comes from, and flags that override it.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Globals {
+    pub config: Option<PathBuf>,
+    pub controller: Option<String>,
+}
+
+impl Globals {
+    /// Loads the config the admin commands use, with flag overrides applied.
+    pub(crate) fn load_config(&self) -> anyhow::Result<Config> {
+        let path = Config::locate(self.config.as_deref());
+        let mut config = Config::load(&path)?;
+        if let Some(c) = &self.controller {
+            config.controller = c.clone();
+        }
+        Ok(config)
+    }
 }
 
 /// Turns a gRPC status into an error that reads well on a terminal.
@@ -61,7 +77,8 @@ pub(crate) fn status_error(status: tonic::Status) -> anyhow::Error {
 
 /// Runs a parsed command line.
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
-    let config = cli.config.as_deref();
+    let config = Globals { config: cli.config, controller: cli.controller };
+    let config = &config;
     match cli.command {
         Command::Init(args) => init::run(args),
         Command::Serve(args) => serve::run(config, args).await,

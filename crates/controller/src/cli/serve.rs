@@ -1,5 +1,4 @@
 use std::net::SocketAddr;
-use std::path::Path;
 
 use crate::server::{bind, Prepared};
 
@@ -13,8 +12,8 @@ pub struct Args {
     http_addr: Option<SocketAddr>,
 }
 
-pub async fn run(config: Option<&Path>, args: Args) -> anyhow::Result<()> {
-    let config = super::load_config(config)?;
+pub async fn run(config: &super::Globals, args: Args) -> anyhow::Result<()> {
+    let config = config.load_config()?;
     let prepared = Prepared::open(&config)?;
     let (grpc, http) = bind(&config, args.grpc_addr, args.http_addr).await?;
     // Scripts and tests that pass port 0 learn the real ports from this line.

@@ -1,4 +1,3 @@
-use std::path::Path;
 use std::time::Duration;
 
 use convoy_proto::v1 as pb;
@@ -19,10 +18,10 @@ pub enum Command {
     },
 }
 
-pub async fn run(config: Option<&Path>, cmd: Command) -> anyhow::Result<()> {
+pub async fn run(config: &super::Globals, cmd: Command) -> anyhow::Result<()> {
     let Command::Create { region, ttl, labels } = cmd;
     let labels = convoy_agent::parse_pairs("label", &labels)?;
-    let config = super::load_config(config)?;
+    let config = config.load_config()?;
     let mut client = crate::client::admin_client(&config).await?;
     let resp = client
         .create_token(pb::CreateTokenRequest {

@@ -1,0 +1,226 @@
+//! End to end with the real `convoy` and `convoy-agent` binaries as child processes.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::eventually;
+
+fn convoy() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_convoy"))
+}
+
+/// `convoy-agent` is built by `cargo test --workspace` (the agent crate has its own binary
+/// tests); it sits next to `convoy`.
+fn agent_bin() -> PathBuf {
+    let p = Path::new(env!("CARGO_BIN_EXE_convoy"))
+        .with_file_name(format!("convoy-agent{}", std::env::consts::EXE_SUFFIX));
+    assert!(p.exists(), "{} is missing: run the suite with `cargo test --workspace`", p.display());
+    p
+}
+
+fn run_ok(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap();
+    assert!(out.status.success(), "{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn run_err(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap();
+    assert!(!out.status.success(), "{cmd:?} should have failed");
+    String::from_utf8(out.stderr).unwrap()
+}
+
+struct Killed(Child);
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn terminate(child: &mut Child) -> std::process::ExitStatus {
+    let ok = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    assert!(ok.success());
+    child.wait().unwrap()
+}
+
+#[test]
+fn init_refuses_to_overwrite_and_leaves_files_untouched() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("pki");
+    let out = run_ok(convoy().args(["init", "--data-dir"]).arg(&dir));
+    assert!(out.trim().ends_with("convoy.toml"));
+    let files = convoy_controller::init::init_files(&dir);
+    let before: Vec<Vec<u8>> = files.iter().map(|f| std::fs::read(f).unwrap()).collect();
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        for key in ["ca.key", "controller.key", "admin.key"] {
+            let mode = std::fs::metadata(dir.join(key)).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o600, "{key}");
+        }
+    }
+    let err = run_err(convoy().args(["init", "--data-dir"]).arg(&dir));
+    assert!(err.contains("refusing to overwrite an existing PKI"), "{err}");
+    let after: Vec<Vec<u8>> = files.iter().map(|f| std::fs::read(f).unwrap()).collect();
+    assert_eq!(before, after);
+    // Even a single leftover file blocks a new PKI.
+    let other = tmp.path().join("other");
+    std::fs::create_dir(&other).unwrap();
+    std::fs::write(other.join("ca.key"), "keep me").unwrap();
+    let err = run_err(convoy().args(["init", "--data-dir"]).arg(&other));
+    assert!(err.contains("ca.key"), "{err}");
+    assert_eq!(std::fs::read_to_string(other.join("ca.key")).unwrap(), "keep me");
+    assert_eq!(std::fs::read_dir(&other).unwrap().count(), 1);
+}
+
+#[test]
+fn bad_cli_input_and_broken_config_give_specific_errors() {
+    let tmp = tempfile::tempdir().unwrap();
+    let err = run_err(convoy().args(["token", "create", "--ttl", "soon"]));
+    assert!(err.contains("--ttl"), "{err}");
+    let missing = tmp.path().join("missing.toml");
+    let err = run_err(convoy().arg("--config").arg(&missing).arg("agents"));
+    assert!(err.contains("missing.toml"), "{err}");
+    let broken = tmp.path().join("broken.toml");
+    std::fs::write(&broken, "trust_domain = \"x\"\ncontroller = \"127.0.0.1:1\"\ngrpc_addr = \"everywhere\"\n[tls]\nca_cert = \"ca.pem\"\n").unwrap();
+    let err = run_err(convoy().arg("--config").arg(&broken).arg("serve"));
+    assert!(err.contains("grpc_addr"), "{err}");
+    let err = run_err(
+        convoy().args(["init", "--trust-domain", "Not Valid", "--data-dir"]).arg(tmp.path().join("x")),
+    );
+    assert!(err.contains("trust domain"), "{err}");
+    assert!(!tmp.path().join("x").exists());
+}
+
+#[test]
+fn real_binaries_enroll_run_list_revoke_and_shut_down_gracefully() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pki = tmp.path().join("pki");
+    run_ok(convoy().args(["init", "--data-dir"]).arg(&pki));
+    let config = pki.join("convoy.toml");
+
+    let mut server = Killed(
+        convoy()
+            .arg("--config")
+            .arg(&config)
+            .args(["serve", "--grpc-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0"])
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let mut lines = BufReader::new(server.0.stderr.take().unwrap()).lines();
+    let (grpc, http) = loop {
+        let line = lines.next().expect("controller exited before listening").unwrap();
+        if let Some(rest) = line.strip_prefix("convoy listening grpc=") {
+            let (g, h) = rest.split_once(" http=").unwrap();
+            break (g.to_string(), h.to_string());
+        }
+    };
+    // Keep draining the controller's log so it never blocks on a full pipe.
+    std::thread::spawn(move || for _ in lines {});
+
+    let mut http_get = std::net::TcpStream::connect(&http).unwrap();
+    http_get.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+    let mut body = String::new();
+    http_get.read_to_string(&mut body).unwrap();
+    assert!(body.starts_with("HTTP/1.1 200") && body.ends_with("ok\n"), "{body}");
+
+    let admin = |args: &[&str]| {
+        let mut c = convoy();
+        c.arg("--config").arg(&config).arg("--controller").arg(&grpc).args(args);
+        c
+    };
+    let token =
+        run_ok(&mut admin(&["token", "create", "--region", "eu-west", "--ttl", "10m"])).trim().to_string();
+    assert!(token.starts_with("cvt_"));
+    let agent_dir = tmp.path().join("agent");
+    let out = run_ok(
+        Command::new(agent_bin())
+            .args([
+                "enroll",
+                "--controller",
+                &grpc,
+                "--token",
+                &token,
+                "--region",
+                "eu-west",
+                "--id",
+                "e2e-1",
+                "--label",
+                "tier=edge",
+            ])
+            .arg("--ca")
+            .arg(pki.join("ca.pem"))
+            .arg("--data-dir")
+            .arg(&agent_dir),
+    );
+    assert!(out.contains("enrolled as e2e-1"), "{out}");
+    // The token was single-use.
+    let err = run_err(
+        Command::new(agent_bin())
+            .args([
+                "enroll",
+                "--controller",
+                &grpc,
+                "--token",
+                &token,
+                "--region",
+                "eu-west",
+                "--id",
+                "e2e-2",
+            ])
+            .arg("--ca")
+            .arg(pki.join("ca.pem"))
+            .arg("--data-dir")
+            .arg(tmp.path().join("agent2")),
+    );
+    assert!(err.contains("already used"), "{err}");
+
+    let mut agent = Killed(
+        Command::new(agent_bin())
+            .arg("run")
+            .arg("--data-dir")
+            .arg(&agent_dir)
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let listed: serde_json::Value =
+        rt.block_on(eventually(Duration::from_secs(30), "agent online in `convoy agents -o json`", || {
+            let out = admin(&["agents", "--region", "eu-west", "-o", "json"]).output().unwrap();
+            let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+            let online = v[0]["online"].as_bool() == Some(true);
+            async move { online.then_some(v) }
+        }));
+    assert_eq!(listed[0]["id"], "e2e-1");
+    assert_eq!(listed[0]["labels"]["tier"], "edge");
+    let table = run_ok(&mut admin(&["agents"]));
+    assert!(table.lines().any(|l| l.starts_with("e2e-1") && l.contains("online")), "{table}");
+    let none = run_ok(&mut admin(&["agents", "--region", "us-east", "-o", "json"]));
+    assert_eq!(none.trim(), "[]");
+
+    let out = run_ok(&mut admin(&["agents", "revoke", "e2e-1"]));
+    assert!(out.contains("revoked e2e-1"), "{out}");
+    let table = run_ok(&mut admin(&["agents"]));
+    assert!(table.lines().any(|l| l.starts_with("e2e-1") && l.contains("revoked")), "{table}");
+
+    let status = terminate(&mut agent.0);
+    assert!(status.success(), "agent exits cleanly on SIGTERM: {status:?}");
+    let status = terminate(&mut server.0);
+    assert!(status.success(), "controller exits cleanly on SIGTERM: {status:?}");
+}
+
+#[test]
+fn demo_runs_a_local_fleet_and_exits_zero() {
+    let out = run_ok(convoy().arg("demo"));
+    for id in ["eu-1", "us-1", "ap-1"] {
+        assert!(out.lines().any(|l| l.starts_with(id) && l.contains("online")), "{out}");
+    }
+    assert!(out.contains("demo finished"), "{out}");
+}

@@ -1,0 +1,60 @@
+//! Helpers shared by the integration tests.
+#![allow(dead_code)]
+
+use std::future::Future;
+use std::time::Duration;
+
+use convoy_pki::ClientIdentity;
+use convoy_proto::v1 as pb;
+use convoy_transport::DialOptions;
+use tonic::transport::Channel;
+
+/// Polls `check` until it returns `Some`, or panics with `what` after `timeout`.
+pub async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            panic!("timed out after {timeout:?} waiting for: {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// Dials `addr` trusting `ca_pem`, presenting `identity` if given.
+pub async fn dial(addr: &str, ca_pem: &str, identity: Option<&ClientIdentity>) -> Result<Channel, String> {
+    let tls = convoy_pki::client_config(ca_pem, identity).map_err(|e| e.to_string())?;
+    convoy_transport::connect(addr, tls, &DialOptions::default()).await.map_err(|e| e.to_string())
+}
+
+/// The identity stored in an enrolled agent's data directory.
+pub fn agent_identity(data_dir: &std::path::Path) -> ClientIdentity {
+    let pem = std::fs::read_to_string(data_dir.join(convoy_agent::IDENTITY_FILE)).unwrap();
+    ClientIdentity { cert_pem: pem.clone(), key_pem: pem }
+}
+
+pub fn hello(agent_id: &str) -> pb::AgentMessage {
+    pb::AgentMessage {
+        msg: Some(pb::agent_message::Msg::Hello(pb::Hello {
+            agent_id: agent_id.into(),
+            agent_version: "test".into(),
+            region: String::new(),
+            labels: Default::default(),
+            releases: vec![],
+        })),
+    }
+}
+
+/// Lists agents through the admin API.
+pub async fn agents(ctl: &convoy_controller::local::LocalController) -> Vec<pb::AgentInfo> {
+    let mut admin = ctl.admin().await.unwrap();
+    let mut list = admin.list_agents(pb::ListAgentsRequest::default()).await.unwrap().into_inner().agents;
+    list.sort_by(|a, b| a.id.cmp(&b.id));
+    list
+}
