@@ -1,5 +1,7 @@
 //! The `convoy-agent` binary refuses bad input with specific messages and writes nothing.
 
+#![allow(clippy::unwrap_used)]
+
 use std::process::Command;
 
 fn agent() -> Command {

@@ -1,5 +1,7 @@
 //! End to end with the real `convoy` and `convoy-agent` binaries as child processes.
 
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use std::io::{BufRead, BufReader, Read, Write};

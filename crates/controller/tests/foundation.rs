@@ -1,6 +1,8 @@
 //! Enrollment, authorization, sessions, revocation, restart and renewal, with a real controller
 //! and real agents in this process over TLS on loopback.
 
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use std::time::Duration;
