@@ -1,0 +1,442 @@
+//! Verifying and unpacking: one streaming pass over the payload, checked against the signed
+//! manifest entry by entry. Unpacking writes only inside a fresh destination directory and
+//! removes it on any failure.
+
+use std::collections::{HashMap, HashSet};
+use std::fs;
+use std::io::{self, Read, Write};
+use std::path::{Path, PathBuf};
+
+use crate::build::{sync_dir, Hashing};
+use crate::format::read_header;
+use crate::keys::KeyId;
+use crate::manifest::path_problem;
+use crate::{io_err, EntryKind, Error, Manifest, Result, TrustStore};
+
+/// Caps that bound the work and disk a bundle can demand.
+#[derive(Clone, Debug)]
+pub struct Limits {
+    pub max_manifest_bytes: u64,
+    pub max_unpacked_bytes: u64,
+    pub max_entries: usize,
+    pub max_path_len: usize,
+    /// log2 of the largest zstd window the decoder accepts.
+    pub zstd_window_log_max: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_manifest_bytes: 64 << 20,
+            max_unpacked_bytes: 8 << 30,
+            max_entries: 200_000,
+            max_path_len: 1024,
+            zstd_window_log_max: 27,
+        }
+    }
+}
+
+/// A bundle that passed every check.
+#[derive(Clone, Debug)]
+pub struct Verified {
+    pub manifest: Manifest,
+    /// Trusted keys whose signatures verified (empty when checked without a trust store).
+    pub signers: Vec<KeyId>,
+}
+
+/// Checks a bundle completely (signatures, payload digest, every file's size and hash, every
+/// safety rule) without writing anything. With `trust = None` only structure and digests are
+/// checked: that is what a controller without release keys does; agents always pass a store.
+pub fn verify(path: &Path, trust: Option<&TrustStore>, limits: &Limits) -> Result<Verified> {
+    let f = fs::File::open(path).map_err(io_err(path))?;
+    process(io::BufReader::with_capacity(256 << 10, f), trust, None, limits)
+}
+
+/// Verifies and unpacks the bundle at `path` into `dest`, which must not exist yet. On error
+/// `dest` is removed and nothing else was written.
+pub fn unpack(path: &Path, trust: &TrustStore, dest: &Path, limits: &Limits) -> Result<Verified> {
+    let f = fs::File::open(path).map_err(io_err(path))?;
+    if let Err(e) = fs::create_dir(dest) {
+        return Err(match e.kind() {
+            io::ErrorKind::AlreadyExists => Error::DestinationExists(dest.to_path_buf()),
+            _ => Error::Io { path: dest.to_path_buf(), source: e },
+        });
+    }
+    let result = process(io::BufReader::with_capacity(256 << 10, f), Some(trust), Some(dest), limits);
+    if result.is_err() {
+        let _ = make_writable(dest);
+        let _ = fs::remove_dir_all(dest);
+    }
+    result
+}
+
+/// A hostile bundle may ship read-only directories; restore write access so cleanup works.
+#[cfg(unix)]
+fn make_writable(dir: &Path) -> io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    for entry in fs::read_dir(dir)? {
+        let entry = entry?;
+        if entry.file_type()?.is_dir() {
+            fs::set_permissions(entry.path(), fs::Permissions::from_mode(0o755))?;
+            make_writable(&entry.path())?;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(not(unix))]
+fn make_writable(_dir: &Path) -> io::Result<()> {
+    Ok(())
+}
+
+fn check_signatures(manifest: &[u8], sigs: &[crate::Signature], trust: &TrustStore) -> Result<Vec<KeyId>> {
+    if trust.is_empty() {
+        return Err(Error::NoTrustedKeys);
+    }
+    if sigs.is_empty() {
+        return Err(Error::Unsigned);
+    }
+    let mut good: Vec<KeyId> = Vec::new();
+    for s in sigs {
+        if let Some(key) = trust.find(&s.key_id) {
+            // A trusted key's signature that fails means tampering: refuse outright.
+            if !key.verify(manifest, &s.sig) {
+                return Err(Error::BadSignature(s.key_id));
+            }
+            if !good.contains(&s.key_id) {
+                good.push(s.key_id);
+            }
+        }
+    }
+    if good.len() < trust.required() {
+        let signers = sigs.iter().map(|s| s.key_id.to_string()).collect::<Vec<_>>().join(", ");
+        return Err(Error::NotEnoughSignatures { required: trust.required(), found: good.len(), signers });
+    }
+    Ok(good)
+}
+
+/// Counts decompressed bytes and fails past a cap, so a small payload cannot expand without
+/// bound (tar headers and padding included).
+struct Capped<R> {
+    inner: R,
+    left: u64,
+}
+
+impl<R: Read> Read for Capped<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        if n as u64 > self.left {
+            return Err(io::Error::other(CapExceeded));
+        }
+        self.left -= n as u64;
+        Ok(n)
+    }
+}
+
+#[derive(Debug)]
+struct CapExceeded;
+impl std::fmt::Display for CapExceeded {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("decompressed payload exceeds its cap")
+    }
+}
+impl std::error::Error for CapExceeded {}
+
+fn payload_err(e: io::Error) -> Error {
+    if e.get_ref().is_some_and(|i| i.is::<CapExceeded>()) {
+        return Error::Limit("decompressed payload is larger than the manifest allows".into());
+    }
+    Error::BadPayload(e.to_string())
+}
+
+fn entry_kind(t: tar::EntryType) -> std::result::Result<EntryKind, &'static str> {
+    use tar::EntryType as T;
+    match t {
+        T::Regular | T::Continuous => Ok(EntryKind::File),
+        T::Directory => Ok(EntryKind::Dir),
+        T::Symlink => Ok(EntryKind::Symlink),
+        T::Link => Err("hardlink"),
+        T::Char | T::Block => Err("device file"),
+        T::Fifo => Err("FIFO"),
+        T::GNUSparse => Err("sparse file"),
+        _ => Err("unsupported tar entry"),
+    }
+}
+
+fn process<R: Read>(
+    mut r: R,
+    trust: Option<&TrustStore>,
+    dest: Option<&Path>,
+    limits: &Limits,
+) -> Result<Verified> {
+    // Fail closed before reading anything when no keys are configured.
+    if trust.is_some_and(TrustStore::is_empty) {
+        return Err(Error::NoTrustedKeys);
+    }
+    let header = read_header(&mut r, limits.max_manifest_bytes)?;
+    let signers = match trust {
+        Some(t) => check_signatures(&header.manifest_bytes, &header.signatures, t)?,
+        None => vec![],
+    };
+    let manifest = header.manifest()?;
+    if manifest.unpacked_size > limits.max_unpacked_bytes {
+        return Err(Error::Limit(format!(
+            "unpacked size {} exceeds the {}-byte cap",
+            manifest.unpacked_size, limits.max_unpacked_bytes
+        )));
+    }
+    if manifest.files.len() > limits.max_entries {
+        return Err(Error::Limit(format!(
+            "{} entries exceed the cap of {}",
+            manifest.files.len(),
+            limits.max_entries
+        )));
+    }
+
+    // The compressed stream may be at most one byte longer than promised, so an appended tail
+    // is detected without being read to its end.
+    let mut raw = Hashing::new((&mut r).take(manifest.payload.size + 1));
+    let budget = manifest.unpacked_size
+        + (manifest.files.len() as u64 + 4) * (2048 + limits.max_path_len as u64)
+        + (1 << 20);
+    let result = {
+        let mut decoder = zstd::stream::read::Decoder::new(&mut raw).map_err(payload_err)?;
+        decoder.window_log_max(limits.zstd_window_log_max).map_err(payload_err)?;
+        let capped = Capped { inner: decoder, left: budget };
+        let mut archive = tar::Archive::new(capped);
+        // Drain the end-of-archive padding so the digest covers the whole stream.
+        walk_entries(&mut archive, &manifest, dest, limits).and_then(|()| {
+            let mut rest = archive.into_inner();
+            io::copy(&mut rest, &mut io::sink()).map_err(payload_err)?;
+            Ok(())
+        })
+    };
+    // A failure inside the stream is usually explained better by the payload's digest: a flipped
+    // byte or a swapped payload shows up as a digest mismatch, which says what really happened.
+    io::copy(&mut raw, &mut io::sink()).map_err(Error::Read)?;
+    let digest = raw.digest_hex();
+    if raw.count != manifest.payload.size {
+        return Err(Error::PayloadSize { expected: manifest.payload.size, actual: raw.count });
+    }
+    if digest != manifest.payload.sha256 {
+        return Err(Error::PayloadDigest { expected: manifest.payload.sha256.clone(), actual: digest });
+    }
+    result?;
+    if let Some(dest) = dest {
+        finish_dirs(dest, &manifest)?;
+    }
+    Ok(Verified { manifest, signers })
+}
+
+fn walk_entries<R: Read>(
+    archive: &mut tar::Archive<R>,
+    manifest: &Manifest,
+    dest: Option<&Path>,
+    limits: &Limits,
+) -> Result<()> {
+    let index: HashMap<&str, usize> =
+        manifest.files.iter().enumerate().map(|(i, f)| (f.path.as_str(), i)).collect();
+    let mut seen: HashSet<String> = HashSet::new();
+    let mut symlinks: HashSet<String> = HashSet::new();
+    let mut next = 0usize;
+    let mut total = 0u64;
+    for entry in archive.entries().map_err(payload_err)? {
+        let mut entry = entry.map_err(payload_err)?;
+        if seen.len() >= limits.max_entries {
+            return Err(Error::Limit(format!("more than {} entries", limits.max_entries)));
+        }
+        let raw_path = entry.path_bytes().into_owned();
+        if raw_path.len() > limits.max_path_len {
+            return Err(Error::Limit(format!(
+                "a path of {} bytes exceeds the cap of {}",
+                raw_path.len(),
+                limits.max_path_len
+            )));
+        }
+        let path = String::from_utf8(raw_path).map_err(|e| Error::UnsafePath {
+            path: String::from_utf8_lossy(e.as_bytes()).into_owned(),
+            reason: "not valid UTF-8",
+        })?;
+        // Directories may carry a trailing slash in tar.
+        let path = path.strip_suffix('/').map(str::to_owned).unwrap_or(path);
+        if let Some(reason) = path_problem(&path) {
+            return Err(Error::UnsafePath { path, reason });
+        }
+        let kind = entry_kind(entry.header().entry_type())
+            .map_err(|kind| Error::ForbiddenEntry { path: path.clone(), kind })?;
+        let ustar = entry.header().size().map_err(payload_err)?;
+        if let Some(exts) = entry.pax_extensions().map_err(payload_err)? {
+            for ext in exts {
+                let ext = ext.map_err(payload_err)?;
+                if ext.key_bytes() == b"size" {
+                    let pax: u64 = std::str::from_utf8(ext.value_bytes())
+                        .ok()
+                        .and_then(|v| v.trim().parse().ok())
+                        .ok_or_else(|| {
+                            Error::BadPayload(format!("entry {path:?} has an unreadable PAX size"))
+                        })?;
+                    if pax != ustar {
+                        return Err(Error::PaxSizeMismatch { path, pax, ustar });
+                    }
+                }
+            }
+        }
+        let mode = entry.header().mode().map_err(payload_err)?;
+        if mode & 0o7000 != 0 {
+            return Err(Error::SpecialMode(path));
+        }
+        if !seen.insert(path.clone()) {
+            return Err(Error::Duplicate(path));
+        }
+        let expected = match manifest.files.get(next) {
+            Some(e) if e.path == path => e,
+            Some(e) => {
+                return Err(if index.contains_key(path.as_str()) {
+                    Error::Missing(e.path.clone())
+                } else {
+                    Error::Unlisted(path)
+                })
+            }
+            None => return Err(Error::Unlisted(path)),
+        };
+        next += 1;
+        if expected.kind != kind {
+            return Err(Error::KindMismatch { path, expected: expected.kind.name(), actual: kind.name() });
+        }
+        if kind != EntryKind::Symlink && mode & 0o777 != expected.mode {
+            return Err(Error::ModeMismatch { path, expected: expected.mode, actual: mode & 0o777 });
+        }
+        // No entry may be reached through a symlink unpacked earlier.
+        let mut prefix = String::new();
+        for c in path.split('/') {
+            if !prefix.is_empty() {
+                if symlinks.contains(&prefix) {
+                    return Err(Error::ThroughSymlink { path, link: prefix });
+                }
+                prefix.push('/');
+            }
+            prefix.push_str(c);
+        }
+        let target = dest.map(|d| d.join(&path));
+        match kind {
+            EntryKind::Dir => {
+                if let Some(t) = &target {
+                    fs::create_dir(t).map_err(io_err(t))?;
+                }
+            }
+            EntryKind::Symlink => {
+                let link = entry
+                    .link_name_bytes()
+                    .map(|b| String::from_utf8_lossy(&b).into_owned())
+                    .unwrap_or_default();
+                if !crate::manifest::symlink_stays_inside(&path, &link) {
+                    return Err(Error::SymlinkEscape { path, target: link });
+                }
+                let want = expected.target.clone().unwrap_or_default();
+                if link != want {
+                    return Err(Error::TargetMismatch { path, expected: want, actual: link });
+                }
+                if let Some(t) = &target {
+                    symlink(&link, t)?;
+                }
+                symlinks.insert(path);
+            }
+            EntryKind::File => {
+                let size = entry.header().size().map_err(payload_err)?;
+                if size != expected.size {
+                    return Err(Error::SizeMismatch { path, expected: expected.size, actual: size });
+                }
+                total += size;
+                if total > limits.max_unpacked_bytes {
+                    return Err(Error::Limit(format!(
+                        "unpacked bytes exceed the cap of {}",
+                        limits.max_unpacked_bytes
+                    )));
+                }
+                let (count, digest) = match &target {
+                    Some(t) => write_file(&mut entry, t, expected.mode)?,
+                    None => {
+                        let mut sink = Hashing::new(io::sink());
+                        io::copy(&mut entry, &mut sink).map_err(payload_err)?;
+                        (sink.count, sink.digest_hex())
+                    }
+                };
+                if count != size {
+                    return Err(Error::SizeMismatch { path, expected: size, actual: count });
+                }
+                let want = expected.sha256.clone().unwrap_or_default();
+                if digest != want {
+                    return Err(Error::HashMismatch { path, expected: want, actual: digest });
+                }
+            }
+        }
+    }
+    if let Some(missing) = manifest.files.get(next) {
+        return Err(Error::Missing(missing.path.clone()));
+    }
+    Ok(())
+}
+
+fn write_file<R: Read>(entry: &mut R, target: &Path, mode: u32) -> Result<(u64, String)> {
+    let mut opts = fs::OpenOptions::new();
+    opts.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        // O_NOFOLLOW on top of create_new: never write through a link.
+        opts.mode(0o600).custom_flags(nofollow());
+    }
+    let f = opts.open(target).map_err(io_err(target))?;
+    let mut w = Hashing::new(io::BufWriter::with_capacity(256 << 10, f));
+    io::copy(entry, &mut w).map_err(payload_err)?;
+    w.flush().map_err(io_err(target))?;
+    let (count, digest) = (w.count, w.digest_hex());
+    let f = w.inner.into_inner().map_err(|e| Error::Io { path: target.into(), source: e.into_error() })?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        f.set_permissions(fs::Permissions::from_mode(mode)).map_err(io_err(target))?;
+    }
+    f.sync_all().map_err(io_err(target))?;
+    Ok((count, digest))
+}
+
+#[cfg(target_os = "linux")]
+fn nofollow() -> i32 {
+    0o400000
+}
+
+#[cfg(all(unix, not(target_os = "linux")))]
+fn nofollow() -> i32 {
+    0x0100
+}
+
+#[cfg(unix)]
+fn symlink(link: &str, at: &Path) -> Result<()> {
+    std::os::unix::fs::symlink(link, at).map_err(io_err(at))
+}
+
+#[cfg(not(unix))]
+fn symlink(_link: &str, at: &Path) -> Result<()> {
+    Err(Error::BadSource(format!("{}: symlinks need a Unix system", at.display())))
+}
+
+/// Fsyncs every directory so the unpacked tree's entries are durable, then applies the
+/// manifest's directory modes (last, so a read-only directory did not block its own filling).
+fn finish_dirs(dest: &Path, manifest: &Manifest) -> Result<()> {
+    let dirs: Vec<(PathBuf, u32)> = manifest
+        .files
+        .iter()
+        .filter(|f| f.kind == EntryKind::Dir)
+        .map(|f| (dest.join(&f.path), f.mode))
+        .collect();
+    for (d, _) in &dirs {
+        sync_dir(d)?;
+    }
+    #[cfg(unix)]
+    for (d, mode) in &dirs {
+        use std::os::unix::fs::PermissionsExt;
+        fs::set_permissions(d, fs::Permissions::from_mode(*mode)).map_err(io_err(d))?;
+    }
+    sync_dir(dest)
+}
