@@ -52,6 +52,11 @@ pub fn verify(path: &Path, trust: Option<&TrustStore>, limits: &Limits) -> Resul
     process(io::BufReader::with_capacity(256 << 10, f), trust, None, limits)
 }
 
+/// [`verify`] for any reader (used by the fuzz targets and by callers that stream).
+pub fn verify_reader<R: Read>(r: R, trust: Option<&TrustStore>, limits: &Limits) -> Result<Verified> {
+    process(r, trust, None, limits)
+}
+
 /// Verifies and unpacks the bundle at `path` into `dest`, which must not exist yet. On error
 /// `dest` is removed and nothing else was written.
 pub fn unpack(path: &Path, trust: &TrustStore, dest: &Path, limits: &Limits) -> Result<Verified> {
