@@ -7,6 +7,7 @@
 
 #![forbid(unsafe_code)]
 
+mod download;
 mod enroll;
 mod identity;
 mod session;
@@ -15,6 +16,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
+pub use download::{DownloadOptions, Downloaded, Downloader};
 pub use enroll::{enroll, EnrollOptions};
 pub use identity::{AgentFile, AGENT_FILE, CA_FILE, IDENTITY_FILE};
 pub use session::{Agent, AgentConfig, AgentStatus};

@@ -8,7 +8,13 @@ use convoy_bundle::{add_signature, build, unpack, verify, BuildOptions, Limits, 
 use proptest::prelude::*;
 
 fn opts(version: &str) -> BuildOptions {
-    BuildOptions { app: "shop-api".into(), version: version.into(), created_at: 1_700_000_000, target: None, zstd_level: 3 }
+    BuildOptions {
+        app: "shop-api".into(),
+        version: version.into(),
+        created_at: 1_700_000_000,
+        target: None,
+        zstd_level: 3,
+    }
 }
 
 fn sample_release(dir: &Path) {
@@ -51,8 +57,12 @@ fn build_verify_unpack_round_trip_preserves_the_tree() {
     for f in &built.files {
         let (a, b) = (src.join(&f.path), dest.join(&f.path));
         match f.kind {
-            convoy_bundle::EntryKind::File => assert_eq!(std::fs::read(&a).unwrap(), std::fs::read(&b).unwrap(), "{}", f.path),
-            convoy_bundle::EntryKind::Symlink => assert_eq!(std::fs::read_link(&a).unwrap(), std::fs::read_link(&b).unwrap()),
+            convoy_bundle::EntryKind::File => {
+                assert_eq!(std::fs::read(&a).unwrap(), std::fs::read(&b).unwrap(), "{}", f.path)
+            }
+            convoy_bundle::EntryKind::Symlink => {
+                assert_eq!(std::fs::read_link(&a).unwrap(), std::fs::read_link(&b).unwrap())
+            }
             convoy_bundle::EntryKind::Dir => assert!(b.is_dir()),
         }
     }

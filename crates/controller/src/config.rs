@@ -35,6 +35,16 @@ pub struct RawConfig {
     pub trust_domain: String,
     #[serde(default = "default_state_dir")]
     pub state_dir: PathBuf,
+    /// Where pushed bundles are stored, content-addressed.
+    #[serde(default = "default_blob_dir")]
+    pub blob_dir: PathBuf,
+    /// Release public keys the controller checks pushed bundles against. Optional: agents always
+    /// verify; with keys here, unsigned or badly signed bundles are refused already at push.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub release_trust: Vec<PathBuf>,
+    /// The largest bundle a push may upload.
+    #[serde(default = "default_max_bundle")]
+    pub max_bundle_bytes: u64,
     #[serde(default = "default_grpc")]
     pub grpc_addr: String,
     #[serde(default = "default_http")]
@@ -69,6 +79,12 @@ pub struct RawAdmin {
 fn default_state_dir() -> PathBuf {
     PathBuf::from("state")
 }
+fn default_blob_dir() -> PathBuf {
+    PathBuf::from("blobs")
+}
+fn default_max_bundle() -> u64 {
+    4 << 30
+}
 fn default_grpc() -> String {
     DEFAULT_GRPC_ADDR.into()
 }
@@ -88,6 +104,9 @@ pub struct Config {
     pub path: PathBuf,
     pub trust_domain: TrustDomain,
     pub state_dir: PathBuf,
+    pub blob_dir: PathBuf,
+    pub release_trust: Vec<PathBuf>,
+    pub max_bundle_bytes: u64,
     pub grpc_addr: SocketAddr,
     pub http_addr: SocketAddr,
     pub controller: String,
@@ -138,6 +157,9 @@ impl Config {
             path: path.to_path_buf(),
             trust_domain,
             state_dir: abs(&raw.state_dir),
+            blob_dir: abs(&raw.blob_dir),
+            release_trust: raw.release_trust.iter().map(|p| abs(p)).collect(),
+            max_bundle_bytes: raw.max_bundle_bytes,
             grpc_addr,
             http_addr,
             controller: raw.controller,

@@ -33,7 +33,10 @@ pub fn to_status(err: logic::Error) -> Status {
         | E::PermissionDenied(_) => Status::permission_denied(msg),
         E::AgentExists(_) => Status::already_exists(msg),
         E::UnknownAgent(_) => Status::not_found(msg),
-        E::InvalidArgument(_) | E::Csr(_) => Status::invalid_argument(msg),
+        E::InvalidArgument(_) | E::Csr(_) | E::Bundle(_) => Status::invalid_argument(msg),
+        E::UnknownRelease(_) => Status::not_found(msg),
+        E::Conflict(_) => Status::already_exists(msg),
+        E::FailedPrecondition(_) => Status::failed_precondition(msg),
         E::Store(_) | E::Internal(_) => {
             tracing::error!(error = %msg, "internal error");
             Status::internal(msg)
@@ -71,6 +74,21 @@ fn labels(map: std::collections::HashMap<String, String>) -> BTreeMap<String, St
 
 fn releases(list: Vec<pb::ReleaseRef>) -> Vec<ReportedRelease> {
     list.into_iter().map(|r| ReportedRelease { app: r.app, version: r.version, active: r.active }).collect()
+}
+
+fn release_info(r: crate::store::ReleaseRecord) -> pb::ReleaseInfo {
+    pb::ReleaseInfo {
+        app: r.app,
+        version: r.version,
+        digest: r.digest,
+        size: r.size,
+        created_at_unix: r.created_at,
+        pushed_at_unix: r.pushed_at,
+        pushed_by: r.pushed_by,
+        signers: r.signers,
+        unpacked_size: r.unpacked_size,
+        files: r.files,
+    }
 }
 
 /// The enrollment service, reachable without a client certificate.
@@ -199,6 +217,50 @@ impl pb::agent_service_server::AgentService for AgentSvc {
         Ok(Response::new(Box::pin(ReceiverStream::new(out_rx))))
     }
 
+    type DownloadStream = Pin<Box<dyn Stream<Item = Result<pb::DownloadChunk, Status>> + Send>>;
+
+    async fn download(
+        &self,
+        req: Request<pb::DownloadRequest>,
+    ) -> Result<Response<Self::DownloadStream>, Status> {
+        use tokio::io::{AsyncReadExt, AsyncSeekExt};
+        let agent_id = require_agent(&req)?;
+        self.0.check_agent(&agent_id).await.map_err(to_status)?;
+        let r = req.into_inner();
+        let path = self.0.blob_path(&r.digest).map_err(to_status)?;
+        let mut file = tokio::fs::File::open(&path).await.map_err(|e| Status::internal(e.to_string()))?;
+        let total = file.metadata().await.map_err(|e| Status::internal(e.to_string()))?.len();
+        if r.offset > total {
+            return Err(Status::out_of_range(format!(
+                "offset {} is past the bundle's {total} bytes",
+                r.offset
+            )));
+        }
+        file.seek(std::io::SeekFrom::Start(r.offset)).await.map_err(|e| Status::internal(e.to_string()))?;
+        tracing::info!(%agent_id, digest = %r.digest, offset = r.offset, total, "download started");
+        let (tx, rx) = mpsc::channel(4);
+        tokio::spawn(async move {
+            let mut offset = r.offset;
+            let mut buf = vec![0u8; logic::BUNDLE_CHUNK];
+            while offset < total {
+                let n = match file.read(&mut buf).await {
+                    Ok(0) => break,
+                    Ok(n) => n,
+                    Err(e) => {
+                        let _ = tx.send(Err(Status::internal(format!("reading bundle: {e}")))).await;
+                        return;
+                    }
+                };
+                let chunk = pb::DownloadChunk { offset, data: buf[..n].to_vec(), total_size: total };
+                if tx.send(Ok(chunk)).await.is_err() {
+                    return;
+                }
+                offset += n as u64;
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
     async fn renew(&self, req: Request<pb::RenewRequest>) -> Result<Response<pb::RenewResponse>, Status> {
         let agent_id = require_agent(&req)?;
         let span = tracing::info_span!("renew", %agent_id);
@@ -265,6 +327,76 @@ impl pb::admin_service_server::AdminService for AdminSvc {
             })
             .collect();
         Ok(Response::new(pb::ListAgentsResponse { agents }))
+    }
+
+    async fn push_release(
+        &self,
+        req: Request<Streaming<pb::PushChunk>>,
+    ) -> Result<Response<pb::PushReleaseResponse>, Status> {
+        use tokio::io::AsyncWriteExt;
+        let admin = require_admin(&req)?;
+        let span = tracing::info_span!("push_release", %admin);
+        let mut inbound = req.into_inner();
+        let upload = self.0.incoming_path();
+        let max = self.0.max_bundle_bytes();
+        let received: Result<u64, Status> = async {
+            let file = tokio::fs::File::create(&upload).await.map_err(|e| Status::internal(e.to_string()))?;
+            let mut w = tokio::io::BufWriter::with_capacity(logic::BUNDLE_CHUNK, file);
+            let mut size = 0u64;
+            while let Some(chunk) = inbound.message().await? {
+                size += chunk.data.len() as u64;
+                if size > max {
+                    return Err(Status::resource_exhausted(format!(
+                        "bundle is larger than the {max}-byte limit"
+                    )));
+                }
+                w.write_all(&chunk.data).await.map_err(|e| Status::internal(e.to_string()))?;
+            }
+            w.flush().await.map_err(|e| Status::internal(e.to_string()))?;
+            w.get_ref().sync_all().await.map_err(|e| Status::internal(e.to_string()))?;
+            Ok(size)
+        }
+        .instrument(span.clone())
+        .await;
+        if let Err(status) = received {
+            let _ = tokio::fs::remove_file(&upload).await;
+            span.in_scope(|| tracing::warn!(error = %status.message(), "push failed"));
+            return Err(status);
+        }
+        match self.0.ingest(upload, admin.to_string()).instrument(span.clone()).await {
+            Ok((rec, already_present)) => Ok(Response::new(pb::PushReleaseResponse {
+                release: Some(release_info(rec)),
+                already_present,
+            })),
+            Err(e) => {
+                span.in_scope(|| tracing::warn!(error = %e, "push refused"));
+                Err(to_status(e))
+            }
+        }
+    }
+
+    async fn list_releases(
+        &self,
+        req: Request<pb::ListReleasesRequest>,
+    ) -> Result<Response<pb::ListReleasesResponse>, Status> {
+        require_admin(&req)?;
+        let app = req.into_inner().app;
+        let list = self.0.list_releases((!app.is_empty()).then_some(app)).await.map_err(to_status)?;
+        Ok(Response::new(pb::ListReleasesResponse { releases: list.into_iter().map(release_info).collect() }))
+    }
+
+    async fn remove_release(
+        &self,
+        req: Request<pb::RemoveReleaseRequest>,
+    ) -> Result<Response<pb::RemoveReleaseResponse>, Status> {
+        let admin = require_admin(&req)?;
+        let r = req.into_inner();
+        self.0
+            .remove_release(r.app, r.version, admin.to_string())
+            .instrument(tracing::info_span!("remove_release", %admin))
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(pb::RemoveReleaseResponse {}))
     }
 
     async fn revoke_agent(

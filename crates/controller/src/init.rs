@@ -67,6 +67,9 @@ pub fn init(opts: &InitOptions) -> Result<PathBuf, Error> {
     let raw = RawConfig {
         trust_domain: td.to_string(),
         state_dir: PathBuf::from("state"),
+        blob_dir: PathBuf::from("blobs"),
+        release_trust: vec![],
+        max_bundle_bytes: 4 << 30,
         grpc_addr: opts.grpc_addr.clone(),
         http_addr: opts.http_addr.clone(),
         controller: opts.controller.clone(),

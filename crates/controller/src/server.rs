@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::grpc::{AdminSvc, AgentSvc, EnrollmentSvc};
-use crate::logic::Controller;
+use crate::logic::{Controller, Settings};
 use crate::store::Store;
 
 /// How long shutdown waits for in-flight RPCs before giving up on them.
@@ -27,6 +27,10 @@ pub enum Error {
     Pki(#[from] convoy_pki::Error),
     #[error(transparent)]
     Store(#[from] crate::store::Error),
+    #[error("release trust keys: {0}")]
+    Trust(#[from] convoy_bundle::Error),
+    #[error(transparent)]
+    Logic(#[from] crate::logic::Error),
     #[error("gRPC server: {0}")]
     Grpc(#[from] tonic::transport::Error),
     #[error("HTTP server: {0}")]
@@ -54,7 +58,20 @@ impl Prepared {
         let ca = Ca::load(config.trust_domain.clone(), &ca_pem, &ca_key)?;
         let tls = convoy_pki::server_config(&ca_pem, &cert, &key)?;
         let store = Store::open(&config.state_dir)?;
-        let controller = Controller::new(ca, store, config.agent_cert_lifetime, config.heartbeat_interval);
+        let release_trust = if config.release_trust.is_empty() {
+            None
+        } else {
+            Some(convoy_bundle::TrustStore::load(&config.release_trust, 1)?)
+        };
+        let settings = Settings {
+            agent_cert_lifetime: config.agent_cert_lifetime,
+            heartbeat_interval: config.heartbeat_interval,
+            blob_dir: config.blob_dir.clone(),
+            release_trust,
+            max_bundle_bytes: config.max_bundle_bytes,
+        };
+        let controller = Controller::new(ca, store, settings);
+        controller.prepare_blob_dir()?;
         Ok(Self { controller, tls, td: config.trust_domain.clone() })
     }
 

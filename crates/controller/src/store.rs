@@ -87,6 +87,21 @@ pub struct AgentRecord {
     pub revoked: bool,
 }
 
+/// A release stored on the controller. The bundle itself is a blob named by its digest.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReleaseRecord {
+    pub app: String,
+    pub version: String,
+    pub digest: String,
+    pub size: u64,
+    pub created_at: i64,
+    pub pushed_at: i64,
+    pub pushed_by: String,
+    pub signers: Vec<String>,
+    pub unpacked_size: u64,
+    pub files: u32,
+}
+
 /// Why an enrollment commit did not happen.
 #[derive(Debug)]
 pub enum EnrollConflict {
@@ -101,6 +116,7 @@ pub struct Store {
     db: sled::Db,
     agents: sled::Tree,
     tokens: sled::Tree,
+    releases: sled::Tree,
 }
 
 impl Store {
@@ -108,7 +124,8 @@ impl Store {
         let db = sled::Config::new().path(dir).flush_every_ms(Some(500)).open()?;
         let agents = db.open_tree("agents")?;
         let tokens = db.open_tree("tokens")?;
-        Ok(Self { db, agents, tokens })
+        let releases = db.open_tree("releases")?;
+        Ok(Self { db, agents, tokens, releases })
     }
 
     fn flush(&self) -> Result<()> {
@@ -154,6 +171,38 @@ impl Store {
             Err(TransactionError::Abort(c)) => Ok(Err(c)),
             Err(TransactionError::Storage(e)) => Err(e.into()),
         }
+    }
+
+    /// Inserts a release unless `app@version` exists. Returns the existing record if it does.
+    pub fn insert_release(&self, rec: &ReleaseRecord) -> Result<Option<ReleaseRecord>> {
+        let key = format!("{}@{}", rec.app, rec.version);
+        match self.releases.compare_and_swap(key.as_bytes(), None::<&[u8]>, Some(encode(rec)))? {
+            Ok(()) => {
+                self.flush()?;
+                Ok(None)
+            }
+            Err(e) => e.current.map(|b| decode("releases", key.as_bytes(), &b)).transpose(),
+        }
+    }
+
+    pub fn release(&self, app: &str, version: &str) -> Result<Option<ReleaseRecord>> {
+        let key = format!("{app}@{version}");
+        self.releases.get(key.as_bytes())?.map(|b| decode("releases", key.as_bytes(), &b)).transpose()
+    }
+
+    pub fn releases(&self) -> Result<Vec<ReleaseRecord>> {
+        self.releases
+            .iter()
+            .map(|kv| {
+                let (k, v) = kv?;
+                decode("releases", &k, &v)
+            })
+            .collect()
+    }
+
+    pub fn remove_release(&self, app: &str, version: &str) -> Result<()> {
+        self.releases.remove(format!("{app}@{version}").as_bytes())?;
+        self.flush()
     }
 
     pub fn agent(&self, id: &str) -> Result<Option<AgentRecord>> {

@@ -6,6 +6,8 @@
 mod agents;
 mod demo;
 mod init;
+mod keys;
+mod release;
 mod serve;
 mod token;
 
@@ -39,6 +41,12 @@ pub enum Command {
     Token(token::Command),
     /// List agents, or revoke one.
     Agents(agents::Args),
+    /// Release signing keys.
+    #[command(subcommand)]
+    Keys(keys::Command),
+    /// Release bundles: build, sign, verify, inspect, push, list, remove.
+    #[command(subcommand)]
+    Release(release::Command),
     /// Run a self-contained local fleet and show it working.
     Demo(demo::Args),
 }
@@ -84,6 +92,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Serve(args) => serve::run(config, args).await,
         Command::Token(cmd) => token::run(config, cmd).await,
         Command::Agents(args) => agents::run(config, args).await,
+        Command::Keys(cmd) => keys::run(cmd),
+        Command::Release(cmd) => release::run(config, cmd).await,
         Command::Demo(args) => demo::run(args).await,
     }
 }

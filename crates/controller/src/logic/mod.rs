@@ -11,6 +11,10 @@ use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+mod releases;
+
+pub use releases::BUNDLE_CHUNK;
+
 use crate::store::{self, AgentRecord, EnrollConflict, ReportedRelease, Store, TokenRecord};
 
 /// Everything the controller refuses, each with the specific reason.
@@ -38,6 +42,14 @@ pub enum Error {
     Csr(String),
     #[error("{0}")]
     PermissionDenied(String),
+    #[error("release {0} not found")]
+    UnknownRelease(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
+    FailedPrecondition(String),
+    #[error("bundle refused: {0}")]
+    Bundle(#[from] convoy_bundle::Error),
     #[error(transparent)]
     Store(#[from] store::Error),
     #[error("internal error: {0}")]
@@ -98,11 +110,21 @@ pub struct Controller {
     inner: Arc<Inner>,
 }
 
+/// The controller's tunables, from its config.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub agent_cert_lifetime: Duration,
+    pub heartbeat_interval: Duration,
+    pub blob_dir: std::path::PathBuf,
+    /// Release keys checked at push; `None` checks structure and digests only.
+    pub release_trust: Option<convoy_bundle::TrustStore>,
+    pub max_bundle_bytes: u64,
+}
+
 struct Inner {
     ca: Ca,
     store: Store,
-    agent_cert_lifetime: Duration,
-    heartbeat_interval: Duration,
+    settings: Settings,
     sessions: Mutex<HashMap<String, Session>>,
     next_session: std::sync::atomic::AtomicU64,
 }
@@ -132,13 +154,12 @@ pub struct SessionHandle {
 }
 
 impl Controller {
-    pub fn new(ca: Ca, store: Store, agent_cert_lifetime: Duration, heartbeat_interval: Duration) -> Self {
+    pub fn new(ca: Ca, store: Store, settings: Settings) -> Self {
         Self {
             inner: Arc::new(Inner {
                 ca,
                 store,
-                agent_cert_lifetime,
-                heartbeat_interval,
+                settings,
                 sessions: Mutex::new(HashMap::new()),
                 next_session: 1.into(),
             }),
@@ -150,11 +171,11 @@ impl Controller {
     }
 
     pub fn heartbeat_interval(&self) -> Duration {
-        self.inner.heartbeat_interval
+        self.inner.settings.heartbeat_interval
     }
 
     /// Runs a blocking store operation off the async threads.
-    async fn blocking<T: Send + 'static>(
+    pub(crate) async fn blocking<T: Send + 'static>(
         &self,
         f: impl FnOnce(&Controller) -> Result<T> + Send + 'static,
     ) -> Result<T> {
@@ -255,7 +276,7 @@ impl Controller {
         let issued = self
             .inner
             .ca
-            .sign_csr(csr_der, &identity, self.inner.agent_cert_lifetime)
+            .sign_csr(csr_der, &identity, self.inner.settings.agent_cert_lifetime)
             .map_err(|e| Error::Csr(e.to_string()))?;
         let rec = AgentRecord {
             id: id.clone(),
@@ -290,7 +311,7 @@ impl Controller {
             let issued = c
                 .inner
                 .ca
-                .sign_csr(&csr_der, &identity, c.inner.agent_cert_lifetime)
+                .sign_csr(&csr_der, &identity, c.inner.settings.agent_cert_lifetime)
                 .map_err(|e| Error::Csr(e.to_string()))?;
             c.inner.store.update_agent(&agent_id, true, |r| {
                 r.cert_serial = issued.info.serial.clone();
