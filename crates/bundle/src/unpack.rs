@@ -228,6 +228,7 @@ fn process<R: Read>(
     }
     result?;
     if let Some(dest) = dest {
+        sync_files(dest, &manifest)?;
         finish_dirs(dest, &manifest)?;
     }
     Ok(Verified { manifest, signers })
@@ -245,6 +246,7 @@ fn walk_entries<R: Read>(
     let mut symlinks: HashSet<String> = HashSet::new();
     let mut next = 0usize;
     let mut total = 0u64;
+    let mut buf = vec![0u8; 256 << 10];
     for entry in archive.entries().map_err(payload_err)? {
         let mut entry = entry.map_err(payload_err)?;
         if seen.len() >= limits.max_entries {
@@ -359,7 +361,7 @@ fn walk_entries<R: Read>(
                     )));
                 }
                 let (count, digest) = match &target {
-                    Some(t) => write_file(&mut entry, t, expected.mode)?,
+                    Some(t) => write_file(&mut entry, t, expected.mode, &mut buf)?,
                     None => {
                         let mut sink = Hashing::new(io::sink());
                         io::copy(&mut entry, &mut sink).map_err(payload_err)?;
@@ -382,28 +384,64 @@ fn walk_entries<R: Read>(
     Ok(())
 }
 
-fn write_file<R: Read>(entry: &mut R, target: &Path, mode: u32) -> Result<(u64, String)> {
+/// Writes one file through a reused buffer, hashing as it goes. The fsync is deferred to
+/// [`sync_files`], which batches them: one fsync per file in a row would dominate unpacking.
+fn write_file<R: Read>(entry: &mut R, target: &Path, mode: u32, buf: &mut [u8]) -> Result<(u64, String)> {
     let mut opts = fs::OpenOptions::new();
     opts.write(true).create_new(true);
     #[cfg(unix)]
     {
         use std::os::unix::fs::OpenOptionsExt;
         // O_NOFOLLOW on top of create_new: never write through a link.
-        opts.mode(0o600).custom_flags(nofollow());
+        opts.mode(mode).custom_flags(nofollow());
     }
-    let f = opts.open(target).map_err(io_err(target))?;
-    let mut w = Hashing::new(io::BufWriter::with_capacity(256 << 10, f));
-    io::copy(entry, &mut w).map_err(payload_err)?;
-    w.flush().map_err(io_err(target))?;
-    let (count, digest) = (w.count, w.digest_hex());
-    let f = w.inner.into_inner().map_err(|e| Error::Io { path: target.into(), source: e.into_error() })?;
+    let mut f = opts.open(target).map_err(io_err(target))?;
+    let mut hasher = <sha2::Sha256 as sha2::Digest>::new();
+    let mut count = 0u64;
+    loop {
+        let n = match entry.read(buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(payload_err(e)),
+        };
+        sha2::Digest::update(&mut hasher, &buf[..n]);
+        f.write_all(&buf[..n]).map_err(io_err(target))?;
+        count += n as u64;
+    }
     #[cfg(unix)]
     {
+        // The creation mode was filtered by the umask; set it exactly.
         use std::os::unix::fs::PermissionsExt;
         f.set_permissions(fs::Permissions::from_mode(mode)).map_err(io_err(target))?;
     }
-    f.sync_all().map_err(io_err(target))?;
-    Ok((count, digest))
+    Ok((count, hex::encode(sha2::Digest::finalize(hasher))))
+}
+
+/// Fsyncs the unpacked files from a few threads at once, so the file system can group them
+/// into fewer journal commits.
+fn sync_files(dest: &Path, manifest: &Manifest) -> Result<()> {
+    let files: Vec<PathBuf> =
+        manifest.files.iter().filter(|f| f.kind == EntryKind::File).map(|f| dest.join(&f.path)).collect();
+    let threads = 32.min(files.len().max(1));
+    let chunk = files.len().div_ceil(threads).max(1);
+    std::thread::scope(|s| {
+        let handles: Vec<_> = files
+            .chunks(chunk)
+            .map(|part| {
+                s.spawn(move || {
+                    for p in part {
+                        fs::File::open(p).and_then(|f| f.sync_all()).map_err(io_err(p))?;
+                    }
+                    Ok::<(), Error>(())
+                })
+            })
+            .collect();
+        for h in handles {
+            h.join().map_err(|_| Error::BadSource("fsync thread panicked".into()))??;
+        }
+        Ok(())
+    })
 }
 
 #[cfg(target_os = "linux")]

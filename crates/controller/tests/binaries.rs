@@ -50,6 +50,30 @@ fn terminate(child: &mut Child) -> std::process::ExitStatus {
     child.wait().unwrap()
 }
 
+/// Starts `convoy serve` on ephemeral ports; returns it and its gRPC and HTTP addresses.
+fn start_server(config: &Path) -> (Killed, String, String) {
+    let mut server = Killed(
+        convoy()
+            .arg("--config")
+            .arg(config)
+            .args(["serve", "--grpc-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0"])
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let mut lines = BufReader::new(server.0.stderr.take().unwrap()).lines();
+    let (grpc, http) = loop {
+        let line = lines.next().expect("controller exited before listening").unwrap();
+        if let Some(rest) = line.strip_prefix("convoy listening grpc=") {
+            let (g, h) = rest.split_once(" http=").unwrap();
+            break (g.to_string(), h.to_string());
+        }
+    };
+    // Keep draining the controller's log so it never blocks on a full pipe.
+    std::thread::spawn(move || for _ in lines {});
+    (server, grpc, http)
+}
+
 #[test]
 fn init_refuses_to_overwrite_and_leaves_files_untouched() {
     let tmp = tempfile::tempdir().unwrap();
@@ -106,26 +130,7 @@ fn real_binaries_enroll_run_list_revoke_and_shut_down_gracefully() {
     run_ok(convoy().args(["init", "--data-dir"]).arg(&pki));
     let config = pki.join("convoy.toml");
 
-    let mut server = Killed(
-        convoy()
-            .arg("--config")
-            .arg(&config)
-            .args(["serve", "--grpc-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0"])
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap(),
-    );
-    let mut lines = BufReader::new(server.0.stderr.take().unwrap()).lines();
-    let (grpc, http) = loop {
-        let line = lines.next().expect("controller exited before listening").unwrap();
-        if let Some(rest) = line.strip_prefix("convoy listening grpc=") {
-            let (g, h) = rest.split_once(" http=").unwrap();
-            break (g.to_string(), h.to_string());
-        }
-    };
-    // Keep draining the controller's log so it never blocks on a full pipe.
-    std::thread::spawn(move || for _ in lines {});
-
+    let (mut server, grpc, http) = start_server(&config);
     let mut http_get = std::net::TcpStream::connect(&http).unwrap();
     http_get.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
     let mut body = String::new();
@@ -225,4 +230,129 @@ fn demo_runs_a_local_fleet_and_exits_zero() {
         assert!(out.lines().any(|l| l.starts_with(id) && l.contains("online")), "{out}");
     }
     assert!(out.contains("demo finished"), "{out}");
+}
+
+#[test]
+fn release_cli_keys_build_verify_inspect_sign_push_list_rm() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    let run = |args: &[&str]| run_ok(convoy().current_dir(t).args(args));
+    let fail = |args: &[&str]| run_err(convoy().current_dir(t).args(args));
+
+    let id = run(&["keys", "generate", "-o", "release"]);
+    assert_eq!(id.trim().len(), 16);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(std::fs::metadata(t.join("release.key")).unwrap().permissions().mode() & 0o777, 0o600);
+    }
+    assert!(fail(&["keys", "generate", "-o", "release"]).contains("refusing to overwrite"));
+    run(&["keys", "generate", "-o", "second"]);
+
+    std::fs::create_dir_all(t.join("app/bin")).unwrap();
+    std::fs::write(t.join("app/bin/run"), "#!/bin/sh\n").unwrap();
+    std::fs::write(
+        t.join("app/convoy.toml"),
+        "[service]\ncommand = [\"bin/run\"]\nstop_timeout = \"often\"\n",
+    )
+    .unwrap();
+    let err = fail(&[
+        "release",
+        "build",
+        "app",
+        "--app",
+        "shop-api",
+        "--version",
+        "1.0.0",
+        "--key",
+        "release.key",
+        "-o",
+        "a.bundle",
+    ]);
+    assert!(err.contains("stop_timeout") && err.contains("line 3"), "{err}");
+    std::fs::write(t.join("app/convoy.toml"), "[service]\ncommand = [\"bin/run\"]\n").unwrap();
+    let build = [
+        "release",
+        "build",
+        "app",
+        "--app",
+        "shop-api",
+        "--version",
+        "1.0.0",
+        "--key",
+        "release.key",
+        "--created-at",
+        "1700000000",
+    ];
+    run(&[&build[..], &["-o", "a.bundle"]].concat());
+    run(&[&build[..], &["-o", "b.bundle"]].concat());
+    assert_eq!(
+        std::fs::read(t.join("a.bundle")).unwrap(),
+        std::fs::read(t.join("b.bundle")).unwrap(),
+        "reproducible"
+    );
+
+    let out = run(&["release", "verify", "a.bundle", "--trust", "release.pub"]);
+    assert!(out.contains("ok: shop-api@1.0.0 verified"), "{out}");
+    let err = fail(&["release", "verify", "a.bundle", "--trust", "second.pub"]);
+    assert!(err.contains("valid signature"), "{err}");
+    let err = fail(&[
+        "release",
+        "verify",
+        "a.bundle",
+        "--trust",
+        "release.pub",
+        "--trust",
+        "second.pub",
+        "--require-signatures",
+        "2",
+    ]);
+    assert!(err.contains("needs 2 valid signature"), "{err}");
+    run(&["release", "sign", "a.bundle", "--key", "second.key"]);
+    run(&[
+        "release",
+        "verify",
+        "a.bundle",
+        "--trust",
+        "release.pub",
+        "--trust",
+        "second.pub",
+        "--require-signatures",
+        "2",
+    ]);
+    let inspected: serde_json::Value =
+        serde_json::from_str(&run(&["release", "inspect", "a.bundle", "-o", "json"])).unwrap();
+    assert_eq!(inspected["app"], "shop-api");
+    assert_eq!(inspected["signatures"].as_array().unwrap().len(), 2);
+    assert_eq!(inspected["config"]["service"]["command"][0], "bin/run");
+    assert!(run(&["release", "inspect", "a.bundle"]).contains("release     shop-api@1.0.0"));
+    std::fs::write(t.join("junk.bundle"), "junk").unwrap();
+    assert!(fail(&["release", "verify", "junk.bundle", "--trust", "release.pub"]).contains("truncated"));
+
+    run(&["init", "--data-dir", "pki"]);
+    let (mut server, grpc, _http) = start_server(&t.join("pki/convoy.toml"));
+    let admin = |args: &[&str]| {
+        let mut c = convoy();
+        c.current_dir(t)
+            .arg("--config")
+            .arg(t.join("pki/convoy.toml"))
+            .arg("--controller")
+            .arg(&grpc)
+            .args(args);
+        c
+    };
+    let out = run_ok(&mut admin(&["release", "push", "a.bundle"]));
+    assert!(out.starts_with("pushed shop-api@1.0.0"), "{out}");
+    let out = run_ok(&mut admin(&["release", "push", "a.bundle"]));
+    assert!(out.contains("already present"), "{out}");
+    let err = run_err(&mut admin(&["release", "push", "b.bundle"]));
+    assert!(err.contains("already exists with a different bundle"), "{err}");
+    let listed: serde_json::Value =
+        serde_json::from_str(&run_ok(&mut admin(&["release", "list", "-o", "json"]))).unwrap();
+    assert_eq!(listed[0]["version"], "1.0.0");
+    assert!(run_ok(&mut admin(&["release", "list"])).contains("shop-api@1.0.0"));
+    assert!(run_err(&mut admin(&["release", "rm", "shop-api"])).contains("is not APP@VERSION"));
+    run_ok(&mut admin(&["release", "rm", "shop-api@1.0.0"]));
+    assert!(run_err(&mut admin(&["release", "rm", "shop-api@1.0.0"])).contains("not found"));
+    assert!(terminate(&mut server.0).success());
 }
