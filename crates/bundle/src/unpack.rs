@@ -483,3 +483,82 @@ fn finish_dirs(dest: &Path, manifest: &Manifest) -> Result<()> {
     }
     sync_dir(dest)
 }
+
+/// Re-checks an unpacked release directory against its manifest: every entry present with the
+/// right kind, mode, size and SHA-256 (symlinks: the right target), and nothing extra. Used
+/// before a kept release is activated again, so a corrupted one is never switched to.
+pub fn verify_tree(dir: &Path, manifest: &Manifest) -> Result<()> {
+    let mut buf = vec![0u8; 256 << 10];
+    let mut expected: HashSet<&str> = HashSet::new();
+    for f in &manifest.files {
+        expected.insert(&f.path);
+        let p = dir.join(&f.path);
+        let meta = fs::symlink_metadata(&p).map_err(|_| Error::Missing(f.path.clone()))?;
+        let ft = meta.file_type();
+        let actual_kind = if ft.is_symlink() {
+            EntryKind::Symlink
+        } else if ft.is_dir() {
+            EntryKind::Dir
+        } else if ft.is_file() {
+            EntryKind::File
+        } else {
+            return Err(Error::ForbiddenEntry { path: f.path.clone(), kind: "special file" });
+        };
+        if actual_kind != f.kind {
+            return Err(Error::KindMismatch { path: f.path.clone(), expected: f.kind.name(), actual: actual_kind.name() });
+        }
+        #[cfg(unix)]
+        if f.kind != EntryKind::Symlink {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = meta.permissions().mode() & 0o7777;
+            if mode != f.mode {
+                return Err(Error::ModeMismatch { path: f.path.clone(), expected: f.mode, actual: mode });
+            }
+        }
+        match f.kind {
+            EntryKind::Dir => {}
+            EntryKind::Symlink => {
+                let t = fs::read_link(&p).map_err(io_err(&p))?.to_string_lossy().into_owned();
+                let want = f.target.clone().unwrap_or_default();
+                if t != want {
+                    return Err(Error::TargetMismatch { path: f.path.clone(), expected: want, actual: t });
+                }
+            }
+            EntryKind::File => {
+                if meta.len() != f.size {
+                    return Err(Error::SizeMismatch { path: f.path.clone(), expected: f.size, actual: meta.len() });
+                }
+                let mut file = fs::File::open(&p).map_err(io_err(&p))?;
+                let mut h = <sha2::Sha256 as sha2::Digest>::new();
+                loop {
+                    let n = file.read(&mut buf).map_err(io_err(&p))?;
+                    if n == 0 {
+                        break;
+                    }
+                    sha2::Digest::update(&mut h, &buf[..n]);
+                }
+                let digest = hex::encode(sha2::Digest::finalize(h));
+                let want = f.sha256.clone().unwrap_or_default();
+                if digest != want {
+                    return Err(Error::HashMismatch { path: f.path.clone(), expected: want, actual: digest });
+                }
+            }
+        }
+    }
+    // Nothing may have been added either.
+    let mut stack = vec![(dir.to_path_buf(), String::new())];
+    while let Some((d, prefix)) = stack.pop() {
+        for e in fs::read_dir(&d).map_err(io_err(&d))? {
+            let e = e.map_err(io_err(&d))?;
+            let name = e.file_name().to_string_lossy().into_owned();
+            let rel = if prefix.is_empty() { name } else { format!("{prefix}/{name}") };
+            if !expected.contains(rel.as_str()) {
+                return Err(Error::Unlisted(rel));
+            }
+            if e.file_type().map_err(io_err(&d))?.is_dir() {
+                stack.push((e.path(), rel));
+            }
+        }
+    }
+    Ok(())
+}

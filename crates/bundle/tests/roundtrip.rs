@@ -178,3 +178,27 @@ proptest! {
         prop_assert!(!dest.exists());
     }
 }
+
+#[test]
+fn verify_tree_detects_corruption_and_additions() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    sample_release(&src);
+    let key = SecretKey::generate();
+    let out = tmp.path().join("b.bundle");
+    let m = build(&src, &opts("1.0.0"), &key, &out).unwrap();
+    let dest = tmp.path().join("release");
+    unpack(&out, &TrustStore::new(vec![key.public()], 1), &dest, &Limits::default()).unwrap();
+    convoy_bundle::verify_tree(&dest, &m).unwrap();
+    std::fs::write(dest.join("static/css/site.css"), "tampered").unwrap();
+    let err = convoy_bundle::verify_tree(&dest, &m).unwrap_err();
+    assert!(matches!(err, convoy_bundle::Error::SizeMismatch { .. }), "{err:?}");
+    std::fs::write(dest.join("static/css/site.css"), "body{}".repeat(1000).replace('b', "c")).unwrap();
+    let err = convoy_bundle::verify_tree(&dest, &m).unwrap_err();
+    assert!(matches!(err, convoy_bundle::Error::HashMismatch { .. }), "{err:?}");
+    std::fs::write(dest.join("static/css/site.css"), "body{}".repeat(1000)).unwrap();
+    convoy_bundle::verify_tree(&dest, &m).unwrap();
+    std::fs::write(dest.join("intruder"), "x").unwrap();
+    let err = convoy_bundle::verify_tree(&dest, &m).unwrap_err();
+    assert!(matches!(err, convoy_bundle::Error::Unlisted(_)), "{err:?}");
+}
