@@ -61,6 +61,8 @@ pub async fn enroll(opts: EnrollOptions) -> Result<AgentFile> {
         labels: resp.labels.into_iter().collect(),
         controller: opts.controller,
         server_name: opts.server_name,
+        trust: vec![],
+        vars: Default::default(),
     };
     // agent.toml is written last: its presence is what marks the directory as enrolled.
     file.save(dir)?;

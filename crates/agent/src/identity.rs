@@ -27,6 +27,12 @@ pub struct AgentFile {
     /// The name checked against the controller's certificate, when not the address's host.
     #[serde(default)]
     pub server_name: Option<String>,
+    /// Trusted release public keys (paths, relative to the data directory).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub trust: Vec<PathBuf>,
+    /// Per-host variables for `${NAME}` in releases.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub vars: BTreeMap<String, String>,
 }
 
 impl AgentFile {

@@ -9,6 +9,11 @@
 
 mod download;
 mod enroll;
+mod executor;
+mod health;
+mod layout;
+mod process;
+mod state;
 mod identity;
 mod session;
 
@@ -18,6 +23,8 @@ use std::time::Duration;
 
 pub use download::{DownloadOptions, Downloaded, Downloader};
 pub use enroll::{enroll, EnrollOptions};
+pub use executor::{ExecConfig, Executor};
+pub use layout::Layout;
 pub use identity::{AgentFile, AGENT_FILE, CA_FILE, IDENTITY_FILE};
 pub use session::{Agent, AgentConfig, AgentStatus};
 
@@ -38,6 +45,8 @@ pub enum Error {
     Dial(#[from] convoy_transport::Error),
     #[error("controller refused: {}", .0.message())]
     Refused(tonic::Status),
+    #[error("agent state: {0}")]
+    State(String),
     #[error("invalid {what}: {message}")]
     Invalid { what: &'static str, message: String },
 }

@@ -49,6 +49,20 @@ enum Command {
     Run {
         #[arg(long)]
         data_dir: PathBuf,
+        /// A trusted release public key; repeatable (also `trust` in agent.toml). With none,
+        /// every release is refused.
+        #[arg(long = "trust", value_name = "FILE")]
+        trust: Vec<PathBuf>,
+        /// Valid signatures needed from distinct trusted keys.
+        #[arg(long, default_value_t = 1)]
+        require_signatures: usize,
+        /// A per-host variable for `${NAME}` in releases, NAME=VALUE; repeatable (also `vars`
+        /// in agent.toml).
+        #[arg(long = "var", value_name = "NAME=VALUE")]
+        vars: Vec<String>,
+        /// Releases kept per app.
+        #[arg(long, default_value_t = 3)]
+        keep_releases: usize,
     },
 }
 
@@ -96,8 +110,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             println!("enrolled as {} in region {} (data dir {})", file.id, file.region, data_dir.display());
             Ok(())
         }
-        Command::Run { data_dir } => {
-            let agent = Agent::new(AgentConfig::new(data_dir))?;
+        Command::Run { data_dir, trust, require_signatures, vars, keep_releases } => {
+            let mut config = AgentConfig::new(data_dir);
+            for p in &trust {
+                config.trust.push(convoy_bundle::PublicKey::load(p)?);
+            }
+            config.require_signatures = require_signatures;
+            config.vars = convoy_agent::parse_pairs("variable", &vars)?;
+            config.keep_releases = keep_releases;
+            // Crash-safety tests make the agent abort at a named step.
+            config.failpoint = std::env::var("CONVOY_AGENT_FAILPOINT").ok().filter(|f| !f.is_empty());
+            let agent = Agent::new(config)?;
             let cancel = CancellationToken::new();
             let stop = cancel.clone();
             tokio::spawn(async move {

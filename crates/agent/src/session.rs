@@ -11,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 use tracing::Instrument;
 
+use crate::executor::{ExecConfig, Executor};
 use crate::identity::{load_identity, write_identity, AgentFile};
 use crate::{Backoff, Error, Result};
 
@@ -23,6 +24,16 @@ pub struct AgentConfig {
     /// Heartbeat interval until the controller's welcome says otherwise.
     pub heartbeat_interval: Duration,
     pub dial: DialOptions,
+    /// Trusted release keys, on top of those in `agent.toml`.
+    pub trust: Vec<convoy_bundle::PublicKey>,
+    /// Valid signatures needed from distinct trusted keys.
+    pub require_signatures: usize,
+    /// Per-host variables, on top of (and overriding) those in `agent.toml`.
+    pub vars: std::collections::BTreeMap<String, String>,
+    pub keep_releases: usize,
+    pub download: crate::DownloadOptions,
+    /// Test hook: abort at this step (see `Executor`).
+    pub failpoint: Option<String>,
 }
 
 impl AgentConfig {
@@ -33,6 +44,12 @@ impl AgentConfig {
             reconnect_max: Duration::from_secs(30),
             heartbeat_interval: Duration::from_secs(5),
             dial: DialOptions::default(),
+            trust: vec![],
+            require_signatures: 1,
+            vars: Default::default(),
+            keep_releases: 3,
+            download: crate::DownloadOptions::default(),
+            failpoint: None,
         }
     }
 }
@@ -54,6 +71,7 @@ pub struct Agent {
     config: AgentConfig,
     file: AgentFile,
     status: watch::Sender<AgentStatus>,
+    executor: Executor,
 }
 
 impl Agent {
@@ -62,7 +80,28 @@ impl Agent {
         let file = AgentFile::load(&config.data_dir)?;
         // Fail now, not on the first connection, if the identity is unreadable.
         load_identity(&config.data_dir)?;
-        Ok(Self { config, file, status: watch::Sender::new(AgentStatus::default()) })
+        let mut keys = config.trust.clone();
+        for p in &file.trust {
+            let p = if p.is_absolute() { p.clone() } else { config.data_dir.join(p) };
+            keys.push(convoy_bundle::PublicKey::load(&p).map_err(|e| Error::Invalid { what: "trusted key", message: e.to_string() })?);
+        }
+        if keys.is_empty() {
+            tracing::warn!("no trusted release keys configured: every release will be refused");
+        }
+        let mut vars = file.vars.clone();
+        vars.extend(config.vars.clone());
+        let mut exec = ExecConfig::new(config.data_dir.clone(), convoy_bundle::TrustStore::new(keys, config.require_signatures));
+        exec.vars = vars;
+        exec.keep_releases = config.keep_releases;
+        exec.download = config.download.clone();
+        exec.failpoint = config.failpoint.clone();
+        let executor = Executor::open(exec)?;
+        Ok(Self { config, file, status: watch::Sender::new(AgentStatus::default()), executor })
+    }
+
+    /// The order executor, for inspection (tests, diagnostics).
+    pub fn executor(&self) -> &Executor {
+        &self.executor
     }
 
     pub fn id(&self) -> &str {
@@ -82,10 +121,18 @@ impl Agent {
     }
 
     async fn run_inner(self, cancel: CancellationToken) -> Result<()> {
+        // Local state first: services run whether or not the controller is reachable.
+        self.executor.recover().await?;
+        let result = self.session_loop(&cancel).await;
+        self.executor.shutdown().await;
+        result
+    }
+
+    async fn session_loop(&self, cancel: &CancellationToken) -> Result<()> {
         let mut backoff = Backoff::new(self.config.reconnect_base, self.config.reconnect_max);
         while !cancel.is_cancelled() {
             let mut established = false;
-            let result = self.session_once(&cancel, &mut established).await;
+            let result = self.session_once(cancel, &mut established).await;
             self.status.send_modify(|s| {
                 s.connected = false;
                 s.last_error = result.as_ref().err().map(|e| e.to_string());
@@ -125,8 +172,8 @@ impl Agent {
             c = self.connect() => c?,
             () = cancel.cancelled() => return Ok(()),
         };
-        let mut client = pb::agent_service_client::AgentServiceClient::new(channel);
-        let (tx, rx) = mpsc::channel(16);
+        let mut client = pb::agent_service_client::AgentServiceClient::new(channel.clone());
+        let (tx, rx) = mpsc::channel(64);
         let hello = pb::Hello {
             agent_id: self.file.id.clone(),
             agent_version: env!("CARGO_PKG_VERSION").to_owned(),
@@ -161,7 +208,12 @@ impl Agent {
                 () = cancel.cancelled() => return Ok(()),
                 _ = heartbeat.tick() => {
                     seq += 1;
-                    let hb = pb::Heartbeat { seq, releases: scan_releases(&self.config.data_dir) };
+                    let hb = pb::Heartbeat {
+                        seq,
+                        releases: scan_releases(&self.config.data_dir),
+                        apps: self.executor.statuses(),
+                        last_order_seq: self.executor.last_seq(),
+                    };
                     if tx.send(pb::AgentMessage { msg: Some(pb::agent_message::Msg::Heartbeat(hb)) }).await.is_err() {
                         return Err(Error::Refused(tonic::Status::unavailable("session stream closed")));
                     }
@@ -173,6 +225,10 @@ impl Agent {
                     }
                 }
                 msg = inbound.message() => match msg {
+                    Ok(Some(pb::ControllerMessage { msg: Some(pb::controller_message::Msg::Order(order)) })) => {
+                        tracing::info!(seq = order.seq, "order received");
+                        self.executor.submit(order, channel.clone(), tx.clone());
+                    }
                     Ok(Some(_)) => {}
                     Ok(None) => return Err(Error::Refused(tonic::Status::unavailable("controller closed the session"))),
                     Err(status) => return Err(Error::Refused(status)),

@@ -79,7 +79,7 @@ pub fn read_header<R: Read>(r: &mut R, max_manifest: u64) -> Result<Header> {
 }
 
 /// Writes a header.
-pub(crate) fn write_header<W: Write>(
+pub fn write_header<W: Write>(
     w: &mut W,
     manifest: &[u8],
     signatures: &[Signature],

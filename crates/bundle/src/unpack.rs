@@ -36,6 +36,13 @@ impl Default for Limits {
     }
 }
 
+/// Checks a header's signatures against `trust` and parses its manifest: what an agent does
+/// with a stored header before re-activating a kept release.
+pub fn verify_header(header: &crate::Header, trust: &TrustStore) -> Result<Verified> {
+    let signers = check_signatures(&header.manifest_bytes, &header.signatures, trust)?;
+    Ok(Verified { manifest: header.manifest()?, signers })
+}
+
 /// A bundle that passed every check.
 #[derive(Clone, Debug)]
 pub struct Verified {

@@ -15,7 +15,8 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
 
 use crate::logic::{self, Controller};
-use crate::store::ReportedRelease;
+use crate::logic::OrderKind;
+use crate::store::{AppStatusRecord, ReportedRelease};
 
 /// How long a new session may take to send its hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -37,6 +38,7 @@ pub fn to_status(err: logic::Error) -> Status {
         E::UnknownRelease(_) => Status::not_found(msg),
         E::Conflict(_) => Status::already_exists(msg),
         E::FailedPrecondition(_) => Status::failed_precondition(msg),
+        E::Offline(_) => Status::unavailable(msg),
         E::Store(_) | E::Internal(_) => {
             tracing::error!(error = %msg, "internal error");
             Status::internal(msg)
@@ -70,6 +72,74 @@ fn require_admin<T>(req: &Request<T>) -> Result<Identity, Status> {
 
 fn labels(map: std::collections::HashMap<String, String>) -> BTreeMap<String, String> {
     map.into_iter().collect()
+}
+
+fn app_status(s: pb::AppStatus) -> AppStatusRecord {
+    let health = match pb::Health::try_from(s.health).unwrap_or(pb::Health::Unknown) {
+        pb::Health::Unknown => "unknown",
+        pb::Health::Checking => "checking",
+        pb::Health::Healthy => "healthy",
+        pb::Health::Unhealthy => "unhealthy",
+        pb::Health::None => "no-check",
+    };
+    AppStatusRecord {
+        app: s.app,
+        current: s.current,
+        known_good: s.known_good,
+        previous: s.previous,
+        health: health.into(),
+        last_error: s.last_error,
+        installed: s.installed,
+        busy: s.busy,
+    }
+}
+
+fn app_status_pb(s: AppStatusRecord) -> pb::AppStatus {
+    let health = match s.health.as_str() {
+        "checking" => pb::Health::Checking,
+        "healthy" => pb::Health::Healthy,
+        "unhealthy" => pb::Health::Unhealthy,
+        "no-check" => pb::Health::None,
+        _ => pb::Health::Unknown,
+    };
+    pb::AppStatus {
+        app: s.app,
+        current: s.current,
+        known_good: s.known_good,
+        previous: s.previous,
+        health: health as i32,
+        last_error: s.last_error,
+        installed: s.installed,
+        busy: s.busy,
+    }
+}
+
+fn order_pb(o: logic::Order) -> pb::ControllerMessage {
+    use pb::order::Kind;
+    let kind = match o.kind {
+        OrderKind::Install { app, version, digest } => Kind::Install(pb::InstallOrder { app, version, digest }),
+        OrderKind::Activate { app, version, health_deadline } => Kind::Activate(pb::ActivateOrder {
+            app,
+            version,
+            health_deadline_secs: health_deadline.map(|d| d.as_secs().max(1) as u32).unwrap_or(0),
+        }),
+        OrderKind::Rollback { app, to, reason } => {
+            Kind::Rollback(pb::RollbackOrder { app, to_version: to.unwrap_or_default(), reason })
+        }
+        OrderKind::Logs { app, lines } => Kind::Logs(pb::LogsOrder { app, lines }),
+    };
+    pb::ControllerMessage { msg: Some(pb::controller_message::Msg::Order(pb::Order { seq: o.seq, kind: Some(kind) })) }
+}
+
+fn outcome(r: pb::OrderResult) -> logic::OrderOutcome {
+    logic::OrderOutcome {
+        seq: r.seq,
+        ok: r.ok,
+        stale: r.stale,
+        error: (!r.error.is_empty()).then_some(r.error),
+        status: r.status.map(app_status),
+        output: r.output,
+    }
 }
 
 fn releases(list: Vec<pb::ReleaseRef>) -> Vec<ReportedRelease> {
@@ -188,14 +258,22 @@ impl pb::agent_service_server::AgentService for AgentSvc {
                             break;
                         }
                         order = order_rx.recv() => match order {
-                            Some(order) => match order {},
+                            Some(order) => {
+                                if out_tx.send(Ok(order_pb(order))).await.is_err() {
+                                    break;
+                                }
+                            }
                             None => break,
                         },
                         msg = tokio::time::timeout(silence, inbound.message()) => match msg {
                             Ok(Ok(Some(pb::AgentMessage { msg: Some(pb::agent_message::Msg::Heartbeat(hb)) }))) => {
-                                if let Err(e) = ctl.heartbeat(&handle.agent_id, releases(hb.releases)).await {
+                                let apps = hb.apps.into_iter().map(app_status).collect();
+                                if let Err(e) = ctl.heartbeat(&handle.agent_id, releases(hb.releases), apps).await {
                                     tracing::warn!(error = %e, "heartbeat not recorded");
                                 }
+                            }
+                            Ok(Ok(Some(pb::AgentMessage { msg: Some(pb::agent_message::Msg::Result(r)) }))) => {
+                                ctl.order_result(&handle.agent_id, outcome(r)).await;
                             }
                             Ok(Ok(Some(_))) => tracing::debug!("unexpected message ignored"),
                             Ok(Ok(None)) => break,
@@ -324,6 +402,7 @@ impl pb::admin_service_server::AdminService for AdminSvc {
                     .collect(),
                 revoked: v.record.revoked,
                 agent_version: v.record.agent_version,
+                apps: v.record.apps.into_iter().map(app_status_pb).collect(),
             })
             .collect();
         Ok(Response::new(pb::ListAgentsResponse { agents }))
@@ -397,6 +476,60 @@ impl pb::admin_service_server::AdminService for AdminSvc {
             .await
             .map_err(to_status)?;
         Ok(Response::new(pb::RemoveReleaseResponse {}))
+    }
+
+    async fn rollback(&self, req: Request<pb::RollbackRequest>) -> Result<Response<pb::RollbackResponse>, Status> {
+        let admin = require_admin(&req)?;
+        let r = req.into_inner();
+        let target = if !r.agent_ids.is_empty() {
+            logic::Target::Agents(r.agent_ids)
+        } else if !r.region.is_empty() {
+            logic::Target::Region(r.region)
+        } else if r.all {
+            logic::Target::All
+        } else {
+            return Err(Status::invalid_argument("name the target: agents, a region, or all"));
+        };
+        let to = (!r.to_version.is_empty()).then_some(r.to_version);
+        let (results, elapsed) = self
+            .0
+            .rollback(&r.app, &target, to, &r.reason, &admin.to_string())
+            .instrument(tracing::info_span!("rollback", %admin, app = %r.app))
+            .await
+            .map_err(to_status)?;
+        let outcomes = results
+            .into_iter()
+            .map(|(agent_id, res, took)| match res {
+                Ok(o) => pb::AgentOutcome {
+                    agent_id,
+                    ok: o.ok,
+                    error: o.error.unwrap_or_default(),
+                    status: o.status.map(app_status_pb),
+                    elapsed_ms: took.as_millis() as u64,
+                    offline: false,
+                },
+                Err(e) => pb::AgentOutcome {
+                    agent_id,
+                    ok: false,
+                    offline: matches!(e, logic::Error::Offline(_)),
+                    error: e.to_string(),
+                    status: None,
+                    elapsed_ms: took.as_millis() as u64,
+                },
+            })
+            .collect();
+        Ok(Response::new(pb::RollbackResponse { outcomes, elapsed_ms: elapsed.as_millis() as u64 }))
+    }
+
+    async fn logs(&self, req: Request<pb::LogsRequest>) -> Result<Response<pb::LogsResponse>, Status> {
+        require_admin(&req)?;
+        let r = req.into_inner();
+        let kind = OrderKind::Logs { app: r.app, lines: if r.lines == 0 { 100 } else { r.lines } };
+        let o = self.0.send_order(&r.agent_id, kind, Duration::from_secs(30)).await.map_err(to_status)?;
+        if !o.ok {
+            return Err(Status::failed_precondition(o.error.unwrap_or_default()));
+        }
+        Ok(Response::new(pb::LogsResponse { text: o.output }))
     }
 
     async fn revoke_agent(

@@ -85,6 +85,22 @@ pub struct AgentRecord {
     pub agent_version: String,
     pub releases: Vec<ReportedRelease>,
     pub revoked: bool,
+    /// Per-app state the agent last reported.
+    #[serde(default)]
+    pub apps: Vec<AppStatusRecord>,
+}
+
+/// What an agent reported about one app.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AppStatusRecord {
+    pub app: String,
+    pub current: String,
+    pub known_good: String,
+    pub previous: String,
+    pub health: String,
+    pub last_error: String,
+    pub installed: Vec<String>,
+    pub busy: bool,
 }
 
 /// A release stored on the controller. The bundle itself is a blob named by its digest.
@@ -117,6 +133,7 @@ pub struct Store {
     agents: sled::Tree,
     tokens: sled::Tree,
     releases: sled::Tree,
+    meta: sled::Tree,
 }
 
 impl Store {
@@ -125,12 +142,27 @@ impl Store {
         let agents = db.open_tree("agents")?;
         let tokens = db.open_tree("tokens")?;
         let releases = db.open_tree("releases")?;
-        Ok(Self { db, agents, tokens, releases })
+        let meta = db.open_tree("meta")?;
+        Ok(Self { db, agents, tokens, releases, meta })
     }
 
     fn flush(&self) -> Result<()> {
         self.db.flush()?;
         Ok(())
+    }
+
+    /// Reserves order sequence numbers up to `upto` (exclusive) durably; returns the previous
+    /// reservation, from which numbering continues.
+    pub fn reserve_seq(&self, block: u64) -> Result<(u64, u64)> {
+        let old = self
+            .meta
+            .get("seq_reserved")?
+            .and_then(|v| v.as_ref().try_into().ok().map(u64::from_be_bytes))
+            .unwrap_or(1);
+        let new = old + block;
+        self.meta.insert("seq_reserved", &new.to_be_bytes())?;
+        self.flush()?;
+        Ok((old, new))
     }
 
     pub fn put_token(&self, hash: &[u8], rec: &TokenRecord) -> Result<()> {

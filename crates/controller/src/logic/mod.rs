@@ -42,6 +42,8 @@ pub enum Error {
     Csr(String),
     #[error("{0}")]
     PermissionDenied(String),
+    #[error("agent {0} is offline")]
+    Offline(String),
     #[error("release {0} not found")]
     UnknownRelease(String),
     #[error("{0}")]
@@ -90,10 +92,9 @@ fn validate_labels(labels: &BTreeMap<String, String>) -> Result<()> {
     Ok(())
 }
 
-/// An order for an agent, sent down its live session. Later work adds install, activate and
-/// rollback orders; the session plumbing already carries them.
-#[derive(Clone, Debug)]
-pub enum Order {}
+mod orders;
+
+pub use orders::{Order, OrderKind, OrderOutcome, Target};
 
 /// The sending half of an agent's live session.
 pub type SessionTx = mpsc::Sender<Order>;
@@ -101,7 +102,7 @@ pub type SessionTx = mpsc::Sender<Order>;
 struct Session {
     id: u64,
     cancel: CancellationToken,
-    _tx: SessionTx,
+    tx: SessionTx,
 }
 
 /// What the controller runs on: its CA, its store and the live sessions. Cheap to clone.
@@ -127,6 +128,8 @@ struct Inner {
     settings: Settings,
     sessions: Mutex<HashMap<String, Session>>,
     next_session: std::sync::atomic::AtomicU64,
+    pending: Mutex<HashMap<(String, u64), tokio::sync::oneshot::Sender<OrderOutcome>>>,
+    seq: Mutex<(u64, u64)>,
 }
 
 /// The result of a successful enrollment.
@@ -162,6 +165,8 @@ impl Controller {
                 settings,
                 sessions: Mutex::new(HashMap::new()),
                 next_session: 1.into(),
+                pending: Mutex::new(HashMap::new()),
+                seq: Mutex::new((0, 0)),
             }),
         }
     }
@@ -289,6 +294,7 @@ impl Controller {
             agent_version: String::new(),
             releases: vec![],
             revoked: false,
+            apps: vec![],
         };
         match self.inner.store.commit_enrollment(&hash, &rec)? {
             Ok(()) => {}
@@ -360,7 +366,7 @@ impl Controller {
         let cancel = CancellationToken::new();
         let old = self
             .lock_sessions()
-            .insert(agent_id.to_owned(), Session { id: session_id, cancel: cancel.clone(), _tx: tx });
+            .insert(agent_id.to_owned(), Session { id: session_id, cancel: cancel.clone(), tx });
         if let Some(old) = old {
             old.cancel.cancel();
         }
@@ -375,12 +381,18 @@ impl Controller {
     }
 
     /// Records a heartbeat. Not flushed: last-seen times are advisory, sled flushes them soon.
-    pub async fn heartbeat(&self, agent_id: &str, releases: Vec<ReportedRelease>) -> Result<()> {
+    pub async fn heartbeat(
+        &self,
+        agent_id: &str,
+        releases: Vec<ReportedRelease>,
+        apps: Vec<crate::store::AppStatusRecord>,
+    ) -> Result<()> {
         let id = agent_id.to_owned();
         self.blocking(move |c| {
             c.inner.store.update_agent(&id, false, |r| {
                 r.last_seen = now();
                 r.releases = releases.clone();
+                r.apps = apps.clone();
             })?;
             Ok(())
         })

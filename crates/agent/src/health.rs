@@ -1,0 +1,106 @@
+//! Health checks: HTTP GET (2xx), TCP connect, or a command's exit status.
+
+use std::path::Path;
+use std::time::Duration;
+
+use convoy_bundle::{Health, HealthCheck};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_util::sync::CancellationToken;
+
+/// One probe, bounded by `timeout`. The error says what failed.
+pub async fn probe(check: &HealthCheck, timeout: Duration, cwd: &Path, env: &[(String, String)]) -> Result<(), String> {
+    match tokio::time::timeout(timeout, probe_inner(check, cwd, env)).await {
+        Ok(r) => r,
+        Err(_) => Err(format!("health check timed out after {timeout:?}")),
+    }
+}
+
+async fn probe_inner(check: &HealthCheck, cwd: &Path, env: &[(String, String)]) -> Result<(), String> {
+    match check {
+        HealthCheck::Tcp(addr) => {
+            tokio::net::TcpStream::connect(addr).await.map(|_| ()).map_err(|e| format!("tcp {addr}: {e}"))
+        }
+        HealthCheck::Http(url) => http_get(url).await,
+        HealthCheck::Exec(argv) => {
+            let mut cmd = crate::process::command(argv, cwd, env);
+            cmd.stdin(std::process::Stdio::null()).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null());
+            cmd.kill_on_drop(true);
+            let status = cmd.status().await.map_err(|e| format!("exec {}: {e}", argv[0]))?;
+            if status.success() {
+                Ok(())
+            } else {
+                Err(format!("exec {} exited with {status}", argv[0]))
+            }
+        }
+    }
+}
+
+/// A minimal HTTP/1.1 GET: enough to read a status line, with no client library to trust.
+async fn http_get(url: &str) -> Result<(), String> {
+    let rest = url.strip_prefix("http://").ok_or_else(|| format!("{url}: only http:// is supported"))?;
+    let (authority, path) = match rest.find('/') {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, "/"),
+    };
+    let addr = if authority.contains(':') { authority.to_owned() } else { format!("{authority}:80") };
+    let mut s = tokio::net::TcpStream::connect(&addr).await.map_err(|e| format!("GET {url}: {e}"))?;
+    let req = format!("GET {path} HTTP/1.1\r\nHost: {authority}\r\nUser-Agent: convoy-agent\r\nConnection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).await.map_err(|e| format!("GET {url}: {e}"))?;
+    let mut head = Vec::with_capacity(256);
+    let mut buf = [0u8; 256];
+    while !head.windows(2).any(|w| w == b"\r\n") && head.len() < 4096 {
+        let n = s.read(&mut buf).await.map_err(|e| format!("GET {url}: {e}"))?;
+        if n == 0 {
+            break;
+        }
+        head.extend_from_slice(&buf[..n]);
+    }
+    let line = String::from_utf8_lossy(&head);
+    let status: u16 = line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| format!("GET {url}: no HTTP status line"))?;
+    if (200..300).contains(&status) {
+        Ok(())
+    } else {
+        Err(format!("GET {url}: HTTP {status}"))
+    }
+}
+
+/// Probes every `interval` until `successes` consecutive passes (healthy) or until `deadline`
+/// (unhealthy, with the last error). Cancellation counts as a failure.
+pub async fn gate(
+    check: &HealthCheck,
+    h: &Health,
+    deadline: Duration,
+    cwd: &Path,
+    env: &[(String, String)],
+    cancel: &CancellationToken,
+) -> Result<(), String> {
+    let until = tokio::time::Instant::now() + deadline;
+    let mut streak = 0u32;
+    let mut last_err = String::from("no health check completed before the deadline");
+    loop {
+        match probe(check, h.timeout, cwd, env).await {
+            Ok(()) => {
+                streak += 1;
+                if streak >= h.successes {
+                    return Ok(());
+                }
+            }
+            Err(e) => {
+                streak = 0;
+                last_err = e;
+            }
+        }
+        let next = tokio::time::Instant::now() + h.interval;
+        if next > until {
+            return Err(format!("unhealthy after {deadline:?}: {last_err}"));
+        }
+        tokio::select! {
+            () = tokio::time::sleep_until(next) => {}
+            () = cancel.cancelled() => return Err("health gate cancelled".into()),
+        }
+    }
+}
