@@ -208,10 +208,28 @@ impl Executor {
 
     async fn apply_inner(&self, order: pb::Order, channel: Channel) -> Outcome {
         use pb::order::Kind;
-        let fail = |app: String, e: String| Outcome { ok: false, stale: false, error: Some(e), output: String::new(), app: Some(app) };
-        let ok = |app: String| Outcome { ok: true, stale: false, error: None, output: String::new(), app: Some(app) };
+        let fail = |app: String, e: String| Outcome {
+            ok: false,
+            stale: false,
+            error: Some(e),
+            output: String::new(),
+            app: Some(app),
+        };
+        let ok = |app: String| Outcome {
+            ok: true,
+            stale: false,
+            error: None,
+            output: String::new(),
+            app: Some(app),
+        };
         let Some(kind) = order.kind else {
-            return Outcome { ok: false, stale: false, error: Some("order has no kind".into()), output: String::new(), app: None };
+            return Outcome {
+                ok: false,
+                stale: false,
+                error: Some("order has no kind".into()),
+                output: String::new(),
+                app: None,
+            };
         };
         let app = match &kind {
             Kind::Install(i) => i.app.clone(),
@@ -223,7 +241,13 @@ impl Executor {
                     Some(v) => Log::tail(&self.inner.layout.log_path(&l.app, &v), l.lines.max(1) as usize),
                     None => return fail(l.app.clone(), format!("app {} has no current release here", l.app)),
                 };
-                return Outcome { ok: true, stale: false, error: None, output: text, app: Some(l.app.clone()) };
+                return Outcome {
+                    ok: true,
+                    stale: false,
+                    error: None,
+                    output: text,
+                    app: Some(l.app.clone()),
+                };
             }
         };
         if let Err(e) = convoy_bundle::check_app_name(&app) {
@@ -240,10 +264,14 @@ impl Executor {
         let result = match kind {
             Kind::Install(i) => self.install(&i.app, &i.version, &i.digest, channel).await,
             Kind::Activate(a) => {
-                let deadline = (a.health_deadline_secs > 0).then(|| Duration::from_secs(a.health_deadline_secs.into()));
+                let deadline =
+                    (a.health_deadline_secs > 0).then(|| Duration::from_secs(a.health_deadline_secs.into()));
                 self.activate(&a.app, &a.version, ActivationKind::Deploy, deadline).await
             }
-            Kind::Rollback(r) => self.rollback(&r.app, (!r.to_version.is_empty()).then_some(r.to_version.as_str()), &r.reason).await,
+            Kind::Rollback(r) => {
+                self.rollback(&r.app, (!r.to_version.is_empty()).then_some(r.to_version.as_str()), &r.reason)
+                    .await
+            }
             Kind::Logs(_) => Ok(()),
         };
         match result {
@@ -257,7 +285,13 @@ impl Executor {
     }
 
     /// Downloads, verifies and unpacks a release. Idempotent; never touches `current`.
-    pub async fn install(&self, app: &str, version: &str, digest: &str, channel: Channel) -> Result<(), String> {
+    pub async fn install(
+        &self,
+        app: &str,
+        version: &str,
+        digest: &str,
+        channel: Channel,
+    ) -> Result<(), String> {
         let guard = self.app_lock(app);
         let _g = guard.lock().await;
         let layout = &self.inner.layout;
@@ -284,11 +318,15 @@ impl Executor {
         let (want_app, want_version) = (app.to_owned(), version.to_owned());
         let header = tokio::task::spawn_blocking(move || -> Result<convoy_bundle::Header, String> {
             let mut f = std::fs::File::open(&bundle).map_err(|e| e.to_string())?;
-            let header = convoy_bundle::read_header(&mut f, limits.max_manifest_bytes).map_err(|e| e.to_string())?;
+            let header =
+                convoy_bundle::read_header(&mut f, limits.max_manifest_bytes).map_err(|e| e.to_string())?;
             let verified = convoy_bundle::verify_header(&header, &trust).map_err(|e| e.to_string())?;
             let m = &verified.manifest;
             if m.app != want_app || m.version != want_version {
-                return Err(format!("bundle is {} but the order is for {want_app}@{want_version}", m.release_name()));
+                return Err(format!(
+                    "bundle is {} but the order is for {want_app}@{want_version}",
+                    m.release_name()
+                ));
             }
             check_target(m)?;
             m.config.substitute(&vars)?;
@@ -322,7 +360,8 @@ impl Executor {
         std::fs::rename(&tmp, &dest).map_err(|e| e.to_string())?;
         files::sync_dir(&layout.releases_dir(app)).map_err(|e| e.to_string())?;
         let mut header_bytes = Vec::new();
-        convoy_bundle::write_header(&mut header_bytes, &header.manifest_bytes, &header.signatures).map_err(|e| e.to_string())?;
+        convoy_bundle::write_header(&mut header_bytes, &header.manifest_bytes, &header.signatures)
+            .map_err(|e| e.to_string())?;
         let header_path = layout.header_path(app, version);
         if let Some(d) = header_path.parent() {
             std::fs::create_dir_all(d).map_err(|e| e.to_string())?;
@@ -332,7 +371,12 @@ impl Executor {
         let order = self.inner.state.next_install_order().map_err(|e| e.to_string())?;
         self.inner
             .state
-            .put_installed(&InstalledRecord { app: app.into(), version: version.into(), digest: digest.into(), order })
+            .put_installed(&InstalledRecord {
+                app: app.into(),
+                version: version.into(),
+                digest: digest.into(),
+                order,
+            })
             .map_err(|e| e.to_string())?;
         // The unpacked release and its signed header are what is kept; the bundle can go.
         let _ = std::fs::remove_file(&fetched.path);
@@ -344,8 +388,10 @@ impl Executor {
     fn reverify(&self, app: &str, version: &str) -> Result<Manifest, String> {
         let layout = &self.inner.layout;
         let hp = layout.header_path(app, version);
-        let mut f = std::fs::File::open(&hp).map_err(|e| format!("{app}@{version} has no stored manifest: {e}"))?;
-        let header = convoy_bundle::read_header(&mut f, self.inner.cfg.limits.max_manifest_bytes).map_err(|e| e.to_string())?;
+        let mut f =
+            std::fs::File::open(&hp).map_err(|e| format!("{app}@{version} has no stored manifest: {e}"))?;
+        let header = convoy_bundle::read_header(&mut f, self.inner.cfg.limits.max_manifest_bytes)
+            .map_err(|e| e.to_string())?;
         let v = convoy_bundle::verify_header(&header, &self.inner.cfg.trust).map_err(|e| e.to_string())?;
         convoy_bundle::verify_tree(&layout.release_dir(app, version), &v.manifest)
             .map_err(|e| format!("kept release {app}@{version} is corrupted: {e}"))?;
@@ -355,18 +401,28 @@ impl Executor {
     fn manifest(&self, app: &str, version: &str) -> Result<Manifest, String> {
         let mut f = std::fs::File::open(self.inner.layout.header_path(app, version))
             .map_err(|e| format!("{app}@{version} has no stored manifest: {e}"))?;
-        let header = convoy_bundle::read_header(&mut f, self.inner.cfg.limits.max_manifest_bytes).map_err(|e| e.to_string())?;
+        let header = convoy_bundle::read_header(&mut f, self.inner.cfg.limits.max_manifest_bytes)
+            .map_err(|e| e.to_string())?;
         header.manifest().map_err(|e| e.to_string())
     }
 
     /// Environment for services and hooks: per-host variables, then Convoy's own.
-    fn env(&self, app: &str, version: &str, previous: Option<&str>, extra: &BTreeMap<String, String>) -> Vec<(String, String)> {
+    fn env(
+        &self,
+        app: &str,
+        version: &str,
+        previous: Option<&str>,
+        extra: &BTreeMap<String, String>,
+    ) -> Vec<(String, String)> {
         let mut env: Vec<(String, String)> = self.inner.cfg.vars.clone().into_iter().collect();
         env.extend(extra.clone());
         env.push(("CONVOY_APP".into(), app.into()));
         env.push(("CONVOY_VERSION".into(), version.into()));
         env.push(("CONVOY_PREVIOUS_VERSION".into(), previous.unwrap_or_default().into()));
-        env.push(("CONVOY_RELEASE_DIR".into(), self.inner.layout.release_dir(app, version).display().to_string()));
+        env.push((
+            "CONVOY_RELEASE_DIR".into(),
+            self.inner.layout.release_dir(app, version).display().to_string(),
+        ));
         env
     }
 
@@ -384,7 +440,13 @@ impl Executor {
         }
     }
 
-    async fn start_service(&self, app: &str, version: &str, config: &ReleaseConfig, previous: Option<&str>) -> Result<(), String> {
+    async fn start_service(
+        &self,
+        app: &str,
+        version: &str,
+        config: &ReleaseConfig,
+        previous: Option<&str>,
+    ) -> Result<(), String> {
         let Some(service) = &config.service else { return Ok(()) };
         let spec = ServiceSpec {
             argv: service.command.clone(),
@@ -411,7 +473,10 @@ impl Executor {
         let rec = self.inner.state.app(app).map_err(|e| e.to_string())?;
         let target = match to {
             Some(v) => v.to_owned(),
-            None => rec.previous.clone().ok_or_else(|| format!("app {app} has no previous release to roll back to"))?,
+            None => rec
+                .previous
+                .clone()
+                .ok_or_else(|| format!("app {app} has no previous release to roll back to"))?,
         };
         tracing::warn!(%app, to = %target, %reason, "rollback ordered");
         self.activate(app, &target, ActivationKind::Rollback, None).await
@@ -419,7 +484,13 @@ impl Executor {
 
     /// The one activation path: journal, hooks, atomic switch, service restart, health gate,
     /// commit or automatic revert to the known-good release.
-    pub async fn activate(&self, app: &str, to: &str, kind: ActivationKind, deadline: Option<Duration>) -> Result<(), String> {
+    pub async fn activate(
+        &self,
+        app: &str,
+        to: &str,
+        kind: ActivationKind,
+        deadline: Option<Duration>,
+    ) -> Result<(), String> {
         let guard = self.app_lock(app);
         let _g = guard.lock().await;
         self.set_live(app, |l| l.busy = true);
@@ -428,12 +499,21 @@ impl Executor {
         r
     }
 
-    async fn activate_locked(&self, app: &str, to: &str, kind: ActivationKind, deadline: Option<Duration>) -> Result<(), String> {
+    async fn activate_locked(
+        &self,
+        app: &str,
+        to: &str,
+        kind: ActivationKind,
+        deadline: Option<Duration>,
+    ) -> Result<(), String> {
         let layout = &self.inner.layout;
         let state = &self.inner.state;
         let rec = state.app(app).map_err(|e| e.to_string())?;
         let from = layout.read_current(app);
-        if from.as_deref() == Some(to) && rec.known_good.as_deref() == Some(to) && kind != ActivationKind::Revert {
+        if from.as_deref() == Some(to)
+            && rec.known_good.as_deref() == Some(to)
+            && kind != ActivationKind::Revert
+        {
             // Already active and committed: the same order twice changes nothing.
             return Ok(());
         }
@@ -441,11 +521,16 @@ impl Executor {
             return Err(format!("{app}@{to} is not installed on this agent"));
         }
         let manifest = match kind {
-            ActivationKind::Deploy if from.as_deref() != Some(to) && rec.known_good.as_deref() != Some(to) => self.manifest(app, to)?,
+            ActivationKind::Deploy
+                if from.as_deref() != Some(to) && rec.known_good.as_deref() != Some(to) =>
+            {
+                self.manifest(app, to)?
+            }
             _ => self.reverify(app, to)?,
         };
         let config = manifest.config.substitute(&self.inner.cfg.vars)?;
-        let health_deadline = deadline.or(config.health.as_ref().map(|h| h.deadline)).unwrap_or(Duration::from_secs(60));
+        let health_deadline =
+            deadline.or(config.health.as_ref().map(|h| h.deadline)).unwrap_or(Duration::from_secs(60));
         state
             .put_activation(&Activation {
                 app: app.into(),
@@ -462,7 +547,8 @@ impl Executor {
         let log = self.log(app, to);
         if kind == ActivationKind::Deploy {
             if let Some(h) = config.hooks.as_ref().and_then(|h| h.pre_activate.as_ref()) {
-                if let Err(e) = process::run_hook("pre_activate", h, &to_dir, &env, hooks_timeout, &log).await {
+                if let Err(e) = process::run_hook("pre_activate", h, &to_dir, &env, hooks_timeout, &log).await
+                {
                     state.clear_activation(app).map_err(|e| e.to_string())?;
                     return Err(format!("deploy of {app}@{to} stopped before the switch: {e}"));
                 }
@@ -473,7 +559,16 @@ impl Executor {
                 if let Ok(m) = self.manifest(app, cur) {
                     if let Some(h) = m.config.hooks.as_ref().and_then(|h| h.pre_rollback.as_ref()) {
                         let cur_env = self.env(app, cur, None, &BTreeMap::new());
-                        if let Err(e) = process::run_hook("pre_rollback", h, &layout.release_dir(app, cur), &cur_env, hooks_timeout, &self.log(app, cur)).await {
+                        if let Err(e) = process::run_hook(
+                            "pre_rollback",
+                            h,
+                            &layout.release_dir(app, cur),
+                            &cur_env,
+                            hooks_timeout,
+                            &self.log(app, cur),
+                        )
+                        .await
+                        {
                             tracing::warn!(%app, error = %e, "pre_rollback hook failed; rolling back anyway");
                         }
                     }
@@ -501,7 +596,8 @@ impl Executor {
         self.failpoint("activate:after-health");
         match verdict {
             Ok(()) => {
-                self.commit(app, to, &config).await;
+                // A revert restores what was already committed: nothing to prune after it.
+                self.commit(app, to, &config, kind != ActivationKind::Revert).await;
                 tracing::info!(%app, version = %to, ?kind, "release active and healthy");
                 Ok(())
             }
@@ -518,7 +614,8 @@ impl Executor {
                 match known_good {
                     Some(good) if good != to && kind != ActivationKind::Revert => {
                         tracing::warn!(%app, failed = %to, back_to = %good, error = %e, "health gate failed, reverting");
-                        let revert = Box::pin(self.activate_locked(app, &good, ActivationKind::Revert, None)).await;
+                        let revert =
+                            Box::pin(self.activate_locked(app, &good, ActivationKind::Revert, None)).await;
                         if let Ok(mut r) = state.app(app) {
                             r.previous = restore_previous;
                             r.last_error = Some(e.clone());
@@ -540,7 +637,14 @@ impl Executor {
     }
 
     /// Starts the release's service, runs `post_activate`, and waits on the health gate.
-    async fn confirm(&self, app: &str, to: &str, config: &ReleaseConfig, from: Option<&str>, deadline: Duration) -> Result<(), String> {
+    async fn confirm(
+        &self,
+        app: &str,
+        to: &str,
+        config: &ReleaseConfig,
+        from: Option<&str>,
+        deadline: Duration,
+    ) -> Result<(), String> {
         self.start_service(app, to, config, from).await?;
         let dir = self.inner.layout.release_dir(app, to);
         let env = self.env(app, to, from, &BTreeMap::new());
@@ -555,7 +659,7 @@ impl Executor {
     }
 
     /// Marks a release known-good, ends its journal entry, keeps monitoring it, prunes.
-    async fn commit(&self, app: &str, to: &str, config: &ReleaseConfig) {
+    async fn commit(&self, app: &str, to: &str, config: &ReleaseConfig, prune: bool) {
         let state = &self.inner.state;
         let health = if config.health.is_some() { HealthState::Healthy } else { HealthState::None };
         if let Ok(mut rec) = state.app(app) {
@@ -570,8 +674,10 @@ impl Executor {
             l.last_error = None;
         });
         self.start_monitor(app, to, config);
-        if let Err(e) = self.prune(app) {
-            tracing::warn!(%app, error = %e, "pruning old releases failed");
+        if prune {
+            if let Err(e) = self.prune(app) {
+                tracing::warn!(%app, error = %e, "pruning old releases failed");
+            }
         }
     }
 
@@ -664,7 +770,9 @@ impl Executor {
         }
         for app in layout.apps_on_disk() {
             let Some(cur) = layout.read_current(&app) else { continue };
-            let pending_here = pending.iter().find(|a| a.app == app && layout.read_current(&app).as_deref() == Some(a.to.as_str()));
+            let pending_here = pending
+                .iter()
+                .find(|a| a.app == app && layout.read_current(&app).as_deref() == Some(a.to.as_str()));
             if let Some(a) = pending_here {
                 let this = self.clone();
                 let a = a.clone();
@@ -718,7 +826,7 @@ impl Executor {
         self.set_live(app, |l| l.busy = false);
         match verdict {
             Ok(()) => {
-                self.commit(app, to, &config).await;
+                self.commit(app, to, &config, true).await;
                 Ok(())
             }
             Err(e) => {
@@ -758,7 +866,8 @@ impl Executor {
     pub fn status(&self, app: &str) -> pb::AppStatus {
         let rec = self.inner.state.app(app).unwrap_or_default();
         let live = lock(&self.inner.live).get(app).cloned().unwrap_or_default();
-        let installed = self.inner.state.installed_for(app).unwrap_or_default().into_iter().map(|r| r.version).collect();
+        let installed =
+            self.inner.state.installed_for(app).unwrap_or_default().into_iter().map(|r| r.version).collect();
         let health = if live.health == HealthState::Unknown { rec.health } else { live.health };
         pb::AppStatus {
             app: app.into(),
@@ -809,12 +918,20 @@ fn check_target(m: &Manifest) -> Result<(), String> {
     if let Some(t) = &m.target {
         if let Some(os) = &t.os {
             if os != std::env::consts::OS {
-                return Err(format!("{} targets os {os}, this agent runs {}", m.release_name(), std::env::consts::OS));
+                return Err(format!(
+                    "{} targets os {os}, this agent runs {}",
+                    m.release_name(),
+                    std::env::consts::OS
+                ));
             }
         }
         if let Some(arch) = &t.arch {
             if arch != std::env::consts::ARCH {
-                return Err(format!("{} targets arch {arch}, this agent runs {}", m.release_name(), std::env::consts::ARCH));
+                return Err(format!(
+                    "{} targets arch {arch}, this agent runs {}",
+                    m.release_name(),
+                    std::env::consts::ARCH
+                ));
             }
         }
     }

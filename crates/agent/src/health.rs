@@ -8,7 +8,12 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 
 /// One probe, bounded by `timeout`. The error says what failed.
-pub async fn probe(check: &HealthCheck, timeout: Duration, cwd: &Path, env: &[(String, String)]) -> Result<(), String> {
+pub async fn probe(
+    check: &HealthCheck,
+    timeout: Duration,
+    cwd: &Path,
+    env: &[(String, String)],
+) -> Result<(), String> {
     match tokio::time::timeout(timeout, probe_inner(check, cwd, env)).await {
         Ok(r) => r,
         Err(_) => Err(format!("health check timed out after {timeout:?}")),
@@ -23,7 +28,9 @@ async fn probe_inner(check: &HealthCheck, cwd: &Path, env: &[(String, String)]) 
         HealthCheck::Http(url) => http_get(url).await,
         HealthCheck::Exec(argv) => {
             let mut cmd = crate::process::command(argv, cwd, env);
-            cmd.stdin(std::process::Stdio::null()).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null());
+            cmd.stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null());
             cmd.kill_on_drop(true);
             let status = cmd.status().await.map_err(|e| format!("exec {}: {e}", argv[0]))?;
             if status.success() {
@@ -44,7 +51,9 @@ async fn http_get(url: &str) -> Result<(), String> {
     };
     let addr = if authority.contains(':') { authority.to_owned() } else { format!("{authority}:80") };
     let mut s = tokio::net::TcpStream::connect(&addr).await.map_err(|e| format!("GET {url}: {e}"))?;
-    let req = format!("GET {path} HTTP/1.1\r\nHost: {authority}\r\nUser-Agent: convoy-agent\r\nConnection: close\r\n\r\n");
+    let req = format!(
+        "GET {path} HTTP/1.1\r\nHost: {authority}\r\nUser-Agent: convoy-agent\r\nConnection: close\r\n\r\n"
+    );
     s.write_all(req.as_bytes()).await.map_err(|e| format!("GET {url}: {e}"))?;
     let mut head = Vec::with_capacity(256);
     let mut buf = [0u8; 256];

@@ -104,8 +104,11 @@ impl Layout {
     /// Apps that have a directory on disk.
     pub fn apps_on_disk(&self) -> Vec<String> {
         let Ok(entries) = std::fs::read_dir(self.root.join("apps")) else { return vec![] };
-        let mut out: Vec<String> =
-            entries.flatten().filter(|e| e.path().is_dir()).map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+        let mut out: Vec<String> = entries
+            .flatten()
+            .filter(|e| e.path().is_dir())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
         out.sort();
         out
     }

@@ -11,11 +11,11 @@ mod download;
 mod enroll;
 mod executor;
 mod health;
+mod identity;
 mod layout;
 mod process;
-mod state;
-mod identity;
 mod session;
+mod state;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -24,8 +24,8 @@ use std::time::Duration;
 pub use download::{DownloadOptions, Downloaded, Downloader};
 pub use enroll::{enroll, EnrollOptions};
 pub use executor::{ExecConfig, Executor};
-pub use layout::Layout;
 pub use identity::{AgentFile, AGENT_FILE, CA_FILE, IDENTITY_FILE};
+pub use layout::Layout;
 pub use session::{Agent, AgentConfig, AgentStatus};
 
 /// Everything the agent reports as a failure, each naming what went wrong.

@@ -16,8 +16,11 @@ use tokio_util::sync::CancellationToken;
 /// directory); the child gets its own process group so the whole tree can be signalled.
 pub fn command(argv: &[String], cwd: &Path, env: &[(String, String)]) -> Command {
     let program = Path::new(&argv[0]);
-    let program: PathBuf =
-        if program.is_relative() && argv[0].contains('/') { cwd.join(program) } else { program.to_path_buf() };
+    let program: PathBuf = if program.is_relative() && argv[0].contains('/') {
+        cwd.join(program)
+    } else {
+        program.to_path_buf()
+    };
     let mut cmd = Command::new(program);
     cmd.args(&argv[1..]).current_dir(cwd).envs(env.iter().map(|(k, v)| (k, v)));
     cmd.process_group(0);
@@ -122,7 +125,14 @@ impl Log {
 }
 
 /// Runs a hook to completion within `timeout`; its output goes to `log`.
-pub async fn run_hook(name: &str, argv: &[String], cwd: &Path, env: &[(String, String)], timeout: Duration, log: &Log) -> Result<(), String> {
+pub async fn run_hook(
+    name: &str,
+    argv: &[String],
+    cwd: &Path,
+    env: &[(String, String)],
+    timeout: Duration,
+    log: &Log,
+) -> Result<(), String> {
     log.write(format!("--- hook {name}: {}\n", argv.join(" ")).as_bytes()).await;
     let mut cmd = command(argv, cwd, env);
     cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).kill_on_drop(true);
@@ -202,8 +212,15 @@ impl Supervised {
                                 tracing::warn!(argv0 = %spec.argv[0], "service exited, restarting with backoff");
                             }
                             () = c.cancelled() => {
-                                stop_group(g, spec.stop_signal, spec.stop_timeout).await;
-                                let _ = child.wait().await;
+                                // Wait on our own child, not by polling the group: an exited but
+                                // unreaped child would still look alive.
+                                signal_group(g, spec.stop_signal);
+                                if tokio::time::timeout(spec.stop_timeout, child.wait()).await.is_err() {
+                                    signal_group(g, Signal::KILL);
+                                    let _ = child.wait().await;
+                                }
+                                // Anything the service left behind in its group goes too.
+                                signal_group(g, Signal::KILL);
                                 let _ = pgid_tx.send(0);
                                 return;
                             }

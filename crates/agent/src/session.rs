@@ -83,14 +83,20 @@ impl Agent {
         let mut keys = config.trust.clone();
         for p in &file.trust {
             let p = if p.is_absolute() { p.clone() } else { config.data_dir.join(p) };
-            keys.push(convoy_bundle::PublicKey::load(&p).map_err(|e| Error::Invalid { what: "trusted key", message: e.to_string() })?);
+            keys.push(
+                convoy_bundle::PublicKey::load(&p)
+                    .map_err(|e| Error::Invalid { what: "trusted key", message: e.to_string() })?,
+            );
         }
         if keys.is_empty() {
             tracing::warn!("no trusted release keys configured: every release will be refused");
         }
         let mut vars = file.vars.clone();
         vars.extend(config.vars.clone());
-        let mut exec = ExecConfig::new(config.data_dir.clone(), convoy_bundle::TrustStore::new(keys, config.require_signatures));
+        let mut exec = ExecConfig::new(
+            config.data_dir.clone(),
+            convoy_bundle::TrustStore::new(keys, config.require_signatures),
+        );
         exec.vars = vars;
         exec.keep_releases = config.keep_releases;
         exec.download = config.download.clone();

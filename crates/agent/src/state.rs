@@ -99,8 +99,8 @@ fn enc<T: Serialize>(body: &T) -> Vec<u8> {
 }
 
 fn dec<T: DeserializeOwned>(what: &str, bytes: &[u8]) -> Result<T> {
-    let env: Envelope<serde_json::Value> = serde_json::from_slice(bytes)
-        .map_err(|e| Error::State(format!("{what}: {e}")))?;
+    let env: Envelope<serde_json::Value> =
+        serde_json::from_slice(bytes).map_err(|e| Error::State(format!("{what}: {e}")))?;
     if env.v != FORMAT {
         return Err(Error::State(format!("{what}: format version {} (this build reads {FORMAT})", env.v)));
     }
@@ -115,7 +115,13 @@ impl State {
     pub fn open(dir: &Path) -> Result<Self> {
         let db = sled::Config::new().path(dir).open().map_err(sled_err)?;
         let t = |n: &str| db.open_tree(n).map_err(sled_err);
-        Ok(Self { meta: t("meta")?, apps: t("apps")?, installed: t("installed")?, journal: t("journal")?, db })
+        Ok(Self {
+            meta: t("meta")?,
+            apps: t("apps")?,
+            installed: t("installed")?,
+            journal: t("journal")?,
+            db,
+        })
     }
 
     pub fn flush(&self) -> Result<()> {

@@ -79,11 +79,7 @@ pub fn read_header<R: Read>(r: &mut R, max_manifest: u64) -> Result<Header> {
 }
 
 /// Writes a header.
-pub fn write_header<W: Write>(
-    w: &mut W,
-    manifest: &[u8],
-    signatures: &[Signature],
-) -> std::io::Result<()> {
+pub fn write_header<W: Write>(w: &mut W, manifest: &[u8], signatures: &[Signature]) -> std::io::Result<()> {
     w.write_all(MAGIC)?;
     w.write_all(&[FORMAT_VERSION])?;
     let len = u32::try_from(manifest.len()).map_err(|_| std::io::Error::other("manifest too large"))?;

@@ -28,7 +28,10 @@ pub use build::{build, BuildOptions};
 pub use config::{Health, HealthCheck, Hooks, ReleaseConfig, Service, CONFIG_FILE};
 pub use format::{add_signature, read_header, write_header, Header, Signature, MAGIC};
 pub use keys::{KeyId, PublicKey, SecretKey, TrustStore};
-pub use manifest::{check_app as check_app_name, check_version, EntryKind, FileEntry, Manifest, PayloadInfo, Target, FORMAT_VERSION};
+pub use manifest::{
+    check_app as check_app_name, check_version, EntryKind, FileEntry, Manifest, PayloadInfo, Target,
+    FORMAT_VERSION,
+};
 pub use unpack::{unpack, verify, verify_header, verify_reader, verify_tree, Limits, Verified};
 
 /// Everything that can be wrong with a bundle, a key or a release directory. Each variant names

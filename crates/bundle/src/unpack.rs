@@ -512,7 +512,11 @@ pub fn verify_tree(dir: &Path, manifest: &Manifest) -> Result<()> {
             return Err(Error::ForbiddenEntry { path: f.path.clone(), kind: "special file" });
         };
         if actual_kind != f.kind {
-            return Err(Error::KindMismatch { path: f.path.clone(), expected: f.kind.name(), actual: actual_kind.name() });
+            return Err(Error::KindMismatch {
+                path: f.path.clone(),
+                expected: f.kind.name(),
+                actual: actual_kind.name(),
+            });
         }
         #[cfg(unix)]
         if f.kind != EntryKind::Symlink {
@@ -533,7 +537,11 @@ pub fn verify_tree(dir: &Path, manifest: &Manifest) -> Result<()> {
             }
             EntryKind::File => {
                 if meta.len() != f.size {
-                    return Err(Error::SizeMismatch { path: f.path.clone(), expected: f.size, actual: meta.len() });
+                    return Err(Error::SizeMismatch {
+                        path: f.path.clone(),
+                        expected: f.size,
+                        actual: meta.len(),
+                    });
                 }
                 let mut file = fs::File::open(&p).map_err(io_err(&p))?;
                 let mut h = <sha2::Sha256 as sha2::Digest>::new();

@@ -14,8 +14,8 @@ use tokio_stream::Stream;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
 
-use crate::logic::{self, Controller};
 use crate::logic::OrderKind;
+use crate::logic::{self, Controller};
 use crate::store::{AppStatusRecord, ReportedRelease};
 
 /// How long a new session may take to send its hello.
@@ -117,7 +117,9 @@ fn app_status_pb(s: AppStatusRecord) -> pb::AppStatus {
 fn order_pb(o: logic::Order) -> pb::ControllerMessage {
     use pb::order::Kind;
     let kind = match o.kind {
-        OrderKind::Install { app, version, digest } => Kind::Install(pb::InstallOrder { app, version, digest }),
+        OrderKind::Install { app, version, digest } => {
+            Kind::Install(pb::InstallOrder { app, version, digest })
+        }
         OrderKind::Activate { app, version, health_deadline } => Kind::Activate(pb::ActivateOrder {
             app,
             version,
@@ -128,7 +130,9 @@ fn order_pb(o: logic::Order) -> pb::ControllerMessage {
         }
         OrderKind::Logs { app, lines } => Kind::Logs(pb::LogsOrder { app, lines }),
     };
-    pb::ControllerMessage { msg: Some(pb::controller_message::Msg::Order(pb::Order { seq: o.seq, kind: Some(kind) })) }
+    pb::ControllerMessage {
+        msg: Some(pb::controller_message::Msg::Order(pb::Order { seq: o.seq, kind: Some(kind) })),
+    }
 }
 
 fn outcome(r: pb::OrderResult) -> logic::OrderOutcome {
@@ -478,7 +482,10 @@ impl pb::admin_service_server::AdminService for AdminSvc {
         Ok(Response::new(pb::RemoveReleaseResponse {}))
     }
 
-    async fn rollback(&self, req: Request<pb::RollbackRequest>) -> Result<Response<pb::RollbackResponse>, Status> {
+    async fn rollback(
+        &self,
+        req: Request<pb::RollbackRequest>,
+    ) -> Result<Response<pb::RollbackResponse>, Status> {
         let admin = require_admin(&req)?;
         let r = req.into_inner();
         let target = if !r.agent_ids.is_empty() {

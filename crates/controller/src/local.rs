@@ -140,10 +140,16 @@ pub struct LocalAgent {
 impl LocalAgent {
     /// Runs the enrolled agent in `data_dir` with quick reconnects.
     pub fn spawn(data_dir: &Path) -> anyhow::Result<Self> {
+        Self::spawn_with(data_dir, |_| {})
+    }
+
+    /// Like [`Self::spawn`], with the config adjusted by `tweak` (trusted keys, variables).
+    pub fn spawn_with(data_dir: &Path, tweak: impl FnOnce(&mut AgentConfig)) -> anyhow::Result<Self> {
         let mut config = AgentConfig::new(data_dir);
         config.reconnect_base = Duration::from_millis(100);
         config.reconnect_max = Duration::from_secs(2);
         config.heartbeat_interval = Duration::from_secs(1);
+        tweak(&mut config);
         let agent = Agent::new(config)?;
         let id = agent.id().to_owned();
         let status = agent.status();
@@ -170,4 +176,29 @@ impl LocalAgent {
         self.task.await.context("agent task panicked")??;
         Ok(())
     }
+}
+
+/// Writes a release directory for the demo HTTP service (`convoy demo-app`): a `bin/app` script
+/// that runs it from `convoy_exe`, and a `convoy.toml` with a service on `${PORT}` and an HTTP
+/// health check. `extra` is appended to `convoy.toml` (hooks, for instance).
+pub fn write_demo_release(
+    dir: &Path,
+    convoy_exe: &Path,
+    version: &str,
+    mode: &str,
+    extra: &str,
+) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir.join("bin"))?;
+    let script = format!("#!/bin/sh\nexec '{}' demo-app \"$@\"\n", convoy_exe.display());
+    std::fs::write(dir.join("bin/app"), script)?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir.join("bin/app"), std::fs::Permissions::from_mode(0o755))?;
+    }
+    let toml = format!(
+        "[service]\ncommand = [\"bin/app\", \"--port\", \"${{PORT}}\", \"--mode\", \"{mode}\", \"--version\", \"{version}\"]\nstop_timeout = \"2s\"\n\n[health]\nhttp = \"http://127.0.0.1:${{PORT}}/healthz\"\ninterval = \"100ms\"\ntimeout = \"500ms\"\nsuccesses = 2\ndeadline = \"4s\"\n{extra}"
+    );
+    std::fs::write(dir.join("convoy.toml"), toml)?;
+    Ok(())
 }

@@ -5,6 +5,7 @@
 
 mod agents;
 mod demo;
+pub mod demo_app;
 mod init;
 mod keys;
 mod release;
@@ -49,6 +50,9 @@ pub enum Command {
     Release(release::Command),
     /// Run a self-contained local fleet and show it working.
     Demo(demo::Args),
+    /// The small HTTP service the demo deploys.
+    #[command(hide = true)]
+    DemoApp(demo_app::Args),
 }
 
 /// Output format for listings.
@@ -95,6 +99,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Keys(cmd) => keys::run(cmd),
         Command::Release(cmd) => release::run(config, cmd).await,
         Command::Demo(args) => demo::run(args).await,
+        Command::DemoApp(args) => demo_app::run(args).await,
     }
 }
 

@@ -68,7 +68,12 @@ impl Controller {
     }
 
     /// Sends an order and waits up to `timeout` for the agent's answer.
-    pub async fn send_order(&self, agent_id: &str, kind: OrderKind, timeout: Duration) -> Result<OrderOutcome> {
+    pub async fn send_order(
+        &self,
+        agent_id: &str,
+        kind: OrderKind,
+        timeout: Duration,
+    ) -> Result<OrderOutcome> {
         let seq = self.next_seq().await?;
         self.send_order_with_seq(agent_id, seq, kind, timeout).await
     }
@@ -99,12 +104,17 @@ impl Controller {
             Ok(Err(_)) => Err(Error::Offline(agent_id.to_owned())),
             Err(_) => {
                 self.lock_pending().remove(&(agent_id.to_owned(), seq));
-                Err(Error::FailedPrecondition(format!("agent {agent_id} did not answer order {seq} within {timeout:?}")))
+                Err(Error::FailedPrecondition(format!(
+                    "agent {agent_id} did not answer order {seq} within {timeout:?}"
+                )))
             }
         }
     }
 
-    fn lock_pending(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<(String, u64), oneshot::Sender<OrderOutcome>>> {
+    fn lock_pending(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<(String, u64), oneshot::Sender<OrderOutcome>>>
+    {
         self.inner.pending.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -135,9 +145,11 @@ impl Controller {
         let all = self.list_agents(None).await?;
         let ids: Vec<String> = match target {
             Target::All => all.into_iter().filter(|a| !a.record.revoked).map(|a| a.record.id).collect(),
-            Target::Region(r) => {
-                all.into_iter().filter(|a| !a.record.revoked && &a.record.region == r).map(|a| a.record.id).collect()
-            }
+            Target::Region(r) => all
+                .into_iter()
+                .filter(|a| !a.record.revoked && &a.record.region == r)
+                .map(|a| a.record.id)
+                .collect(),
             Target::Agents(ids) => {
                 for id in ids {
                     if !all.iter().any(|a| &a.record.id == id) {

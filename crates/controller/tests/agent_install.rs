@@ -1,0 +1,375 @@
+//! Install, activate, supervise, health-check and roll back with real child processes: the
+//! demo HTTP service (`convoy demo-app`), deployed through a real agent by a real controller.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use common::eventually;
+use convoy_bundle::{BuildOptions, SecretKey};
+use convoy_controller::local::{write_demo_release, LocalAgent, LocalController, LocalOptions};
+use convoy_controller::logic::{OrderKind, OrderOutcome, Target};
+use convoy_proto::v1 as pb;
+use tokio_stream::wrappers::ReceiverStream;
+
+const WAIT: Duration = Duration::from_secs(30);
+const ORDER: Duration = Duration::from_secs(60);
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// `GET /` on the demo service, or None if nothing answers.
+pub fn get(port: u16) -> Option<String> {
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").ok()?;
+    let mut body = String::new();
+    s.read_to_string(&mut body).ok()?;
+    body.lines().last().map(|l| l.trim().to_string())
+}
+
+struct Fleet {
+    tmp: tempfile::TempDir,
+    ctl: LocalController,
+    key: SecretKey,
+    digests: std::collections::HashMap<String, String>,
+}
+
+impl Fleet {
+    async fn new() -> Self {
+        let tmp = tempfile::tempdir().unwrap();
+        let ctl = LocalController::start(&tmp.path().join("ctl"), LocalOptions::default()).await.unwrap();
+        Self { tmp, ctl, key: SecretKey::generate(), digests: Default::default() }
+    }
+
+    /// Builds and pushes `shop-api@version` running the demo service in `mode`.
+    async fn release(&mut self, version: &str, mode: &str, extra: &str) {
+        let src = self.tmp.path().join(format!("src-{version}"));
+        write_demo_release(&src, Path::new(env!("CARGO_BIN_EXE_convoy")), version, mode, extra).unwrap();
+        let out = self.tmp.path().join(format!("{version}.bundle"));
+        let opts = BuildOptions {
+            app: "shop-api".into(),
+            version: version.into(),
+            created_at: 0,
+            target: None,
+            zstd_level: 1,
+        };
+        convoy_bundle::build(&src, &opts, &self.key, &out).unwrap();
+        let bytes = std::fs::read(&out).unwrap();
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        tx.send(pb::PushChunk { data: bytes }).await.unwrap();
+        drop(tx);
+        let r =
+            self.ctl.admin().await.unwrap().push_release(ReceiverStream::new(rx)).await.unwrap().into_inner();
+        self.digests.insert(version.into(), r.release.unwrap().digest);
+    }
+
+    /// Enrolls and runs an agent with this fleet's release key and its own PORT.
+    async fn agent(&self, id: &str) -> (LocalAgent, u16) {
+        let dir = self.tmp.path().join(id);
+        self.ctl.enroll(&dir, id, "eu-west").await.unwrap();
+        let port = free_port();
+        let public = self.key.public();
+        let mut agent = LocalAgent::spawn_with(&dir, |c| {
+            c.trust = vec![public];
+            c.vars.insert("PORT".into(), port.to_string());
+            c.keep_releases = 2;
+        })
+        .unwrap();
+        agent.wait_for(WAIT, |s| s.connected).await.unwrap();
+        (agent, port)
+    }
+
+    async fn order(&self, agent: &str, kind: OrderKind) -> OrderOutcome {
+        self.ctl.controller.send_order(agent, kind, ORDER).await.unwrap()
+    }
+
+    async fn install(&self, agent: &str, version: &str) -> OrderOutcome {
+        let digest = self.digests[version].clone();
+        self.order(agent, OrderKind::Install { app: "shop-api".into(), version: version.into(), digest })
+            .await
+    }
+
+    async fn deploy(&self, agent: &str, version: &str) -> OrderOutcome {
+        let i = self.install(agent, version).await;
+        assert!(i.ok, "install {version}: {:?}", i.error);
+        self.order(
+            agent,
+            OrderKind::Activate { app: "shop-api".into(), version: version.into(), health_deadline: None },
+        )
+        .await
+    }
+
+    fn current_link(&self, agent: &str) -> PathBuf {
+        self.tmp.path().join(agent).join("apps/shop-api/current")
+    }
+}
+
+fn status(o: &OrderOutcome) -> &convoy_controller::store::AppStatusRecord {
+    o.status.as_ref().unwrap()
+}
+
+#[tokio::test]
+async fn healthy_deploy_commits_and_bad_releases_revert_automatically() {
+    let mut f = Fleet::new().await;
+    for (v, mode) in [("1.0.0", "healthy"), ("2.0.0", "fail500"), ("3.0.0", "crash"), ("4.0.0", "hang")] {
+        f.release(v, mode, "").await;
+    }
+    let (agent, port) = f.agent("a1").await;
+
+    let o = f.deploy("a1", "1.0.0").await;
+    assert!(o.ok, "{:?}", o.error);
+    assert_eq!(status(&o).current, "1.0.0");
+    assert_eq!(status(&o).known_good, "1.0.0");
+    assert_eq!(status(&o).health, "healthy");
+    assert_eq!(get(port).as_deref(), Some("demo-app 1.0.0"));
+
+    // 500 on /healthz: reverted to 1.0.0, which answers again.
+    let o = f.deploy("a1", "2.0.0").await;
+    assert!(!o.ok);
+    let err = o.error.clone().unwrap();
+    assert!(err.contains("HTTP 500") && err.contains("rolled back to 1.0.0"), "{err}");
+    assert_eq!(status(&o).current, "1.0.0");
+    assert_eq!(status(&o).known_good, "1.0.0");
+    assert_eq!(get(port).as_deref(), Some("demo-app 1.0.0"));
+
+    // Crash loop: the service never comes up; reverted.
+    let o = f.deploy("a1", "3.0.0").await;
+    assert!(!o.ok);
+    assert!(o.error.clone().unwrap().contains("rolled back to 1.0.0"), "{:?}", o.error);
+    assert_eq!(get(port).as_deref(), Some("demo-app 1.0.0"));
+
+    // A health endpoint that hangs: each probe times out, which counts as a failure.
+    let o = f.deploy("a1", "4.0.0").await;
+    assert!(!o.ok);
+    let err = o.error.clone().unwrap();
+    assert!(err.contains("timed out") && err.contains("rolled back to 1.0.0"), "{err}");
+    assert_eq!(get(port).as_deref(), Some("demo-app 1.0.0"));
+
+    // The controller sees the state in the registry.
+    let listed = common::agents(&f.ctl).await;
+    let app = listed[0].apps.iter().find(|a| a.app == "shop-api").unwrap();
+    assert_eq!(app.current, "1.0.0");
+    agent.stop().await.unwrap();
+    assert_eq!(get(port), None, "stopping the agent stops its services");
+    f.ctl.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn rollback_fencing_idempotence_and_corrupted_releases() {
+    let mut f = Fleet::new().await;
+    f.release("1.0.0", "healthy", "").await;
+    f.release("1.1.0", "healthy", "").await;
+    let (agent, port) = f.agent("a1").await;
+    assert!(f.deploy("a1", "1.0.0").await.ok);
+    assert!(f.deploy("a1", "1.1.0").await.ok);
+    assert_eq!(get(port).as_deref(), Some("demo-app 1.1.0"));
+
+    // Rolling back a committed release: the previous one serves again.
+    let (results, _) = f
+        .ctl
+        .controller
+        .rollback("shop-api", &Target::Agents(vec!["a1".into()]), None, "bad numbers", "admin/test")
+        .await
+        .unwrap();
+    let o = results[0].1.as_ref().unwrap();
+    assert!(o.ok, "{:?}", o.error);
+    assert_eq!(status(o).current, "1.0.0");
+    assert_eq!(get(port).as_deref(), Some("demo-app 1.0.0"));
+
+    // A duplicate of an applied order changes nothing; an older one is ignored as stale.
+    let seq = f.ctl.controller.next_seq().await.unwrap();
+    let activate =
+        OrderKind::Activate { app: "shop-api".into(), version: "1.1.0".into(), health_deadline: None };
+    let o = f.ctl.controller.send_order_with_seq("a1", seq, activate.clone(), ORDER).await.unwrap();
+    assert!(o.ok && !o.stale);
+    assert_eq!(get(port).as_deref(), Some("demo-app 1.1.0"));
+    let again = f.ctl.controller.send_order_with_seq("a1", seq, activate, ORDER).await.unwrap();
+    assert!(again.stale, "the same order twice is ignored the second time");
+    let old = OrderKind::Activate { app: "shop-api".into(), version: "1.0.0".into(), health_deadline: None };
+    let o = f.ctl.controller.send_order_with_seq("a1", seq - 1, old, ORDER).await.unwrap();
+    assert!(o.stale);
+    assert_eq!(status(&o).current, "1.1.0", "a stale order changes nothing");
+    assert_eq!(get(port).as_deref(), Some("demo-app 1.1.0"));
+    // An activation of what is already active and committed is a no-op.
+    let o = f
+        .order(
+            "a1",
+            OrderKind::Activate { app: "shop-api".into(), version: "1.1.0".into(), health_deadline: None },
+        )
+        .await;
+    assert!(o.ok && !o.stale);
+
+    // Corrupt the kept 1.0.0: the rollback is refused and 1.1.0 keeps serving.
+    let kept = f.tmp.path().join("a1/apps/shop-api/releases/1.0.0/bin/app");
+    std::fs::write(&kept, "#!/bin/sh\necho pwned\n").unwrap();
+    let o =
+        f.order("a1", OrderKind::Rollback { app: "shop-api".into(), to: None, reason: "test".into() }).await;
+    assert!(!o.ok);
+    let err = o.error.unwrap();
+    assert!(err.contains("kept release shop-api@1.0.0 is corrupted") && err.contains("bin/app"), "{err}");
+    assert_eq!(get(port).as_deref(), Some("demo-app 1.1.0"));
+    assert_eq!(std::fs::read_link(f.current_link("a1")).unwrap(), Path::new("releases/1.1.0"));
+
+    // Rolling back to something never installed is a clear error too.
+    let o = f
+        .order(
+            "a1",
+            OrderKind::Rollback { app: "shop-api".into(), to: Some("9.9.9".into()), reason: "x".into() },
+        )
+        .await;
+    assert!(o.error.unwrap().contains("not installed"));
+    agent.stop().await.unwrap();
+    f.ctl.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn hooks_env_variables_and_a_failing_pre_activate() {
+    let mut f = Fleet::new().await;
+    let witness = f.tmp.path().join("hook-env.txt");
+    let hook = format!(
+        "\n[hooks]\npre_activate = [\"sh\", \"-c\", \"env | grep ^CONVOY_ | sort > '{}'\"]\ntimeout = \"5s\"\n",
+        witness.display()
+    );
+    f.release("1.0.0", "healthy", &hook).await;
+    f.release(
+        "2.0.0",
+        "healthy",
+        "\n[hooks]\npre_activate = [\"sh\", \"-c\", \"echo migration failed >&2; exit 3\"]\n",
+    )
+    .await;
+    f.release("3.0.0", "healthy", "").await;
+    let (agent, port) = f.agent("a1").await;
+    assert!(f.deploy("a1", "1.0.0").await.ok);
+    let env = std::fs::read_to_string(&witness).unwrap();
+    assert!(env.contains("CONVOY_APP=shop-api"), "{env}");
+    assert!(env.contains("CONVOY_VERSION=1.0.0"), "{env}");
+    assert!(env.contains("CONVOY_PREVIOUS_VERSION=\n"), "{env}");
+    assert!(env.contains("CONVOY_RELEASE_DIR=") && env.contains("releases/1.0.0"), "{env}");
+
+    // A failing pre_activate stops the deploy before the switch.
+    let o = f.deploy("a1", "2.0.0").await;
+    assert!(!o.ok);
+    let err = o.error.unwrap();
+    assert!(err.contains("stopped before the switch") && err.contains("pre_activate"), "{err}");
+    assert_eq!(std::fs::read_link(f.current_link("a1")).unwrap(), Path::new("releases/1.0.0"));
+    assert_eq!(get(port).as_deref(), Some("demo-app 1.0.0"));
+    // Its output is in the release's log, readable through the controller.
+    let logs = f.order("a1", OrderKind::Logs { app: "shop-api".into(), lines: 50 }).await;
+    assert!(logs.ok);
+    assert!(logs.output.contains("demo-app 1.0.0 listening"), "{}", logs.output);
+    agent.stop().await.unwrap();
+
+    // An agent without PORT defined refuses the install, naming the variable.
+    let dir = f.tmp.path().join("a2");
+    f.ctl.enroll(&dir, "a2", "eu-west").await.unwrap();
+    let public = f.key.public();
+    let mut a2 = LocalAgent::spawn_with(&dir, |c| c.trust = vec![public]).unwrap();
+    a2.wait_for(WAIT, |s| s.connected).await.unwrap();
+    let o = f.install("a2", "3.0.0").await;
+    assert!(!o.ok);
+    assert!(o.error.unwrap().contains("${PORT} is not defined"));
+    assert!(!dir.join("apps/shop-api/releases/3.0.0").exists());
+    a2.stop().await.unwrap();
+
+    // An agent with no trusted keys refuses everything.
+    let dir = f.tmp.path().join("a3");
+    f.ctl.enroll(&dir, "a3", "eu-west").await.unwrap();
+    let mut a3 = LocalAgent::spawn(&dir).unwrap();
+    a3.wait_for(WAIT, |s| s.connected).await.unwrap();
+    let o = f.install("a3", "3.0.0").await;
+    assert!(o.error.unwrap().contains("no trusted release keys"));
+    a3.stop().await.unwrap();
+    f.ctl.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn retention_keeps_current_known_good_and_previous() {
+    let mut f = Fleet::new().await;
+    for v in ["1.0.0", "1.1.0", "1.2.0", "1.3.0"] {
+        f.release(v, "healthy", "").await;
+    }
+    f.release("1.4.0", "fail500", "").await;
+    let (agent, _port) = f.agent("a1").await;
+    for v in ["1.0.0", "1.1.0", "1.2.0", "1.3.0"] {
+        assert!(f.deploy("a1", v).await.ok);
+    }
+    // keep_releases = 2: only 1.3.0 (current, known-good) and 1.2.0 (previous) remain.
+    let releases = f.tmp.path().join("a1/apps/shop-api/releases");
+    let mut on_disk: Vec<String> = std::fs::read_dir(&releases)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    on_disk.sort();
+    assert_eq!(on_disk, ["1.2.0", "1.3.0"]);
+    // A failed deploy does not prune: the known-good release stays and serves.
+    let o = f.deploy("a1", "1.4.0").await;
+    assert!(!o.ok);
+    assert!(releases.join("1.3.0").exists() && releases.join("1.2.0").exists());
+    assert_eq!(status(&o).known_good, "1.3.0");
+    agent.stop().await.unwrap();
+    f.ctl.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn current_is_never_missing_during_switches() {
+    let mut f = Fleet::new().await;
+    f.release("1.0.0", "healthy", "").await;
+    f.release("1.1.0", "healthy", "").await;
+    let (agent, _port) = f.agent("a1").await;
+    assert!(f.deploy("a1", "1.0.0").await.ok);
+    assert!(f.deploy("a1", "1.1.0").await.ok);
+    let link = f.current_link("a1");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let reader = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut reads = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let target = std::fs::read_link(&link).expect("current must always exist");
+                assert!(target.starts_with("releases"));
+                reads += 1;
+            }
+            reads
+        })
+    };
+    for _ in 0..3 {
+        let o = f
+            .order("a1", OrderKind::Rollback { app: "shop-api".into(), to: None, reason: "flip".into() })
+            .await;
+        assert!(o.ok, "{:?}", o.error);
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let reads = reader.join().expect("the reader saw `current` missing");
+    assert!(reads > 100, "the reader ran during the switches ({reads} reads)");
+    agent.stop().await.unwrap();
+    f.ctl.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn the_service_keeps_running_and_supervised_without_the_controller() {
+    let mut f = Fleet::new().await;
+    f.release("1.0.0", "healthy", "").await;
+    let (agent, port) = f.agent("a1").await;
+    assert!(f.deploy("a1", "1.0.0").await.ok);
+    let Fleet { ctl, tmp, .. } = f;
+    ctl.stop().await.unwrap();
+    assert_eq!(get(port).as_deref(), Some("demo-app 1.0.0"));
+    // Kill the service behind the agent's back: the supervisor restarts it, controller or not.
+    let out = std::process::Command::new("pkill")
+        .args(["-f", &format!("demo-app --port {port}")])
+        .status()
+        .unwrap();
+    assert!(out.success());
+    eventually(WAIT, "service restarted by the supervisor", || async {
+        (get(port).as_deref() == Some("demo-app 1.0.0")).then_some(())
+    })
+    .await;
+    agent.stop().await.unwrap();
+    drop(tmp);
+}
