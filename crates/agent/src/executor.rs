@@ -434,6 +434,10 @@ impl Executor {
         let svc = self.inner.services.lock().await.remove(app);
         if let Some(svc) = svc {
             svc.stop().await;
+            if let Ok(mut rec) = self.inner.state.app(app) {
+                rec.service_pgid = None;
+                let _ = self.inner.state.put_app(app, &rec);
+            }
         }
         if let Some(token) = lock(&self.inner.monitors).remove(app) {
             token.cancel();
@@ -774,6 +778,11 @@ impl Executor {
                 .iter()
                 .find(|a| a.app == app && layout.read_current(&app).as_deref() == Some(a.to.as_str()));
             if let Some(a) = pending_here {
+                // Report "checking" from the first heartbeat on, not the last committed health.
+                self.set_live(&app, |l| {
+                    l.health = HealthState::Checking;
+                    l.busy = true;
+                });
                 let this = self.clone();
                 let a = a.clone();
                 let deadline = Duration::from_millis(a.health_deadline_ms);
@@ -823,8 +832,7 @@ impl Executor {
             l.busy = true;
         });
         let verdict = self.confirm(app, to, &config, rec.previous.as_deref(), deadline).await;
-        self.set_live(app, |l| l.busy = false);
-        match verdict {
+        let result = match verdict {
             Ok(()) => {
                 self.commit(app, to, &config, true).await;
                 Ok(())
@@ -836,13 +844,23 @@ impl Executor {
                 });
                 match rec.known_good {
                     Some(good) if good != to => {
-                        Box::pin(self.activate_locked(app, &good, ActivationKind::Revert, None)).await?;
-                        Err(format!("{app}@{to} did not confirm after restart ({e}); rolled back to {good}"))
+                        let revert =
+                            Box::pin(self.activate_locked(app, &good, ActivationKind::Revert, None)).await;
+                        if let Ok(mut r) = self.inner.state.app(app) {
+                            r.last_error = Some(e.clone());
+                            let _ = self.inner.state.put_app(app, &r);
+                        }
+                        revert.and(Err(format!(
+                            "{app}@{to} did not confirm after restart ({e}); rolled back to {good}"
+                        )))
                     }
                     _ => Err(e),
                 }
             }
-        }
+        };
+        // Busy until the outcome is final, so nobody reads a half-finished state as settled.
+        self.set_live(app, |l| l.busy = false);
+        result
     }
 
     /// Stops every supervised service (agent shutdown).

@@ -186,6 +186,8 @@ impl Agent {
             region: self.file.region.clone(),
             labels: self.file.labels.clone().into_iter().collect(),
             releases: scan_releases(&self.config.data_dir),
+            apps: self.executor.statuses(),
+            last_order_seq: self.executor.last_seq(),
         };
         let _ = tx.send(pb::AgentMessage { msg: Some(pb::agent_message::Msg::Hello(hello)) }).await;
         let mut inbound = client.session(ReceiverStream::new(rx)).await.map_err(Error::Refused)?.into_inner();

@@ -235,7 +235,13 @@ impl pb::agent_service_server::AgentService for AgentSvc {
         }
         let (order_tx, mut order_rx) = mpsc::channel::<logic::Order>(64);
         let handle = ctl
-            .open_session(&agent_id, hello.agent_version, releases(hello.releases), order_tx)
+            .open_session(
+                &agent_id,
+                hello.agent_version,
+                releases(hello.releases),
+                hello.apps.into_iter().map(app_status).collect(),
+                order_tx,
+            )
             .instrument(span.clone())
             .await
             .map_err(to_status)?;

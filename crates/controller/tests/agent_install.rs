@@ -5,11 +5,10 @@
 
 mod common;
 
-use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use common::eventually;
+use common::{eventually, free_port, get};
 use convoy_bundle::{BuildOptions, SecretKey};
 use convoy_controller::local::{write_demo_release, LocalAgent, LocalController, LocalOptions};
 use convoy_controller::logic::{OrderKind, OrderOutcome, Target};
@@ -18,20 +17,6 @@ use tokio_stream::wrappers::ReceiverStream;
 
 const WAIT: Duration = Duration::from_secs(30);
 const ORDER: Duration = Duration::from_secs(60);
-
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-/// `GET /` on the demo service, or None if nothing answers.
-pub fn get(port: u16) -> Option<String> {
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").ok()?;
-    let mut body = String::new();
-    s.read_to_string(&mut body).ok()?;
-    body.lines().last().map(|l| l.trim().to_string())
-}
 
 struct Fleet {
     tmp: tempfile::TempDir,

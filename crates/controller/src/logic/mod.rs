@@ -349,6 +349,7 @@ impl Controller {
         agent_id: &str,
         agent_version: String,
         releases: Vec<ReportedRelease>,
+        apps: Vec<crate::store::AppStatusRecord>,
         tx: SessionTx,
     ) -> Result<SessionHandle> {
         self.check_agent(agent_id).await?;
@@ -358,6 +359,7 @@ impl Controller {
                 r.last_seen = now();
                 r.agent_version = agent_version.clone();
                 r.releases = releases.clone();
+                r.apps = apps.clone();
             })?;
             Ok(())
         })
@@ -409,6 +411,12 @@ impl Controller {
             }
         };
         if removed {
+            // Orders in flight on this session will not be answered: fail them now.
+            self.inner
+                .pending
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .retain(|(agent, _), _| agent != &handle.agent_id);
             let id = handle.agent_id.clone();
             let _ = self
                 .blocking(move |c| Ok(c.inner.store.update_agent(&id, true, |r| r.last_seen = now())?))

@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 use std::future::Future;
+use std::io::{Read, Write};
 use std::time::Duration;
 
 use convoy_pki::ClientIdentity;
@@ -47,6 +48,8 @@ pub fn hello(agent_id: &str) -> pb::AgentMessage {
             region: String::new(),
             labels: Default::default(),
             releases: vec![],
+            apps: vec![],
+            last_order_seq: 0,
         })),
     }
 }
@@ -57,4 +60,18 @@ pub async fn agents(ctl: &convoy_controller::local::LocalController) -> Vec<pb::
     let mut list = admin.list_agents(pb::ListAgentsRequest::default()).await.unwrap().into_inner().agents;
     list.sort_by(|a, b| a.id.cmp(&b.id));
     list
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// `GET /` on the demo service, or None if nothing answers.
+pub fn get(port: u16) -> Option<String> {
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").ok()?;
+    let mut body = String::new();
+    s.read_to_string(&mut body).ok()?;
+    body.lines().last().map(|l| l.trim().to_string())
 }
