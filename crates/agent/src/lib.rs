@@ -15,7 +15,7 @@ mod identity;
 mod layout;
 mod process;
 mod session;
-mod state;
+pub mod state;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;

@@ -358,3 +358,84 @@ async fn the_service_keeps_running_and_supervised_without_the_controller() {
     agent.stop().await.unwrap();
     drop(tmp);
 }
+
+async fn convoy_cli(ctl: &LocalController, args: &[&str]) -> (bool, String, String) {
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_convoy"))
+        .arg("--config")
+        .arg(&ctl.config.path)
+        .args(args)
+        .output()
+        .await
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test]
+async fn rollback_logs_status_and_agents_from_the_cli() {
+    let mut f = Fleet::new().await;
+    f.release("1.0.0", "healthy", "").await;
+    f.release("1.1.0", "healthy", "").await;
+    let (a1, p1) = f.agent("a1").await;
+    let (a2, p2) = f.agent("a2").await;
+    for id in ["a1", "a2"] {
+        assert!(f.deploy(id, "1.0.0").await.ok);
+        assert!(f.deploy(id, "1.1.0").await.ok);
+    }
+    let (ok, out, _) = convoy_cli(&f.ctl, &["status", "-o", "json"]).await;
+    assert!(ok);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["shop-api"]["running"]["1.1.0"], 2);
+
+    let (ok, _, err) = convoy_cli(&f.ctl, &["rollback", "shop-api", "--reason", "x"]).await;
+    assert!(!ok && err.contains("--agent"), "{err}");
+    let (ok, _, err) = convoy_cli(&f.ctl, &["rollback", "shop-api", "--all"]).await;
+    assert!(!ok && err.contains("--reason"), "{err}");
+    let (ok, _, err) =
+        convoy_cli(&f.ctl, &["rollback", "shop-api", "--agent", "nobody", "--reason", "x"]).await;
+    assert!(!ok && err.contains("nobody"), "{err}");
+
+    let (ok, out, err) =
+        convoy_cli(&f.ctl, &["rollback", "shop-api", "--all", "--reason", "checkout errors", "-o", "json"])
+            .await;
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    for a in v["agents"].as_array().unwrap() {
+        assert_eq!(a["ok"], true);
+        assert_eq!(a["current"], "1.0.0");
+    }
+    assert_eq!(get(p1).as_deref(), Some("demo-app 1.0.0"));
+    assert_eq!(get(p2).as_deref(), Some("demo-app 1.0.0"));
+
+    let (ok, out, _) = convoy_cli(&f.ctl, &["logs", "a1", "shop-api", "--tail", "20"]).await;
+    assert!(ok);
+    assert!(out.contains("demo-app 1.0.0 listening"), "{out}");
+    let (ok, _, err) = convoy_cli(&f.ctl, &["logs", "a1", "no-such-app"]).await;
+    assert!(!ok && err.contains("no current release"), "{err}");
+
+    let (ok, out, _) = convoy_cli(&f.ctl, &["agents"]).await;
+    assert!(ok);
+    assert!(out.lines().any(|l| l.starts_with("a1") && l.contains("shop-api@1.0.0 (healthy)")), "{out}");
+    let (ok, out, _) = convoy_cli(&f.ctl, &["agents", "-o", "json"]).await;
+    assert!(ok);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v[0]["apps"][0]["known_good"], "1.0.0");
+    assert_eq!(v[0]["apps"][0]["previous"], "1.1.0");
+
+    // An offline agent is reported, not waited on forever.
+    a2.stop().await.unwrap();
+    eventually(WAIT, "a2 offline", || async {
+        common::agents(&f.ctl).await.iter().any(|a| a.id == "a2" && !a.online).then_some(())
+    })
+    .await;
+    let (ok, out, _) =
+        convoy_cli(&f.ctl, &["rollback", "shop-api", "--region", "eu-west", "--reason", "again"]).await;
+    assert!(!ok);
+    assert!(out.lines().any(|l| l.starts_with("a2") && l.contains("offline")), "{out}");
+    assert!(out.lines().any(|l| l.starts_with("a1") && l.contains("rolled back")), "{out}");
+    a1.stop().await.unwrap();
+    f.ctl.stop().await.unwrap();
+}

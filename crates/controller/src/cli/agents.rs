@@ -34,6 +34,18 @@ struct AgentJson {
     cert_serial: String,
     cert_not_after: i64,
     releases: Vec<ReleaseJson>,
+    apps: Vec<AppJson>,
+}
+
+#[derive(Serialize)]
+struct AppJson {
+    app: String,
+    current: String,
+    known_good: String,
+    previous: String,
+    health: String,
+    last_error: String,
+    installed: Vec<String>,
 }
 
 #[derive(Serialize)]
@@ -86,17 +98,46 @@ pub(crate) fn render(mut agents: Vec<pb::AgentInfo>, output: Output) -> anyhow::
                     .into_iter()
                     .map(|r| ReleaseJson { app: r.app, version: r.version, active: r.active })
                     .collect(),
+                apps: a
+                    .apps
+                    .into_iter()
+                    .map(|s| AppJson {
+                        health: pb::Health::try_from(s.health)
+                            .unwrap_or(pb::Health::Unknown)
+                            .as_str_name()
+                            .trim_start_matches("HEALTH_")
+                            .to_lowercase(),
+                        app: s.app,
+                        current: s.current,
+                        known_good: s.known_good,
+                        previous: s.previous,
+                        last_error: s.last_error,
+                        installed: s.installed,
+                    })
+                    .collect(),
             })
             .collect();
         return Ok(serde_json::to_string_pretty(&list)? + "\n");
     }
     let mut rows =
-        vec![["ID", "REGION", "LABELS", "STATE", "LAST SEEN", "CERT EXPIRES", "RELEASES"].map(String::from)];
+        vec![["ID", "REGION", "LABELS", "STATE", "LAST SEEN", "CERT EXPIRES", "APPS"].map(String::from)];
     for a in agents {
         let mut labels: Vec<_> = a.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
         labels.sort();
-        let releases: Vec<_> =
-            a.releases.iter().filter(|r| r.active).map(|r| format!("{}@{}", r.app, r.version)).collect();
+        let releases: Vec<_> = a
+            .apps
+            .iter()
+            .map(|s| {
+                let health = match pb::Health::try_from(s.health).unwrap_or(pb::Health::Unknown) {
+                    pb::Health::Healthy => "healthy",
+                    pb::Health::Unhealthy => "UNHEALTHY",
+                    pb::Health::Checking => "checking",
+                    pb::Health::None => "no-check",
+                    pb::Health::Unknown => "?",
+                };
+                format!("{}@{} ({health})", s.app, if s.current.is_empty() { "-" } else { &s.current })
+            })
+            .collect();
         let state = if a.revoked {
             "revoked"
         } else if a.online {

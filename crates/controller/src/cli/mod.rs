@@ -8,8 +8,11 @@ mod demo;
 pub mod demo_app;
 mod init;
 mod keys;
+mod logs;
 mod release;
+mod rollback;
 mod serve;
+mod status;
 mod token;
 
 use std::path::PathBuf;
@@ -48,6 +51,12 @@ pub enum Command {
     /// Release bundles: build, sign, verify, inspect, push, list, remove.
     #[command(subcommand)]
     Release(release::Command),
+    /// Switch an app back to its previous (or a named, installed) release, at once.
+    Rollback(rollback::Args),
+    /// The tail of an app's output on one agent.
+    Logs(logs::Args),
+    /// Per app: releases running across the fleet, unhealthy and offline agents.
+    Status(status::Args),
     /// Run a self-contained local fleet and show it working.
     Demo(demo::Args),
     /// The small HTTP service the demo deploys.
@@ -98,6 +107,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Agents(args) => agents::run(config, args).await,
         Command::Keys(cmd) => keys::run(cmd),
         Command::Release(cmd) => release::run(config, cmd).await,
+        Command::Rollback(args) => rollback::run(config, args).await,
+        Command::Logs(args) => logs::run(config, args).await,
+        Command::Status(args) => status::run(config, args).await,
         Command::Demo(args) => demo::run(args).await,
         Command::DemoApp(args) => demo_app::run(args).await,
     }
