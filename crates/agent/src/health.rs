@@ -113,3 +113,45 @@ pub async fn gate(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn health(successes: u32) -> Health {
+        Health {
+            http: None,
+            tcp: None,
+            exec: None,
+            interval: Duration::from_millis(10),
+            timeout: Duration::from_millis(200),
+            successes,
+            deadline: Duration::from_millis(300),
+        }
+    }
+
+    #[tokio::test]
+    async fn tcp_and_exec_probes_and_the_gate() {
+        let dir = std::env::temp_dir();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let tcp = HealthCheck::Tcp(addr.clone());
+        assert!(probe(&tcp, Duration::from_secs(1), &dir, &[]).await.is_ok());
+        let ok = HealthCheck::Exec(vec!["sh".into(), "-c".into(), "test \"$X\" = yes".into()]);
+        assert!(probe(&ok, Duration::from_secs(1), &dir, &[("X".into(), "yes".into())]).await.is_ok());
+        let err = probe(&ok, Duration::from_secs(1), &dir, &[("X".into(), "no".into())]).await.unwrap_err();
+        assert!(err.contains("exited with"), "{err}");
+        let slow = HealthCheck::Exec(vec!["sleep".into(), "5".into()]);
+        let err = probe(&slow, Duration::from_millis(50), &dir, &[]).await.unwrap_err();
+        assert!(err.contains("timed out"), "{err}");
+        let cancel = CancellationToken::new();
+        assert!(gate(&tcp, &health(3), Duration::from_secs(1), &dir, &[], &cancel).await.is_ok());
+        drop(listener);
+        let err = gate(&tcp, &health(1), Duration::from_millis(100), &dir, &[], &cancel).await.unwrap_err();
+        assert!(err.contains("unhealthy after") && err.contains(&addr), "{err}");
+        let err = probe(&HealthCheck::Http("http://127.0.0.1:1/healthz".into()), Duration::from_secs(1), &dir, &[])
+            .await
+            .unwrap_err();
+        assert!(err.contains("GET http://127.0.0.1:1/healthz"), "{err}");
+    }
+}
