@@ -865,6 +865,9 @@ impl Executor {
 
     /// Stops every supervised service (agent shutdown).
     pub async fn shutdown(&self) {
+        // Dropping the queues ends the per-app workers, which hold references to the executor
+        // (and through it the state store's file lock).
+        lock(&self.inner.workers).clear();
         let services: Vec<(String, Supervised)> = self.inner.services.lock().await.drain().collect();
         for (_, s) in services {
             s.stop().await;

@@ -149,9 +149,10 @@ mod tests {
         drop(listener);
         let err = gate(&tcp, &health(1), Duration::from_millis(100), &dir, &[], &cancel).await.unwrap_err();
         assert!(err.contains("unhealthy after") && err.contains(&addr), "{err}");
-        let err = probe(&HealthCheck::Http("http://127.0.0.1:1/healthz".into()), Duration::from_secs(1), &dir, &[])
-            .await
-            .unwrap_err();
+        let err =
+            probe(&HealthCheck::Http("http://127.0.0.1:1/healthz".into()), Duration::from_secs(1), &dir, &[])
+                .await
+                .unwrap_err();
         assert!(err.contains("GET http://127.0.0.1:1/healthz"), "{err}");
     }
 }

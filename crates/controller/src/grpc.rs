@@ -14,6 +14,7 @@ use tokio_stream::Stream;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
 
+use crate::logic::rollouts::{Control, FreezeWindow, RolloutSpec, Threshold};
 use crate::logic::OrderKind;
 use crate::logic::{self, Controller};
 use crate::store::{AppStatusRecord, ReportedRelease};
@@ -150,6 +151,11 @@ fn releases(list: Vec<pb::ReleaseRef>) -> Vec<ReportedRelease> {
     list.into_iter().map(|r| ReportedRelease { app: r.app, version: r.version, active: r.active }).collect()
 }
 
+fn json_doc<T: serde::Serialize>(v: &T) -> Result<Response<pb::JsonDoc>, Status> {
+    let json = serde_json::to_string(v).map_err(|e| Status::internal(e.to_string()))?;
+    Ok(Response::new(pb::JsonDoc { json }))
+}
+
 fn release_info(r: crate::store::ReleaseRecord) -> pb::ReleaseInfo {
     pb::ReleaseInfo {
         app: r.app,
@@ -245,6 +251,8 @@ impl pb::agent_service_server::AgentService for AgentSvc {
             .instrument(span.clone())
             .await
             .map_err(to_status)?;
+        // An agent that returns (or joins late) gets what it should be running.
+        ctl.converge(&agent_id);
         let (out_tx, out_rx) = mpsc::channel(64);
         let welcome = pb::ControllerMessage {
             msg: Some(pb::controller_message::Msg::Welcome(pb::Welcome {
@@ -532,6 +540,105 @@ impl pb::admin_service_server::AdminService for AdminSvc {
             })
             .collect();
         Ok(Response::new(pb::RollbackResponse { outcomes, elapsed_ms: elapsed.as_millis() as u64 }))
+    }
+
+    async fn deploy(&self, req: Request<pb::DeployRequest>) -> Result<Response<pb::DeployResponse>, Status> {
+        let admin = require_admin(&req)?;
+        let r = req.into_inner();
+        let mut spec = RolloutSpec::new(&r.app, &r.version);
+        spec.regions = r.regions;
+        spec.selector = r.selector.into_iter().collect();
+        if r.canary_set {
+            spec.canary = r.canary;
+        }
+        if !r.waves.is_empty() {
+            spec.waves = r.waves;
+        }
+        spec.region_order = r.region_order;
+        if r.max_parallel > 0 {
+            spec.max_parallel = r.max_parallel;
+        }
+        spec.bake = Duration::from_millis(r.bake_ms);
+        if !r.max_failures.is_empty() {
+            spec.max_failures = Threshold::parse(&r.max_failures).map_err(to_status)?;
+        }
+        spec.health_deadline =
+            (r.health_deadline_ms > 0).then(|| Duration::from_millis(r.health_deadline_ms));
+        spec.force = r.force;
+        spec.supersede = r.supersede;
+        spec.override_freeze = r.override_freeze.then_some(r.reason);
+        let id = self
+            .0
+            .deploy(spec, &admin.to_string())
+            .instrument(tracing::info_span!("deploy", %admin, app = %r.app))
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(pb::DeployResponse { id }))
+    }
+
+    async fn get_rollout(&self, req: Request<pb::RolloutRef>) -> Result<Response<pb::JsonDoc>, Status> {
+        require_admin(&req)?;
+        let id = req.into_inner().id;
+        let r = self.0.rollout((!id.is_empty()).then_some(id)).await.map_err(to_status)?;
+        json_doc(&r)
+    }
+
+    async fn list_rollouts(
+        &self,
+        req: Request<pb::ListRolloutsRequest>,
+    ) -> Result<Response<pb::JsonDoc>, Status> {
+        require_admin(&req)?;
+        let app = req.into_inner().app;
+        let list = self.0.rollouts((!app.is_empty()).then_some(app)).await.map_err(to_status)?;
+        json_doc(&list)
+    }
+
+    async fn control_rollout(
+        &self,
+        req: Request<pb::ControlRolloutRequest>,
+    ) -> Result<Response<pb::JsonDoc>, Status> {
+        let admin = require_admin(&req)?;
+        let r = req.into_inner();
+        let cmd = match r.action.as_str() {
+            "pause" => Control::Pause,
+            "resume" => Control::Resume,
+            "abort" => Control::Abort,
+            other => return Err(Status::invalid_argument(format!("unknown rollout action {other:?}"))),
+        };
+        tracing::info!(%admin, rollout = %r.id, action = %r.action, "rollout control");
+        self.0.control(&r.id, cmd).await.map_err(to_status)?;
+        let view = self.0.rollout(Some(r.id)).await.map_err(to_status)?;
+        json_doc(&view)
+    }
+
+    async fn freeze(&self, req: Request<pb::FreezeRequest>) -> Result<Response<pb::JsonDoc>, Status> {
+        let admin = require_admin(&req)?;
+        let r = req.into_inner();
+        match r.action.as_str() {
+            "add" => {
+                let f = FreezeWindow {
+                    id: String::new(),
+                    from: r.from_unix,
+                    to: r.to_unix,
+                    reason: r.reason,
+                    app: (!r.app.is_empty()).then_some(r.app),
+                    region: (!r.region.is_empty()).then_some(r.region),
+                    created_by: admin.to_string(),
+                };
+                json_doc(&self.0.freeze_add(f).await.map_err(to_status)?)
+            }
+            "list" => json_doc(&self.0.freezes().await.map_err(to_status)?),
+            "rm" => {
+                self.0.freeze_rm(r.id.clone()).await.map_err(to_status)?;
+                json_doc(&serde_json::json!({"removed": r.id}))
+            }
+            other => Err(Status::invalid_argument(format!("unknown freeze action {other:?}"))),
+        }
+    }
+
+    async fn status(&self, req: Request<pb::StatusRequest>) -> Result<Response<pb::JsonDoc>, Status> {
+        require_admin(&req)?;
+        json_doc(&self.0.fleet_status().await.map_err(to_status)?)
     }
 
     async fn logs(&self, req: Request<pb::LogsRequest>) -> Result<Response<pb::LogsResponse>, Status> {

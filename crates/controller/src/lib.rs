@@ -17,3 +17,8 @@ pub mod local;
 pub mod logic;
 pub mod server;
 pub mod store;
+
+/// Formats a Unix time for messages: `2026-11-29 14:31:39Z`.
+pub(crate) fn cli_time(unix: i64) -> String {
+    cli::fmt_time(unix)
+}

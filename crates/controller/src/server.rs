@@ -98,6 +98,8 @@ impl Prepared {
         }
         let incoming = convoy_transport::incoming(grpc, self.tls, self.td);
         let ctl = self.controller;
+        // Unfinished rollouts carry on where they stopped.
+        ctl.resume_rollouts().await?;
         let grpc_server = tonic::transport::Server::builder()
             .http2_keepalive_interval(Some(Duration::from_secs(5)))
             .http2_keepalive_timeout(Some(Duration::from_secs(5)))

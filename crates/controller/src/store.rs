@@ -136,6 +136,27 @@ pub struct Store {
     meta: sled::Tree,
 }
 
+/// Trees holding records whose types live with the logic that owns them (rollouts, desired
+/// state, bad releases, freeze windows), accessed through the generic methods below.
+#[derive(Clone, Copy, Debug)]
+pub enum Tree {
+    Rollouts,
+    Desired,
+    BadReleases,
+    Freezes,
+}
+
+impl Tree {
+    fn name(self) -> &'static str {
+        match self {
+            Tree::Rollouts => "rollouts",
+            Tree::Desired => "desired",
+            Tree::BadReleases => "bad_releases",
+            Tree::Freezes => "freezes",
+        }
+    }
+}
+
 impl Store {
     pub fn open(dir: &Path) -> Result<Self> {
         let db = sled::Config::new().path(dir).flush_every_ms(Some(500)).open()?;
@@ -149,6 +170,45 @@ impl Store {
     fn flush(&self) -> Result<()> {
         self.db.flush()?;
         Ok(())
+    }
+
+    fn tree(&self, t: Tree) -> Result<sled::Tree> {
+        Ok(self.db.open_tree(t.name())?)
+    }
+
+    /// Stores a record; `durable` flushes before returning.
+    pub fn put<T: Serialize>(&self, t: Tree, key: &str, value: &T, durable: bool) -> Result<()> {
+        self.tree(t)?.insert(key.as_bytes(), encode(value))?;
+        if durable {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    pub fn get<T: DeserializeOwned>(&self, t: Tree, key: &str) -> Result<Option<T>> {
+        self.tree(t)?.get(key.as_bytes())?.map(|b| decode(t.name(), key.as_bytes(), &b)).transpose()
+    }
+
+    /// Every record in a tree, in key order, with its key.
+    pub fn list<T: DeserializeOwned>(&self, t: Tree) -> Result<Vec<(String, T)>> {
+        self.tree(t)?
+            .iter()
+            .map(|kv| {
+                let (k, v) = kv?;
+                Ok((String::from_utf8_lossy(&k).into_owned(), decode(t.name(), &k, &v)?))
+            })
+            .collect()
+    }
+
+    pub fn remove(&self, t: Tree, key: &str) -> Result<bool> {
+        let existed = self.tree(t)?.remove(key.as_bytes())?.is_some();
+        self.flush()?;
+        Ok(existed)
+    }
+
+    /// A fresh, increasing id.
+    pub fn generate_id(&self) -> Result<u64> {
+        Ok(self.db.generate_id()?)
     }
 
     /// Reserves order sequence numbers up to `upto` (exclusive) durably; returns the previous

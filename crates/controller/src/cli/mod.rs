@@ -6,11 +6,14 @@
 mod agents;
 mod demo;
 pub mod demo_app;
+mod deploy;
+mod freeze;
 mod init;
 mod keys;
 mod logs;
 mod release;
 mod rollback;
+mod rollout;
 mod serve;
 mod status;
 mod token;
@@ -51,6 +54,14 @@ pub enum Command {
     /// Release bundles: build, sign, verify, inspect, push, list, remove.
     #[command(subcommand)]
     Release(release::Command),
+    /// Start a rollout of APP@VERSION; prints its id.
+    Deploy(deploy::Args),
+    /// Follow and control rollouts.
+    #[command(subcommand)]
+    Rollout(rollout::Command),
+    /// Freeze windows: deploys are refused inside them, rollbacks never are.
+    #[command(subcommand)]
+    Freeze(freeze::Command),
     /// Switch an app back to its previous (or a named, installed) release, at once.
     Rollback(rollback::Args),
     /// The tail of an app's output on one agent.
@@ -107,6 +118,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Agents(args) => agents::run(config, args).await,
         Command::Keys(cmd) => keys::run(cmd),
         Command::Release(cmd) => release::run(config, cmd).await,
+        Command::Deploy(args) => deploy::run(config, args).await,
+        Command::Rollout(cmd) => rollout::run(config, cmd).await,
+        Command::Freeze(cmd) => freeze::run(config, cmd).await,
         Command::Rollback(args) => rollback::run(config, args).await,
         Command::Logs(args) => logs::run(config, args).await,
         Command::Status(args) => status::run(config, args).await,

@@ -1,9 +1,8 @@
-//! `convoy status`: per app, which releases the fleet runs, what is unhealthy or offline.
-
-use std::collections::BTreeMap;
+//! `convoy status`: per app and region, the desired release, agents per actual release,
+//! unhealthy, offline, and drift (agents not running what they should).
 
 use convoy_proto::v1 as pb;
-use serde::Serialize;
+use serde_json::Value;
 
 use super::Output;
 
@@ -13,54 +12,51 @@ pub struct Args {
     output: Output,
 }
 
-#[derive(Default, Serialize)]
-pub(crate) struct AppSummary {
-    /// Agents per release they actually run.
-    pub running: BTreeMap<String, usize>,
-    pub unhealthy: Vec<String>,
-    pub offline: Vec<String>,
-    pub agents: usize,
-}
-
-/// Groups agents' reported app state per app.
-pub(crate) fn summarize(agents: &[pb::AgentInfo]) -> BTreeMap<String, AppSummary> {
-    let mut out: BTreeMap<String, AppSummary> = BTreeMap::new();
-    for a in agents {
-        for s in &a.apps {
-            let e = out.entry(s.app.clone()).or_default();
-            e.agents += 1;
-            let current = if s.current.is_empty() { "(none)".to_string() } else { s.current.clone() };
-            *e.running.entry(current).or_default() += 1;
-            if s.health == pb::Health::Unhealthy as i32 {
-                e.unhealthy.push(a.id.clone());
-            }
-            if !a.online {
-                e.offline.push(a.id.clone());
-            }
-        }
+fn list(v: &Value) -> String {
+    let items: Vec<String> = v
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|x| x.as_str().map(String::from))
+        .collect();
+    if items.is_empty() {
+        "-".into()
+    } else {
+        items.join(",")
     }
-    out
 }
 
 pub async fn run(config: &super::Globals, a: Args) -> anyhow::Result<()> {
     let config = config.load_config()?;
     let mut client = crate::client::admin_client(&config).await?;
-    let agents = client
-        .list_agents(pb::ListAgentsRequest::default())
-        .await
-        .map_err(super::status_error)?
-        .into_inner()
-        .agents;
-    let summary = summarize(&agents);
+    let doc = client.status(pb::StatusRequest {}).await.map_err(super::status_error)?.into_inner();
+    let v: Value = serde_json::from_str(&doc.json)?;
     if a.output == Output::Json {
-        println!("{}", serde_json::to_string_pretty(&summary)?);
+        println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());
     }
-    let mut rows = vec![["APP", "AGENTS", "RUNNING", "UNHEALTHY", "OFFLINE"].map(String::from)];
-    for (app, s) in summary {
-        let running: Vec<String> = s.running.iter().map(|(v, n)| format!("{v}×{n}")).collect();
-        let list = |v: &Vec<String>| if v.is_empty() { "-".to_string() } else { v.join(",") };
-        rows.push([app, s.agents.to_string(), running.join(" "), list(&s.unhealthy), list(&s.offline)]);
+    let mut rows =
+        vec![["APP", "REGION", "DESIRED", "RUNNING", "UNHEALTHY", "OFFLINE", "DRIFT"].map(String::from)];
+    for (app, regions) in v.as_object().cloned().unwrap_or_default() {
+        for (region, r) in regions.as_object().cloned().unwrap_or_default() {
+            let running: Vec<String> = r["running"]
+                .as_object()
+                .cloned()
+                .unwrap_or_default()
+                .iter()
+                .map(|(ver, n)| format!("{ver}×{n}"))
+                .collect();
+            rows.push([
+                app.clone(),
+                region,
+                list(&r["desired"]),
+                running.join(" "),
+                list(&r["unhealthy"]),
+                list(&r["offline"]),
+                list(&r["drift"]),
+            ]);
+        }
     }
     print!("{}", super::agents::table(&rows));
     Ok(())

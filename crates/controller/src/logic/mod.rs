@@ -93,6 +93,7 @@ fn validate_labels(labels: &BTreeMap<String, String>) -> Result<()> {
 }
 
 mod orders;
+pub mod rollouts;
 
 pub use orders::{Order, OrderKind, OrderOutcome, Target};
 
@@ -130,6 +131,10 @@ struct Inner {
     next_session: std::sync::atomic::AtomicU64,
     pending: Mutex<HashMap<(String, u64), tokio::sync::oneshot::Sender<OrderOutcome>>>,
     seq: Mutex<(u64, u64)>,
+    drivers: Mutex<HashMap<String, rollouts::ControlTx>>,
+    converging: Mutex<std::collections::HashSet<String>>,
+    /// Cancelled when the controller shuts down: background drivers stop with it.
+    shutdown: CancellationToken,
 }
 
 /// The result of a successful enrollment.
@@ -167,6 +172,9 @@ impl Controller {
                 next_session: 1.into(),
                 pending: Mutex::new(HashMap::new()),
                 seq: Mutex::new((0, 0)),
+                drivers: Mutex::new(HashMap::new()),
+                converging: Mutex::new(Default::default()),
+                shutdown: CancellationToken::new(),
             }),
         }
     }
@@ -428,6 +436,7 @@ impl Controller {
     /// Closes every live session, so that a graceful shutdown does not wait on streams that
     /// would otherwise never end. Agents reconnect to the next controller.
     pub fn close_all_sessions(&self) {
+        self.inner.shutdown.cancel();
         for (_, s) in self.lock_sessions().drain() {
             s.cancel.cancel();
         }

@@ -196,7 +196,17 @@ impl Controller {
         while let Some(r) = tasks.join_next().await {
             out.push(r.map_err(|e| Error::Internal(e.to_string()))?);
         }
+        let elapsed = started.elapsed();
         out.sort_by(|a, b| a.0.cmp(&b.0));
-        Ok((out, started.elapsed()))
+        // What the rollback left running becomes the desired state, so a reconnecting agent
+        // is not moved forward to the release that was just rolled back.
+        for (id, res, _) in &out {
+            if let Ok(o) = res {
+                if let Some(s) = o.status.as_ref().filter(|_| o.ok) {
+                    self.record_desired(app, id, &s.current, &format!("rollback by {by}")).await?;
+                }
+            }
+        }
+        Ok((out, elapsed))
     }
 }

@@ -1,0 +1,406 @@
+//! Rollouts across three regions with real agents and real services: canary and waves, health
+//! gates, automatic fleet rollback, pause/resume/abort, restart, convergence, freezes.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::path::Path;
+use std::time::Duration;
+
+use common::{eventually, free_port, get};
+use convoy_bundle::{BuildOptions, SecretKey};
+use convoy_controller::local::{write_demo_release, LocalAgent, LocalController, LocalOptions};
+use convoy_controller::logic::rollouts::{AgentStep, Control, Rollout, RolloutSpec, RolloutState, Threshold};
+use convoy_proto::v1 as pb;
+use tokio_stream::wrappers::ReceiverStream;
+
+const WAIT: Duration = Duration::from_secs(60);
+const REGIONS: [&str; 3] = ["ap-south", "eu-west", "us-east"];
+
+struct Node {
+    id: String,
+    port: u16,
+    agent: Option<LocalAgent>,
+}
+
+struct Fleet {
+    tmp: tempfile::TempDir,
+    ctl: Option<LocalController>,
+    key: SecretKey,
+    nodes: Vec<Node>,
+}
+
+impl Fleet {
+    /// `per_region` agents in each of three regions. Agent `bad` (if any) gets MODE2=fail500.
+    async fn new(per_region: usize, bad: &[&str]) -> Self {
+        let tmp = tempfile::tempdir().unwrap();
+        let ctl = LocalController::start(&tmp.path().join("ctl"), LocalOptions::default()).await.unwrap();
+        let mut f = Self { tmp, ctl: Some(ctl), key: SecretKey::generate(), nodes: vec![] };
+        for region in REGIONS {
+            for i in 0..per_region {
+                let id = format!("{}-{i}", &region[..2]);
+                let mode2 = if bad.contains(&id.as_str()) { "fail500" } else { "healthy" };
+                f.add_agent(&id, region, mode2).await;
+            }
+        }
+        f
+    }
+
+    fn ctl(&self) -> &LocalController {
+        self.ctl.as_ref().unwrap()
+    }
+
+    async fn add_agent(&mut self, id: &str, region: &str, mode2: &str) {
+        let dir = self.tmp.path().join(id);
+        self.ctl().enroll(&dir, id, region).await.unwrap();
+        let port = free_port();
+        let node = Node { id: id.into(), port, agent: None };
+        self.nodes.push(node);
+        self.start_agent(id, mode2);
+        let n = self.nodes.iter_mut().find(|n| n.id == id).unwrap();
+        n.agent.as_mut().unwrap().wait_for(WAIT, |s| s.connected).await.unwrap();
+    }
+
+    fn start_agent(&mut self, id: &str, mode2: &str) {
+        let dir = self.tmp.path().join(id);
+        let public = self.key.public();
+        let n = self.nodes.iter_mut().find(|n| n.id == id).unwrap();
+        let port = n.port;
+        let mode2 = mode2.to_string();
+        n.agent = Some(
+            LocalAgent::spawn_with(&dir, |c| {
+                c.trust = vec![public];
+                c.vars.insert("PORT".into(), port.to_string());
+                c.vars.insert("MODE2".into(), mode2);
+            })
+            .unwrap(),
+        );
+    }
+
+    async fn stop_agent(&mut self, id: &str) {
+        let n = self.nodes.iter_mut().find(|n| n.id == id).unwrap();
+        n.agent.take().unwrap().stop().await.unwrap();
+    }
+
+    /// Pushes `shop-api@version` in `mode` (a literal mode, or "${MODE2}").
+    async fn push(&self, version: &str, mode: &str) {
+        let src = self.tmp.path().join(format!("src-{version}"));
+        write_demo_release(&src, Path::new(env!("CARGO_BIN_EXE_convoy")), version, mode, "").unwrap();
+        let out = self.tmp.path().join(format!("{version}.bundle"));
+        let opts = BuildOptions {
+            app: "shop-api".into(),
+            version: version.into(),
+            created_at: 0,
+            target: None,
+            zstd_level: 1,
+        };
+        convoy_bundle::build(&src, &opts, &self.key, &out).unwrap();
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        tx.send(pb::PushChunk { data: std::fs::read(&out).unwrap() }).await.unwrap();
+        drop(tx);
+        self.ctl().admin().await.unwrap().push_release(ReceiverStream::new(rx)).await.unwrap();
+    }
+
+    async fn deploy(&self, spec: RolloutSpec) -> Result<String, String> {
+        self.ctl().controller.deploy(spec, "admin/test").await.map_err(|e| e.to_string())
+    }
+
+    async fn wait_final(&self, id: &str) -> Rollout {
+        let c = &self.ctl().controller;
+        eventually(WAIT, &format!("rollout {id} finishes"), || async {
+            let r = c.rollout(Some(id.into())).await.unwrap();
+            r.state.is_final().then_some(r)
+        })
+        .await
+    }
+
+    async fn wait_for(&self, id: &str, what: &str, pred: impl Fn(&Rollout) -> bool) -> Rollout {
+        let c = &self.ctl().controller;
+        eventually(WAIT, what, || async {
+            let r = c.rollout(Some(id.into())).await.unwrap();
+            pred(&r).then_some(r)
+        })
+        .await
+    }
+
+    fn serving(&self, id: &str) -> Option<String> {
+        let n = self.nodes.iter().find(|n| n.id == id).unwrap();
+        get(n.port).map(|s| s.trim_start_matches("demo-app ").to_string())
+    }
+
+    fn all_serving(&self, version: &str) -> bool {
+        self.nodes
+            .iter()
+            .filter(|n| n.agent.is_some())
+            .all(|n| self.serving(&n.id).as_deref() == Some(version))
+    }
+
+    async fn shutdown(mut self) {
+        for n in &mut self.nodes {
+            if let Some(a) = n.agent.take() {
+                a.stop().await.unwrap();
+            }
+        }
+        self.ctl.take().unwrap().stop().await.unwrap();
+    }
+}
+
+fn spec(version: &str) -> RolloutSpec {
+    RolloutSpec::new("shop-api", version)
+}
+
+/// Brings the whole fleet to 1.0.0 with a plain rollout.
+async fn baseline(f: &Fleet) {
+    f.push("1.0.0", "healthy").await;
+    let id = f.deploy(RolloutSpec { waves: vec![100], ..spec("1.0.0") }).await.unwrap();
+    let r = f.wait_final(&id).await;
+    assert_eq!(r.state, RolloutState::Completed, "{:?}", r.events);
+    assert!(f.all_serving("1.0.0"));
+}
+
+#[tokio::test]
+async fn healthy_rollout_across_regions_follows_region_order() {
+    let f = Fleet::new(2, &[]).await;
+    baseline(&f).await;
+    f.push("1.1.0", "healthy").await;
+    let s = RolloutSpec {
+        region_order: vec!["us".into(), "eu".into(), "ap".into()],
+        waves: vec![50, 100],
+        max_parallel: 1,
+        ..spec("1.1.0")
+    };
+    let id = f.deploy(s).await.unwrap();
+    let r = f.wait_final(&id).await;
+    assert_eq!(r.state, RolloutState::Completed, "{:?}", r.events);
+    assert!(f.all_serving("1.1.0"));
+    // Every us agent was activated before any eu agent, and eu before ap.
+    let when = |prefix: &str| -> Vec<u128> {
+        r.agents
+            .values()
+            .filter(|a| a.region.starts_with(prefix))
+            .map(|a| a.activated_at_ms.unwrap())
+            .collect()
+    };
+    assert!(when("us").iter().max() <= when("eu").iter().min(), "{:?}", r.agents);
+    assert!(when("eu").iter().max() <= when("ap").iter().min(), "{:?}", r.agents);
+    assert!(r.waves[0].iter().all(|a| a.starts_with("us")));
+    // Desired state and status agree: no drift anywhere.
+    let status = f.ctl().controller.fleet_status().await.unwrap();
+    for region in REGIONS {
+        assert_eq!(status["shop-api"][region]["desired"][0], "1.1.0");
+        assert_eq!(status["shop-api"][region]["drift"].as_array().unwrap().len(), 0, "{status}");
+    }
+    f.shutdown().await;
+}
+
+#[tokio::test]
+async fn failing_canary_stops_the_rollout_and_marks_the_release_bad() {
+    let f = Fleet::new(2, &[]).await;
+    baseline(&f).await;
+    f.push("2.0.0", "fail500").await;
+    let id = f
+        .deploy(RolloutSpec { health_deadline: Some(Duration::from_secs(2)), ..spec("2.0.0") })
+        .await
+        .unwrap();
+    let r = f.wait_final(&id).await;
+    assert_eq!(r.state, RolloutState::RolledBack, "{:?}", r.events);
+    let canary = &r.waves[0][0];
+    assert_eq!(r.agents[canary].step, AgentStep::RolledBack);
+    // Nobody else was switched.
+    for (id, a) in &r.agents {
+        if id != canary {
+            assert!(!a.moved && matches!(a.step, AgentStep::Staged | AgentStep::Pending), "{id}: {a:?}");
+        }
+    }
+    assert!(f.all_serving("1.0.0"));
+    // The release is bad now: refused without --force.
+    let err = f.deploy(spec("2.0.0")).await.unwrap_err();
+    assert!(err.contains("marked bad") && err.contains("--force"), "{err}");
+    let forced = f
+        .deploy(RolloutSpec { force: true, health_deadline: Some(Duration::from_secs(2)), ..spec("2.0.0") })
+        .await;
+    assert!(forced.is_ok(), "{forced:?}");
+    f.wait_final(&forced.unwrap()).await;
+    assert!(f.all_serving("1.0.0"));
+    f.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_wave_past_its_failure_threshold_rolls_back_every_moved_agent() {
+    let f = Fleet::new(2, &["eu-1", "us-1"]).await;
+    baseline(&f).await;
+    f.push("3.0.0", "${MODE2}").await;
+    let s = RolloutSpec {
+        canary: 1,
+        waves: vec![100],
+        max_failures: Threshold::Count(1),
+        health_deadline: Some(Duration::from_secs(2)),
+        ..spec("3.0.0")
+    };
+    let id = f.deploy(s).await.unwrap();
+    let r = f.wait_final(&id).await;
+    assert_eq!(r.state, RolloutState::RolledBack, "{:?}", r.events);
+    assert!(r.failure.as_deref().unwrap().contains("2 failure(s) in wave 2"), "{:?}", r.failure);
+    for (id, a) in &r.agents {
+        assert!(a.moved, "{id} was in a wave that ran");
+        assert_eq!(a.step, AgentStep::RolledBack, "{id}");
+    }
+    assert!(f.all_serving("1.0.0"), "every moved agent is back on its previous release");
+    f.shutdown().await;
+}
+
+#[tokio::test]
+async fn pause_resume_and_abort() {
+    let f = Fleet::new(1, &[]).await;
+    baseline(&f).await;
+    f.push("1.1.0", "healthy").await;
+    f.push("1.2.0", "healthy").await;
+    let c = &f.ctl().controller;
+
+    let s = RolloutSpec { canary: 1, waves: vec![100], bake: Duration::from_secs(1), ..spec("1.1.0") };
+    let id = f.deploy(s).await.unwrap();
+    f.wait_for(&id, "canary done", |r| r.agents.values().any(|a| a.step == AgentStep::Healthy)).await;
+    c.control(&id, Control::Pause).await.unwrap();
+    let paused = c.rollout(Some(id.clone())).await.unwrap();
+    assert_eq!(paused.state, RolloutState::Paused);
+    // While paused nothing moves on.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let still = c.rollout(Some(id.clone())).await.unwrap();
+    assert_eq!(still.agents.values().filter(|a| a.step == AgentStep::Healthy).count(), 1);
+    c.control(&id, Control::Resume).await.unwrap();
+    let r = f.wait_final(&id).await;
+    assert_eq!(r.state, RolloutState::Completed);
+    assert!(f.all_serving("1.1.0"));
+
+    // Abort: the agents already moved go back.
+    let s = RolloutSpec { canary: 1, waves: vec![100], bake: Duration::from_secs(30), ..spec("1.2.0") };
+    let id = f.deploy(s).await.unwrap();
+    f.wait_for(&id, "canary done", |r| r.agents.values().any(|a| a.step == AgentStep::Healthy)).await;
+    c.control(&id, Control::Abort).await.unwrap();
+    let r = c.rollout(Some(id.clone())).await.unwrap();
+    assert_eq!(r.state, RolloutState::Aborted);
+    assert!(f.all_serving("1.1.0"));
+    assert!(c.control(&id, Control::Resume).await.is_err(), "a finished rollout cannot be resumed");
+    f.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_controller_restart_mid_rollout_reaches_the_same_end() {
+    let mut f = Fleet::new(1, &[]).await;
+    baseline(&f).await;
+    f.push("1.1.0", "healthy").await;
+    let s = RolloutSpec { canary: 1, waves: vec![100], bake: Duration::from_secs(2), ..spec("1.1.0") };
+    let id = f.deploy(s).await.unwrap();
+    f.wait_for(&id, "canary done", |r| r.agents.values().any(|a| a.step == AgentStep::Healthy)).await;
+    let ctl = f.ctl.take().unwrap();
+    let addr = ctl.grpc_addr;
+    ctl.stop().await.unwrap();
+    let ctl = LocalController::start(
+        &f.tmp.path().join("ctl"),
+        LocalOptions { grpc_addr: Some(addr), ..Default::default() },
+    )
+    .await
+    .unwrap();
+    f.ctl = Some(ctl);
+    let r = f.wait_final(&id).await;
+    assert_eq!(r.state, RolloutState::Completed, "{:?}", r.events);
+    assert!(f.all_serving("1.1.0"));
+    f.shutdown().await;
+}
+
+#[tokio::test]
+async fn offline_and_late_agents_converge_to_the_desired_release() {
+    let mut f = Fleet::new(1, &[]).await;
+    baseline(&f).await;
+    f.push("1.1.0", "healthy").await;
+    f.stop_agent("eu-0").await;
+    eventually(WAIT, "eu-0 offline", || async {
+        common::agents(f.ctl()).await.iter().any(|a| a.id == "eu-0" && !a.online).then_some(())
+    })
+    .await;
+    let id = f.deploy(RolloutSpec { waves: vec![100], ..spec("1.1.0") }).await.unwrap();
+    let r = f.wait_final(&id).await;
+    assert_eq!(r.state, RolloutState::Completed, "an offline agent is not a failure: {:?}", r.events);
+    assert_eq!(r.agents["eu-0"].step, AgentStep::Offline);
+    let status = f.ctl().controller.fleet_status().await.unwrap();
+    assert_eq!(status["shop-api"]["eu-west"]["drift"][0], "eu-0", "{status}");
+    // It comes back and converges.
+    f.start_agent("eu-0", "healthy");
+    eventually(WAIT, "eu-0 converges", || async {
+        (f.serving("eu-0").as_deref() == Some("1.1.0")).then_some(())
+    })
+    .await;
+    // An agent enrolled later into a matching region gets the desired release too.
+    f.add_agent("ap-9", "ap-south", "healthy").await;
+    eventually(WAIT, "late agent converges", || async {
+        (f.serving("ap-9").as_deref() == Some("1.1.0")).then_some(())
+    })
+    .await;
+    f.shutdown().await;
+}
+
+#[tokio::test]
+async fn freezes_block_deploys_not_rollbacks_and_one_rollout_per_app() {
+    let f = Fleet::new(1, &[]).await;
+    baseline(&f).await;
+    f.push("1.1.0", "healthy").await;
+    let c = &f.ctl().controller;
+    let now = convoy_controller::logic::now();
+    let fz = c
+        .freeze_add(convoy_controller::logic::rollouts::FreezeWindow {
+            id: String::new(),
+            from: now - 10,
+            to: now + 3600,
+            reason: "black friday".into(),
+            app: None,
+            region: Some("eu-west".into()),
+            created_by: "admin/test".into(),
+        })
+        .await
+        .unwrap();
+    let err = f.deploy(spec("1.1.0")).await.unwrap_err();
+    assert!(err.contains("frozen") && err.contains("black friday"), "{err}");
+    // Rollbacks are always allowed.
+    let (results, _) = c
+        .rollback(
+            "shop-api",
+            &convoy_controller::logic::Target::Region("eu-west".into()),
+            None,
+            "x",
+            "admin/test",
+        )
+        .await
+        .unwrap();
+    assert!(results.iter().all(|(_, r, _)| r
+        .as_ref()
+        .is_ok_and(|o| o.error.as_deref().is_none_or(|e| e.contains("no previous")))));
+    let overridden = f
+        .deploy(RolloutSpec {
+            override_freeze: Some("hotfix for checkout".into()),
+            waves: vec![100],
+            bake: Duration::from_secs(30),
+            ..spec("1.1.0")
+        })
+        .await
+        .unwrap();
+    let r = c.rollout(Some(overridden.clone())).await.unwrap();
+    assert!(r.events.iter().any(|e| e.message.contains("hotfix for checkout")));
+    // One active rollout per app.
+    let err = f.deploy(spec("1.1.0")).await.unwrap_err();
+    assert!(err.contains("still") && err.contains("--supersede"), "{err}");
+    let newer = f
+        .deploy(RolloutSpec {
+            supersede: true,
+            override_freeze: Some("again".into()),
+            waves: vec![100],
+            ..spec("1.1.0")
+        })
+        .await
+        .unwrap();
+    assert_eq!(c.rollout(Some(overridden)).await.unwrap().state, RolloutState::Superseded);
+    assert_eq!(f.wait_final(&newer).await.state, RolloutState::Completed);
+    c.freeze_rm(fz.id).await.unwrap();
+    assert!(c.freezes().await.unwrap().is_empty());
+    f.shutdown().await;
+}
