@@ -27,12 +27,23 @@ async fn run(n: usize) {
         std::fs::write(src.join("convoy.toml"), "").unwrap();
         std::fs::write(src.join("index.html"), format!("release {v}\n")).unwrap();
         let out = tmp.path().join(format!("{v}.bundle"));
-        let opts = BuildOptions { app: "site".into(), version: v.into(), created_at: 0, target: None, zstd_level: 1 };
+        let opts = BuildOptions {
+            app: "site".into(),
+            version: v.into(),
+            created_at: 0,
+            target: None,
+            zstd_level: 1,
+        };
         convoy_bundle::build(&src, &opts, &key, &out).unwrap();
         let (tx, rx) = tokio::sync::mpsc::channel(1);
         tx.send(pb::PushChunk { data: std::fs::read(&out).unwrap() }).await.unwrap();
         drop(tx);
-        ctl.admin().await.unwrap().push_release(tokio_stream::wrappers::ReceiverStream::new(rx)).await.unwrap();
+        ctl.admin()
+            .await
+            .unwrap()
+            .push_release(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+            .unwrap();
     }
     let regions = ["ap-south", "eu-west", "us-east"];
     let t = Instant::now();
@@ -73,10 +84,13 @@ async fn run(n: usize) {
     }
     let _ = last_waves;
     let (results, total) = c.rollback("site", &Target::All, None, "bench", "admin/bench").await.unwrap();
-    let mut per: Vec<Duration> = results.iter().map(|(_, r, d)| {
-        assert!(r.as_ref().is_ok_and(|o| o.ok), "{r:?}");
-        *d
-    }).collect();
+    let mut per: Vec<Duration> = results
+        .iter()
+        .map(|(_, r, d)| {
+            assert!(r.as_ref().is_ok_and(|o| o.ok), "{r:?}");
+            *d
+        })
+        .collect();
     per.sort();
     let pct = |p: f64| per[((per.len() as f64 - 1.0) * p).round() as usize];
     println!(

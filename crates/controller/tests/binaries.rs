@@ -356,3 +356,113 @@ fn release_cli_keys_build_verify_inspect_sign_push_list_rm() {
     assert!(run_err(&mut admin(&["release", "rm", "shop-api@1.0.0"])).contains("not found"));
     assert!(terminate(&mut server.0).success());
 }
+
+#[test]
+fn rollout_with_real_binaries_deploy_watch_rollback() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    run_ok(convoy().current_dir(t).args(["init", "--data-dir", "pki"]));
+    run_ok(convoy().current_dir(t).args(["keys", "generate", "-o", "release"]));
+    let config = t.join("pki/convoy.toml");
+    let (mut server, grpc, _http) = start_server(&config);
+    let admin = |args: &[&str]| {
+        let mut c = convoy();
+        c.current_dir(t).arg("--config").arg(&config).arg("--controller").arg(&grpc).args(args);
+        c
+    };
+    for v in ["1.0.0", "1.1.0"] {
+        let src = t.join(format!("src-{v}"));
+        convoy_controller::local::write_demo_release(
+            &src,
+            Path::new(env!("CARGO_BIN_EXE_convoy")),
+            v,
+            "healthy",
+            "",
+        )
+        .unwrap();
+        let out = format!("{v}.bundle");
+        run_ok(convoy().current_dir(t).args([
+            "release",
+            "build",
+            src.to_str().unwrap(),
+            "--app",
+            "shop-api",
+            "--version",
+            v,
+            "--key",
+            "release.key",
+            "-o",
+            &out,
+        ]));
+        run_ok(&mut admin(&["release", "push", &out]));
+    }
+    let mut agents = Vec::new();
+    let mut ports = Vec::new();
+    for (id, region) in [("ap-1", "ap-south"), ("eu-1", "eu-west"), ("us-1", "us-east")] {
+        let token = run_ok(&mut admin(&["token", "create", "--region", region])).trim().to_string();
+        let dir = t.join(id);
+        run_ok(
+            Command::new(agent_bin())
+                .args(["enroll", "--controller", &grpc, "--token", &token, "--region", region, "--id", id])
+                .arg("--ca")
+                .arg(t.join("pki/ca.pem"))
+                .arg("--data-dir")
+                .arg(&dir),
+        );
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        ports.push(port);
+        agents.push(Killed(
+            Command::new(agent_bin())
+                .args(["run", "--var", &format!("PORT={port}"), "--trust"])
+                .arg(t.join("release.pub"))
+                .arg("--data-dir")
+                .arg(&dir)
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap(),
+        ));
+    }
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(eventually(Duration::from_secs(30), "three agents online", || {
+        let out = admin(&["agents", "-o", "json"]).output().unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        let n = v.as_array().map(|a| a.iter().filter(|x| x["online"] == true).count()).unwrap_or(0);
+        async move { (n == 3).then_some(()) }
+    }));
+    let serving =
+        |v: &str| ports.iter().all(|p| common::get(*p).as_deref() == Some(&format!("demo-app {v}")));
+
+    let id = run_ok(&mut admin(&["deploy", "shop-api@1.0.0", "--waves", "100%"])).trim().to_string();
+    assert!(id.starts_with("ro-"), "{id}");
+    let watch = run_ok(&mut admin(&["rollout", "status", &id, "--watch"]));
+    assert!(watch.contains("completed"), "{watch}");
+    assert!(serving("1.0.0"));
+
+    std::fs::write(t.join("rollout.toml"), "release = \"shop-api@1.1.0\"\nregion_order = [\"eu\", \"us\", \"ap\"]\nwaves = [\"100%\"]\nmax_failures = \"0\"\n").unwrap();
+    let id = run_ok(&mut admin(&["deploy", "-f", "rollout.toml"])).trim().to_string();
+    let watch = run_ok(&mut admin(&["rollout", "status", &id, "--watch", "-o", "json"]));
+    let events: Vec<serde_json::Value> = watch.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert!(events.last().unwrap()["message"].as_str().unwrap().contains("completed"), "{watch}");
+    let status: serde_json::Value =
+        serde_json::from_str(&run_ok(&mut admin(&["rollout", "status", &id, "-o", "json"]))).unwrap();
+    assert_eq!(status["waves"][0][0], "eu-1", "region order from the file");
+    assert!(serving("1.1.0"));
+    let list = run_ok(&mut admin(&["rollout", "list"]));
+    assert_eq!(list.lines().filter(|l| l.contains("completed")).count(), 2, "{list}");
+    assert!(run_err(&mut admin(&["deploy", "shop-api@9.9.9"])).contains("not found"));
+    assert!(run_err(&mut admin(&["deploy", "shop-api@1.1.0", "--waves", "50%,20%"]))
+        .contains("--waves must increase"));
+    assert!(run_err(&mut admin(&["deploy", "shop-api@1.1.0", "--max-failures", "lots"]))
+        .contains("--max-failures"));
+
+    let out = run_ok(&mut admin(&["rollback", "shop-api", "--all", "--reason", "conversion dropped"]));
+    assert_eq!(out.lines().filter(|l| l.contains("rolled back")).count(), 3, "{out}");
+    assert!(serving("1.0.0"));
+    let status = run_ok(&mut admin(&["status"]));
+    assert!(status.lines().filter(|l| l.starts_with("shop-api")).all(|l| l.contains("1.0.0×1")), "{status}");
+
+    for mut a in agents {
+        assert!(terminate(&mut a.0).success());
+    }
+    assert!(terminate(&mut server.0).success());
+}
