@@ -57,6 +57,63 @@ pub struct RawConfig {
     pub heartbeat_interval: Duration,
     pub tls: RawTls,
     pub admin: Option<RawAdmin>,
+    #[serde(default)]
+    pub hooks: HooksConfig,
+    #[serde(default)]
+    pub notify: NotifyConfig,
+}
+
+/// Alert hooks: `POST /v1/hooks/alertmanager` (bearer token) and `POST /v1/hooks/rollback`
+/// (HMAC-signed).
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HooksConfig {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub alertmanager_token: Option<String>,
+    /// Secrets for the generic hook, by key id (the id is the audit actor: `hook:<id>`).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub hmac_keys: std::collections::BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rules: Vec<HookRule>,
+}
+
+/// Maps alert labels to an action. All `labels` must be equal and all `labels_regex` must match
+/// (anchored) for the rule to apply; the first matching rule wins.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HookRule {
+    #[serde(default)]
+    pub labels: std::collections::BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub labels_regex: std::collections::BTreeMap<String, String>,
+    /// `rollback` or `pause`.
+    pub action: String,
+    #[serde(default = "default_app_label")]
+    pub app_label: String,
+    #[serde(default = "default_region_label")]
+    pub region_label: String,
+}
+
+fn default_app_label() -> String {
+    "app".into()
+}
+fn default_region_label() -> String {
+    "region".into()
+}
+
+/// Outbound webhooks for events.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NotifyConfig {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub urls: Vec<String>,
+    /// Announce an agent offline for longer than this.
+    #[serde(default = "default_offline_after", with = "humantime_serde")]
+    pub offline_after: Duration,
+}
+
+fn default_offline_after() -> Duration {
+    Duration::from_secs(60)
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -117,6 +174,8 @@ pub struct Config {
     pub server_cert: Option<PathBuf>,
     pub server_key: Option<PathBuf>,
     pub admin: Option<(PathBuf, PathBuf)>,
+    pub hooks: HooksConfig,
+    pub notify: NotifyConfig,
 }
 
 impl Config {
@@ -150,6 +209,26 @@ impl Config {
         if raw.agent_cert_lifetime < Duration::from_secs(3) {
             return Err(field("agent_cert_lifetime", "must be at least 3s".into()));
         }
+        for (i, rule) in raw.hooks.rules.iter().enumerate() {
+            if rule.action != "rollback" && rule.action != "pause" {
+                return Err(field(
+                    "hooks.rules",
+                    format!("rule {i}: action {:?} is not rollback or pause", rule.action),
+                ));
+            }
+            for (k, re) in &rule.labels_regex {
+                regex::Regex::new(re)
+                    .map_err(|e| field("hooks.rules", format!("rule {i}: labels_regex.{k}: {e}")))?;
+            }
+        }
+        for u in &raw.notify.urls {
+            if !u.starts_with("http://") {
+                return Err(field("notify.urls", format!("{u:?}: only http:// URLs are supported")));
+            }
+        }
+        if raw.hooks.alertmanager_token.as_deref().is_some_and(|t| t.len() < 16) {
+            return Err(field("hooks.alertmanager_token", "must be at least 16 characters".into()));
+        }
         if raw.heartbeat_interval.is_zero() {
             return Err(field("heartbeat_interval", "must be more than zero".into()));
         }
@@ -170,6 +249,8 @@ impl Config {
             server_cert: raw.tls.server_cert.as_deref().map(abs),
             server_key: raw.tls.server_key.as_deref().map(abs),
             admin: raw.admin.map(|a| (abs(&a.cert), abs(&a.key))),
+            hooks: raw.hooks,
+            notify: raw.notify,
         })
     }
 
@@ -210,5 +291,12 @@ mod tests {
         check(&format!("colour = \"blue\"\n{OK}"), Some("colour"));
         check(&OK.replace("controller = \"127.0.0.1:7443\"\n", ""), Some("controller"));
         check("this is [not toml", Some("config"));
+        check(&format!("{OK}[[hooks.rules]]\naction = \"explode\"\n"), Some("hooks.rules"));
+        check(
+            &format!("{OK}[[hooks.rules]]\naction = \"pause\"\nlabels_regex = {{ sev = \"(\" }}\n"),
+            Some("labels_regex.sev"),
+        );
+        check(&format!("{OK}[hooks]\nalertmanager_token = \"short\"\n"), Some("alertmanager_token"));
+        check(&format!("{OK}[notify]\nurls = [\"ftp://x\"]\n"), Some("notify.urls"));
     }
 }

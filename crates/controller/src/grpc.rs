@@ -335,6 +335,7 @@ impl pb::agent_service_server::AgentService for AgentSvc {
         file.seek(std::io::SeekFrom::Start(r.offset)).await.map_err(|e| Status::internal(e.to_string()))?;
         tracing::info!(%agent_id, digest = %r.digest, offset = r.offset, total, "download started");
         let (tx, rx) = mpsc::channel(4);
+        let ctl = self.0.clone();
         tokio::spawn(async move {
             let mut offset = r.offset;
             let mut buf = vec![0u8; logic::BUNDLE_CHUNK];
@@ -351,6 +352,7 @@ impl pb::agent_service_server::AgentService for AgentSvc {
                 if tx.send(Ok(chunk)).await.is_err() {
                     return;
                 }
+                ctl.metrics().bytes_served(n as u64);
                 offset += n as u64;
             }
         });
@@ -374,6 +376,24 @@ impl pb::agent_service_server::AgentService for AgentSvc {
 #[derive(Clone)]
 pub struct AdminSvc(pub Controller);
 
+impl AdminSvc {
+    /// Writes the audit entry for an admin action, with its outcome.
+    async fn audited<T>(
+        &self,
+        admin: &Identity,
+        action: &str,
+        target: &str,
+        params: serde_json::Value,
+        result: &Result<T, logic::Error>,
+    ) {
+        let outcome = match result {
+            Ok(_) => "ok".to_string(),
+            Err(e) => format!("refused: {e}"),
+        };
+        self.0.audit(&admin.to_string(), action, target, params, &outcome).await;
+    }
+}
+
 #[tonic::async_trait]
 impl pb::admin_service_server::AdminService for AdminSvc {
     async fn create_token(
@@ -384,12 +404,15 @@ impl pb::admin_service_server::AdminService for AdminSvc {
         let r = req.into_inner();
         let region = (!r.region.is_empty()).then_some(r.region);
         let ttl = Duration::from_secs(r.ttl_secs);
-        let (token, expires) = self
+        let target = region.clone().unwrap_or_else(|| "*".into());
+        let result = self
             .0
             .create_token(region, labels(r.labels), ttl, &admin)
             .instrument(tracing::info_span!("create_token", %admin))
-            .await
-            .map_err(to_status)?;
+            .await;
+        self.audited(&admin, "token.create", &target, serde_json::json!({"ttl_secs": r.ttl_secs}), &result)
+            .await;
+        let (token, expires) = result.map_err(to_status)?;
         Ok(Response::new(pb::CreateTokenResponse { token, expires_at_unix: expires }))
     }
 
@@ -488,11 +511,14 @@ impl pb::admin_service_server::AdminService for AdminSvc {
     ) -> Result<Response<pb::RemoveReleaseResponse>, Status> {
         let admin = require_admin(&req)?;
         let r = req.into_inner();
-        self.0
+        let target = format!("{}@{}", r.app, r.version);
+        let result = self
+            .0
             .remove_release(r.app, r.version, admin.to_string())
             .instrument(tracing::info_span!("remove_release", %admin))
-            .await
-            .map_err(to_status)?;
+            .await;
+        self.audited(&admin, "release.rm", &target, serde_json::json!({}), &result).await;
+        result.map_err(to_status)?;
         Ok(Response::new(pb::RemoveReleaseResponse {}))
     }
 
@@ -512,12 +538,15 @@ impl pb::admin_service_server::AdminService for AdminSvc {
             return Err(Status::invalid_argument("name the target: agents, a region, or all"));
         };
         let to = (!r.to_version.is_empty()).then_some(r.to_version);
-        let (results, elapsed) = self
+        let result = self
             .0
-            .rollback(&r.app, &target, to, &r.reason, &admin.to_string())
+            .rollback(&r.app, &target, to.clone(), &r.reason, &admin.to_string())
             .instrument(tracing::info_span!("rollback", %admin, app = %r.app))
-            .await
-            .map_err(to_status)?;
+            .await;
+        let params =
+            serde_json::json!({"app": r.app, "target": format!("{target:?}"), "to": to, "reason": r.reason});
+        self.audited(&admin, "rollback", &r.app, params, &result).await;
+        let (results, elapsed) = result.map_err(to_status)?;
         let outcomes = results
             .into_iter()
             .map(|(agent_id, res, took)| match res {
@@ -567,12 +596,15 @@ impl pb::admin_service_server::AdminService for AdminSvc {
         spec.force = r.force;
         spec.supersede = r.supersede;
         spec.override_freeze = r.override_freeze.then_some(r.reason);
-        let id = self
+        let params = serde_json::to_value(&spec).unwrap_or_default();
+        let target = format!("{}@{}", r.app, r.version);
+        let result = self
             .0
             .deploy(spec, &admin.to_string())
             .instrument(tracing::info_span!("deploy", %admin, app = %r.app))
-            .await
-            .map_err(to_status)?;
+            .await;
+        self.audited(&admin, "deploy", &target, params, &result).await;
+        let id = result.map_err(to_status)?;
         Ok(Response::new(pb::DeployResponse { id }))
     }
 
@@ -606,7 +638,9 @@ impl pb::admin_service_server::AdminService for AdminSvc {
             other => return Err(Status::invalid_argument(format!("unknown rollout action {other:?}"))),
         };
         tracing::info!(%admin, rollout = %r.id, action = %r.action, "rollout control");
-        self.0.control(&r.id, cmd).await.map_err(to_status)?;
+        let result = self.0.control(&r.id, cmd).await;
+        self.audited(&admin, &format!("rollout.{}", r.action), &r.id, serde_json::json!({}), &result).await;
+        result.map_err(to_status)?;
         let view = self.0.rollout(Some(r.id)).await.map_err(to_status)?;
         json_doc(&view)
     }
@@ -625,15 +659,34 @@ impl pb::admin_service_server::AdminService for AdminSvc {
                     region: (!r.region.is_empty()).then_some(r.region),
                     created_by: admin.to_string(),
                 };
-                json_doc(&self.0.freeze_add(f).await.map_err(to_status)?)
+                let params = serde_json::to_value(&f).unwrap_or_default();
+                let result = self.0.freeze_add(f).await;
+                self.audited(&admin, "freeze.add", "*", params, &result).await;
+                json_doc(&result.map_err(to_status)?)
             }
             "list" => json_doc(&self.0.freezes().await.map_err(to_status)?),
             "rm" => {
-                self.0.freeze_rm(r.id.clone()).await.map_err(to_status)?;
+                let result = self.0.freeze_rm(r.id.clone()).await;
+                self.audited(&admin, "freeze.rm", &r.id, serde_json::json!({}), &result).await;
+                result.map_err(to_status)?;
                 json_doc(&serde_json::json!({"removed": r.id}))
             }
             other => Err(Status::invalid_argument(format!("unknown freeze action {other:?}"))),
         }
+    }
+
+    async fn audit(&self, req: Request<pb::AuditRequest>) -> Result<Response<pb::JsonDoc>, Status> {
+        require_admin(&req)?;
+        let r = req.into_inner();
+        if r.verify {
+            return match self.0.audit_verify().await.map_err(to_status)? {
+                Ok(n) => json_doc(&serde_json::json!({"ok": true, "entries": n})),
+                Err(problem) => json_doc(&serde_json::json!({"ok": false, "problem": problem})),
+            };
+        }
+        let app = (!r.app.is_empty()).then_some(r.app);
+        let since = (r.since_unix > 0).then_some(r.since_unix);
+        json_doc(&self.0.audit_log(app, since).await.map_err(to_status)?)
     }
 
     async fn status(&self, req: Request<pb::StatusRequest>) -> Result<Response<pb::JsonDoc>, Status> {
@@ -658,12 +711,13 @@ impl pb::admin_service_server::AdminService for AdminSvc {
     ) -> Result<Response<pb::RevokeAgentResponse>, Status> {
         let admin = require_admin(&req)?;
         let id = req.into_inner().agent_id;
-        let was_online = self
+        let result = self
             .0
             .revoke_agent(&id, &admin)
             .instrument(tracing::info_span!("revoke_agent", %admin, agent_id = %id))
-            .await
-            .map_err(to_status)?;
+            .await;
+        self.audited(&admin, "agent.revoke", &id, serde_json::json!({}), &result).await;
+        let was_online = result.map_err(to_status)?;
         Ok(Response::new(pb::RevokeAgentResponse { was_online }))
     }
 }

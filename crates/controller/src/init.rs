@@ -5,7 +5,14 @@ use std::path::{Path, PathBuf};
 
 use convoy_pki::{files, Ca, TrustDomain};
 
-use crate::config::{RawAdmin, RawConfig, RawTls, CONFIG_FILE, DEFAULT_GRPC_ADDR, DEFAULT_HTTP_ADDR};
+use crate::config::{
+    HookRule, HooksConfig, RawAdmin, RawConfig, RawTls, CONFIG_FILE, DEFAULT_GRPC_ADDR, DEFAULT_HTTP_ADDR,
+};
+
+/// A random 32-byte secret, hex.
+fn secret() -> String {
+    hex::encode(rand::random::<[u8; 32]>())
+}
 
 /// What `convoy init` is asked to create.
 #[derive(Clone, Debug)]
@@ -82,6 +89,21 @@ pub fn init(opts: &InitOptions) -> Result<PathBuf, Error> {
             server_key: Some("controller.key".into()),
         },
         admin: Some(RawAdmin { cert: "admin.pem".into(), key: "admin.key".into() }),
+        hooks: HooksConfig {
+            alertmanager_token: Some(secret()),
+            hmac_keys: [("default".to_string(), secret())].into(),
+            rules: ["rollback", "pause"]
+                .iter()
+                .map(|action| HookRule {
+                    labels: [("convoy_action".to_string(), action.to_string())].into(),
+                    labels_regex: Default::default(),
+                    action: action.to_string(),
+                    app_label: "app".into(),
+                    region_label: "region".into(),
+                })
+                .collect(),
+        },
+        notify: Default::default(),
     };
     let config = format!(
         "# Convoy controller configuration, written by `convoy init`.\n\
@@ -98,7 +120,8 @@ pub fn init(opts: &InitOptions) -> Result<PathBuf, Error> {
     write("controller.pem", &server.cert_pem, false)?;
     write("admin.key", &admin_key, true)?;
     write("admin.pem", &admin.cert_pem, false)?;
-    write(CONFIG_FILE, &config, false)?;
+    // The config holds the hook secrets.
+    write(CONFIG_FILE, &config, true)?;
     Ok(dir.join(CONFIG_FILE))
 }
 

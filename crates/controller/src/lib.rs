@@ -12,9 +12,12 @@ pub mod cli;
 pub mod client;
 pub mod config;
 pub mod grpc;
+pub mod hooks;
 pub mod init;
 pub mod local;
 pub mod logic;
+pub mod metrics;
+pub mod notify;
 pub mod server;
 pub mod store;
 

@@ -35,6 +35,8 @@ pub enum Error {
     Grpc(#[from] tonic::transport::Error),
     #[error("HTTP server: {0}")]
     Http(std::io::Error),
+    #[error("hooks config: {0}")]
+    Hooks(String),
 }
 
 /// A controller ready to serve: its logic plus the TLS config its listener uses.
@@ -42,6 +44,7 @@ pub struct Prepared {
     pub controller: Controller,
     tls: std::sync::Arc<rustls::ServerConfig>,
     td: convoy_pki::TrustDomain,
+    hooks: crate::hooks::HookConfig,
 }
 
 impl Prepared {
@@ -69,10 +72,13 @@ impl Prepared {
             blob_dir: config.blob_dir.clone(),
             release_trust,
             max_bundle_bytes: config.max_bundle_bytes,
+            notify_urls: config.notify.urls.clone(),
+            offline_after: config.notify.offline_after,
         };
         let controller = Controller::new(ca, store, settings);
         controller.prepare_blob_dir()?;
-        Ok(Self { controller, tls, td: config.trust_domain.clone() })
+        let hooks = crate::hooks::HookConfig::from_config(&config.hooks)?;
+        Ok(Self { controller, tls, td: config.trust_domain.clone(), hooks })
     }
 
     /// Serves until `shutdown` completes, then closes agent sessions and drains.
@@ -107,7 +113,7 @@ impl Prepared {
             .add_service(pb::agent_service_server::AgentServiceServer::new(AgentSvc(ctl.clone())))
             .add_service(pb::admin_service_server::AdminServiceServer::new(AdminSvc(ctl.clone())))
             .serve_with_incoming_shutdown(incoming, stop.clone().cancelled_owned());
-        let app = axum::Router::new().route("/healthz", axum::routing::get(|| async { "ok\n" }));
+        let app = crate::hooks::router(ctl.clone(), self.hooks);
         let http_server = axum::serve(http, app).with_graceful_shutdown(stop.clone().cancelled_owned());
         let http_task = tokio::spawn(async move { http_server.await.map_err(Error::Http) });
         let grpc_result = grpc_server.await;

@@ -144,6 +144,8 @@ pub enum Tree {
     Desired,
     BadReleases,
     Freezes,
+    /// Alert deliveries and hook signatures already acted on.
+    HookSeen,
 }
 
 impl Tree {
@@ -153,6 +155,7 @@ impl Tree {
             Tree::Desired => "desired",
             Tree::BadReleases => "bad_releases",
             Tree::Freezes => "freezes",
+            Tree::HookSeen => "hook_seen",
         }
     }
 }
@@ -204,6 +207,38 @@ impl Store {
         let existed = self.tree(t)?.remove(key.as_bytes())?.is_some();
         self.flush()?;
         Ok(existed)
+    }
+
+    /// Appends an audit entry built by `make` from the previous entry (if any), atomically with
+    /// respect to other appends, and flushes. The audit tree is keyed by big-endian sequence.
+    pub fn append_audit<T: Serialize + DeserializeOwned>(
+        &self,
+        make: impl FnOnce(Option<T>) -> (u64, T),
+    ) -> Result<T> {
+        let tree = self.db.open_tree("audit")?;
+        let last = tree.last()?.map(|(k, v)| decode::<T>("audit", &k, &v)).transpose()?;
+        let (seq, entry) = make(last);
+        tree.insert(seq.to_be_bytes(), encode(&entry))?;
+        self.flush()?;
+        Ok(entry)
+    }
+
+    /// Every audit entry in order, as stored (raw JSON, so verification sees exactly what is
+    /// on disk).
+    pub fn audit_raw(&self) -> Result<Vec<(u64, serde_json::Value)>> {
+        let tree = self.db.open_tree("audit")?;
+        tree.iter()
+            .map(|kv| {
+                let (k, v) = kv?;
+                let seq = k.as_ref().try_into().map(u64::from_be_bytes).unwrap_or(0);
+                Ok((seq, decode("audit", &k, &v)?))
+            })
+            .collect()
+    }
+
+    /// Direct access for tests that tamper with the log to prove verification catches it.
+    pub fn audit_tree(&self) -> Result<sled::Tree> {
+        Ok(self.db.open_tree("audit")?)
     }
 
     /// A fresh, increasing id.

@@ -4,6 +4,7 @@
 //! Data goes to stdout, diagnostics to stderr; `-o json` gives machine-readable listings.
 
 mod agents;
+mod audit;
 mod demo;
 pub mod demo_app;
 mod deploy;
@@ -54,6 +55,8 @@ pub enum Command {
     /// Release bundles: build, sign, verify, inspect, push, list, remove.
     #[command(subcommand)]
     Release(release::Command),
+    /// The audit log, or `audit verify` to check its hash chain.
+    Audit(audit::Args),
     /// Start a rollout of APP@VERSION; prints its id.
     Deploy(deploy::Args),
     /// Follow and control rollouts.
@@ -118,6 +121,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Agents(args) => agents::run(config, args).await,
         Command::Keys(cmd) => keys::run(cmd),
         Command::Release(cmd) => release::run(config, cmd).await,
+        Command::Audit(args) => audit::run(config, args).await,
         Command::Deploy(args) => deploy::run(config, args).await,
         Command::Rollout(cmd) => rollout::run(config, cmd).await,
         Command::Freeze(cmd) => freeze::run(config, cmd).await,

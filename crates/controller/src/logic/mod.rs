@@ -92,6 +92,7 @@ fn validate_labels(labels: &BTreeMap<String, String>) -> Result<()> {
     Ok(())
 }
 
+pub mod audit;
 mod orders;
 pub mod rollouts;
 
@@ -121,6 +122,10 @@ pub struct Settings {
     /// Release keys checked at push; `None` checks structure and digests only.
     pub release_trust: Option<convoy_bundle::TrustStore>,
     pub max_bundle_bytes: u64,
+    /// Webhook URLs that receive rollout and agent events.
+    pub notify_urls: Vec<String>,
+    /// An agent offline longer than this is announced to the webhooks.
+    pub offline_after: Duration,
 }
 
 struct Inner {
@@ -135,6 +140,9 @@ struct Inner {
     converging: Mutex<std::collections::HashSet<String>>,
     /// Cancelled when the controller shuts down: background drivers stop with it.
     shutdown: CancellationToken,
+    audit_lock: Mutex<()>,
+    pub(crate) metrics: crate::metrics::Metrics,
+    pub(crate) notifier: crate::notify::Notifier,
 }
 
 /// The result of a successful enrollment.
@@ -163,6 +171,7 @@ pub struct SessionHandle {
 
 impl Controller {
     pub fn new(ca: Ca, store: Store, settings: Settings) -> Self {
+        let notifier = crate::notify::Notifier::new(settings.notify_urls.clone());
         Self {
             inner: Arc::new(Inner {
                 ca,
@@ -175,8 +184,23 @@ impl Controller {
                 drivers: Mutex::new(HashMap::new()),
                 converging: Mutex::new(Default::default()),
                 shutdown: CancellationToken::new(),
+                audit_lock: Mutex::new(()),
+                metrics: Default::default(),
+                notifier,
             }),
         }
+    }
+
+    pub(crate) fn metrics(&self) -> &crate::metrics::Metrics {
+        &self.inner.metrics
+    }
+
+    pub(crate) fn store(&self) -> &Store {
+        &self.inner.store
+    }
+
+    pub(crate) fn notify(&self, kind: &str, event: serde_json::Value) {
+        self.inner.notifier.send(kind, event);
     }
 
     pub fn ca_pem(&self) -> &str {
@@ -429,6 +453,22 @@ impl Controller {
             let _ = self
                 .blocking(move |c| Ok(c.inner.store.update_agent(&id, true, |r| r.last_seen = now())?))
                 .await;
+            // Tell the webhooks if it stays away.
+            let this = self.clone();
+            let id = handle.agent_id.clone();
+            let after = self.inner.settings.offline_after;
+            if !self.inner.settings.notify_urls.is_empty() {
+                tokio::spawn(async move {
+                    tokio::select! {
+                        () = tokio::time::sleep(after) => {
+                            if !this.is_online(&id) {
+                                this.notify("agent_offline", serde_json::json!({"agent": id, "offline_for_secs": after.as_secs()}));
+                            }
+                        }
+                        () = this.inner.shutdown.cancelled() => {}
+                    }
+                });
+            }
             tracing::info!(agent_id = %handle.agent_id, session_id = handle.session_id, "agent offline");
         }
     }

@@ -95,6 +95,7 @@ impl Controller {
         let (done_tx, done_rx) = oneshot::channel();
         self.lock_pending().insert((agent_id.to_owned(), seq), done_tx);
         tracing::info!(agent_id, seq, ?kind, "order sent");
+        self.metrics().order_sent();
         if tx.send(Order { seq, kind }).await.is_err() {
             self.lock_pending().remove(&(agent_id.to_owned(), seq));
             return Err(Error::Offline(agent_id.to_owned()));
@@ -197,6 +198,7 @@ impl Controller {
             out.push(r.map_err(|e| Error::Internal(e.to_string()))?);
         }
         let elapsed = started.elapsed();
+        self.metrics().observe_rollback(elapsed.as_secs_f64());
         out.sort_by(|a, b| a.0.cmp(&b.0));
         // What the rollback left running becomes the desired state, so a reconnecting agent
         // is not moved forward to the release that was just rolled back.

@@ -436,6 +436,7 @@ impl Controller {
         let this = self.clone();
         let r2 = r.clone();
         self.blocking(move |c| c.save_rollout(&r2)).await?;
+        self.notify("rollout_started", serde_json::json!({"rollout": r.id, "app": r.spec.app, "version": r.spec.version, "agents": r.agents.len()}));
         this.spawn_driver(r.id.clone());
         Ok(id)
     }
@@ -514,6 +515,7 @@ impl Controller {
                 self.roll_back_moved(r).await;
                 r.state = RolloutState::Aborted;
                 r.finished_at = Some(now());
+                self.notify("rolled_back", serde_json::json!({"rollout": r.id, "app": r.spec.app, "version": r.spec.version, "reason": "aborted"}));
             }
             (Control::Supersede, _) => {
                 r.state = RolloutState::Superseded;
@@ -556,6 +558,7 @@ impl Controller {
                         WaveEnd::Done => {
                             let w = r.wave;
                             r.event(format!("wave {} of {} done", w + 1, r.waves.len()));
+                            self.notify("wave_done", serde_json::json!({"rollout": r.id, "app": r.spec.app, "version": r.spec.version, "wave": w + 1, "waves": r.waves.len()}));
                             let last = w + 1 >= r.waves.len();
                             if !last && !r.spec.bake.is_zero() {
                                 self.save(&r).await?;
@@ -840,6 +843,7 @@ impl Controller {
     /// The failure policy: stop, roll back every moved agent, mark the release bad.
     async fn fail(&self, r: &mut Rollout, reason: String) -> Result<()> {
         r.event(format!("stopping: {reason}"));
+        self.notify("rollout_failed", serde_json::json!({"rollout": r.id, "app": r.spec.app, "version": r.spec.version, "reason": reason}));
         r.failure = Some(reason.clone());
         self.roll_back_moved(r).await;
         let bad = BadRelease { reason: reason.clone(), rollout: r.id.clone(), at: now() };
@@ -848,6 +852,19 @@ impl Controller {
         r.state = RolloutState::RolledBack;
         r.finished_at = Some(now());
         r.event(format!("rolled back; {}@{} is marked bad", r.spec.app, r.spec.version));
+        self.notify(
+            "rolled_back",
+            serde_json::json!({"rollout": r.id, "app": r.spec.app, "version": r.spec.version}),
+        );
+        let moved: Vec<String> = r.agents.values().filter(|p| p.moved).map(|p| p.id.clone()).collect();
+        self.audit(
+            "controller",
+            "rollout.auto_rollback",
+            &format!("{}@{}", r.spec.app, r.spec.version),
+            serde_json::json!({"rollout": r.id, "reason": reason, "agents": moved}),
+            "rolled back; release marked bad",
+        )
+        .await;
         self.save(r).await
     }
 
@@ -880,6 +897,7 @@ impl Controller {
             r.agents.values().filter(|p| p.step != AgentStep::Healthy).map(|p| p.id.clone()).collect();
         r.state = RolloutState::Completed;
         r.finished_at = Some(now());
+        self.notify("rollout_completed", serde_json::json!({"rollout": r.id, "app": r.spec.app, "version": r.spec.version, "pending": pending}));
         if pending.is_empty() {
             r.event("completed: every targeted agent runs the release");
         } else {
