@@ -98,9 +98,8 @@ impl Controller {
     pub async fn audit_verify(&self) -> Result<std::result::Result<usize, String>> {
         self.blocking(|c| {
             let mut prev = GENESIS.to_owned();
-            let mut expected_seq = 1u64;
             let entries = c.inner.store.audit_raw()?;
-            for (key, v) in &entries {
+            for (expected_seq, (key, v)) in (1u64..).zip(entries.iter()) {
                 let e: AuditEntry = match serde_json::from_value(v.clone()) {
                     Ok(e) => e,
                     Err(err) => return Ok(Err(format!("entry {key} is unreadable: {err}"))),
@@ -124,7 +123,6 @@ impl Controller {
                     )));
                 }
                 prev = e.hash.clone();
-                expected_seq += 1;
             }
             Ok(Ok(entries.len()))
         })
