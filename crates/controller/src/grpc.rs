@@ -483,7 +483,13 @@ impl pb::admin_service_server::AdminService for AdminSvc {
             span.in_scope(|| tracing::warn!(error = %status.message(), "push failed"));
             return Err(status);
         }
-        match self.0.ingest(upload, admin.to_string()).instrument(span.clone()).await {
+        let result = self.0.ingest(upload, admin.to_string()).instrument(span.clone()).await;
+        let target =
+            result.as_ref().map(|(r, _)| format!("{}@{}", r.app, r.version)).unwrap_or_else(|_| "?".into());
+        let params =
+            result.as_ref().map(|(r, _)| serde_json::json!({"digest": r.digest})).unwrap_or_default();
+        self.audited(&admin, "release.push", &target, params, &result).await;
+        match result {
             Ok((rec, already_present)) => Ok(Response::new(pb::PushReleaseResponse {
                 release: Some(release_info(rec)),
                 already_present,

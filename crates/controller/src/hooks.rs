@@ -389,6 +389,12 @@ async fn act(ctl: &Controller, r: &Request) -> String {
     outcome
 }
 
+/// When a delivery or signature was first acted on.
+#[derive(serde::Serialize, Deserialize)]
+struct Seen {
+    at: i64,
+}
+
 impl Controller {
     fn inner_metrics(&self) -> &crate::metrics::Metrics {
         self.metrics()
@@ -402,14 +408,15 @@ impl Controller {
 
     async fn seen(&self, key: &str) -> bool {
         let key = key.to_owned();
-        self.blocking(move |c| Ok(c.store().get::<i64>(Tree::HookSeen, &key)?.is_some()))
+        self.blocking(move |c| Ok(c.store().get::<Seen>(Tree::HookSeen, &key)?.is_some()))
             .await
             .unwrap_or(false)
     }
 
     async fn mark_seen(&self, key: &str) {
         let key = key.to_owned();
-        let _ = self.blocking(move |c| Ok(c.store().put(Tree::HookSeen, &key, &now(), true)?)).await;
+        let _ =
+            self.blocking(move |c| Ok(c.store().put(Tree::HookSeen, &key, &Seen { at: now() }, true)?)).await;
     }
 
     /// The release most targeted agents run now (what a rollback would leave).

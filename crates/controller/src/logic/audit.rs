@@ -129,3 +129,10 @@ impl Controller {
         .await
     }
 }
+
+impl Controller {
+    /// The raw audit tree, for tests that tamper with the log to prove verification catches it.
+    pub fn audit_tree_for_tests(&self) -> Result<sled::Tree> {
+        Ok(self.inner.store.audit_tree()?)
+    }
+}
