@@ -10,6 +10,8 @@ fn main() -> ExitCode {
     // The controller logs at info; admin commands stay quiet unless asked.
     let default_filter = match cli.command {
         Command::Serve(_) => "info",
+        // The demo narrates; its components' logs would drown the story.
+        Command::Demo(_) => "error",
         _ => "warn",
     };
     tracing_subscriber::fmt()

@@ -230,6 +230,13 @@ fn demo_runs_a_local_fleet_and_exits_zero() {
         assert!(out.lines().any(|l| l.starts_with(id) && l.contains("online")), "{out}");
     }
     assert!(out.contains("demo finished"), "{out}");
+    assert!(out.contains("6/6 agents serve 1.0.0"), "{out}");
+    assert!(out.contains("2.0.0 is marked bad"), "{out}");
+    assert!(out.contains("6/6 agents serve 3.0.0"), "{out}");
+    assert!(out.contains("HTTP 200; fleet rolled back"), "{out}");
+    assert!(out.contains("6/6 agents serve 1.0.0 again"), "{out}");
+    assert!(out.contains("hash chain intact"), "{out}");
+    assert!(out.contains("alert:CheckoutErrorRate"), "{out}");
 }
 
 #[test]

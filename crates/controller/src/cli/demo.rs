@@ -1,10 +1,18 @@
-//! `convoy demo`: a controller and three agents in three regions, in a temporary directory.
+//! `convoy demo`: the whole story on one machine, in a temporary directory. A controller and six
+//! agents in three regions; releases of a small HTTP service built, signed and pushed; a rollout
+//! in waves; a bad release caught by its canary and rolled back automatically; a good release;
+//! and an Alertmanager alert that rolls the fleet back. Everything is real: PKI, mutual TLS,
+//! signed bundles, processes, health checks.
 
+use std::path::Path;
 use std::time::{Duration, Instant};
 
+use convoy_bundle::{BuildOptions, SecretKey};
 use convoy_proto::v1 as pb;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::local::{LocalAgent, LocalController, LocalOptions};
+use crate::local::{write_demo_release, LocalAgent, LocalController, LocalOptions};
+use crate::logic::rollouts::Rollout;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -13,36 +21,189 @@ pub struct Args {
     keep: bool,
 }
 
-const AGENTS: [(&str, &str); 3] = [("eu-1", "eu-west"), ("us-1", "us-east"), ("ap-1", "ap-south")];
+const AGENTS: [(&str, &str); 6] = [
+    ("eu-1", "eu-west"),
+    ("eu-2", "eu-west"),
+    ("us-1", "us-east"),
+    ("us-2", "us-east"),
+    ("ap-1", "ap-south"),
+    ("ap-2", "ap-south"),
+];
+
+struct Narrator(Instant);
+
+impl Narrator {
+    fn say(&self, what: &str) {
+        println!("[{:>6.2}s] {what}", self.0.elapsed().as_secs_f64());
+    }
+}
 
 pub async fn run(args: Args) -> anyhow::Result<()> {
-    let started = Instant::now();
+    let n = Narrator(Instant::now());
     let tmp = tempfile::Builder::new().prefix("convoy-demo-").tempdir()?;
-    let step = |what: &str| println!("[{:>6.2}s] {what}", started.elapsed().as_secs_f64());
-    let ctl_dir = tmp.path().join("controller");
-    let ctl = LocalController::start(&ctl_dir, LocalOptions::default()).await?;
-    step(&format!("controller up: PKI in {}, gRPC on {}", ctl_dir.display(), ctl.grpc_addr));
+    let root = tmp.path();
+    let exe = std::env::current_exe()?;
+
+    let ctl = LocalController::start(&root.join("controller"), LocalOptions::default()).await?;
+    n.say(&format!("controller up: CA and certificates in {}, gRPC (mTLS) on {}, HTTP on {}", ctl.dir.display(), ctl.grpc_addr, ctl.http_addr));
+
+    let key = SecretKey::generate();
+    n.say(&format!("release signing key {} generated (the controller never sees it)", key.public().id()));
+
     let mut agents = Vec::new();
+    let mut ports = Vec::new();
     for (id, region) in AGENTS {
-        let dir = tmp.path().join("agents").join(id);
+        let dir = root.join("agents").join(id);
         ctl.enroll(&dir, id, region).await?;
-        agents.push(LocalAgent::spawn(&dir)?);
-        step(&format!("agent {id} enrolled in {region} with a one-time token (key generated locally)"));
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let public = key.public();
+        agents.push(LocalAgent::spawn_with(&dir, |c| {
+            c.trust = vec![public];
+            c.vars.insert("PORT".into(), port.to_string());
+        })?);
+        ports.push((id, port));
     }
     for a in &mut agents {
-        a.wait_for(Duration::from_secs(20), |s| s.connected).await?;
+        a.wait_for(Duration::from_secs(30), |s| s.connected).await?;
     }
-    step("all agents hold a mutual-TLS session");
+    n.say("six agents enrolled with one-time tokens (keys generated on the agents) in eu-west, us-east, ap-south");
+
+    for (version, mode, what) in [("1.0.0", "healthy", "healthy"), ("2.0.0", "fail500", "answers 500 on /healthz"), ("3.0.0", "healthy", "healthy")] {
+        let src = root.join("releases").join(version);
+        write_demo_release(&src, &exe, version, mode, "")?;
+        let out = root.join("releases").join(format!("shop-api-{version}.bundle"));
+        let opts = BuildOptions { app: "shop-api".into(), version: version.into(), created_at: 1_767_225_600, target: None, zstd_level: 3 };
+        let m = convoy_bundle::build(&src, &opts, &key, &out)?;
+        push(&ctl, &out).await?;
+        n.say(&format!("built, signed and pushed shop-api@{version} ({what}; {} files, payload sha256 {}…)", m.files.len(), &m.payload.sha256[..12]));
+    }
+
+    let serving = |want: &str| ports.iter().filter(|(_, p)| fetch(*p).as_deref() == Some(&format!("demo-app {want}"))).count();
+
+    let base = pb::DeployRequest { app: "shop-api".into(), waves: vec![50, 100], ..Default::default() };
+    let spec = pb::DeployRequest { version: "1.0.0".into(), ..base.clone() };
+    let r = rollout(&ctl, spec, &n).await?;
+    n.say(&format!("rollout {} of 1.0.0: {:?} in {} waves; {}/6 agents serve 1.0.0", r.id, r.state, r.waves.len(), serving("1.0.0")));
+
+    let spec = pb::DeployRequest { version: "2.0.0".into(), health_deadline_ms: 3000, ..base.clone() };
+    let r = rollout(&ctl, spec, &n).await?;
+    n.say(&format!(
+        "rollout {} of 2.0.0: {:?} — {}; {}/6 agents still serve 1.0.0, 2.0.0 is marked bad",
+        r.id,
+        r.state,
+        r.failure.clone().unwrap_or_default(),
+        serving("1.0.0")
+    ));
+
+    let spec = pb::DeployRequest {
+        version: "3.0.0".into(),
+        region_order: vec!["ap".into(), "eu".into(), "us".into()],
+        waves: vec![100],
+        ..base
+    };
+    let r = rollout(&ctl, spec, &n).await?;
+    n.say(&format!("rollout {} of 3.0.0 (ap, then eu, then us): {:?}; {}/6 agents serve 3.0.0", r.id, r.state, serving("3.0.0")));
+
+    let started = Instant::now();
+    let token = ctl.config.hooks.alertmanager_token.clone().unwrap_or_default();
+    let status = alert(ctl.http_addr, &token).await?;
+    n.say(&format!(
+        "Alertmanager alert CheckoutErrorRate (convoy_action=rollback) → HTTP {status}; fleet rolled back in {} ms: {}/6 agents serve 1.0.0 again",
+        started.elapsed().as_millis(),
+        serving("1.0.0")
+    ));
+
+    let log = ctl.controller.audit_log(None, None).await?;
+    println!("\n$ convoy audit");
+    let mut rows = vec![["SEQ", "ACTOR", "ACTION", "TARGET", "OUTCOME"].map(String::from)];
+    for e in &log {
+        rows.push([e.seq.to_string(), e.actor.clone(), e.action.clone(), e.target.clone(), e.outcome.clone()]);
+    }
+    print!("{}", super::agents::table(&rows));
+    match ctl.controller.audit_verify().await? {
+        Ok(count) => println!("audit log: {count} entries, hash chain intact"),
+        Err(problem) => anyhow::bail!("audit log does not verify: {problem}"),
+    }
     let listed = ctl.admin().await?.list_agents(pb::ListAgentsRequest::default()).await?.into_inner();
     println!("\n$ convoy agents\n{}", super::agents::render(listed.agents, super::Output::Table)?);
+
     if args.keep {
-        println!("the fleet stays up; in another terminal:\n  export CONVOY_CONFIG={}\n  convoy agents\nCtrl-C to stop.", ctl.config.path.display());
+        println!(
+            "the fleet stays up; in another terminal:\n  export CONVOY_CONFIG={}\n  convoy agents\n  convoy status\n  convoy rollout list\nCtrl-C to stop.",
+            ctl.config.path.display()
+        );
         convoy_transport::shutdown_signal().await;
     }
     for a in agents {
         a.stop().await?;
     }
     ctl.stop().await?;
-    step("demo finished");
+    n.say("demo finished");
     Ok(())
+}
+
+async fn push(ctl: &LocalController, path: &Path) -> anyhow::Result<()> {
+    let data = tokio::fs::read(path).await?;
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    tx.send(pb::PushChunk { data }).await?;
+    drop(tx);
+    ctl.admin().await?.push_release(tokio_stream::wrappers::ReceiverStream::new(rx)).await?;
+    Ok(())
+}
+
+/// Deploys through the admin API, as `convoy deploy` does, and narrates the rollout's events.
+async fn rollout(ctl: &LocalController, spec: pb::DeployRequest, n: &Narrator) -> anyhow::Result<Rollout> {
+    let version = spec.version.clone();
+    let id = ctl.admin().await?.deploy(spec).await?.into_inner().id;
+    n.say(&format!("deploy shop-api@{version} → rollout {id} (canary first, then waves, health-gated)"));
+    let mut seen = 0;
+    loop {
+        let r = ctl.controller.rollout(Some(id.clone())).await?;
+        for e in r.events.iter().skip(seen) {
+            println!("          · {}", e.message);
+        }
+        seen = r.events.len();
+        if r.state.is_final() {
+            return Ok(r);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// `GET /` on a demo service.
+fn fetch(port: u16) -> Option<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").ok()?;
+    let mut body = String::new();
+    s.read_to_string(&mut body).ok()?;
+    body.lines().last().map(|l| l.trim().to_string())
+}
+
+/// Posts an Alertmanager (version 4) webhook, as Alertmanager would.
+async fn alert(addr: std::net::SocketAddr, token: &str) -> anyhow::Result<u16> {
+    let body = serde_json::json!({
+        "version": "4",
+        "status": "firing",
+        "receiver": "convoy",
+        "groupKey": "{}:{alertname=\"CheckoutErrorRate\"}",
+        "alerts": [{
+            "status": "firing",
+            "labels": {"alertname": "CheckoutErrorRate", "app": "shop-api", "convoy_action": "rollback", "severity": "page"},
+            "annotations": {"summary": "checkout errors above 2%"},
+            "startsAt": "2026-11-29T10:00:00Z",
+            "fingerprint": "demo-1"
+        }]
+    })
+    .to_string();
+    let mut s = tokio::net::TcpStream::connect(addr).await?;
+    let req = format!(
+        "POST /v1/hooks/alertmanager HTTP/1.1\r\nHost: convoy\r\nAuthorization: Bearer {token}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).await?;
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).await?;
+    Ok(resp.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0))
 }
