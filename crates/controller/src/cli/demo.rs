@@ -45,7 +45,12 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let exe = std::env::current_exe()?;
 
     let ctl = LocalController::start(&root.join("controller"), LocalOptions::default()).await?;
-    n.say(&format!("controller up: CA and certificates in {}, gRPC (mTLS) on {}, HTTP on {}", ctl.dir.display(), ctl.grpc_addr, ctl.http_addr));
+    n.say(&format!(
+        "controller up: CA and certificates in {}, gRPC (mTLS) on {}, HTTP on {}",
+        ctl.dir.display(),
+        ctl.grpc_addr,
+        ctl.http_addr
+    ));
 
     let key = SecretKey::generate();
     n.say(&format!("release signing key {} generated (the controller never sees it)", key.public().id()));
@@ -68,22 +73,44 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     }
     n.say("six agents enrolled with one-time tokens (keys generated on the agents) in eu-west, us-east, ap-south");
 
-    for (version, mode, what) in [("1.0.0", "healthy", "healthy"), ("2.0.0", "fail500", "answers 500 on /healthz"), ("3.0.0", "healthy", "healthy")] {
+    for (version, mode, what) in [
+        ("1.0.0", "healthy", "healthy"),
+        ("2.0.0", "fail500", "answers 500 on /healthz"),
+        ("3.0.0", "healthy", "healthy"),
+    ] {
         let src = root.join("releases").join(version);
         write_demo_release(&src, &exe, version, mode, "")?;
         let out = root.join("releases").join(format!("shop-api-{version}.bundle"));
-        let opts = BuildOptions { app: "shop-api".into(), version: version.into(), created_at: 1_767_225_600, target: None, zstd_level: 3 };
+        let opts = BuildOptions {
+            app: "shop-api".into(),
+            version: version.into(),
+            created_at: 1_767_225_600,
+            target: None,
+            zstd_level: 3,
+        };
         let m = convoy_bundle::build(&src, &opts, &key, &out)?;
         push(&ctl, &out).await?;
-        n.say(&format!("built, signed and pushed shop-api@{version} ({what}; {} files, payload sha256 {}…)", m.files.len(), &m.payload.sha256[..12]));
+        n.say(&format!(
+            "built, signed and pushed shop-api@{version} ({what}; {} files, payload sha256 {}…)",
+            m.files.len(),
+            &m.payload.sha256[..12]
+        ));
     }
 
-    let serving = |want: &str| ports.iter().filter(|(_, p)| fetch(*p).as_deref() == Some(&format!("demo-app {want}"))).count();
+    let serving = |want: &str| {
+        ports.iter().filter(|(_, p)| fetch(*p).as_deref() == Some(&format!("demo-app {want}"))).count()
+    };
 
     let base = pb::DeployRequest { app: "shop-api".into(), waves: vec![50, 100], ..Default::default() };
     let spec = pb::DeployRequest { version: "1.0.0".into(), ..base.clone() };
     let r = rollout(&ctl, spec, &n).await?;
-    n.say(&format!("rollout {} of 1.0.0: {:?} in {} waves; {}/6 agents serve 1.0.0", r.id, r.state, r.waves.len(), serving("1.0.0")));
+    n.say(&format!(
+        "rollout {} of 1.0.0: {:?} in {} waves; {}/6 agents serve 1.0.0",
+        r.id,
+        r.state,
+        r.waves.len(),
+        serving("1.0.0")
+    ));
 
     let spec = pb::DeployRequest { version: "2.0.0".into(), health_deadline_ms: 3000, ..base.clone() };
     let r = rollout(&ctl, spec, &n).await?;
@@ -102,7 +129,12 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         ..base
     };
     let r = rollout(&ctl, spec, &n).await?;
-    n.say(&format!("rollout {} of 3.0.0 (ap, then eu, then us): {:?}; {}/6 agents serve 3.0.0", r.id, r.state, serving("3.0.0")));
+    n.say(&format!(
+        "rollout {} of 3.0.0 (ap, then eu, then us): {:?}; {}/6 agents serve 3.0.0",
+        r.id,
+        r.state,
+        serving("3.0.0")
+    ));
 
     let started = Instant::now();
     let token = ctl.config.hooks.alertmanager_token.clone().unwrap_or_default();
@@ -117,7 +149,13 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     println!("\n$ convoy audit");
     let mut rows = vec![["SEQ", "ACTOR", "ACTION", "TARGET", "OUTCOME"].map(String::from)];
     for e in &log {
-        rows.push([e.seq.to_string(), e.actor.clone(), e.action.clone(), e.target.clone(), e.outcome.clone()]);
+        rows.push([
+            e.seq.to_string(),
+            e.actor.clone(),
+            e.action.clone(),
+            e.target.clone(),
+            e.outcome.clone(),
+        ]);
     }
     print!("{}", super::agents::table(&rows));
     match ctl.controller.audit_verify().await? {
