@@ -600,6 +600,7 @@ impl pb::admin_service_server::AdminService for AdminSvc {
         spec.health_deadline =
             (r.health_deadline_ms > 0).then(|| Duration::from_millis(r.health_deadline_ms));
         spec.force = r.force;
+        spec.downgrade = r.downgrade;
         spec.supersede = r.supersede;
         spec.override_freeze = r.override_freeze.then_some(r.reason);
         let params = serde_json::to_value(&spec).unwrap_or_default();

@@ -462,11 +462,32 @@ fn rollout_with_real_binaries_deploy_watch_rollback() {
     assert!(run_err(&mut admin(&["deploy", "shop-api@1.1.0", "--max-failures", "lots"]))
         .contains("--max-failures"));
 
+    let err = run_err(&mut admin(&["deploy", "shop-api@1.0.0"]));
+    assert!(err.contains("older than 1.1.0") && err.contains("--downgrade"), "{err}");
+    let fz = run_ok(&mut admin(&[
+        "freeze", "add", "--from", "now", "--to", "now+1h", "--reason", "peak", "--region", "us-east",
+    ]));
+    let fz = fz.trim();
+    assert!(run_ok(&mut admin(&["freeze", "list"])).contains("peak"));
+    let err = run_err(&mut admin(&["deploy", "shop-api@1.1.0", "--force"]));
+    assert!(err.contains("frozen"), "{err}");
+    assert!(run_err(&mut admin(&["freeze", "add", "--from", "soon", "--to", "now", "--reason", "x"]))
+        .contains("--from"));
+    run_ok(&mut admin(&["freeze", "rm", fz]));
     let out = run_ok(&mut admin(&["rollback", "shop-api", "--all", "--reason", "conversion dropped"]));
     assert_eq!(out.lines().filter(|l| l.contains("rolled back")).count(), 3, "{out}");
     assert!(serving("1.0.0"));
     let status = run_ok(&mut admin(&["status"]));
     assert!(status.lines().filter(|l| l.starts_with("shop-api")).all(|l| l.contains("1.0.0×1")), "{status}");
+    let audit: serde_json::Value =
+        serde_json::from_str(&run_ok(&mut admin(&["audit", "-o", "json"]))).unwrap();
+    let actions: Vec<&str> =
+        audit.as_array().unwrap().iter().map(|e| e["action"].as_str().unwrap()).collect();
+    for want in ["release.push", "deploy", "freeze.add", "freeze.rm", "rollback"] {
+        assert!(actions.contains(&want), "{want} not audited: {actions:?}");
+    }
+    assert!(run_ok(&mut admin(&["audit", "--app", "shop-api", "--since", "1h"])).contains("rollback"));
+    assert!(run_ok(&mut admin(&["audit", "verify"])).contains("hash chain verified"));
 
     for mut a in agents {
         assert!(terminate(&mut a.0).success());

@@ -43,6 +43,9 @@ pub struct Args {
     /// Deploy a release that was marked bad.
     #[arg(long)]
     force: bool,
+    /// Allow a version older than what the targeted agents run.
+    #[arg(long)]
+    downgrade: bool,
     /// Replace an active rollout of the same app.
     #[arg(long)]
     supersede: bool,
@@ -115,6 +118,7 @@ pub async fn run(config: &super::Globals, a: Args) -> anyhow::Result<()> {
             .map(|d| d.as_millis() as u64)
             .unwrap_or(0),
         force: a.force,
+        downgrade: a.downgrade,
         supersede: a.supersede,
         override_freeze: a.override_freeze,
         reason: a.reason.unwrap_or_default(),

@@ -68,6 +68,8 @@ pub struct RolloutSpec {
     #[serde(default, with = "humantime_serde")]
     pub health_deadline: Option<Duration>,
     pub force: bool,
+    #[serde(default)]
+    pub downgrade: bool,
     pub supersede: bool,
     /// Set when a freeze window is overridden: the reason.
     pub override_freeze: Option<String>,
@@ -89,6 +91,7 @@ impl RolloutSpec {
             max_failures: Threshold::Count(0),
             health_deadline: None,
             force: false,
+            downgrade: false,
             supersede: false,
             override_freeze: None,
         }
@@ -356,6 +359,23 @@ impl Controller {
             return Err(Error::InvalidArgument("no agent matches the rollout's regions and selector".into()));
         }
         let regions: HashSet<String> = targets.iter().map(|(r, _)| r.clone()).collect();
+        // Going back to an older version is a rollback, or an explicit downgrade.
+        if !spec.downgrade {
+            let new = semver::Version::parse(&spec.version).ok();
+            let newer_running: Vec<String> = agents
+                .iter()
+                .filter(|a| targets.iter().any(|(_, id)| *id == a.record.id))
+                .filter_map(|a| a.record.apps.iter().find(|s| s.app == spec.app))
+                .filter(|s| semver::Version::parse(&s.current).ok() > new)
+                .map(|s| s.current.clone())
+                .collect();
+            if let Some(v) = newer_running.first() {
+                return Err(Error::FailedPrecondition(format!(
+                    "{}@{} is older than {v}, which targeted agents run; use `convoy rollback`, or deploy with --downgrade",
+                    spec.app, spec.version
+                )));
+            }
+        }
         let active: Vec<Rollout> = self
             .rollouts(Some(spec.app.clone()))
             .await?
