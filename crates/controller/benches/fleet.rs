@@ -15,7 +15,6 @@ use convoy_bundle::{BuildOptions, SecretKey};
 use convoy_controller::local::{LocalAgent, LocalController, LocalOptions};
 use convoy_controller::logic::rollouts::{RolloutSpec, RolloutState};
 use convoy_controller::logic::Target;
-use convoy_proto::v1 as pb;
 
 async fn run(n: usize) {
     let tmp = tempfile::tempdir().unwrap();

@@ -15,7 +15,6 @@ use convoy_agent::Layout;
 use convoy_bundle::{BuildOptions, SecretKey};
 use convoy_controller::local::{write_demo_release, LocalAgent, LocalController, LocalOptions};
 use convoy_controller::logic::OrderKind;
-use convoy_proto::v1 as pb;
 
 fn summary(name: &str, mut v: Vec<Duration>) {
     v.sort();
@@ -81,17 +80,7 @@ async fn end_to_end(dir: &Path) {
             zstd_level: 1,
         };
         convoy_bundle::build(&src, &opts, &key, &out).unwrap();
-        let (tx, rx) = tokio::sync::mpsc::channel(1);
-        tx.send(pb::PushChunk { data: std::fs::read(&out).unwrap() }).await.unwrap();
-        drop(tx);
-        let r = ctl
-            .admin()
-            .await
-            .unwrap()
-            .push_release(tokio_stream::wrappers::ReceiverStream::new(rx))
-            .await
-            .unwrap();
-        digests.push((v, r.into_inner().release.unwrap().digest));
+        digests.push((v, ctl.push_file(&out).await.unwrap().digest));
     }
     let agent_dir = dir.join("a1");
     ctl.enroll(&agent_dir, "a1", "eu-west").await.unwrap();

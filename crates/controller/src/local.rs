@@ -106,6 +106,40 @@ impl LocalController {
         Ok(resp.into_inner().token)
     }
 
+    /// Pushes a bundle file through the admin API, as `convoy release push` does.
+    pub async fn push_file(&self, path: &Path) -> anyhow::Result<pb::ReleaseInfo> {
+        let data = tokio::fs::read(path).await.with_context(|| format!("reading {}", path.display()))?;
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        tx.send(pb::PushChunk { data }).await?;
+        drop(tx);
+        let resp = self.admin().await?.push_release(tokio_stream::wrappers::ReceiverStream::new(rx)).await?;
+        resp.into_inner().release.context("the controller returned no release")
+    }
+
+    /// Builds `app@version` of the demo service under `dir` (see [`write_demo_release`]; `exe`
+    /// is the `convoy` binary that serves it), signs it with `key`, and pushes it.
+    pub async fn push_demo_release(
+        &self,
+        dir: &Path,
+        exe: &Path,
+        key: &convoy_bundle::SecretKey,
+        release: DemoRelease<'_>,
+    ) -> anyhow::Result<pb::ReleaseInfo> {
+        let DemoRelease { app, version, mode, extra } = release;
+        let src = dir.join(format!("src-{app}-{version}"));
+        write_demo_release(&src, exe, version, mode, extra)?;
+        let out = dir.join(format!("{app}-{version}.bundle"));
+        let opts = convoy_bundle::BuildOptions {
+            app: app.into(),
+            version: version.into(),
+            created_at: 1_767_225_600,
+            target: None,
+            zstd_level: 3,
+        };
+        convoy_bundle::build(&src, &opts, key, &out)?;
+        self.push_file(&out).await
+    }
+
     pub fn ca_pem(&self) -> anyhow::Result<String> {
         Ok(std::fs::read_to_string(&self.config.ca_cert)?)
     }
@@ -201,4 +235,20 @@ pub fn write_demo_release(
     );
     std::fs::write(dir.join("convoy.toml"), toml)?;
     Ok(())
+}
+
+/// Which demo release to build: the app, its version, the demo service's mode (`healthy`,
+/// `fail500`, `crash`, `hang`, or a `${VAR}`), and extra `convoy.toml` text.
+#[derive(Clone, Copy, Debug)]
+pub struct DemoRelease<'a> {
+    pub app: &'a str,
+    pub version: &'a str,
+    pub mode: &'a str,
+    pub extra: &'a str,
+}
+
+impl<'a> DemoRelease<'a> {
+    pub fn new(version: &'a str, mode: &'a str) -> Self {
+        Self { app: "shop-api", version, mode, extra: "" }
+    }
 }

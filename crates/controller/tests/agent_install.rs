@@ -9,11 +9,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use common::{eventually, free_port, get};
-use convoy_bundle::{BuildOptions, SecretKey};
-use convoy_controller::local::{write_demo_release, LocalAgent, LocalController, LocalOptions};
+use convoy_bundle::SecretKey;
+use convoy_controller::local::{DemoRelease, LocalAgent, LocalController, LocalOptions};
 use convoy_controller::logic::{OrderKind, OrderOutcome, Target};
-use convoy_proto::v1 as pb;
-use tokio_stream::wrappers::ReceiverStream;
 
 const WAIT: Duration = Duration::from_secs(30);
 const ORDER: Duration = Duration::from_secs(60);
@@ -34,24 +32,10 @@ impl Fleet {
 
     /// Builds and pushes `shop-api@version` running the demo service in `mode`.
     async fn release(&mut self, version: &str, mode: &str, extra: &str) {
-        let src = self.tmp.path().join(format!("src-{version}"));
-        write_demo_release(&src, Path::new(env!("CARGO_BIN_EXE_convoy")), version, mode, extra).unwrap();
-        let out = self.tmp.path().join(format!("{version}.bundle"));
-        let opts = BuildOptions {
-            app: "shop-api".into(),
-            version: version.into(),
-            created_at: 0,
-            target: None,
-            zstd_level: 1,
-        };
-        convoy_bundle::build(&src, &opts, &self.key, &out).unwrap();
-        let bytes = std::fs::read(&out).unwrap();
-        let (tx, rx) = tokio::sync::mpsc::channel(4);
-        tx.send(pb::PushChunk { data: bytes }).await.unwrap();
-        drop(tx);
-        let r =
-            self.ctl.admin().await.unwrap().push_release(ReceiverStream::new(rx)).await.unwrap().into_inner();
-        self.digests.insert(version.into(), r.release.unwrap().digest);
+        let exe = Path::new(env!("CARGO_BIN_EXE_convoy"));
+        let r = DemoRelease { extra, ..DemoRelease::new(version, mode) };
+        let info = self.ctl.push_demo_release(self.tmp.path(), exe, &self.key, r).await.unwrap();
+        self.digests.insert(version.into(), info.digest);
     }
 
     /// Enrolls and runs an agent with this fleet's release key and its own PORT.

@@ -11,11 +11,10 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use common::{eventually, free_port, get};
-use convoy_bundle::{BuildOptions, SecretKey};
-use convoy_controller::local::{write_demo_release, LocalController, LocalOptions};
+use convoy_bundle::SecretKey;
+use convoy_controller::local::{DemoRelease, LocalController, LocalOptions};
 use convoy_controller::logic::OrderKind;
 use convoy_proto::v1 as pb;
-use tokio_stream::wrappers::ReceiverStream;
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -92,22 +91,9 @@ async fn agent_killed_at_every_journal_step_recovers_to_a_complete_release() {
     std::fs::write(&key_path, key.public().to_text()).unwrap();
     let mut digests = std::collections::HashMap::new();
     for (v, mode) in [("1.0.0", "healthy"), ("2.0.0", "healthy"), ("3.0.0", "fail500")] {
-        let src = tmp.path().join(format!("src-{v}"));
-        write_demo_release(&src, Path::new(env!("CARGO_BIN_EXE_convoy")), v, mode, "").unwrap();
-        let out = tmp.path().join(format!("{v}.bundle"));
-        let opts = BuildOptions {
-            app: "shop-api".into(),
-            version: v.into(),
-            created_at: 0,
-            target: None,
-            zstd_level: 1,
-        };
-        convoy_bundle::build(&src, &opts, &key, &out).unwrap();
-        let (tx, rx) = tokio::sync::mpsc::channel(1);
-        tx.send(pb::PushChunk { data: std::fs::read(&out).unwrap() }).await.unwrap();
-        drop(tx);
-        let r = ctl.admin().await.unwrap().push_release(ReceiverStream::new(rx)).await.unwrap().into_inner();
-        digests.insert(v, r.release.unwrap().digest);
+        let exe = Path::new(env!("CARGO_BIN_EXE_convoy"));
+        let info = ctl.push_demo_release(tmp.path(), exe, &key, DemoRelease::new(v, mode)).await.unwrap();
+        digests.insert(v, info.digest);
     }
     let c = &ctl.controller;
     let order =

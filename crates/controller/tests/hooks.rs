@@ -11,13 +11,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::{eventually, free_port, get};
-use convoy_bundle::{BuildOptions, SecretKey};
-use convoy_controller::local::{write_demo_release, LocalAgent, LocalController, LocalOptions};
+use convoy_bundle::SecretKey;
+use convoy_controller::local::{DemoRelease, LocalAgent, LocalController, LocalOptions};
 use convoy_controller::logic::rollouts::{AgentStep, RolloutSpec, RolloutState};
-use convoy_proto::v1 as pb;
 use hmac::Mac;
 use serde_json::{json, Value};
-use tokio_stream::wrappers::ReceiverStream;
 
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -105,21 +103,11 @@ impl Fleet {
     }
 
     async fn push(&self, version: &str) {
-        let src = self.tmp.path().join(format!("src-{version}"));
-        write_demo_release(&src, Path::new(env!("CARGO_BIN_EXE_convoy")), version, "healthy", "").unwrap();
-        let out = self.tmp.path().join(format!("{version}.bundle"));
-        let opts = BuildOptions {
-            app: "shop-api".into(),
-            version: version.into(),
-            created_at: 0,
-            target: None,
-            zstd_level: 1,
-        };
-        convoy_bundle::build(&src, &opts, &self.key, &out).unwrap();
-        let (tx, rx) = tokio::sync::mpsc::channel(1);
-        tx.send(pb::PushChunk { data: std::fs::read(&out).unwrap() }).await.unwrap();
-        drop(tx);
-        self.ctl.admin().await.unwrap().push_release(ReceiverStream::new(rx)).await.unwrap();
+        let exe = Path::new(env!("CARGO_BIN_EXE_convoy"));
+        self.ctl
+            .push_demo_release(self.tmp.path(), exe, &self.key, DemoRelease::new(version, "healthy"))
+            .await
+            .unwrap();
     }
 
     async fn roll_out(&self, version: &str) {

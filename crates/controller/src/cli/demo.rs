@@ -4,7 +4,6 @@
 //! and an Alertmanager alert that rolls the fleet back. Everything is real: PKI, mutual TLS,
 //! signed bundles, processes, health checks.
 
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use convoy_bundle::{BuildOptions, SecretKey};
@@ -89,7 +88,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             zstd_level: 3,
         };
         let m = convoy_bundle::build(&src, &opts, &key, &out)?;
-        push(&ctl, &out).await?;
+        ctl.push_file(&out).await?;
         n.say(&format!(
             "built, signed and pushed shop-api@{version} ({what}; {} files, payload sha256 {}…)",
             m.files.len(),
@@ -177,15 +176,6 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     }
     ctl.stop().await?;
     n.say("demo finished");
-    Ok(())
-}
-
-async fn push(ctl: &LocalController, path: &Path) -> anyhow::Result<()> {
-    let data = tokio::fs::read(path).await?;
-    let (tx, rx) = tokio::sync::mpsc::channel(1);
-    tx.send(pb::PushChunk { data }).await?;
-    drop(tx);
-    ctl.admin().await?.push_release(tokio_stream::wrappers::ReceiverStream::new(rx)).await?;
     Ok(())
 }
 
