@@ -34,15 +34,7 @@ async fn run(n: usize) {
             zstd_level: 1,
         };
         convoy_bundle::build(&src, &opts, &key, &out).unwrap();
-        let (tx, rx) = tokio::sync::mpsc::channel(1);
-        tx.send(pb::PushChunk { data: std::fs::read(&out).unwrap() }).await.unwrap();
-        drop(tx);
-        ctl.admin()
-            .await
-            .unwrap()
-            .push_release(tokio_stream::wrappers::ReceiverStream::new(rx))
-            .await
-            .unwrap();
+        ctl.push_file(&out).await.unwrap();
     }
     let regions = ["ap-south", "eu-west", "us-east"];
     let t = Instant::now();
