@@ -190,6 +190,9 @@ impl Supervised {
             loop {
                 let mut cmd = command(&spec.argv, &spec.cwd, &spec.env);
                 cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+                // If the supervisor itself is dropped without a stop (its runtime ends), the
+                // service must not outlive it unsupervised.
+                cmd.kill_on_drop(true);
                 let started = tokio::time::Instant::now();
                 match cmd.spawn() {
                     Ok(mut child) => {

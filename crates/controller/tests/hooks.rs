@@ -341,6 +341,23 @@ async fn notifications_are_delivered_and_retried_and_metrics_parse() {
     // /metrics: well-formed Prometheus text with the families we promise.
     let text = http_get(f.ctl.http_addr, "/metrics");
     check_prometheus_text(&text);
+    // Where Prometheus' own checker is installed, it must agree.
+    if let Ok(mut child) = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+    {
+        child.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "promtool: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
     for family in [
         "convoy_agents",
         "convoy_rollouts",
