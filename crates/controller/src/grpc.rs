@@ -377,6 +377,15 @@ impl pb::agent_service_server::AgentService for AgentSvc {
 pub struct AdminSvc(pub Controller);
 
 impl AdminSvc {
+    /// The caller's admin identity, refusing other identities and revoked admins.
+    async fn admin<T>(&self, req: &Request<T>) -> Result<Identity, Status> {
+        let id = require_admin(req)?;
+        if let Identity::Admin(name) = &id {
+            self.0.check_admin(name).await.map_err(to_status)?;
+        }
+        Ok(id)
+    }
+
     /// Writes the audit entry for an admin action, with its outcome.
     async fn audited<T>(
         &self,
@@ -400,7 +409,7 @@ impl pb::admin_service_server::AdminService for AdminSvc {
         &self,
         req: Request<pb::CreateTokenRequest>,
     ) -> Result<Response<pb::CreateTokenResponse>, Status> {
-        let admin = require_admin(&req)?;
+        let admin = self.admin(&req).await?;
         let r = req.into_inner();
         let region = (!r.region.is_empty()).then_some(r.region);
         let ttl = Duration::from_secs(r.ttl_secs);
@@ -420,7 +429,7 @@ impl pb::admin_service_server::AdminService for AdminSvc {
         &self,
         req: Request<pb::ListAgentsRequest>,
     ) -> Result<Response<pb::ListAgentsResponse>, Status> {
-        require_admin(&req)?;
+        self.admin(&req).await?;
         let r = req.into_inner();
         let region = (!r.region.is_empty()).then_some(r.region);
         let agents = self.0.list_agents(region).await.map_err(to_status)?;
@@ -454,7 +463,7 @@ impl pb::admin_service_server::AdminService for AdminSvc {
         req: Request<Streaming<pb::PushChunk>>,
     ) -> Result<Response<pb::PushReleaseResponse>, Status> {
         use tokio::io::AsyncWriteExt;
-        let admin = require_admin(&req)?;
+        let admin = self.admin(&req).await?;
         let span = tracing::info_span!("push_release", %admin);
         let mut inbound = req.into_inner();
         let upload = self.0.incoming_path();
@@ -505,7 +514,7 @@ impl pb::admin_service_server::AdminService for AdminSvc {
         &self,
         req: Request<pb::ListReleasesRequest>,
     ) -> Result<Response<pb::ListReleasesResponse>, Status> {
-        require_admin(&req)?;
+        self.admin(&req).await?;
         let app = req.into_inner().app;
         let list = self.0.list_releases((!app.is_empty()).then_some(app)).await.map_err(to_status)?;
         Ok(Response::new(pb::ListReleasesResponse { releases: list.into_iter().map(release_info).collect() }))
@@ -515,7 +524,7 @@ impl pb::admin_service_server::AdminService for AdminSvc {
         &self,
         req: Request<pb::RemoveReleaseRequest>,
     ) -> Result<Response<pb::RemoveReleaseResponse>, Status> {
-        let admin = require_admin(&req)?;
+        let admin = self.admin(&req).await?;
         let r = req.into_inner();
         let target = format!("{}@{}", r.app, r.version);
         let result = self
@@ -532,7 +541,7 @@ impl pb::admin_service_server::AdminService for AdminSvc {
         &self,
         req: Request<pb::RollbackRequest>,
     ) -> Result<Response<pb::RollbackResponse>, Status> {
-        let admin = require_admin(&req)?;
+        let admin = self.admin(&req).await?;
         let r = req.into_inner();
         let target = if !r.agent_ids.is_empty() {
             logic::Target::Agents(r.agent_ids)
@@ -578,7 +587,7 @@ impl pb::admin_service_server::AdminService for AdminSvc {
     }
 
     async fn deploy(&self, req: Request<pb::DeployRequest>) -> Result<Response<pb::DeployResponse>, Status> {
-        let admin = require_admin(&req)?;
+        let admin = self.admin(&req).await?;
         let r = req.into_inner();
         let mut spec = RolloutSpec::new(&r.app, &r.version);
         spec.regions = r.regions;
@@ -616,7 +625,7 @@ impl pb::admin_service_server::AdminService for AdminSvc {
     }
 
     async fn get_rollout(&self, req: Request<pb::RolloutRef>) -> Result<Response<pb::JsonDoc>, Status> {
-        require_admin(&req)?;
+        self.admin(&req).await?;
         let id = req.into_inner().id;
         let r = self.0.rollout((!id.is_empty()).then_some(id)).await.map_err(to_status)?;
         json_doc(&r)
@@ -626,7 +635,7 @@ impl pb::admin_service_server::AdminService for AdminSvc {
         &self,
         req: Request<pb::ListRolloutsRequest>,
     ) -> Result<Response<pb::JsonDoc>, Status> {
-        require_admin(&req)?;
+        self.admin(&req).await?;
         let app = req.into_inner().app;
         let list = self.0.rollouts((!app.is_empty()).then_some(app)).await.map_err(to_status)?;
         json_doc(&list)
@@ -636,7 +645,7 @@ impl pb::admin_service_server::AdminService for AdminSvc {
         &self,
         req: Request<pb::ControlRolloutRequest>,
     ) -> Result<Response<pb::JsonDoc>, Status> {
-        let admin = require_admin(&req)?;
+        let admin = self.admin(&req).await?;
         let r = req.into_inner();
         let cmd = match r.action.as_str() {
             "pause" => Control::Pause,
@@ -653,7 +662,7 @@ impl pb::admin_service_server::AdminService for AdminSvc {
     }
 
     async fn freeze(&self, req: Request<pb::FreezeRequest>) -> Result<Response<pb::JsonDoc>, Status> {
-        let admin = require_admin(&req)?;
+        let admin = self.admin(&req).await?;
         let r = req.into_inner();
         match r.action.as_str() {
             "add" => {
@@ -682,8 +691,33 @@ impl pb::admin_service_server::AdminService for AdminSvc {
         }
     }
 
+    async fn issue_admin(
+        &self,
+        req: Request<pb::IssueAdminRequest>,
+    ) -> Result<Response<pb::IssueAdminResponse>, Status> {
+        let admin = self.admin(&req).await?;
+        let r = req.into_inner();
+        let result = self.0.issue_admin(r.name.clone(), r.csr_der, &admin).await;
+        self.audited(&admin, "admin.issue", &format!("admin/{}", r.name), serde_json::json!({}), &result)
+            .await;
+        let pem = result.map_err(to_status)?;
+        Ok(Response::new(pb::IssueAdminResponse { certificate_pem: pem, ca_pem: self.0.ca_pem().to_owned() }))
+    }
+
+    async fn revoke_admin(
+        &self,
+        req: Request<pb::RevokeAdminRequest>,
+    ) -> Result<Response<pb::RevokeAdminResponse>, Status> {
+        let admin = self.admin(&req).await?;
+        let name = req.into_inner().name;
+        let result = self.0.revoke_admin(name.clone(), &admin).await;
+        self.audited(&admin, "admin.revoke", &format!("admin/{name}"), serde_json::json!({}), &result).await;
+        result.map_err(to_status)?;
+        Ok(Response::new(pb::RevokeAdminResponse {}))
+    }
+
     async fn audit(&self, req: Request<pb::AuditRequest>) -> Result<Response<pb::JsonDoc>, Status> {
-        require_admin(&req)?;
+        self.admin(&req).await?;
         let r = req.into_inner();
         if r.verify {
             return match self.0.audit_verify().await.map_err(to_status)? {
@@ -697,12 +731,12 @@ impl pb::admin_service_server::AdminService for AdminSvc {
     }
 
     async fn status(&self, req: Request<pb::StatusRequest>) -> Result<Response<pb::JsonDoc>, Status> {
-        require_admin(&req)?;
+        self.admin(&req).await?;
         json_doc(&self.0.fleet_status().await.map_err(to_status)?)
     }
 
     async fn logs(&self, req: Request<pb::LogsRequest>) -> Result<Response<pb::LogsResponse>, Status> {
-        require_admin(&req)?;
+        self.admin(&req).await?;
         let r = req.into_inner();
         let kind = OrderKind::Logs { app: r.app, lines: if r.lines == 0 { 100 } else { r.lines } };
         let o = self.0.send_order(&r.agent_id, kind, Duration::from_secs(30)).await.map_err(to_status)?;
@@ -716,7 +750,7 @@ impl pb::admin_service_server::AdminService for AdminSvc {
         &self,
         req: Request<pb::RevokeAgentRequest>,
     ) -> Result<Response<pb::RevokeAgentResponse>, Status> {
-        let admin = require_admin(&req)?;
+        let admin = self.admin(&req).await?;
         let id = req.into_inner().agent_id;
         let result = self
             .0

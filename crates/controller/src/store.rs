@@ -147,6 +147,7 @@ pub enum Tree {
     Freezes,
     /// Alert deliveries and hook signatures already acted on.
     HookSeen,
+    RevokedAdmins,
 }
 
 impl Tree {
@@ -157,6 +158,7 @@ impl Tree {
             Tree::BadReleases => "bad_releases",
             Tree::Freezes => "freezes",
             Tree::HookSeen => "hook_seen",
+            Tree::RevokedAdmins => "revoked_admins",
         }
     }
 }

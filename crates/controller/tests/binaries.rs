@@ -212,6 +212,23 @@ fn real_binaries_enroll_run_list_revoke_and_shut_down_gracefully() {
     let none = run_ok(&mut admin(&["agents", "--region", "us-east", "-o", "json"]));
     assert_eq!(none.trim(), "[]");
 
+    // A second admin, with a key made on "their" machine; then revoked.
+    let ops_dir = tmp.path().join("ops");
+    run_ok(&mut admin(&["admins", "add", "ops", "-o", ops_dir.to_str().unwrap()]));
+    let ops = |args: &[&str]| {
+        let mut c = convoy();
+        c.arg("--config").arg(ops_dir.join("convoy.toml")).arg("--controller").arg(&grpc).args(args);
+        c
+    };
+    assert!(run_ok(&mut ops(&["agents"])).contains("e2e-1"));
+    let err = run_err(&mut admin(&["admins", "revoke", "admin"]));
+    assert!(err.contains("cannot revoke their own"), "{err}");
+    run_ok(&mut admin(&["admins", "revoke", "ops"]));
+    let err = run_err(&mut ops(&["agents"]));
+    assert!(err.contains("admin/ops is revoked"), "{err}");
+    let err = run_err(&mut admin(&["admins", "add", "ops", "-o", tmp.path().join("ops2").to_str().unwrap()]));
+    assert!(err.contains("revoked"), "{err}");
+
     let out = run_ok(&mut admin(&["agents", "revoke", "e2e-1"]));
     assert!(out.contains("revoked e2e-1"), "{out}");
     let table = run_ok(&mut admin(&["agents"]));

@@ -3,6 +3,7 @@
 //!
 //! Data goes to stdout, diagnostics to stderr; `-o json` gives machine-readable listings.
 
+mod admins;
 mod agents;
 mod audit;
 mod demo;
@@ -55,6 +56,9 @@ pub enum Command {
     /// Release bundles: build, sign, verify, inspect, push, list, remove.
     #[command(subcommand)]
     Release(release::Command),
+    /// Admin certificates: add one, revoke one.
+    #[command(subcommand)]
+    Admins(admins::Command),
     /// The audit log, or `audit verify` to check its hash chain.
     Audit(audit::Args),
     /// Start a rollout of APP@VERSION; prints its id.
@@ -121,6 +125,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Agents(args) => agents::run(config, args).await,
         Command::Keys(cmd) => keys::run(cmd),
         Command::Release(cmd) => release::run(config, cmd).await,
+        Command::Admins(cmd) => admins::run(config, cmd).await,
         Command::Audit(args) => audit::run(config, args).await,
         Command::Deploy(args) => deploy::run(config, args).await,
         Command::Rollout(cmd) => rollout::run(config, cmd).await,

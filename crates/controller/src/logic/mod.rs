@@ -32,7 +32,7 @@ pub enum Error {
     TokenRegion { bound: String, asked: String },
     #[error("agent id {0:?} is already enrolled")]
     AgentExists(String),
-    #[error("agent {0:?} is revoked")]
+    #[error("{0} is revoked")]
     Revoked(String),
     #[error("agent {0:?} is not enrolled")]
     UnknownAgent(String),
@@ -143,6 +143,13 @@ struct Inner {
     audit_lock: Mutex<()>,
     pub(crate) metrics: crate::metrics::Metrics,
     pub(crate) notifier: crate::notify::Notifier,
+}
+
+/// A revoked admin name.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+struct RevokedAdmin {
+    by: String,
+    at: i64,
 }
 
 /// The result of a successful enrollment.
@@ -343,7 +350,7 @@ impl Controller {
         self.blocking(move |c| {
             let rec = c.inner.store.agent(&agent_id)?.ok_or_else(|| Error::UnknownAgent(agent_id.clone()))?;
             if rec.revoked {
-                return Err(Error::Revoked(agent_id));
+                return Err(Error::Revoked(format!("agent {agent_id:?}")));
             }
             let identity = Identity::agent(&agent_id).map_err(|e| Error::InvalidArgument(e.to_string()))?;
             let issued = c
@@ -369,7 +376,7 @@ impl Controller {
             .await?
             .ok_or_else(|| Error::UnknownAgent(agent_id.to_owned()))?;
         if rec.revoked {
-            return Err(Error::Revoked(agent_id.to_owned()));
+            return Err(Error::Revoked(format!("agent {agent_id:?}")));
         }
         Ok(rec)
     }
@@ -484,6 +491,43 @@ impl Controller {
 
     pub fn is_online(&self, agent_id: &str) -> bool {
         self.lock_sessions().contains_key(agent_id)
+    }
+
+    /// Issues an admin certificate from a CSR. Revoked names stay revoked.
+    pub async fn issue_admin(&self, name: String, csr_der: Vec<u8>, by: &Identity) -> Result<String> {
+        Identity::validate_name(&name).map_err(|e| Error::InvalidArgument(e.to_string()))?;
+        let by = by.to_string();
+        self.blocking(move |c| {
+            if c.inner.store.get::<RevokedAdmin>(store::Tree::RevokedAdmins, &name)?.is_some() {
+                return Err(Error::Revoked(format!("admin/{name}")));
+            }
+            let issued = c.inner.ca.sign_admin_csr(&csr_der, &name).map_err(|e| Error::Csr(e.to_string()))?;
+            tracing::info!(admin = %name, %by, serial = %issued.info.serial, "admin certificate issued");
+            Ok(issued.cert_pem)
+        })
+        .await
+    }
+
+    /// Refuses an admin name from now on. An admin cannot revoke themselves (no lock-out).
+    pub async fn revoke_admin(&self, name: String, by: &Identity) -> Result<()> {
+        if matches!(by, Identity::Admin(me) if *me == name) {
+            return Err(Error::InvalidArgument("an admin cannot revoke their own certificate".into()));
+        }
+        Identity::validate_name(&name).map_err(|e| Error::InvalidArgument(e.to_string()))?;
+        let rec = RevokedAdmin { by: by.to_string(), at: now() };
+        self.blocking(move |c| Ok(c.inner.store.put(store::Tree::RevokedAdmins, &name, &rec, true)?)).await
+    }
+
+    /// Refuses a revoked admin. Called for every admin RPC.
+    pub async fn check_admin(&self, name: &str) -> Result<()> {
+        let key = name.to_owned();
+        let revoked = self
+            .blocking(move |c| Ok(c.inner.store.get::<RevokedAdmin>(store::Tree::RevokedAdmins, &key)?))
+            .await?;
+        match revoked {
+            Some(_) => Err(Error::Revoked(format!("admin/{name}"))),
+            None => Ok(()),
+        }
     }
 
     /// Lists agents, optionally only one region's.
