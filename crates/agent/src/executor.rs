@@ -36,6 +36,8 @@ pub struct ExecConfig {
     pub download: DownloadOptions,
     /// Test hook: abort the process when this step is reached (crash-safety tests).
     pub failpoint: Option<String>,
+    /// This agent's labels, for releases that target labels.
+    pub labels: BTreeMap<String, String>,
 }
 
 impl ExecConfig {
@@ -50,6 +52,7 @@ impl ExecConfig {
             max_downloads: 2,
             download: DownloadOptions::default(),
             failpoint: None,
+            labels: BTreeMap::new(),
         }
     }
 }
@@ -312,6 +315,7 @@ impl Executor {
         let trust = self.inner.cfg.trust.clone();
         let limits = self.inner.cfg.limits.clone();
         let vars = self.inner.cfg.vars.clone();
+        let labels = self.inner.cfg.labels.clone();
         let tmp = layout.unpack_tmp(app, version);
         let releases_dir = layout.releases_dir(app);
         let bundle = fetched.path.clone();
@@ -328,7 +332,7 @@ impl Executor {
                     m.release_name()
                 ));
             }
-            check_target(m)?;
+            check_target(m, &labels)?;
             m.config.substitute(&vars)?;
             std::fs::create_dir_all(&releases_dir).map_err(|e| e.to_string())?;
             convoy_bundle::unpack(&bundle, &trust, &tmp, &limits).map_err(|e| e.to_string())?;
@@ -934,9 +938,17 @@ fn health_to_pb(h: HealthState) -> pb::Health {
     }
 }
 
-/// Refuses a release built for another OS or architecture.
-fn check_target(m: &Manifest) -> Result<(), String> {
+/// Refuses a release built for another OS, architecture or set of labels.
+fn check_target(m: &Manifest, labels: &BTreeMap<String, String>) -> Result<(), String> {
     if let Some(t) = &m.target {
+        for (k, v) in &t.labels {
+            if labels.get(k) != Some(v) {
+                return Err(format!(
+                    "{} targets agents labelled {k}={v}; this agent is not",
+                    m.release_name()
+                ));
+            }
+        }
         if let Some(os) = &t.os {
             if os != std::env::consts::OS {
                 return Err(format!(

@@ -101,6 +101,7 @@ impl Agent {
         exec.keep_releases = config.keep_releases;
         exec.download = config.download.clone();
         exec.failpoint = config.failpoint.clone();
+        exec.labels = file.labels.clone();
         let executor = Executor::open(exec)?;
         Ok(Self { config, file, status: watch::Sender::new(AgentStatus::default()), executor })
     }

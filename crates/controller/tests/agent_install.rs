@@ -423,3 +423,52 @@ async fn rollback_logs_status_and_agents_from_the_cli() {
     a1.stop().await.unwrap();
     f.ctl.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn releases_for_another_platform_or_labels_are_refused() {
+    let f = Fleet::new().await;
+    let (agent, _port) = f.agent("a1").await;
+    let mut digests = Vec::new();
+    for (version, target) in [
+        ("5.0.0", convoy_bundle::Target { arch: Some("sparc64".into()), ..Default::default() }),
+        (
+            "5.1.0",
+            convoy_bundle::Target {
+                labels: [("tier".to_string(), "edge".to_string())].into(),
+                ..Default::default()
+            },
+        ),
+    ] {
+        let src = f.tmp.path().join(format!("t-{version}"));
+        convoy_controller::local::write_demo_release(
+            &src,
+            Path::new(env!("CARGO_BIN_EXE_convoy")),
+            version,
+            "healthy",
+            "",
+        )
+        .unwrap();
+        let out = f.tmp.path().join(format!("t-{version}.bundle"));
+        let opts = convoy_bundle::BuildOptions {
+            app: "shop-api".into(),
+            version: version.into(),
+            created_at: 0,
+            target: Some(target),
+            zstd_level: 1,
+        };
+        convoy_bundle::build(&src, &opts, &f.key, &out).unwrap();
+        digests.push((version, f.ctl.push_file(&out).await.unwrap().digest));
+    }
+    for ((version, digest), want) in
+        digests.into_iter().zip(["targets arch sparc64", "targets agents labelled tier=edge"])
+    {
+        let o = f
+            .order("a1", OrderKind::Install { app: "shop-api".into(), version: version.into(), digest })
+            .await;
+        assert!(!o.ok);
+        assert!(o.error.clone().unwrap().contains(want), "{:?}", o.error);
+        assert!(!f.tmp.path().join("a1/apps/shop-api/releases").join(version).exists());
+    }
+    agent.stop().await.unwrap();
+    f.ctl.stop().await.unwrap();
+}
