@@ -202,13 +202,14 @@ impl Controller {
         out.sort_by(|a, b| a.0.cmp(&b.0));
         // What the rollback left running becomes the desired state, so a reconnecting agent
         // is not moved forward to the release that was just rolled back.
-        for (id, res, _) in &out {
-            if let Ok(o) = res {
-                if let Some(s) = o.status.as_ref().filter(|_| o.ok) {
-                    self.record_desired(app, id, &s.current, &format!("rollback by {by}")).await?;
-                }
-            }
-        }
+        let running: Vec<(String, String)> = out
+            .iter()
+            .filter_map(|(id, res, _)| {
+                let o = res.as_ref().ok().filter(|o| o.ok)?;
+                Some((id.clone(), o.status.as_ref()?.current.clone()))
+            })
+            .collect();
+        self.record_desired(app, running, &format!("rollback by {by}")).await?;
         Ok((out, elapsed))
     }
 }

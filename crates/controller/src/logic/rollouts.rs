@@ -931,18 +931,34 @@ impl Controller {
         Ok(())
     }
 
-    /// Records what a fleet rollback left each agent running, so convergence does not undo it.
+    /// Records what a fleet rollback left each agent running (`(agent, version)` pairs), so
+    /// convergence does not undo it. One flush for the whole batch.
     pub(crate) async fn record_desired(
         &self,
         app: &str,
-        agent: &str,
-        version: &str,
+        running: Vec<(String, String)>,
         set_by: &str,
     ) -> Result<()> {
-        let digest = self.inner.store.release(app, version)?.map(|r| r.digest).unwrap_or_default();
-        let d = Desired { version: version.into(), digest, set_by: set_by.into(), at: now() };
-        let key = desired_key(app, agent);
-        self.blocking(move |c| Ok(c.inner.store.put(Tree::Desired, &key, &d, true)?)).await
+        let (app, set_by) = (app.to_owned(), set_by.to_owned());
+        self.blocking(move |c| {
+            let mut digests: BTreeMap<String, String> = BTreeMap::new();
+            let last = running.len().saturating_sub(1);
+            for (i, (agent, version)) in running.iter().enumerate() {
+                if !digests.contains_key(version) {
+                    let d = c.inner.store.release(&app, version)?.map(|r| r.digest).unwrap_or_default();
+                    digests.insert(version.clone(), d);
+                }
+                let d = Desired {
+                    version: version.clone(),
+                    digest: digests[version].clone(),
+                    set_by: set_by.clone(),
+                    at: now(),
+                };
+                c.inner.store.put(Tree::Desired, &desired_key(&app, agent), &d, i == last)?;
+            }
+            Ok(())
+        })
+        .await
     }
 
     /// The desired release per app for one agent.
