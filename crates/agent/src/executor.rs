@@ -82,6 +82,8 @@ struct Inner {
     live: StdMutex<HashMap<String, Live>>,
     seq: StdMutex<()>,
     workers: StdMutex<HashMap<String, mpsc::UnboundedSender<Job>>>,
+    /// The health gate in progress per app, so a rollback can cut it short.
+    gates: StdMutex<HashMap<String, CancellationToken>>,
 }
 
 /// An admitted order waiting for its app's worker.
@@ -122,6 +124,7 @@ impl Executor {
                 live: StdMutex::new(HashMap::new()),
                 seq: StdMutex::new(()),
                 workers: StdMutex::new(HashMap::new()),
+                gates: StdMutex::new(HashMap::new()),
             }),
         })
     }
@@ -176,6 +179,14 @@ impl Executor {
                 return;
             }
         };
+        // A rollback must not wait out a health gate in progress: the gate is cancelled, the
+        // activation it guards reverts to the known-good release, and the rollback runs next.
+        if matches!(order.kind, Some(Kind::Rollback(_))) {
+            if let Some(gate) = lock(&self.inner.gates).get(&app) {
+                tracing::warn!(%app, "rollback ordered during a health gate: cutting it short");
+                gate.cancel();
+            }
+        }
         let job = Job { order, channel, reply };
         let mut workers = lock(&self.inner.workers);
         let tx = workers.entry(app).or_insert_with(|| {
@@ -663,7 +674,17 @@ impl Executor {
         }
         let Some(health) = &config.health else { return Ok(()) };
         let Some(check) = health.check() else { return Ok(()) };
-        crate::health::gate(&check, health, deadline, &dir, &env, &CancellationToken::new()).await
+        let cancel = CancellationToken::new();
+        lock(&self.inner.gates).insert(app.to_owned(), cancel.clone());
+        let verdict = crate::health::gate(&check, health, deadline, &dir, &env, &cancel).await;
+        lock(&self.inner.gates).remove(app);
+        verdict.map_err(|e| {
+            if cancel.is_cancelled() {
+                "health gate cut short by a rollback order".to_string()
+            } else {
+                e
+            }
+        })
     }
 
     /// Marks a release known-good, ends its journal entry, keeps monitoring it, prunes.

@@ -472,3 +472,42 @@ async fn releases_for_another_platform_or_labels_are_refused() {
     agent.stop().await.unwrap();
     f.ctl.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_rollback_cuts_a_health_gate_in_progress_short() {
+    let mut f = Fleet::new().await;
+    f.release("1.0.0", "healthy", "").await;
+    f.release("2.0.0", "hang", "").await;
+    let (agent, port) = f.agent("a1").await;
+    assert!(f.deploy("a1", "1.0.0").await.ok);
+    assert!(f.install("a1", "2.0.0").await.ok);
+    // Activate 2.0.0 with a long deadline; its health endpoint never answers.
+    let ctl = f.ctl.controller.clone();
+    let activation = tokio::spawn(async move {
+        let kind = OrderKind::Activate {
+            app: "shop-api".into(),
+            version: "2.0.0".into(),
+            health_deadline: Some(Duration::from_secs(600)),
+        };
+        ctl.send_order("a1", kind, Duration::from_secs(700)).await.unwrap()
+    });
+    eventually(WAIT, "2.0.0 switched and checking", || async {
+        let a = common::agents(&f.ctl).await.remove(0);
+        a.apps.iter().any(|s| s.current == "2.0.0" && s.busy).then_some(())
+    })
+    .await;
+    let o = f
+        .order(
+            "a1",
+            OrderKind::Rollback { app: "shop-api".into(), to: Some("1.0.0".into()), reason: "alert".into() },
+        )
+        .await;
+    assert!(o.ok, "{:?}", o.error);
+    assert_eq!(status(&o).current, "1.0.0");
+    let a = activation.await.unwrap();
+    assert!(!a.ok);
+    assert!(a.error.unwrap().contains("cut short by a rollback"));
+    assert_eq!(get(port).as_deref(), Some("demo-app 1.0.0"));
+    agent.stop().await.unwrap();
+    f.ctl.stop().await.unwrap();
+}
