@@ -956,6 +956,20 @@ impl Controller {
                 };
                 c.inner.store.put(Tree::Desired, &desired_key(&app, agent), &d, i == last)?;
             }
+            // Agents that join later follow the rollback too, not the release it undid.
+            let mut counts: BTreeMap<&String, usize> = BTreeMap::new();
+            for (_, v) in &running {
+                *counts.entry(v).or_default() += 1;
+            }
+            if let Some((version, _)) = counts.into_iter().max_by_key(|(_, n)| *n) {
+                if let Some(mut rule) = c.inner.store.get::<AppRule>(Tree::Desired, &rule_key(&app))? {
+                    if rule.version != *version {
+                        rule.version = version.clone();
+                        rule.digest = digests[version].clone();
+                        c.inner.store.put(Tree::Desired, &rule_key(&app), &rule, true)?;
+                    }
+                }
+            }
             Ok(())
         })
         .await
