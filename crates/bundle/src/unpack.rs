@@ -7,7 +7,9 @@ use std::fs;
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 
-use crate::build::{sync_dir, Hashing};
+#[cfg(not(target_os = "linux"))]
+use crate::build::sync_dir;
+use crate::build::Hashing;
 use crate::format::read_header;
 use crate::keys::KeyId;
 use crate::manifest::path_problem;
@@ -235,8 +237,7 @@ fn process<R: Read>(
     }
     result?;
     if let Some(dest) = dest {
-        sync_files(dest, &manifest)?;
-        finish_dirs(dest, &manifest)?;
+        make_durable(dest, &manifest)?;
     }
     Ok(Verified { manifest, signers })
 }
@@ -427,6 +428,7 @@ fn write_file<R: Read>(entry: &mut R, target: &Path, mode: u32, buf: &mut [u8]) 
 
 /// Fsyncs the unpacked files from a few threads at once, so the file system can group them
 /// into fewer journal commits.
+#[cfg(not(target_os = "linux"))]
 fn sync_files(dest: &Path, manifest: &Manifest) -> Result<()> {
     let files: Vec<PathBuf> =
         manifest.files.iter().filter(|f| f.kind == EntryKind::File).map(|f| dest.join(&f.path)).collect();
@@ -471,24 +473,38 @@ fn symlink(_link: &str, at: &Path) -> Result<()> {
     Err(Error::BadSource(format!("{}: symlinks need a Unix system", at.display())))
 }
 
-/// Fsyncs every directory so the unpacked tree's entries are durable, then applies the
-/// manifest's directory modes (last, so a read-only directory did not block its own filling).
-fn finish_dirs(dest: &Path, manifest: &Manifest) -> Result<()> {
+/// Applies the manifest's directory modes (last, so a read-only directory did not block its own
+/// filling), then makes the whole tree durable before the unpack reports success.
+///
+/// On Linux one `syncfs` on the destination's file system does it (as OSTree does): it writes
+/// back every file and directory in one pass, far cheaper than thousands of fsyncs. Elsewhere
+/// every file and directory is fsynced, files from a few threads at once.
+fn make_durable(dest: &Path, manifest: &Manifest) -> Result<()> {
     let dirs: Vec<(PathBuf, u32)> = manifest
         .files
         .iter()
         .filter(|f| f.kind == EntryKind::Dir)
         .map(|f| (dest.join(&f.path), f.mode))
         .collect();
-    for (d, _) in &dirs {
-        sync_dir(d)?;
-    }
     #[cfg(unix)]
     for (d, mode) in &dirs {
         use std::os::unix::fs::PermissionsExt;
         fs::set_permissions(d, fs::Permissions::from_mode(*mode)).map_err(io_err(d))?;
     }
-    sync_dir(dest)
+    #[cfg(target_os = "linux")]
+    {
+        let root = fs::File::open(dest).map_err(io_err(dest))?;
+        rustix::fs::syncfs(&root).map_err(|e| Error::Io { path: dest.to_path_buf(), source: e.into() })?;
+        Ok(())
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        sync_files(dest, manifest)?;
+        for (d, _) in &dirs {
+            sync_dir(d)?;
+        }
+        sync_dir(dest)
+    }
 }
 
 /// Re-checks an unpacked release directory against its manifest: every entry present with the
