@@ -25,9 +25,18 @@ fn agent_bin() -> PathBuf {
     p
 }
 
+/// A running agent process. Dropping it stops it gracefully (SIGTERM: it stops its services
+/// too), so the suite leaves no processes behind; the crashes are the failpoints' aborts.
 struct AgentProc(Child);
 impl Drop for AgentProc {
     fn drop(&mut self) {
+        let _ = Command::new("kill").args(["-TERM", &self.0.id().to_string()]).status();
+        for _ in 0..500 {
+            if matches!(self.0.try_wait(), Ok(Some(_))) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
