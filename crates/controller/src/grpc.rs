@@ -171,6 +171,14 @@ fn release_info(r: crate::store::ReleaseRecord) -> pb::ReleaseInfo {
     }
 }
 
+/// Why a session the controller ends is ending: revoked, or replaced / shutting down.
+async fn closing_status(ctl: &Controller, agent_id: &str) -> Status {
+    match ctl.check_agent(agent_id).await {
+        Err(e) => to_status(e),
+        Ok(_) => Status::aborted("session replaced or controller shutting down"),
+    }
+}
+
 /// The enrollment service, reachable without a client certificate.
 #[derive(Clone)]
 pub struct EnrollmentSvc(pub Controller);
@@ -267,12 +275,7 @@ impl pb::agent_service_server::AgentService for AgentSvc {
                 loop {
                     tokio::select! {
                         () = handle.cancel.cancelled() => {
-                            let still_allowed = ctl.check_agent(&handle.agent_id).await;
-                            let status = match still_allowed {
-                                Err(e) => to_status(e),
-                                Ok(_) => Status::aborted("session replaced or controller shutting down"),
-                            };
-                            let _ = out_tx.send(Err(status)).await;
+                            let _ = out_tx.send(Err(closing_status(&ctl, &handle.agent_id).await)).await;
                             break;
                         }
                         order = order_rx.recv() => match order {
@@ -281,7 +284,12 @@ impl pb::agent_service_server::AgentService for AgentSvc {
                                     break;
                                 }
                             }
-                            None => break,
+                            // The registry dropped this session (revoked, replaced, shutting
+                            // down): tell the agent why, as the cancellation branch does.
+                            None => {
+                                let _ = out_tx.send(Err(closing_status(&ctl, &handle.agent_id).await)).await;
+                                break;
+                            }
                         },
                         msg = tokio::time::timeout(silence, inbound.message()) => match msg {
                             Ok(Ok(Some(pb::AgentMessage { msg: Some(pb::agent_message::Msg::Heartbeat(hb)) }))) => {
