@@ -55,7 +55,7 @@ pub struct Downloader {
 }
 
 fn check_digest(digest: &str) -> Result<()> {
-    if digest.len() == 64 && digest.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+    if convoy_bundle::is_sha256_hex(digest) {
         Ok(())
     } else {
         Err(Error::Invalid {
@@ -126,9 +126,10 @@ impl Downloader {
             }
         }
         let path = partial.clone();
-        let actual = tokio::task::spawn_blocking(move || sha256_file(&path))
+        let actual = tokio::task::spawn_blocking(move || convoy_bundle::sha256_file(&path))
             .await
-            .map_err(|e| Error::Invalid { what: "digest task", message: e.to_string() })??;
+            .map_err(|e| Error::Invalid { what: "digest task", message: e.to_string() })?
+            .map_err(|e| Error::Invalid { what: "download", message: e.to_string() })?;
         if actual != digest {
             let _ = tokio::fs::remove_file(&partial).await;
             return Err(Error::Invalid {
@@ -208,20 +209,4 @@ fn retryable(code: Code) -> bool {
             | Code::Aborted
             | Code::DataLoss
     )
-}
-
-fn sha256_file(path: &Path) -> Result<String> {
-    use sha2::Digest;
-    use std::io::Read;
-    let mut f = std::fs::File::open(path).map_err(io(path))?;
-    let mut h = sha2::Sha256::new();
-    let mut buf = vec![0u8; 256 * 1024];
-    loop {
-        let n = f.read(&mut buf).map_err(io(path))?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-    }
-    Ok(hex::encode(h.finalize()))
 }

@@ -938,11 +938,6 @@ impl Executor {
         apps.sort();
         apps.iter().map(|a| self.status(a)).collect()
     }
-
-    /// The service's restart counter, for tests and diagnostics.
-    pub async fn service_starts(&self, app: &str) -> Option<u32> {
-        self.inner.services.lock().await.get(app).map(|s| *s.starts.borrow())
-    }
 }
 
 fn result_message(r: pb::OrderResult) -> pb::AgentMessage {

@@ -173,8 +173,6 @@ pub struct Supervised {
     task: tokio::task::JoinHandle<()>,
     /// The current child's process group, 0 when none runs.
     pub pgid: watch::Receiver<i32>,
-    /// How many times the service was (re)started.
-    pub starts: watch::Receiver<u32>,
 }
 
 impl Supervised {
@@ -183,7 +181,6 @@ impl Supervised {
     pub fn start(spec: ServiceSpec, log: Log) -> Self {
         let cancel = CancellationToken::new();
         let (pgid_tx, pgid) = watch::channel(0);
-        let (starts_tx, starts) = watch::channel(0u32);
         let c = cancel.clone();
         let task = tokio::spawn(async move {
             let mut delay = Duration::from_millis(100);
@@ -204,7 +201,6 @@ impl Supervised {
                         }
                         let g = child.id().map(|p| p as i32).unwrap_or(0);
                         let _ = pgid_tx.send(g);
-                        starts_tx.send_modify(|n| *n += 1);
                         tokio::select! {
                             status = child.wait() => {
                                 let _ = pgid_tx.send(0);
@@ -243,7 +239,7 @@ impl Supervised {
                 delay = (delay * 2).min(Duration::from_secs(5));
             }
         });
-        Self { cancel, task, pgid, starts }
+        Self { cancel, task, pgid }
     }
 
     /// Stops the service (its stop signal, then SIGKILL after the grace period) and waits.

@@ -115,3 +115,16 @@ pub(crate) fn io_err(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) ->
     let path = path.into();
     move |source| Error::Io { path, source }
 }
+
+/// Whether `s` is a SHA-256 digest in lowercase hex: safe as a file name and a lookup key.
+pub fn is_sha256_hex(s: &str) -> bool {
+    s.len() == 64 && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+/// SHA-256 of a file, streamed.
+pub fn sha256_file(path: &std::path::Path) -> Result<String> {
+    let f = std::fs::File::open(path).map_err(io_err(path))?;
+    let mut h = build::Hashing::new(std::io::BufReader::with_capacity(256 << 10, f));
+    std::io::copy(&mut h, &mut std::io::sink()).map_err(io_err(path))?;
+    Ok(h.digest_hex())
+}

@@ -42,7 +42,8 @@ impl Default for Limits {
 /// with a stored header before re-activating a kept release.
 pub fn verify_header(header: &crate::Header, trust: &TrustStore) -> Result<Verified> {
     let signers = check_signatures(&header.manifest_bytes, &header.signatures, trust)?;
-    Ok(Verified { manifest: header.manifest()?, signers })
+    let signed_by = header.signatures.iter().map(|s| s.key_id).collect();
+    Ok(Verified { manifest: header.manifest()?, signers, signed_by, bundle_sha256: String::new() })
 }
 
 /// A bundle that passed every check.
@@ -51,6 +52,10 @@ pub struct Verified {
     pub manifest: Manifest,
     /// Trusted keys whose signatures verified (empty when checked without a trust store).
     pub signers: Vec<KeyId>,
+    /// Every key id the bundle carries a signature from, trusted or not.
+    pub signed_by: Vec<KeyId>,
+    /// SHA-256 of the whole bundle file (the release's identity), computed in the same pass.
+    pub bundle_sha256: String,
 }
 
 /// Checks a bundle completely (signatures, payload digest, every file's size and hash, every
@@ -58,12 +63,26 @@ pub struct Verified {
 /// checked: that is what a controller without release keys does; agents always pass a store.
 pub fn verify(path: &Path, trust: Option<&TrustStore>, limits: &Limits) -> Result<Verified> {
     let f = fs::File::open(path).map_err(io_err(path))?;
-    process(io::BufReader::with_capacity(256 << 10, f), trust, None, limits)
+    whole(io::BufReader::with_capacity(256 << 10, f), trust, None, limits)
 }
 
 /// [`verify`] for any reader (used by the fuzz targets and by callers that stream).
 pub fn verify_reader<R: Read>(r: R, trust: Option<&TrustStore>, limits: &Limits) -> Result<Verified> {
-    process(r, trust, None, limits)
+    whole(r, trust, None, limits)
+}
+
+/// Runs [`process`] while hashing every byte of the bundle, reading to its end.
+fn whole<R: Read>(
+    r: R,
+    trust: Option<&TrustStore>,
+    dest: Option<&Path>,
+    limits: &Limits,
+) -> Result<Verified> {
+    let mut hashed = Hashing::new(r);
+    let mut v = process(&mut hashed, trust, dest, limits)?;
+    io::copy(&mut hashed, &mut io::sink()).map_err(Error::Read)?;
+    v.bundle_sha256 = hashed.digest_hex();
+    Ok(v)
 }
 
 /// Verifies and unpacks the bundle at `path` into `dest`, which must not exist yet. On error
@@ -76,7 +95,7 @@ pub fn unpack(path: &Path, trust: &TrustStore, dest: &Path, limits: &Limits) -> 
             _ => Error::Io { path: dest.to_path_buf(), source: e },
         });
     }
-    let result = process(io::BufReader::with_capacity(256 << 10, f), Some(trust), Some(dest), limits);
+    let result = whole(io::BufReader::with_capacity(256 << 10, f), Some(trust), Some(dest), limits);
     if result.is_err() {
         let _ = make_writable(dest);
         let _ = fs::remove_dir_all(dest);
@@ -239,7 +258,8 @@ fn process<R: Read>(
     if let Some(dest) = dest {
         make_durable(dest, &manifest)?;
     }
-    Ok(Verified { manifest, signers })
+    let signed_by = header.signatures.iter().map(|s| s.key_id).collect();
+    Ok(Verified { manifest, signers, signed_by, bundle_sha256: String::new() })
 }
 
 fn walk_entries<R: Read>(

@@ -36,8 +36,7 @@ fn sample_release(dir: &Path) {
 }
 
 fn sha256_file(p: &Path) -> String {
-    use sha2::Digest;
-    hex::encode(sha2::Sha256::digest(std::fs::read(p).unwrap()))
+    convoy_bundle::sha256_file(p).unwrap()
 }
 
 #[test]
@@ -52,6 +51,8 @@ fn build_verify_unpack_round_trip_preserves_the_tree() {
     let trust = TrustStore::new(vec![key.public()], 1);
     let v = verify(&out, Some(&trust), &Limits::default()).unwrap();
     assert_eq!(v.manifest, built);
+    assert_eq!(v.bundle_sha256, sha256_file(&out), "the verify pass also hashes the whole file");
+    assert_eq!(v.signed_by, vec![key.public().id()]);
     let dest = tmp.path().join("release");
     unpack(&out, &trust, &dest, &Limits::default()).unwrap();
     for f in &built.files {

@@ -252,3 +252,15 @@ impl<'a> DemoRelease<'a> {
         Self { app: "shop-api", version, mode, extra: "" }
     }
 }
+
+/// `GET /` on a local HTTP service (the demo app): the last line of the body, or `None` when
+/// nothing answers.
+pub fn http_get_root(port: u16) -> Option<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").ok()?;
+    let mut body = String::new();
+    s.read_to_string(&mut body).ok()?;
+    body.lines().last().map(|l| l.trim().to_string())
+}

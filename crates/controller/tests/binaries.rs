@@ -24,6 +24,14 @@ fn agent_bin() -> PathBuf {
     p
 }
 
+/// `convoy-agent enroll` with the usual flags.
+fn enroll(grpc: &str, token: &str, region: &str, id: &str, ca: &Path, dir: &Path) -> Command {
+    let mut c = Command::new(agent_bin());
+    c.args(["enroll", "--controller", grpc, "--token", token, "--region", region, "--id", id]);
+    c.arg("--ca").arg(ca).arg("--data-dir").arg(dir);
+    c
+}
+
 fn run_ok(cmd: &mut Command) -> String {
     let out = cmd.output().unwrap();
     assert!(out.status.success(), "{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr));
@@ -147,45 +155,19 @@ fn real_binaries_enroll_run_list_revoke_and_shut_down_gracefully() {
     assert!(token.starts_with("cvt_"));
     let agent_dir = tmp.path().join("agent");
     let out = run_ok(
-        Command::new(agent_bin())
-            .args([
-                "enroll",
-                "--controller",
-                &grpc,
-                "--token",
-                &token,
-                "--region",
-                "eu-west",
-                "--id",
-                "e2e-1",
-                "--label",
-                "tier=edge",
-            ])
-            .arg("--ca")
-            .arg(pki.join("ca.pem"))
-            .arg("--data-dir")
-            .arg(&agent_dir),
+        enroll(&grpc, &token, "eu-west", "e2e-1", &pki.join("ca.pem"), &agent_dir)
+            .args(["--label", "tier=edge"]),
     );
     assert!(out.contains("enrolled as e2e-1"), "{out}");
     // The token was single-use.
-    let err = run_err(
-        Command::new(agent_bin())
-            .args([
-                "enroll",
-                "--controller",
-                &grpc,
-                "--token",
-                &token,
-                "--region",
-                "eu-west",
-                "--id",
-                "e2e-2",
-            ])
-            .arg("--ca")
-            .arg(pki.join("ca.pem"))
-            .arg("--data-dir")
-            .arg(tmp.path().join("agent2")),
-    );
+    let err = run_err(&mut enroll(
+        &grpc,
+        &token,
+        "eu-west",
+        "e2e-2",
+        &pki.join("ca.pem"),
+        &tmp.path().join("agent2"),
+    ));
     assert!(err.contains("already used"), "{err}");
 
     let mut agent = Killed(
@@ -425,14 +407,7 @@ fn rollout_with_real_binaries_deploy_watch_rollback() {
     for (id, region) in [("ap-1", "ap-south"), ("eu-1", "eu-west"), ("us-1", "us-east")] {
         let token = run_ok(&mut admin(&["token", "create", "--region", region])).trim().to_string();
         let dir = t.join(id);
-        run_ok(
-            Command::new(agent_bin())
-                .args(["enroll", "--controller", &grpc, "--token", &token, "--region", region, "--id", id])
-                .arg("--ca")
-                .arg(t.join("pki/ca.pem"))
-                .arg("--data-dir")
-                .arg(&dir),
-        );
+        run_ok(&mut enroll(&grpc, &token, region, id, &t.join("pki/ca.pem"), &dir));
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         ports.push(port);
         agents.push(Killed(

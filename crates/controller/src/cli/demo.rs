@@ -10,7 +10,7 @@ use convoy_bundle::{BuildOptions, SecretKey};
 use convoy_proto::v1 as pb;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::local::{write_demo_release, LocalAgent, LocalController, LocalOptions};
+use crate::local::{http_get_root, write_demo_release, LocalAgent, LocalController, LocalOptions};
 use crate::logic::rollouts::Rollout;
 
 #[derive(clap::Args, Debug)]
@@ -97,7 +97,10 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     }
 
     let serving = |want: &str| {
-        ports.iter().filter(|(_, p)| fetch(*p).as_deref() == Some(&format!("demo-app {want}"))).count()
+        ports
+            .iter()
+            .filter(|(_, p)| http_get_root(*p).as_deref() == Some(&format!("demo-app {want}")))
+            .count()
     };
 
     let base = pb::DeployRequest { app: "shop-api".into(), waves: vec![50, 100], ..Default::default() };
@@ -196,17 +199,6 @@ async fn rollout(ctl: &LocalController, spec: pb::DeployRequest, n: &Narrator) -
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-}
-
-/// `GET /` on a demo service.
-fn fetch(port: u16) -> Option<String> {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").ok()?;
-    let mut body = String::new();
-    s.read_to_string(&mut body).ok()?;
-    body.lines().last().map(|l| l.trim().to_string())
 }
 
 /// Posts an Alertmanager (version 4) webhook, as Alertmanager would.

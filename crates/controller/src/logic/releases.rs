@@ -3,10 +3,7 @@
 //! Bundles are stored content-addressed (`blobs/sha256/<digest>`), metadata in sled. A release
 //! is immutable: a different bundle claiming an existing `app@version` is refused.
 
-use std::io::Read;
 use std::path::{Path, PathBuf};
-
-use sha2::{Digest, Sha256};
 
 use super::{now, Controller, Error, Result};
 use crate::store::ReleaseRecord;
@@ -20,25 +17,11 @@ fn io_err(path: &Path, e: std::io::Error) -> Error {
 
 /// Checks that a digest is 64 lowercase hex characters, so it is safe as a file name.
 pub fn check_digest(digest: &str) -> Result<()> {
-    if digest.len() == 64 && digest.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+    if convoy_bundle::is_sha256_hex(digest) {
         Ok(())
     } else {
         Err(Error::InvalidArgument(format!("{digest:?} is not a SHA-256 digest in lowercase hex")))
     }
-}
-
-fn sha256_file(path: &Path) -> Result<String> {
-    let mut f = std::fs::File::open(path).map_err(|e| io_err(path, e))?;
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 256 * 1024];
-    loop {
-        let n = f.read(&mut buf).map_err(|e| io_err(path, e))?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-    }
-    Ok(hex::encode(h.finalize()))
 }
 
 fn sync_dir(dir: &Path) -> Result<()> {
@@ -95,18 +78,15 @@ impl Controller {
     }
 
     fn ingest_blocking(&self, upload: &Path, pushed_by: String) -> Result<(ReleaseRecord, bool)> {
+        // One pass: structure, signatures (when configured), digests and the bundle's own hash.
         let verified = convoy_bundle::verify(
             upload,
             self.inner.settings.release_trust.as_ref(),
             &convoy_bundle::Limits::default(),
         )?;
         let m = &verified.manifest;
-        let digest = sha256_file(upload)?;
+        let digest = verified.bundle_sha256.clone();
         let size = std::fs::metadata(upload).map_err(|e| io_err(upload, e))?.len();
-        let header = {
-            let mut f = std::fs::File::open(upload).map_err(|e| io_err(upload, e))?;
-            convoy_bundle::read_header(&mut f, u64::from(u32::MAX))?
-        };
         let record = ReleaseRecord {
             app: m.app.clone(),
             version: m.version.clone(),
@@ -115,7 +95,7 @@ impl Controller {
             created_at: m.created_at,
             pushed_at: now(),
             pushed_by,
-            signers: header.signatures.iter().map(|s| s.key_id.to_string()).collect(),
+            signers: verified.signed_by.iter().map(ToString::to_string).collect(),
             unpacked_size: m.unpacked_size,
             files: m.files.len() as u32,
         };

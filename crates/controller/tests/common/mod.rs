@@ -2,7 +2,6 @@
 #![allow(dead_code)]
 
 use std::future::Future;
-use std::io::{Read, Write};
 use std::time::Duration;
 
 use convoy_pki::ClientIdentity;
@@ -68,10 +67,5 @@ pub fn free_port() -> u16 {
 
 /// `GET /` on the demo service, or None if nothing answers.
 pub fn get(port: u16) -> Option<String> {
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").ok()?;
-    let mut body = String::new();
-    s.read_to_string(&mut body).ok()?;
-    body.lines().last().map(|l| l.trim().to_string())
+    convoy_controller::local::http_get_root(port)
 }
