@@ -102,7 +102,7 @@ fn default_region_label() -> String {
 }
 
 /// Outbound webhooks for events.
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NotifyConfig {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -114,6 +114,14 @@ pub struct NotifyConfig {
 
 fn default_offline_after() -> Duration {
     Duration::from_secs(60)
+}
+
+// By hand, not derived: the default must agree with the serde default, or `convoy init` would
+// write a zero threshold.
+impl Default for NotifyConfig {
+    fn default() -> Self {
+        Self { urls: vec![], offline_after: default_offline_after() }
+    }
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

@@ -322,14 +322,21 @@ async fn notifications_are_delivered_and_retried_and_metrics_parse() {
             }
         });
     }
-    let f = Fleet::new(|c| c.replace("[notify]", &format!("[notify]\nurls = [\"{url}\"]"))).await;
+    let mut f = Fleet::new(|c| {
+        let c = c.replace("[notify]", &format!("[notify]\nurls = [\"{url}\"]"));
+        assert!(c.contains("offline_after = \"1m\""), "{c}");
+        c.replace("offline_after = \"1m\"", "offline_after = \"1s\"")
+    })
+    .await;
     f.push("1.0.0").await;
     f.roll_out("1.0.0").await;
     eventually(WAIT, "events delivered", || async {
         let got = received.lock().unwrap().clone();
         let kinds: Vec<String> =
             got.iter().map(|e| e["event"].as_str().unwrap_or_default().to_string()).collect();
-        (kinds.contains(&"rollout_started".to_string()) && kinds.contains(&"rollout_completed".to_string()))
+        ["rollout_started", "wave_done", "rollout_completed"]
+            .iter()
+            .all(|k| kinds.iter().any(|x| x == k))
             .then_some(())
     })
     .await;
@@ -370,6 +377,15 @@ async fn notifications_are_delivered_and_retried_and_metrics_parse() {
     }
     assert!(text.contains("convoy_agents{region=\"eu-west\",state=\"online\"} 1"), "{text}");
     assert!(text.contains("convoy_rollouts{state=\"completed\"} 1"), "{text}");
+
+    // An agent that stays away longer than `offline_after` is announced.
+    let (id, _, agent) = f.agents.remove(0);
+    agent.stop().await.unwrap();
+    eventually(WAIT, "agent_offline event", || async {
+        let got = received.lock().unwrap().clone();
+        got.iter().any(|e| e["event"] == "agent_offline" && e["agent"] == id.as_str()).then_some(())
+    })
+    .await;
     f.shutdown().await;
 }
 
