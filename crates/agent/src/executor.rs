@@ -621,36 +621,55 @@ impl Executor {
                 Ok(())
             }
             Err(e) => {
-                let known_good = rec.known_good.clone();
-                let mut rec = state.app(app).map_err(|e| e.to_string())?;
-                rec.health = HealthState::Unhealthy;
-                rec.last_error = Some(e.clone());
-                state.put_app(app, &rec).map_err(|e| e.to_string())?;
-                self.set_live(app, |l| {
-                    l.health = HealthState::Unhealthy;
-                    l.last_error = Some(e.clone());
-                });
-                match known_good {
-                    Some(good) if good != to && kind != ActivationKind::Revert => {
-                        tracing::warn!(%app, failed = %to, back_to = %good, error = %e, "health gate failed, reverting");
-                        let revert =
-                            Box::pin(self.activate_locked(app, &good, ActivationKind::Revert, None)).await;
-                        if let Ok(mut r) = state.app(app) {
-                            r.previous = restore_previous;
-                            r.last_error = Some(e.clone());
-                            let _ = state.put_app(app, &r);
-                        }
-                        self.set_live(app, |l| l.last_error = Some(e.clone()));
-                        match revert {
-                            Ok(()) => Err(format!("{app}@{to} failed its health check ({e}); rolled back to {good}")),
-                            Err(e2) => Err(format!("{app}@{to} failed its health check ({e}); rollback to {good} failed too: {e2}")),
-                        }
-                    }
-                    _ => {
-                        state.clear_activation(app).map_err(|e| e.to_string())?;
-                        Err(format!("{app}@{to} failed its health check: {e}"))
-                    }
+                // A revert that fails is not reverted again.
+                let back_to = if kind == ActivationKind::Revert { None } else { rec.known_good.clone() };
+                Err(self
+                    .revert_after_failure(app, to, back_to, restore_previous, e, "failed its health check")
+                    .await)
+            }
+        }
+    }
+
+    /// After a failed health gate: records it, then switches back to `back_to` (the known-good
+    /// release) through the same activation path. Returns the error to report.
+    async fn revert_after_failure(
+        &self,
+        app: &str,
+        to: &str,
+        back_to: Option<String>,
+        restore_previous: Option<String>,
+        e: String,
+        what: &str,
+    ) -> String {
+        let state = &self.inner.state;
+        if let Ok(mut rec) = state.app(app) {
+            rec.health = HealthState::Unhealthy;
+            rec.last_error = Some(e.clone());
+            let _ = state.put_app(app, &rec);
+        }
+        self.set_live(app, |l| {
+            l.health = HealthState::Unhealthy;
+            l.last_error = Some(e.clone());
+        });
+        match back_to {
+            Some(good) if good != to => {
+                tracing::warn!(%app, failed = %to, back_to = %good, error = %e, "health gate failed, reverting");
+                let revert = Box::pin(self.activate_locked(app, &good, ActivationKind::Revert, None)).await;
+                // The failed release does not become the rollback target, and its error stays visible.
+                if let Ok(mut r) = state.app(app) {
+                    r.previous = restore_previous;
+                    r.last_error = Some(e.clone());
+                    let _ = state.put_app(app, &r);
                 }
+                self.set_live(app, |l| l.last_error = Some(e.clone()));
+                match revert {
+                    Ok(()) => format!("{app}@{to} {what} ({e}); rolled back to {good}"),
+                    Err(e2) => format!("{app}@{to} {what} ({e}); rollback to {good} failed too: {e2}"),
+                }
+            }
+            _ => {
+                let _ = state.clear_activation(app);
+                format!("{app}@{to} {what}: {e}")
             }
         }
     }
@@ -862,26 +881,16 @@ impl Executor {
                 self.commit(app, to, &config, true).await;
                 Ok(())
             }
-            Err(e) => {
-                self.set_live(app, |l| {
-                    l.health = HealthState::Unhealthy;
-                    l.last_error = Some(e.clone());
-                });
-                match rec.known_good {
-                    Some(good) if good != to => {
-                        let revert =
-                            Box::pin(self.activate_locked(app, &good, ActivationKind::Revert, None)).await;
-                        if let Ok(mut r) = self.inner.state.app(app) {
-                            r.last_error = Some(e.clone());
-                            let _ = self.inner.state.put_app(app, &r);
-                        }
-                        revert.and(Err(format!(
-                            "{app}@{to} did not confirm after restart ({e}); rolled back to {good}"
-                        )))
-                    }
-                    _ => Err(e),
-                }
-            }
+            Err(e) => Err(self
+                .revert_after_failure(
+                    app,
+                    to,
+                    rec.known_good.clone(),
+                    rec.previous.clone(),
+                    e,
+                    "did not confirm after restart",
+                )
+                .await),
         };
         // Busy until the outcome is final, so nobody reads a half-finished state as settled.
         self.set_live(app, |l| l.busy = false);
