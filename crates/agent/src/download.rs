@@ -21,6 +21,8 @@ pub struct DownloadOptions {
     pub retry_max: Duration,
     /// Bytes between fsyncs of the partial file: what survives a crash is what resumes.
     pub sync_every: u64,
+    /// Test builds only: abort once the first chunk is on disk (`download:mid`).
+    pub failpoint: Option<String>,
 }
 
 impl Default for DownloadOptions {
@@ -30,6 +32,7 @@ impl Default for DownloadOptions {
             retry_base: Duration::from_millis(200),
             retry_max: Duration::from_secs(10),
             sync_every: 8 << 20,
+            failpoint: None,
         }
     }
 }
@@ -183,6 +186,13 @@ impl Downloader {
                     w.flush().await.map_err(io(partial))?;
                     w.get_ref().sync_data().await.map_err(io(partial))?;
                     unsynced = 0;
+                }
+                #[cfg(feature = "failpoints")]
+                if self.opts.failpoint.as_deref() == Some("download:mid") {
+                    w.flush().await.map_err(io(partial))?;
+                    w.get_ref().sync_data().await.map_err(io(partial))?;
+                    tracing::error!(failpoint = "download:mid", "failpoint reached: aborting");
+                    std::process::abort();
                 }
                 if offset > chunk.total_size {
                     return Err(Error::Refused(tonic::Status::data_loss("more data than the bundle's size")));

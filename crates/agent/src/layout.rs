@@ -101,6 +101,32 @@ impl Layout {
         }
     }
 
+    /// Removes one unpack directory this agent created (after a failed install).
+    pub fn remove_tmp(&self, tmp: &Path) {
+        if make_writable(tmp).is_ok() {
+            if let Err(e) = std::fs::remove_dir_all(tmp) {
+                if e.kind() != std::io::ErrorKind::NotFound {
+                    tracing::warn!(path = %tmp.display(), error = %e, "cannot remove unpack directory");
+                }
+            }
+        }
+    }
+
+    /// Removes a pruned release's log and its rotated predecessor.
+    pub fn remove_logs(&self, app: &str, version: &str) -> Result<()> {
+        let log = self.log_path(app, version);
+        let mut rotated = log.clone().into_os_string();
+        rotated.push(".1");
+        for p in [log, PathBuf::from(rotated)] {
+            match std::fs::remove_file(&p) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(Error::Io { path: p, source: e }),
+            }
+        }
+        Ok(())
+    }
+
     /// Apps that have a directory on disk.
     pub fn apps_on_disk(&self) -> Vec<String> {
         let Ok(entries) = std::fs::read_dir(self.root.join("apps")) else { return vec![] };

@@ -9,10 +9,11 @@
 
 mod download;
 mod enroll;
-mod executor;
+mod exec;
 mod health;
 mod identity;
 mod layout;
+pub mod order;
 mod process;
 mod session;
 pub mod state;
@@ -23,7 +24,7 @@ use std::time::Duration;
 
 pub use download::{DownloadOptions, Downloaded, Downloader};
 pub use enroll::{enroll, EnrollOptions};
-pub use executor::{ExecConfig, Executor};
+pub use exec::{ExecConfig, ExecError, Executor};
 pub use identity::{AgentFile, AGENT_FILE, CA_FILE, IDENTITY_FILE};
 pub use layout::Layout;
 pub use session::{Agent, AgentConfig, AgentStatus};

@@ -118,8 +118,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             config.require_signatures = require_signatures;
             config.vars = convoy_agent::parse_pairs("variable", &vars)?;
             config.keep_releases = keep_releases;
-            // Crash-safety tests make the agent abort at a named step.
-            config.failpoint = std::env::var("CONVOY_AGENT_FAILPOINT").ok().filter(|f| !f.is_empty());
+            // Crash-safety tests make the agent abort at a named step; only test builds (the
+            // `failpoints` feature) read the variable.
+            #[cfg(feature = "failpoints")]
+            {
+                config.failpoint = std::env::var("CONVOY_AGENT_FAILPOINT").ok().filter(|f| !f.is_empty());
+            }
             let agent = Agent::new(config)?;
             let cancel = CancellationToken::new();
             let stop = cancel.clone();

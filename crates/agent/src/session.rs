@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 use tracing::Instrument;
 
-use crate::executor::{ExecConfig, Executor};
+use crate::exec::{ExecConfig, Executor};
 use crate::identity::{load_identity, write_identity, AgentFile};
 use crate::{Backoff, Error, Result};
 
@@ -101,6 +101,7 @@ impl Agent {
         exec.keep_releases = config.keep_releases;
         exec.download = config.download.clone();
         exec.failpoint = config.failpoint.clone();
+        exec.download.failpoint = config.failpoint.clone();
         exec.labels = file.labels.clone();
         let executor = Executor::open(exec)?;
         Ok(Self { config, file, status: watch::Sender::new(AgentStatus::default()), executor })

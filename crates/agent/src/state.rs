@@ -42,6 +42,50 @@ pub struct AppRecord {
     pub last_error: Option<String>,
     /// Process group of the supervised service, so a restarted agent can stop an orphan.
     pub service_pgid: Option<i32>,
+    /// Releases that passed their health gate, oldest first, one entry per activation (bounded
+    /// by [`HISTORY_LEN`]). A rollback walks it backwards from the release it rolls back from.
+    /// Records written before it existed are seeded from `previous` and `known_good`.
+    #[serde(default)]
+    pub history: Vec<String>,
+    /// Releases this agent rolled back from or reverted after a failed health gate: never
+    /// chosen as an automatic rollback target again. An explicit deploy clears the mark.
+    #[serde(default)]
+    pub bad: std::collections::BTreeSet<String>,
+}
+
+/// How many committed activations an app's history keeps.
+pub const HISTORY_LEN: usize = 64;
+
+impl AppRecord {
+    /// The history, seeded from the fields older records had.
+    pub fn history(&self) -> Vec<String> {
+        if !self.history.is_empty() {
+            return self.history.clone();
+        }
+        self.previous.iter().chain(self.known_good.iter()).cloned().collect()
+    }
+
+    /// Records a committed activation of `version`.
+    pub fn push_history(&mut self, version: &str) {
+        let mut h = self.history();
+        h.push(version.to_owned());
+        let excess = h.len().saturating_sub(HISTORY_LEN);
+        h.drain(..excess);
+        self.history = h;
+    }
+
+    /// The newest release activated before the latest activation of `from` that passed its
+    /// health gate, is not marked bad, is not `from` itself and is still installed: where a
+    /// rollback from `from` goes. `None` when there is nothing to go back to.
+    pub fn rollback_target(&self, from: &str, installed: &[String]) -> Option<String> {
+        let h = self.history();
+        let end = h.iter().rposition(|v| v == from).unwrap_or(h.len());
+        h[..end]
+            .iter()
+            .rev()
+            .find(|v| v.as_str() != from && !self.bad.contains(*v) && installed.contains(v))
+            .cloned()
+    }
 }
 
 /// An installed release.
@@ -94,8 +138,8 @@ pub struct State {
     journal: sled::Tree,
 }
 
-fn enc<T: Serialize>(body: &T) -> Vec<u8> {
-    serde_json::to_vec(&Envelope { v: FORMAT, body }).unwrap_or_default()
+fn enc<T: Serialize>(body: &T) -> Result<Vec<u8>> {
+    serde_json::to_vec(&Envelope { v: FORMAT, body }).map_err(|e| Error::State(format!("encode: {e}")))
 }
 
 fn dec<T: DeserializeOwned>(what: &str, bytes: &[u8]) -> Result<T> {
@@ -138,8 +182,14 @@ impl State {
             .unwrap_or(0))
     }
 
-    pub fn set_last_seq(&self, seq: u64) -> Result<()> {
-        self.meta.insert("last_seq", &seq.to_be_bytes()).map_err(sled_err)?;
+    /// Raises the last applied sequence number to `seq` (never lowers it) and flushes.
+    pub fn raise_last_seq(&self, seq: u64) -> Result<()> {
+        self.meta
+            .fetch_and_update("last_seq", |old| {
+                let old = old.and_then(|v| v.try_into().ok().map(u64::from_be_bytes)).unwrap_or(0);
+                Some(old.max(seq).to_be_bytes().to_vec())
+            })
+            .map_err(sled_err)?;
         self.flush()
     }
 
@@ -163,7 +213,7 @@ impl State {
     }
 
     pub fn put_app(&self, app: &str, rec: &AppRecord) -> Result<()> {
-        self.apps.insert(app, enc(rec)).map_err(sled_err)?;
+        self.apps.insert(app, enc(rec)?).map_err(sled_err)?;
         self.flush()
     }
 
@@ -186,7 +236,7 @@ impl State {
     }
 
     pub fn put_installed(&self, rec: &InstalledRecord) -> Result<()> {
-        self.installed.insert(format!("{}@{}", rec.app, rec.version), enc(rec)).map_err(sled_err)?;
+        self.installed.insert(format!("{}@{}", rec.app, rec.version), enc(rec)?).map_err(sled_err)?;
         self.flush()
     }
 
@@ -204,12 +254,73 @@ impl State {
     }
 
     pub fn put_activation(&self, a: &Activation) -> Result<()> {
-        self.journal.insert(a.app.as_bytes(), enc(a)).map_err(sled_err)?;
+        self.journal.insert(a.app.as_bytes(), enc(a)?).map_err(sled_err)?;
         self.flush()
     }
 
     pub fn clear_activation(&self, app: &str) -> Result<()> {
         self.journal.remove(app).map_err(sled_err)?;
         self.flush()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(history: &[&str], bad: &[&str]) -> AppRecord {
+        AppRecord {
+            history: history.iter().map(|s| s.to_string()).collect(),
+            bad: bad.iter().map(|s| s.to_string()).collect(),
+            ..AppRecord::default()
+        }
+    }
+
+    #[test]
+    fn rollback_only_goes_back() {
+        let all: Vec<String> = ["1.0.0", "2.0.0", "3.0.0"].iter().map(|s| s.to_string()).collect();
+        // (history, bad, from, expected target)
+        type Case<'a> = (&'a [&'a str], &'a [&'a str], &'a str, Option<&'a str>);
+        let cases: &[Case] = &[
+            (&["1.0.0", "2.0.0", "3.0.0"], &[], "3.0.0", Some("2.0.0")),
+            // The second rollback: 3.0.0 was rolled back from (bad), 2.0.0 is current again.
+            (&["1.0.0", "2.0.0", "3.0.0", "2.0.0"], &["3.0.0"], "2.0.0", Some("1.0.0")),
+            // Nothing older than the first release.
+            (&["1.0.0", "2.0.0", "3.0.0", "2.0.0", "1.0.0"], &["3.0.0", "2.0.0"], "1.0.0", None),
+            (&["1.0.0"], &[], "1.0.0", None),
+            // A bad release in between is skipped.
+            (&["1.0.0", "2.0.0", "3.0.0"], &["2.0.0"], "3.0.0", Some("1.0.0")),
+            // `from` never committed here (its gate is still running): the newest good one.
+            (&["1.0.0", "2.0.0"], &[], "3.0.0", Some("2.0.0")),
+        ];
+        for (h, bad, from, want) in cases {
+            assert_eq!(
+                rec(h, bad).rollback_target(from, &all).as_deref(),
+                *want,
+                "{h:?} bad {bad:?} from {from}"
+            );
+        }
+        // A release that is no longer installed is not a target.
+        let some = vec!["1.0.0".to_string(), "3.0.0".to_string()];
+        assert_eq!(
+            rec(&["1.0.0", "2.0.0", "3.0.0"], &[]).rollback_target("3.0.0", &some).as_deref(),
+            Some("1.0.0")
+        );
+    }
+
+    #[test]
+    fn old_records_seed_history() {
+        let old = AppRecord {
+            previous: Some("1.0.0".into()),
+            known_good: Some("2.0.0".into()),
+            ..AppRecord::default()
+        };
+        assert_eq!(old.history(), vec!["1.0.0", "2.0.0"]);
+        let bytes = br#"{"v":1,"current":"2.0.0","known_good":"2.0.0","previous":"1.0.0","health":"healthy","last_error":null,"service_pgid":null}"#;
+        let decoded: AppRecord = dec("app", bytes).unwrap();
+        assert_eq!(
+            decoded.rollback_target("2.0.0", &["1.0.0".into(), "2.0.0".into()]).as_deref(),
+            Some("1.0.0")
+        );
     }
 }

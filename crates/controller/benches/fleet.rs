@@ -74,11 +74,12 @@ async fn run(n: usize) {
         );
     }
     let _ = last_waves;
-    let (results, total) = c.rollback("site", &Target::All, None, "bench", "admin/bench").await.unwrap();
+    let (results, total) =
+        c.rollback("site", &Target::All, None, None, "bench", "admin/bench").await.unwrap();
     let mut per: Vec<Duration> = results
         .iter()
         .map(|(_, r, d)| {
-            assert!(r.as_ref().is_ok_and(|o| o.ok), "{r:?}");
+            assert!(r.as_ref().is_ok_and(|o| o.is_done()), "{r:?}");
             *d
         })
         .collect();

@@ -40,6 +40,7 @@ pub fn to_status(err: logic::Error) -> Status {
         E::Conflict(_) => Status::already_exists(msg),
         E::FailedPrecondition(_) => Status::failed_precondition(msg),
         E::Offline(_) => Status::unavailable(msg),
+        E::NoAnswer(_) => Status::deadline_exceeded(msg),
         E::Store(_) | E::Internal(_) => {
             tracing::error!(error = %msg, "internal error");
             Status::internal(msg)
@@ -126,9 +127,12 @@ fn order_pb(o: logic::Order) -> pb::ControllerMessage {
             version,
             health_deadline_secs: health_deadline.map(|d| d.as_secs().max(1) as u32).unwrap_or(0),
         }),
-        OrderKind::Rollback { app, to, reason } => {
-            Kind::Rollback(pb::RollbackOrder { app, to_version: to.unwrap_or_default(), reason })
-        }
+        OrderKind::Rollback { app, from, to, reason } => Kind::Rollback(pb::RollbackOrder {
+            app,
+            from_version: from,
+            to_version: to.unwrap_or_default(),
+            reason,
+        }),
         OrderKind::Logs { app, lines } => Kind::Logs(pb::LogsOrder { app, lines }),
     };
     pb::ControllerMessage {
@@ -137,13 +141,31 @@ fn order_pb(o: logic::Order) -> pb::ControllerMessage {
 }
 
 fn outcome(r: pb::OrderResult) -> logic::OrderOutcome {
-    logic::OrderOutcome {
-        seq: r.seq,
-        ok: r.ok,
-        stale: r.stale,
-        error: (!r.error.is_empty()).then_some(r.error),
-        status: r.status.map(app_status),
-        output: r.output,
+    use logic::Answer;
+    let mut message = r.message;
+    let answer = match pb::OrderOutcome::try_from(r.outcome) {
+        Ok(pb::OrderOutcome::Applied) => Answer::Applied,
+        Ok(pb::OrderOutcome::AlreadyInState) => Answer::AlreadyInState,
+        Ok(pb::OrderOutcome::Refused) => Answer::Refused { field: r.field },
+        Ok(pb::OrderOutcome::Failed) => Answer::Failed,
+        Ok(pb::OrderOutcome::Stale) => Answer::Stale { agent_last_seq: r.agent_last_seq },
+        // An answer without a known outcome is never read as success.
+        Ok(pb::OrderOutcome::Unspecified) | Err(_) => {
+            message = format!("agent answered without a known outcome ({}): {message}", r.outcome);
+            Answer::Failed
+        }
+    };
+    logic::OrderOutcome { seq: r.seq, answer, message, status: r.status.map(app_status), output: r.output }
+}
+
+/// The wire form of an agent's answer.
+fn outcome_pb(a: &logic::Answer) -> pb::OrderOutcome {
+    match a {
+        logic::Answer::Applied => pb::OrderOutcome::Applied,
+        logic::Answer::AlreadyInState => pb::OrderOutcome::AlreadyInState,
+        logic::Answer::Refused { .. } => pb::OrderOutcome::Refused,
+        logic::Answer::Failed => pb::OrderOutcome::Failed,
+        logic::Answer::Stale { .. } => pb::OrderOutcome::Stale,
     }
 }
 
@@ -247,6 +269,9 @@ impl pb::agent_service_server::AgentService for AgentSvc {
                 hello.agent_id
             )));
         }
+        // A controller restored from a backup may be behind the agents' sequence numbers: its
+        // next orders would all be stale. Move past what this agent has applied.
+        ctl.observe_agent_seq(hello.last_order_seq).instrument(span.clone()).await.map_err(to_status)?;
         let (order_tx, mut order_rx) = mpsc::channel::<logic::Order>(64);
         let handle = ctl
             .open_session(
@@ -561,13 +586,13 @@ impl pb::admin_service_server::AdminService for AdminSvc {
             return Err(Status::invalid_argument("name the target: agents, a region, or all"));
         };
         let to = (!r.to_version.is_empty()).then_some(r.to_version);
+        let from = (!r.from_version.is_empty()).then_some(r.from_version);
         let result = self
             .0
-            .rollback(&r.app, &target, to.clone(), &r.reason, &admin.to_string())
+            .rollback(&r.app, &target, from.clone(), to.clone(), &r.reason, &admin.to_string())
             .instrument(tracing::info_span!("rollback", %admin, app = %r.app))
             .await;
-        let params =
-            serde_json::json!({"app": r.app, "target": format!("{target:?}"), "to": to, "reason": r.reason});
+        let params = serde_json::json!({"app": r.app, "target": format!("{target:?}"), "from": from, "to": to, "reason": r.reason});
         self.audited(&admin, "rollback", &r.app, params, &result).await;
         let (results, elapsed) = result.map_err(to_status)?;
         let outcomes = results
@@ -575,17 +600,17 @@ impl pb::admin_service_server::AdminService for AdminSvc {
             .map(|(agent_id, res, took)| match res {
                 Ok(o) => pb::AgentOutcome {
                     agent_id,
-                    ok: o.ok,
-                    error: o.error.unwrap_or_default(),
+                    outcome: outcome_pb(&o.answer) as i32,
+                    message: if o.is_done() { o.message.clone() } else { o.problem() },
                     status: o.status.map(app_status_pb),
                     elapsed_ms: took.as_millis() as u64,
-                    offline: false,
+                    unreachable: false,
                 },
                 Err(e) => pb::AgentOutcome {
                     agent_id,
-                    ok: false,
-                    offline: matches!(e, logic::Error::Offline(_)),
-                    error: e.to_string(),
+                    outcome: pb::OrderOutcome::Unspecified as i32,
+                    unreachable: matches!(e, logic::Error::Offline(_) | logic::Error::NoAnswer(_)),
+                    message: e.to_string(),
                     status: None,
                     elapsed_ms: took.as_millis() as u64,
                 },
@@ -748,8 +773,8 @@ impl pb::admin_service_server::AdminService for AdminSvc {
         let r = req.into_inner();
         let kind = OrderKind::Logs { app: r.app, lines: if r.lines == 0 { 100 } else { r.lines } };
         let o = self.0.send_order(&r.agent_id, kind, Duration::from_secs(30)).await.map_err(to_status)?;
-        if !o.ok {
-            return Err(Status::failed_precondition(o.error.unwrap_or_default()));
+        if !o.is_done() {
+            return Err(Status::failed_precondition(o.problem()));
         }
         Ok(Response::new(pb::LogsResponse { text: o.output }))
     }

@@ -343,13 +343,21 @@ async fn generic(State(st): State<AppState>, headers: HeaderMap, body: Bytes) ->
 }
 
 /// During an active rollout: rollback aborts it (rolling back moved agents), pause pauses it.
-/// Otherwise rollback is a fleet rollback to the previous release, at most once per app, region
-/// and release.
+/// Otherwise rollback is a fleet rollback from the release the incident is about (the app's
+/// latest rollout, else what most targeted agents run), at most once per (app, region, release
+/// rolled back from): a further alert about the same incident is answered "already rolled back"
+/// and changes nothing, and never rolls the fleet one step further.
 async fn act(ctl: &Controller, r: &Request) -> String {
-    let active =
-        ctl.rollouts(Some(r.app.clone())).await.unwrap_or_default().into_iter().find(|x| !x.state.is_final());
+    let rollouts = match ctl.rollouts(Some(r.app.clone())).await {
+        Ok(list) => list,
+        Err(e) => {
+            tracing::error!(app = %r.app, error = %e, "cannot read rollouts: the hook does not act");
+            return format!("not acted: cannot read rollouts: {e}");
+        }
+    };
+    let active = rollouts.iter().find(|x| !x.state.is_final());
     let target = r.region.clone().unwrap_or_else(|| "*".into());
-    let outcome = match (&active, r.action.as_str()) {
+    let outcome = match (active, r.action.as_str()) {
         (Some(ro), "rollback") => match ctl.control(&ro.id, Control::Abort).await {
             Ok(()) => format!("aborted rollout {} and rolled back its agents", ro.id),
             Err(e) => format!("abort of rollout {} failed: {e}", ro.id),
@@ -360,18 +368,38 @@ async fn act(ctl: &Controller, r: &Request) -> String {
         },
         (None, "pause") => "no active rollout to pause".to_string(),
         (None, _) => {
-            let running = ctl.running_version(&r.app, r.region.as_deref()).await.unwrap_or_default();
-            let once = format!("rb:{}:{target}:{running}", r.app);
-            if ctl.seen(&once).await {
-                format!("{}@{running} was already rolled back in {target}", r.app)
+            let from = match rollouts.last() {
+                Some(ro) => ro.spec.version.clone(),
+                None => match ctl.running_version(&r.app, r.region.as_deref()).await {
+                    Ok(v) => v,
+                    Err(e) => return format!("not acted: cannot read agents: {e}"),
+                },
+            };
+            let once = format!("rb:{}:{target}:{from}", r.app);
+            if from.is_empty() {
+                format!("no agent runs {}: nothing to roll back", r.app)
+            } else if ctl.seen(&once).await {
+                format!("already rolled back from {}@{from} in {target}", r.app)
             } else {
                 let t = r.region.clone().map(Target::Region).unwrap_or(Target::All);
-                match ctl.rollback(&r.app, &t, None, &r.reason, &r.actor).await {
+                match ctl.rollback(&r.app, &t, Some(from.clone()), None, &r.reason, &r.actor).await {
                     Ok((results, took)) => {
                         ctl.mark_seen(&once).await;
-                        let ok =
-                            results.iter().filter(|(_, res, _)| res.as_ref().is_ok_and(|o| o.ok)).count();
-                        format!("rolled back {ok} of {} agent(s) in {} ms", results.len(), took.as_millis())
+                        let count = |f: fn(&crate::logic::Answer) -> bool| {
+                            results
+                                .iter()
+                                .filter(|(_, res, _)| res.as_ref().is_ok_and(|o| f(&o.answer)))
+                                .count()
+                        };
+                        let applied = count(|a| *a == crate::logic::Answer::Applied);
+                        let already = count(|a| *a == crate::logic::Answer::AlreadyInState);
+                        let not_done = results.len() - applied - already;
+                        format!(
+                            "rolled back {applied} of {} agent(s) from {}@{from} in {} ms; {already} already off it; {not_done} not done",
+                            results.len(),
+                            r.app,
+                            took.as_millis()
+                        )
                     }
                     Err(e) => format!("rollback failed: {e}"),
                 }

@@ -263,6 +263,21 @@ impl Store {
         Ok((old, new))
     }
 
+    /// Reserves a block of sequence numbers that starts after `floor` (and after anything
+    /// reserved before).
+    pub fn reserve_seq_after(&self, floor: u64, block: u64) -> Result<(u64, u64)> {
+        let stored = self
+            .meta
+            .get("seq_reserved")?
+            .and_then(|v| v.as_ref().try_into().ok().map(u64::from_be_bytes))
+            .unwrap_or(1);
+        let old = stored.max(floor.saturating_add(1));
+        let new = old.saturating_add(block);
+        self.meta.insert("seq_reserved", &new.to_be_bytes())?;
+        self.flush()?;
+        Ok((old, new))
+    }
+
     pub fn put_token(&self, hash: &[u8], rec: &TokenRecord) -> Result<()> {
         self.tokens.insert(hash, encode(rec))?;
         self.flush()

@@ -11,7 +11,7 @@ use std::time::Duration;
 use common::{eventually, free_port, get};
 use convoy_bundle::SecretKey;
 use convoy_controller::local::{DemoRelease, LocalAgent, LocalController, LocalOptions};
-use convoy_controller::logic::{OrderKind, OrderOutcome, Target};
+use convoy_controller::logic::{Answer, OrderKind, OrderOutcome, Target};
 
 const WAIT: Duration = Duration::from_secs(30);
 const ORDER: Duration = Duration::from_secs(60);
@@ -66,7 +66,7 @@ impl Fleet {
 
     async fn deploy(&self, agent: &str, version: &str) -> OrderOutcome {
         let i = self.install(agent, version).await;
-        assert!(i.ok, "install {version}: {:?}", i.error);
+        assert!(i.is_done(), "install {version}: {}", i.message);
         self.order(
             agent,
             OrderKind::Activate { app: "shop-api".into(), version: version.into(), health_deadline: None },
@@ -92,7 +92,7 @@ async fn healthy_deploy_commits_and_bad_releases_revert_automatically() {
     let (agent, port) = f.agent("a1").await;
 
     let o = f.deploy("a1", "1.0.0").await;
-    assert!(o.ok, "{:?}", o.error);
+    assert!(o.is_done(), "{}", o.message);
     assert_eq!(status(&o).current, "1.0.0");
     assert_eq!(status(&o).known_good, "1.0.0");
     assert_eq!(status(&o).health, "healthy");
@@ -100,8 +100,8 @@ async fn healthy_deploy_commits_and_bad_releases_revert_automatically() {
 
     // 500 on /healthz: reverted to 1.0.0, which answers again.
     let o = f.deploy("a1", "2.0.0").await;
-    assert!(!o.ok);
-    let err = o.error.clone().unwrap();
+    assert!(!o.is_done());
+    let err = o.message.clone();
     assert!(err.contains("HTTP 500") && err.contains("rolled back to 1.0.0"), "{err}");
     assert_eq!(status(&o).current, "1.0.0");
     assert_eq!(status(&o).known_good, "1.0.0");
@@ -109,14 +109,14 @@ async fn healthy_deploy_commits_and_bad_releases_revert_automatically() {
 
     // Crash loop: the service never comes up; reverted.
     let o = f.deploy("a1", "3.0.0").await;
-    assert!(!o.ok);
-    assert!(o.error.clone().unwrap().contains("rolled back to 1.0.0"), "{:?}", o.error);
+    assert!(!o.is_done());
+    assert!(o.message.clone().contains("rolled back to 1.0.0"), "{}", o.message);
     assert_eq!(get(port).as_deref(), Some("demo-app 1.0.0"));
 
     // A health endpoint that hangs: each probe times out, which counts as a failure.
     let o = f.deploy("a1", "4.0.0").await;
-    assert!(!o.ok);
-    let err = o.error.clone().unwrap();
+    assert!(!o.is_done());
+    let err = o.message.clone();
     assert!(err.contains("timed out") && err.contains("rolled back to 1.0.0"), "{err}");
     assert_eq!(get(port).as_deref(), Some("demo-app 1.0.0"));
 
@@ -135,19 +135,19 @@ async fn rollback_fencing_idempotence_and_corrupted_releases() {
     f.release("1.0.0", "healthy", "").await;
     f.release("1.1.0", "healthy", "").await;
     let (agent, port) = f.agent("a1").await;
-    assert!(f.deploy("a1", "1.0.0").await.ok);
-    assert!(f.deploy("a1", "1.1.0").await.ok);
+    assert!(f.deploy("a1", "1.0.0").await.is_done());
+    assert!(f.deploy("a1", "1.1.0").await.is_done());
     assert_eq!(get(port).as_deref(), Some("demo-app 1.1.0"));
 
     // Rolling back a committed release: the previous one serves again.
     let (results, _) = f
         .ctl
         .controller
-        .rollback("shop-api", &Target::Agents(vec!["a1".into()]), None, "bad numbers", "admin/test")
+        .rollback("shop-api", &Target::Agents(vec!["a1".into()]), None, None, "bad numbers", "admin/test")
         .await
         .unwrap();
     let o = results[0].1.as_ref().unwrap();
-    assert!(o.ok, "{:?}", o.error);
+    assert!(o.is_done(), "{}", o.message);
     assert_eq!(status(o).current, "1.0.0");
     assert_eq!(get(port).as_deref(), Some("demo-app 1.0.0"));
 
@@ -156,13 +156,13 @@ async fn rollback_fencing_idempotence_and_corrupted_releases() {
     let activate =
         OrderKind::Activate { app: "shop-api".into(), version: "1.1.0".into(), health_deadline: None };
     let o = f.ctl.controller.send_order_with_seq("a1", seq, activate.clone(), ORDER).await.unwrap();
-    assert!(o.ok && !o.stale);
+    assert!(o.is_done() && !matches!(o.answer, Answer::Stale { .. }));
     assert_eq!(get(port).as_deref(), Some("demo-app 1.1.0"));
     let again = f.ctl.controller.send_order_with_seq("a1", seq, activate, ORDER).await.unwrap();
-    assert!(again.stale, "the same order twice is ignored the second time");
+    assert!(matches!(again.answer, Answer::Stale { .. }), "the same order twice is ignored the second time");
     let old = OrderKind::Activate { app: "shop-api".into(), version: "1.0.0".into(), health_deadline: None };
     let o = f.ctl.controller.send_order_with_seq("a1", seq - 1, old, ORDER).await.unwrap();
-    assert!(o.stale);
+    assert!(matches!(o.answer, Answer::Stale { .. }));
     assert_eq!(status(&o).current, "1.1.0", "a stale order changes nothing");
     assert_eq!(get(port).as_deref(), Some("demo-app 1.1.0"));
     // An activation of what is already active and committed is a no-op.
@@ -172,15 +172,24 @@ async fn rollback_fencing_idempotence_and_corrupted_releases() {
             OrderKind::Activate { app: "shop-api".into(), version: "1.1.0".into(), health_deadline: None },
         )
         .await;
-    assert!(o.ok && !o.stale);
+    assert!(o.is_done() && !matches!(o.answer, Answer::Stale { .. }));
 
     // Corrupt the kept 1.0.0: the rollback is refused and 1.1.0 keeps serving.
     let kept = f.tmp.path().join("a1/apps/shop-api/releases/1.0.0/bin/app");
     std::fs::write(&kept, "#!/bin/sh\necho pwned\n").unwrap();
-    let o =
-        f.order("a1", OrderKind::Rollback { app: "shop-api".into(), to: None, reason: "test".into() }).await;
-    assert!(!o.ok);
-    let err = o.error.unwrap();
+    let o = f
+        .order(
+            "a1",
+            OrderKind::Rollback {
+                app: "shop-api".into(),
+                from: "1.1.0".into(),
+                to: Some("1.0.0".into()),
+                reason: "test".into(),
+            },
+        )
+        .await;
+    assert!(!o.is_done());
+    let err = o.message.clone();
     assert!(err.contains("kept release shop-api@1.0.0 is corrupted") && err.contains("bin/app"), "{err}");
     assert_eq!(get(port).as_deref(), Some("demo-app 1.1.0"));
     assert_eq!(std::fs::read_link(f.current_link("a1")).unwrap(), Path::new("releases/1.1.0"));
@@ -189,10 +198,15 @@ async fn rollback_fencing_idempotence_and_corrupted_releases() {
     let o = f
         .order(
             "a1",
-            OrderKind::Rollback { app: "shop-api".into(), to: Some("9.9.9".into()), reason: "x".into() },
+            OrderKind::Rollback {
+                app: "shop-api".into(),
+                from: "1.1.0".into(),
+                to: Some("9.9.9".into()),
+                reason: "x".into(),
+            },
         )
         .await;
-    assert!(o.error.unwrap().contains("not installed"));
+    assert!(o.message.clone().contains("not installed"));
     agent.stop().await.unwrap();
     f.ctl.stop().await.unwrap();
 }
@@ -214,7 +228,7 @@ async fn hooks_env_variables_and_a_failing_pre_activate() {
     .await;
     f.release("3.0.0", "healthy", "").await;
     let (agent, port) = f.agent("a1").await;
-    assert!(f.deploy("a1", "1.0.0").await.ok);
+    assert!(f.deploy("a1", "1.0.0").await.is_done());
     let env = std::fs::read_to_string(&witness).unwrap();
     assert!(env.contains("CONVOY_APP=shop-api"), "{env}");
     assert!(env.contains("CONVOY_VERSION=1.0.0"), "{env}");
@@ -223,14 +237,14 @@ async fn hooks_env_variables_and_a_failing_pre_activate() {
 
     // A failing pre_activate stops the deploy before the switch.
     let o = f.deploy("a1", "2.0.0").await;
-    assert!(!o.ok);
-    let err = o.error.unwrap();
+    assert!(!o.is_done());
+    let err = o.message.clone();
     assert!(err.contains("stopped before the switch") && err.contains("pre_activate"), "{err}");
     assert_eq!(std::fs::read_link(f.current_link("a1")).unwrap(), Path::new("releases/1.0.0"));
     assert_eq!(get(port).as_deref(), Some("demo-app 1.0.0"));
     // Its output is in the release's log, readable through the controller.
     let logs = f.order("a1", OrderKind::Logs { app: "shop-api".into(), lines: 50 }).await;
-    assert!(logs.ok);
+    assert!(logs.is_done());
     assert!(logs.output.contains("demo-app 1.0.0 listening"), "{}", logs.output);
     agent.stop().await.unwrap();
 
@@ -241,8 +255,8 @@ async fn hooks_env_variables_and_a_failing_pre_activate() {
     let mut a2 = LocalAgent::spawn_with(&dir, |c| c.trust = vec![public]).unwrap();
     a2.wait_for(WAIT, |s| s.connected).await.unwrap();
     let o = f.install("a2", "3.0.0").await;
-    assert!(!o.ok);
-    assert!(o.error.unwrap().contains("${PORT} is not defined"));
+    assert!(!o.is_done());
+    assert!(o.message.clone().contains("${PORT} is not defined"));
     assert!(!dir.join("apps/shop-api/releases/3.0.0").exists());
     a2.stop().await.unwrap();
 
@@ -252,7 +266,7 @@ async fn hooks_env_variables_and_a_failing_pre_activate() {
     let mut a3 = LocalAgent::spawn(&dir).unwrap();
     a3.wait_for(WAIT, |s| s.connected).await.unwrap();
     let o = f.install("a3", "3.0.0").await;
-    assert!(o.error.unwrap().contains("no trusted release keys"));
+    assert!(o.message.clone().contains("no trusted release keys"));
     a3.stop().await.unwrap();
     f.ctl.stop().await.unwrap();
 }
@@ -266,7 +280,7 @@ async fn retention_keeps_current_known_good_and_previous() {
     f.release("1.4.0", "fail500", "").await;
     let (agent, _port) = f.agent("a1").await;
     for v in ["1.0.0", "1.1.0", "1.2.0", "1.3.0"] {
-        assert!(f.deploy("a1", v).await.ok);
+        assert!(f.deploy("a1", v).await.is_done());
     }
     // keep_releases = 2: only 1.3.0 (current, known-good) and 1.2.0 (previous) remain.
     let releases = f.tmp.path().join("a1/apps/shop-api/releases");
@@ -278,7 +292,7 @@ async fn retention_keeps_current_known_good_and_previous() {
     assert_eq!(on_disk, ["1.2.0", "1.3.0"]);
     // A failed deploy does not prune: the known-good release stays and serves.
     let o = f.deploy("a1", "1.4.0").await;
-    assert!(!o.ok);
+    assert!(!o.is_done());
     assert!(releases.join("1.3.0").exists() && releases.join("1.2.0").exists());
     assert_eq!(status(&o).known_good, "1.3.0");
     agent.stop().await.unwrap();
@@ -291,8 +305,8 @@ async fn current_is_never_missing_during_switches() {
     f.release("1.0.0", "healthy", "").await;
     f.release("1.1.0", "healthy", "").await;
     let (agent, _port) = f.agent("a1").await;
-    assert!(f.deploy("a1", "1.0.0").await.ok);
-    assert!(f.deploy("a1", "1.1.0").await.ok);
+    assert!(f.deploy("a1", "1.0.0").await.is_done());
+    assert!(f.deploy("a1", "1.1.0").await.is_done());
     let link = f.current_link("a1");
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let reader = {
@@ -307,11 +321,15 @@ async fn current_is_never_missing_during_switches() {
             reads
         })
     };
-    for _ in 0..3 {
-        let o = f
-            .order("a1", OrderKind::Rollback { app: "shop-api".into(), to: None, reason: "flip".into() })
-            .await;
-        assert!(o.ok, "{:?}", o.error);
+    for (from, to) in [("1.1.0", "1.0.0"), ("1.0.0", "1.1.0"), ("1.1.0", "1.0.0")] {
+        let kind = OrderKind::Rollback {
+            app: "shop-api".into(),
+            from: from.into(),
+            to: Some(to.into()),
+            reason: "flip".into(),
+        };
+        let o = f.order("a1", kind).await;
+        assert_eq!(o.answer, Answer::Applied, "{}", o.message);
     }
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let reads = reader.join().expect("the reader saw `current` missing");
@@ -325,7 +343,7 @@ async fn the_service_keeps_running_and_supervised_without_the_controller() {
     let mut f = Fleet::new().await;
     f.release("1.0.0", "healthy", "").await;
     let (agent, port) = f.agent("a1").await;
-    assert!(f.deploy("a1", "1.0.0").await.ok);
+    assert!(f.deploy("a1", "1.0.0").await.is_done());
     let Fleet { ctl, tmp, .. } = f;
     ctl.stop().await.unwrap();
     assert_eq!(get(port).as_deref(), Some("demo-app 1.0.0"));
@@ -366,8 +384,8 @@ async fn rollback_logs_status_and_agents_from_the_cli() {
     let (a1, p1) = f.agent("a1").await;
     let (a2, p2) = f.agent("a2").await;
     for id in ["a1", "a2"] {
-        assert!(f.deploy(id, "1.0.0").await.ok);
-        assert!(f.deploy(id, "1.1.0").await.ok);
+        assert!(f.deploy(id, "1.0.0").await.is_done());
+        assert!(f.deploy(id, "1.1.0").await.is_done());
     }
     let (ok, out, _) = convoy_cli(&f.ctl, &["status", "-o", "json"]).await;
     assert!(ok);
@@ -387,8 +405,9 @@ async fn rollback_logs_status_and_agents_from_the_cli() {
             .await;
     assert!(ok, "{err}");
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["agents"].as_array().unwrap().len(), 2);
     for a in v["agents"].as_array().unwrap() {
-        assert_eq!(a["ok"], true);
+        assert_eq!(a["outcome"], "applied", "{a}");
         assert_eq!(a["current"], "1.0.0");
     }
     assert_eq!(get(p1).as_deref(), Some("demo-app 1.0.0"));
@@ -407,7 +426,8 @@ async fn rollback_logs_status_and_agents_from_the_cli() {
     assert!(ok);
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(v[0]["apps"][0]["known_good"], "1.0.0");
-    assert_eq!(v[0]["apps"][0]["previous"], "1.1.0");
+    // 1.1.0 was rolled back from, so it is no rollback target; nothing older than 1.0.0 is kept.
+    assert_eq!(v[0]["apps"][0]["previous"], "");
 
     // An offline agent is reported, not waited on forever.
     a2.stop().await.unwrap();
@@ -418,8 +438,10 @@ async fn rollback_logs_status_and_agents_from_the_cli() {
     let (ok, out, _) =
         convoy_cli(&f.ctl, &["rollback", "shop-api", "--region", "eu-west", "--reason", "again"]).await;
     assert!(!ok);
-    assert!(out.lines().any(|l| l.starts_with("a2") && l.contains("offline")), "{out}");
-    assert!(out.lines().any(|l| l.starts_with("a1") && l.contains("rolled back")), "{out}");
+    assert!(out.lines().any(|l| l.starts_with("a2") && l.contains("unreachable")), "{out}");
+    // A second rollback goes further back, never forward onto 1.1.0: here there is nothing older.
+    assert!(out.lines().any(|l| l.starts_with("a1") && l.contains("no kept, known-good release")), "{out}");
+    assert_eq!(get(p1).as_deref(), Some("demo-app 1.0.0"));
     a1.stop().await.unwrap();
     f.ctl.stop().await.unwrap();
 }
@@ -465,8 +487,8 @@ async fn releases_for_another_platform_or_labels_are_refused() {
         let o = f
             .order("a1", OrderKind::Install { app: "shop-api".into(), version: version.into(), digest })
             .await;
-        assert!(!o.ok);
-        assert!(o.error.clone().unwrap().contains(want), "{:?}", o.error);
+        assert!(!o.is_done());
+        assert!(o.message.clone().contains(want), "{}", o.message);
         assert!(!f.tmp.path().join("a1/apps/shop-api/releases").join(version).exists());
     }
     agent.stop().await.unwrap();
@@ -479,8 +501,8 @@ async fn a_rollback_cuts_a_health_gate_in_progress_short() {
     f.release("1.0.0", "healthy", "").await;
     f.release("2.0.0", "hang", "").await;
     let (agent, port) = f.agent("a1").await;
-    assert!(f.deploy("a1", "1.0.0").await.ok);
-    assert!(f.install("a1", "2.0.0").await.ok);
+    assert!(f.deploy("a1", "1.0.0").await.is_done());
+    assert!(f.install("a1", "2.0.0").await.is_done());
     // Activate 2.0.0 with a long deadline; its health endpoint never answers.
     let ctl = f.ctl.controller.clone();
     let activation = tokio::spawn(async move {
@@ -499,14 +521,19 @@ async fn a_rollback_cuts_a_health_gate_in_progress_short() {
     let o = f
         .order(
             "a1",
-            OrderKind::Rollback { app: "shop-api".into(), to: Some("1.0.0".into()), reason: "alert".into() },
+            OrderKind::Rollback {
+                app: "shop-api".into(),
+                from: "2.0.0".into(),
+                to: Some("1.0.0".into()),
+                reason: "alert".into(),
+            },
         )
         .await;
-    assert!(o.ok, "{:?}", o.error);
+    assert!(o.is_done(), "{}", o.message);
     assert_eq!(status(&o).current, "1.0.0");
     let a = activation.await.unwrap();
-    assert!(!a.ok);
-    assert!(a.error.unwrap().contains("cut short by a rollback"));
+    assert!(!a.is_done());
+    assert!(a.message.clone().contains("cut short by a rollback"));
     assert_eq!(get(port).as_deref(), Some("demo-app 1.0.0"));
     agent.stop().await.unwrap();
     f.ctl.stop().await.unwrap();

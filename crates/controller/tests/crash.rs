@@ -17,6 +17,40 @@ use convoy_controller::logic::OrderKind;
 use convoy_proto::v1 as pb;
 
 const WAIT: Duration = Duration::from_secs(30);
+/// How long an agent may take to reach its failpoint. A failpoint that is never reached fails
+/// the test after this, instead of hanging it.
+const CRASH_WAIT: Duration = Duration::from_secs(60);
+
+/// What phase 2 asks the agent to do.
+#[derive(Clone, Debug)]
+enum Action {
+    Deploy(&'static str),
+    Rollback(&'static str, &'static str),
+}
+
+/// Waits for the agent to abort at its failpoint, failing the test after [`CRASH_WAIT`].
+async fn died(agent: AgentProc, what: &str, failpoint: &str) {
+    let waited = tokio::task::spawn_blocking(move || {
+        let mut agent = agent;
+        let until = std::time::Instant::now() + CRASH_WAIT;
+        loop {
+            if let Some(s) = agent.0.try_wait().unwrap() {
+                std::mem::forget(agent);
+                return Some(s);
+            }
+            if std::time::Instant::now() > until {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    })
+    .await
+    .unwrap();
+    match waited {
+        Some(s) => assert!(!s.success(), "{what}: the agent should have aborted at {failpoint}"),
+        None => panic!("{what}: failpoint {failpoint} was never reached within {CRASH_WAIT:?}"),
+    }
+}
 
 fn agent_bin() -> PathBuf {
     let p = Path::new(env!("CARGO_BIN_EXE_convoy"))
@@ -115,76 +149,121 @@ async fn agent_killed_at_every_journal_step_recovers_to_a_complete_release() {
     let activate =
         |v: &str| OrderKind::Activate { app: "shop-api".into(), version: v.into(), health_deadline: None };
 
-    // (failpoint, release deployed when the agent dies, version active right after restart)
-    let cases = [
-        ("install:before-download", "2.0.0", "1.0.0"),
-        ("install:after-unpack", "2.0.0", "1.0.0"),
-        ("install:after-rename", "2.0.0", "1.0.0"),
-        ("activate:before-switch", "2.0.0", "1.0.0"),
-        ("activate:after-switch", "2.0.0", "2.0.0"),
-        ("activate:after-journal", "2.0.0", "2.0.0"),
-        ("activate:after-health", "2.0.0", "2.0.0"),
+    let rollback = |from: &str, to: &str| OrderKind::Rollback {
+        app: "shop-api".into(),
+        from: from.into(),
+        to: Some(to.into()),
+        reason: "crash test".into(),
+    };
+
+    // (failpoints, the order that meets the first one, version active after the last restart).
+    // Each further failpoint is met by the restarted agent on its own (the recovery), so
+    // `["activate:after-journal", "gate:started"]` kills the agent again during the health gate
+    // its recovery re-runs.
+    let cases: Vec<(&[&str], Action, &str)> = vec![
+        (&["install:before-download"], Action::Deploy("2.0.0"), "1.0.0"),
+        (&["download:mid"], Action::Deploy("2.0.0"), "1.0.0"),
+        (&["install:after-unpack"], Action::Deploy("2.0.0"), "1.0.0"),
+        (&["install:after-rename"], Action::Deploy("2.0.0"), "1.0.0"),
+        (&["activate:before-switch"], Action::Deploy("2.0.0"), "1.0.0"),
+        (&["activate:after-switch"], Action::Deploy("2.0.0"), "2.0.0"),
+        (&["activate:after-journal"], Action::Deploy("2.0.0"), "2.0.0"),
+        (&["activate:after-journal", "gate:started"], Action::Deploy("2.0.0"), "2.0.0"),
+        (&["commit:before-clear"], Action::Deploy("2.0.0"), "2.0.0"),
         // Activated but unconfirmed, and unhealthy: rolled back at restart.
-        ("activate:after-switch", "3.0.0", "1.0.0"),
+        (&["activate:after-switch"], Action::Deploy("3.0.0"), "1.0.0"),
+        (&["activate:after-journal", "gate:started"], Action::Deploy("3.0.0"), "1.0.0"),
+        // The automatic revert of the unhealthy release is itself interrupted.
+        (&["revert:before-switch"], Action::Deploy("3.0.0"), "1.0.0"),
+        (&["revert:after-switch"], Action::Deploy("3.0.0"), "1.0.0"),
+        (&["revert:after-switch", "gate:started"], Action::Deploy("3.0.0"), "1.0.0"),
+        // A rollback from 2.0.0 to 1.0.0, interrupted.
+        (&["rollback:before-switch"], Action::Rollback("2.0.0", "1.0.0"), "2.0.0"),
+        (&["rollback:after-switch"], Action::Rollback("2.0.0", "1.0.0"), "1.0.0"),
+        (&["rollback:after-switch", "gate:started"], Action::Rollback("2.0.0", "1.0.0"), "1.0.0"),
     ];
-    for (n, (failpoint, target, expect)) in cases.iter().enumerate() {
+    for (n, (failpoints, action, expect)) in cases.iter().enumerate() {
         let id = format!("crash-{n}");
+        let what = format!("case {n} ({failpoints:?}, {action:?})");
         let dir = tmp.path().join(&id);
         ctl.enroll(&dir, &id, "eu-west").await.unwrap();
         let port = free_port();
 
-        // Phase 1: v1 deployed normally.
+        // Phase 1: v1 deployed normally (and v2 for the rollback cases).
         let agent = spawn_agent(&dir, &key_path, port, None);
         wait_online(&ctl, &id).await;
-        assert!(order(id.clone(), install("1.0.0")).await.unwrap().ok);
-        assert!(order(id.clone(), activate("1.0.0")).await.unwrap().ok);
-        assert_eq!(get(port).as_deref(), Some("demo-app 1.0.0"));
+        let base: &[&str] =
+            if matches!(action, Action::Rollback(..)) { &["1.0.0", "2.0.0"] } else { &["1.0.0"] };
+        for v in base {
+            let i = order(id.clone(), install(v)).await.unwrap();
+            assert!(i.is_done(), "{what}: {}", i.message);
+            let a = order(id.clone(), activate(v)).await.unwrap();
+            assert!(a.is_done(), "{what}: {}", a.message);
+        }
         drop(agent);
 
-        // Phase 2: the agent dies at the failpoint while deploying the target.
-        let mut agent = spawn_agent(&dir, &key_path, port, Some(failpoint));
+        // Phase 2: the agent dies at the first failpoint while applying the order.
+        let agent = spawn_agent(&dir, &key_path, port, Some(failpoints[0]));
         wait_online(&ctl, &id).await;
-        let _ = order(id.clone(), install(target)).await;
-        if failpoint.starts_with("activate") {
-            let _ = order(id.clone(), activate(target)).await;
+        let orders = {
+            let id = id.clone();
+            let action = action.clone();
+            let (install, activate, rollback) = (&install, &activate, &rollback);
+            let kinds = match action {
+                Action::Deploy(v) => vec![install(v), activate(v)],
+                Action::Rollback(from, to) => vec![rollback(from, to)],
+            };
+            async move {
+                for k in kinds {
+                    // The agent dies mid-order: no answer is expected.
+                    if order(id.clone(), k).await.is_err() {
+                        break;
+                    }
+                }
+            }
+        };
+        tokio::select! {
+            () = orders => {}
+            () = tokio::time::sleep(CRASH_WAIT) => {}
         }
-        let status = tokio::task::spawn_blocking(move || {
-            let s = agent.0.wait().unwrap();
-            std::mem::forget(agent);
-            s
-        })
-        .await
-        .unwrap();
-        assert!(!status.success(), "{failpoint}: the agent should have aborted");
+        died(agent, &what, failpoints[0]).await;
 
-        // Phase 3: restart; a complete release is active and serving.
+        // Further failpoints: the restarted agent dies again during its own recovery.
+        for fp in &failpoints[1..] {
+            let agent = spawn_agent(&dir, &key_path, port, Some(fp));
+            died(agent, &what, fp).await;
+        }
+
+        // Last: restart; a complete release is active, confirmed or reverted, and serving.
         let _agent = spawn_agent(&dir, &key_path, port, None);
         wait_online(&ctl, &id).await;
         let s = settled(&ctl, &id).await;
         assert_eq!(
             s.current,
             *expect,
-            "case {n} ({failpoint}, {target}): {s:?}\nagent log:\n{}",
+            "{what}: {s:?}\nagent log:\n{}",
             std::fs::read_to_string(dir.with_extension("log")).unwrap_or_default()
         );
         let link = std::fs::read_link(dir.join("apps/shop-api/current")).unwrap();
-        assert_eq!(link, Path::new("releases").join(expect), "case {n}");
+        assert_eq!(link, Path::new("releases").join(expect), "{what}");
         assert!(
             dir.join("apps/shop-api").join(&link).join("convoy.toml").exists(),
-            "case {n}: dangling current"
+            "{what}: dangling current"
         );
         eventually(WAIT, "the active release serves", || async {
             (get(port).as_deref() == Some(format!("demo-app {expect}").as_str())).then_some(())
         })
         .await;
-        assert!(leftovers(&dir).is_empty(), "case {n} ({failpoint}): leftovers {:?}", leftovers(&dir));
+        assert!(leftovers(&dir).is_empty(), "{what}: leftovers {:?}", leftovers(&dir));
+        // Settled means the journal is empty: the activation was committed or reverted.
+        assert_eq!(s.known_good, *expect, "{what}: the active release is the confirmed one");
 
-        // The state is consistent enough to carry on: deploying the target again works.
-        if *target == "2.0.0" {
+        // The state is consistent enough to carry on: deploying 2.0.0 again works.
+        if *expect != "2.0.0" {
             let i = order(id.clone(), install("2.0.0")).await.unwrap();
-            assert!(i.ok, "case {n}: {:?}", i.error);
+            assert!(i.is_done(), "{what}: {}", i.message);
             let a = order(id.clone(), activate("2.0.0")).await.unwrap();
-            assert!(a.ok, "case {n}: {:?}", a.error);
+            assert!(a.is_done(), "{what}: {}", a.message);
             assert_eq!(get(port).as_deref(), Some("demo-app 2.0.0"));
         }
     }

@@ -355,14 +355,25 @@ async fn freezes_block_deploys_not_rollbacks_and_one_rollout_per_app() {
             "shop-api",
             &convoy_controller::logic::Target::Region("eu-west".into()),
             None,
+            None,
             "x",
             "admin/test",
         )
         .await
         .unwrap();
-    assert!(results.iter().all(|(_, r, _)| r
-        .as_ref()
-        .is_ok_and(|o| o.error.as_deref().is_none_or(|e| e.contains("no previous")))));
+    // The freeze did not stop the rollback: every agent got the order and answered it itself
+    // (with nothing older than its only release, it refuses for lack of a target).
+    assert!(!results.is_empty());
+    for (id, r, _) in &results {
+        let o = r.as_ref().unwrap();
+        assert_eq!(
+            o.answer,
+            convoy_controller::logic::Answer::Refused { field: "from_version".into() },
+            "{id}: {}",
+            o.message
+        );
+        assert!(o.message.contains("no kept, known-good release"), "{id}: {}", o.message);
+    }
     let overridden = f
         .deploy(RolloutSpec {
             override_freeze: Some("hotfix for checkout".into()),

@@ -18,9 +18,13 @@ pub struct Args {
     /// Every agent.
     #[arg(long)]
     all: bool,
-    /// An installed release to switch to instead of the previous one.
+    /// An installed release to switch to instead of the newest known-good one before it.
     #[arg(long = "to", value_name = "VERSION")]
     to: Option<String>,
+    /// Roll back only agents running this release (the default: each agent's current one).
+    /// Makes a repeated rollback idempotent: agents already off it answer "already rolled back".
+    #[arg(long = "from", value_name = "VERSION")]
+    from: Option<String>,
     /// Why: recorded with the action.
     #[arg(long, required = true)]
     reason: String,
@@ -31,11 +35,25 @@ pub struct Args {
 #[derive(Serialize)]
 struct OutcomeJson {
     agent: String,
-    ok: bool,
-    offline: bool,
-    error: String,
+    /// `applied`, `already_in_state`, `refused`, `failed`, `stale` or `unreachable`.
+    outcome: &'static str,
+    message: String,
     current: String,
     elapsed_ms: u64,
+}
+
+/// The outcome's name, and whether it counts as done.
+fn outcome_name(o: &pb::AgentOutcome) -> (&'static str, bool) {
+    if o.unreachable {
+        return ("unreachable", false);
+    }
+    match pb::OrderOutcome::try_from(o.outcome) {
+        Ok(pb::OrderOutcome::Applied) => ("applied", true),
+        Ok(pb::OrderOutcome::AlreadyInState) => ("already_in_state", true),
+        Ok(pb::OrderOutcome::Refused) => ("refused", false),
+        Ok(pb::OrderOutcome::Stale) => ("stale", false),
+        Ok(pb::OrderOutcome::Failed) | Ok(pb::OrderOutcome::Unspecified) | Err(_) => ("failed", false),
+    }
 }
 
 pub async fn run(config: &super::Globals, a: Args) -> anyhow::Result<()> {
@@ -48,21 +66,21 @@ pub async fn run(config: &super::Globals, a: Args) -> anyhow::Result<()> {
             region: a.region.unwrap_or_default(),
             all: a.all,
             to_version: a.to.unwrap_or_default(),
+            from_version: a.from.unwrap_or_default(),
             reason: a.reason,
         })
         .await
         .map_err(super::status_error)?
         .into_inner();
-    let failed = resp.outcomes.iter().filter(|o| !o.ok).count();
+    let failed = resp.outcomes.iter().filter(|o| !outcome_name(o).1).count();
     if a.output == Output::Json {
         let list: Vec<OutcomeJson> = resp
             .outcomes
             .iter()
             .map(|o| OutcomeJson {
                 agent: o.agent_id.clone(),
-                ok: o.ok,
-                offline: o.offline,
-                error: o.error.clone(),
+                outcome: outcome_name(o).0,
+                message: o.message.clone(),
                 current: o.status.as_ref().map(|s| s.current.clone()).unwrap_or_default(),
                 elapsed_ms: o.elapsed_ms,
             })
@@ -76,19 +94,18 @@ pub async fn run(config: &super::Globals, a: Args) -> anyhow::Result<()> {
     } else {
         let mut rows = vec![["AGENT", "RESULT", "NOW RUNNING", "TOOK"].map(String::from)];
         for o in &resp.outcomes {
-            let result = if o.ok {
-                "rolled back".to_string()
-            } else if o.offline {
-                "offline".to_string()
-            } else {
-                format!("failed: {}", o.error)
+            let result = match outcome_name(o).0 {
+                "applied" => o.message.clone(),
+                "already_in_state" => format!("nothing to do: {}", o.message),
+                "unreachable" => format!("unreachable: {}", o.message),
+                _ => o.message.clone(),
             };
             let now = o.status.as_ref().map(|s| s.current.clone()).unwrap_or_else(|| "-".into());
             rows.push([o.agent_id.clone(), result, now, format!("{} ms", o.elapsed_ms)]);
         }
         print!("{}", super::agents::table(&rows));
         eprintln!(
-            "rollback of {} on {} agent(s) took {} ms; {} failed",
+            "rollback of {} on {} agent(s) took {} ms; {} not done",
             a.app,
             resp.outcomes.len(),
             resp.elapsed_ms,

@@ -44,6 +44,9 @@ pub enum Error {
     PermissionDenied(String),
     #[error("agent {0} is offline")]
     Offline(String),
+    /// The order went out but no answer came in time: whether it applied is unknown.
+    #[error("{0}")]
+    NoAnswer(String),
     #[error("release {0} not found")]
     UnknownRelease(String),
     #[error("{0}")]
@@ -96,7 +99,7 @@ pub mod audit;
 mod orders;
 pub mod rollouts;
 
-pub use orders::{Order, OrderKind, OrderOutcome, Target};
+pub use orders::{Answer, Order, OrderKind, OrderOutcome, Target};
 
 /// The sending half of an agent's live session.
 pub type SessionTx = mpsc::Sender<Order>;

@@ -1,6 +1,7 @@
 //! Orders to agents: numbered by the controller (so agents can refuse stale ones), sent down the
 //! agent's live session, answered by an order result.
 
+use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
@@ -11,10 +12,27 @@ use crate::store::AppStatusRecord;
 /// What an order asks an agent to do.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum OrderKind {
-    Install { app: String, version: String, digest: String },
-    Activate { app: String, version: String, health_deadline: Option<Duration> },
-    Rollback { app: String, to: Option<String>, reason: String },
-    Logs { app: String, lines: u32 },
+    Install {
+        app: String,
+        version: String,
+        digest: String,
+    },
+    Activate {
+        app: String,
+        version: String,
+        health_deadline: Option<Duration>,
+    },
+    /// Go back from `from` (the agent answers "already rolled back" if it no longer runs it).
+    Rollback {
+        app: String,
+        from: String,
+        to: Option<String>,
+        reason: String,
+    },
+    Logs {
+        app: String,
+        lines: u32,
+    },
 }
 
 /// An order with its sequence number.
@@ -24,16 +42,51 @@ pub struct Order {
     pub kind: OrderKind,
 }
 
+/// How an agent answered an order. Only `Applied` and `AlreadyInState` mean the order is done.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Answer {
+    Applied,
+    AlreadyInState,
+    /// The order was invalid or not allowed on the agent; `field` names what was refused.
+    Refused {
+        field: String,
+    },
+    Failed,
+    /// The agent had already applied order `agent_last_seq`, newer than this one, and ignored it.
+    Stale {
+        agent_last_seq: u64,
+    },
+}
+
 /// An agent's answer.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct OrderOutcome {
     pub seq: u64,
-    pub ok: bool,
-    /// The agent had already applied a newer order and ignored this one.
-    pub stale: bool,
-    pub error: Option<String>,
+    pub answer: Answer,
+    /// What was done, or what went wrong, in the agent's words.
+    pub message: String,
     pub status: Option<AppStatusRecord>,
     pub output: String,
+}
+
+impl OrderOutcome {
+    /// Whether the order is done: applied now or already in that state.
+    pub fn is_done(&self) -> bool {
+        matches!(self.answer, Answer::Applied | Answer::AlreadyInState)
+    }
+
+    /// Why the order is not done, for events and CLI output.
+    pub fn problem(&self) -> String {
+        match &self.answer {
+            Answer::Applied | Answer::AlreadyInState => String::new(),
+            Answer::Refused { field } if !field.is_empty() => format!("refused ({field}): {}", self.message),
+            Answer::Refused { .. } => format!("refused: {}", self.message),
+            Answer::Failed => format!("failed: {}", self.message),
+            Answer::Stale { agent_last_seq } => {
+                format!("stale: agent has applied order {agent_last_seq}, the controller sent {}", self.seq)
+            }
+        }
+    }
 }
 
 /// Which agents an admin action targets.
@@ -65,6 +118,29 @@ impl Controller {
         }
         s.0 += 1;
         Ok(s.0 - 1)
+    }
+
+    /// Moves the order sequence past `agent_seq`, the highest order an agent reports having
+    /// applied, so the controller's next orders are not stale to it.
+    pub async fn observe_agent_seq(&self, agent_seq: u64) -> Result<()> {
+        {
+            let s = self.inner.seq.lock().unwrap_or_else(|p| p.into_inner());
+            if s.0 > agent_seq {
+                return Ok(());
+            }
+        }
+        let (from, to) =
+            self.blocking(move |c| Ok(c.inner.store.reserve_seq_after(agent_seq, SEQ_BLOCK)?)).await?;
+        let mut s = self.inner.seq.lock().unwrap_or_else(|p| p.into_inner());
+        if s.0 <= agent_seq {
+            tracing::warn!(
+                agent_seq,
+                controller_seq = s.0,
+                "an agent has applied newer orders than this controller issued: moving past them"
+            );
+            *s = (from, to);
+        }
+        Ok(())
     }
 
     /// Sends an order and waits up to `timeout` for the agent's answer.
@@ -105,7 +181,7 @@ impl Controller {
             Ok(Err(_)) => Err(Error::Offline(agent_id.to_owned())),
             Err(_) => {
                 self.lock_pending().remove(&(agent_id.to_owned(), seq));
-                Err(Error::FailedPrecondition(format!(
+                Err(Error::NoAnswer(format!(
                     "agent {agent_id} did not answer order {seq} within {timeout:?}"
                 )))
             }
@@ -163,12 +239,16 @@ impl Controller {
         Ok(ids)
     }
 
-    /// Instant rollback on every targeted agent at once. Returns each agent's outcome (an error
-    /// for offline agents) and the wall time.
+    /// Instant rollback on every targeted agent at once. Each agent is told the release it rolls
+    /// back from: `from` if given, else the release it last reported running, so the same
+    /// rollback delivered twice goes back once and a second one goes one step further. Returns
+    /// each agent's outcome (an error for offline agents and agents not running the app) and
+    /// the wall time.
     pub async fn rollback(
         &self,
         app: &str,
         target: &Target,
+        from: Option<String>,
         to: Option<String>,
         reason: &str,
         by: &str,
@@ -177,19 +257,38 @@ impl Controller {
             return Err(Error::InvalidArgument("a rollback needs a --reason".into()));
         }
         convoy_bundle::check_app_name(app).map_err(|e| Error::InvalidArgument(e.to_string()))?;
+        for v in from.iter().chain(to.iter()) {
+            convoy_bundle::check_version(v).map_err(|e| Error::InvalidArgument(e.to_string()))?;
+        }
         let ids = self.resolve_targets(target).await?;
         if ids.is_empty() {
             return Err(Error::InvalidArgument("no agent matches the target".into()));
         }
+        let running: HashMap<String, String> = self
+            .list_agents(None)
+            .await?
+            .into_iter()
+            .filter_map(|a| {
+                let cur = a.record.apps.iter().find(|s| s.app == app)?.current.clone();
+                (!cur.is_empty()).then_some((a.record.id, cur))
+            })
+            .collect();
         tracing::warn!(app, agents = ids.len(), by, reason, "fleet rollback");
         let started = Instant::now();
         let mut tasks = tokio::task::JoinSet::new();
         for id in ids {
             let this = self.clone();
-            let kind = OrderKind::Rollback { app: app.to_owned(), to: to.clone(), reason: reason.to_owned() };
+            let from = from.clone().or_else(|| running.get(&id).cloned());
+            let (app, to, reason) = (app.to_owned(), to.clone(), reason.to_owned());
             tasks.spawn(async move {
                 let t = Instant::now();
-                let r = this.send_order(&id, kind, Duration::from_secs(120)).await;
+                let r = match from {
+                    Some(from) => {
+                        let kind = OrderKind::Rollback { app, from, to, reason };
+                        this.send_order(&id, kind, Duration::from_secs(120)).await
+                    }
+                    None => Err(Error::FailedPrecondition(format!("agent {id} reports no release of {app}"))),
+                };
                 (id, r, t.elapsed())
             });
         }
@@ -205,8 +304,9 @@ impl Controller {
         let running: Vec<(String, String)> = out
             .iter()
             .filter_map(|(id, res, _)| {
-                let o = res.as_ref().ok().filter(|o| o.ok)?;
-                Some((id.clone(), o.status.as_ref()?.current.clone()))
+                let o = res.as_ref().ok().filter(|o| o.is_done())?;
+                let cur = o.status.as_ref()?.current.clone();
+                (!cur.is_empty()).then(|| (id.clone(), cur))
             })
             .collect();
         self.record_desired(app, running, &format!("rollback by {by}")).await?;

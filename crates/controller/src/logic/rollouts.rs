@@ -631,11 +631,10 @@ impl Controller {
             let (id, res) = j.map_err(|e| Error::Internal(e.to_string()))?;
             let Some(p) = r.agents.get_mut(&id) else { continue };
             match res {
-                Ok(o) if o.ok || o.stale => p.step = AgentStep::Staged,
+                Ok(o) if o.is_done() => p.step = AgentStep::Staged,
                 Ok(o) => {
-                    p.error = o.error.clone();
-                    let msg = format!("agent {id} could not stage: {}", o.error.unwrap_or_default());
-                    r.event(msg);
+                    p.error = Some(o.problem());
+                    r.event(format!("agent {id} could not stage: {}", o.problem()));
                 }
                 Err(Error::Offline(_)) => {}
                 Err(e) => {
@@ -694,7 +693,7 @@ impl Controller {
                     // Install first (a no-op when pre-staged), then activate.
                     let install = OrderKind::Install { app: app.clone(), version: version.clone(), digest };
                     let res = match this.send_order(&id, install, Duration::from_secs(600)).await {
-                        Ok(o) if !o.ok && !o.stale => Ok(o),
+                        Ok(o) if !o.is_done() => Ok(o),
                         Ok(_) => {
                             this.send_order(
                                 &id,
@@ -717,7 +716,7 @@ impl Controller {
                     let started = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or(0);
                     let Some(p) = r.agents.get_mut(&id) else { continue };
                     match res {
-                        Ok(o) if o.ok => {
+                        Ok(o) if o.is_done() => {
                             p.step = AgentStep::Healthy;
                             p.moved = true;
                             p.activated_at_ms = Some(started);
@@ -725,9 +724,8 @@ impl Controller {
                         Ok(o) => {
                             p.step = AgentStep::Failed;
                             p.moved = true;
-                            p.error = o.error.clone();
-                            let msg = format!("agent {id} failed: {}", o.error.unwrap_or_default());
-                            r.event(msg);
+                            p.error = Some(o.problem());
+                            r.event(format!("agent {id} failed: {}", o.problem()));
                         }
                         Err(Error::Offline(_)) => {
                             p.step = AgentStep::Offline;
@@ -748,7 +746,7 @@ impl Controller {
                             if let Ok((id, res)) = j {
                                 if let Some(p) = r.agents.get_mut(&id) {
                                     p.moved = true;
-                                    p.step = if res.as_ref().is_ok_and(|o| o.ok) { AgentStep::Healthy } else { AgentStep::Failed };
+                                    p.step = if res.as_ref().is_ok_and(|o| o.is_done()) { AgentStep::Healthy } else { AgentStep::Failed };
                                 }
                             }
                         }
@@ -836,6 +834,7 @@ impl Controller {
             let id = id.clone();
             let kind = OrderKind::Rollback {
                 app: r.spec.app.clone(),
+                from: r.spec.version.clone(),
                 to: p.previous.clone(),
                 reason: format!("rollout {}", r.id),
             };
@@ -848,12 +847,12 @@ impl Controller {
         while let Some(Ok((id, res, failed_itself))) = set.join_next().await {
             let Some(p) = r.agents.get_mut(&id) else { continue };
             match res {
-                Ok(o) if o.ok => p.step = AgentStep::RolledBack,
-                // An agent whose activation failed already reverted itself to its known-good.
-                Ok(_) if failed_itself => p.step = AgentStep::RolledBack,
+                // "Already in state": the agent no longer runs the release (a failed activation
+                // reverted itself to its known-good one).
+                Ok(o) if o.is_done() => p.step = AgentStep::RolledBack,
                 Ok(o) => {
-                    let msg = format!("rollback of agent {id} failed: {}", o.error.unwrap_or_default());
-                    r.event(msg);
+                    let why = if failed_itself { " (its own activation had failed)" } else { "" };
+                    r.event(format!("rollback of agent {id}{why} did not apply: {}", o.problem()));
                 }
                 Err(e) => r.event(format!("rollback of agent {id} failed: {e}")),
             }
@@ -1056,8 +1055,8 @@ impl Controller {
                 digest: want.digest.clone(),
             };
             let o = self.send_order(agent_id, install, Duration::from_secs(600)).await?;
-            if !o.ok && !o.stale {
-                tracing::warn!(agent_id, %app, error = ?o.error, "convergence install failed");
+            if !o.is_done() {
+                tracing::warn!(agent_id, %app, problem = %o.problem(), "convergence install did not apply");
                 continue;
             }
             let activate = OrderKind::Activate {
@@ -1066,8 +1065,8 @@ impl Controller {
                 health_deadline: None,
             };
             let o = self.send_order(agent_id, activate, Duration::from_secs(600)).await?;
-            if !o.ok {
-                tracing::warn!(agent_id, %app, error = ?o.error, "convergence activation failed");
+            if !o.is_done() {
+                tracing::warn!(agent_id, %app, problem = %o.problem(), "convergence activation did not apply");
             }
         }
         Ok(())
