@@ -408,6 +408,9 @@ impl Manifest {
             }
         }
         check_symlink_chains(&self.files)?;
+        // The config is held to the same rules as convoy.toml: a manifest assembled by hand and
+        // signed must not hand the agent values (a user name, a signal) that build would refuse.
+        self.config.validate()?;
         if total != self.unpacked_size {
             return Err(Error::BadManifest(format!(
                 "unpacked_size is {} but the files add up to {total}",

@@ -8,7 +8,7 @@ use std::path::Path;
 
 use convoy_bundle::{
     unpack, verify, BuildOptions, EntryKind, Error, FileEntry, Limits, Manifest, PayloadInfo, ReleaseConfig,
-    SecretKey, TrustStore,
+    SecretKey, Service, TrustStore,
 };
 use sha2::{Digest, Sha256};
 
@@ -301,6 +301,25 @@ fn hostile_bundles_are_refused_specifically_and_leave_nothing() {
             trust: trust.clone(),
             limits: Limits::default(),
             expect: |e| matches!(e, Error::SymlinkLoop { .. }),
+        },
+        Case {
+            name: "signed manifest with a service user build would refuse",
+            bundle: {
+                let p = zstd(&tar_bytes(&good_entries));
+                let mut m = manifest_for(good_files.clone(), &p);
+                m.config.service = Some(Service {
+                    command: vec!["bin/run".into()],
+                    env: Default::default(),
+                    stop_signal: "SIGTERM".into(),
+                    stop_timeout: std::time::Duration::from_secs(10),
+                    user: Some("root;rm".into()),
+                    group: None,
+                });
+                bundle_bytes(&m, &p, &[&key])
+            },
+            trust: trust.clone(),
+            limits: Limits::default(),
+            expect: |e| matches!(e, Error::Config(m) if m.contains("service.user")),
         },
         Case {
             name: "write through an earlier symlink",
