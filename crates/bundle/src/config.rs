@@ -35,6 +35,15 @@ pub struct Service {
     pub stop_signal: String,
     #[serde(default = "default_stop_timeout", with = "humantime_serde")]
     pub stop_timeout: Duration,
+    /// The Unix user the agent runs the service and hooks as when the agent runs as root: a
+    /// name (`^[a-z_][a-z0-9_-]{0,31}$`) or a decimal uid. Absent, they run as the agent's user.
+    /// Left out of the manifest when absent, so manifests without it keep their exact bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    /// The Unix group for the service and hooks, by name or decimal gid, under the same rule as
+    /// `user`. It may be set without `user`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
 }
 
 /// Commands run in the release directory around activation.
@@ -116,6 +125,34 @@ fn bad(msg: impl Into<String>) -> Error {
     Error::Config(msg.into())
 }
 
+/// Checks a `user` or `group` value: a POSIX-style account name, or a decimal numeric id.
+/// Names follow the portable subset `useradd` accepts, so one that passes here can exist on any
+/// host; ids are checked against the range the kernel takes, excluding 4294967295, which
+/// `setuid` and friends read as "leave unchanged".
+fn check_account(field: &str, value: &str) -> Result<()> {
+    let bytes = value.as_bytes();
+    if !bytes.is_empty() && bytes.iter().all(u8::is_ascii_digit) {
+        let in_range = value.parse::<u32>().is_ok_and(|id| id != u32::MAX);
+        if !in_range {
+            return Err(bad(format!("{field}: numeric id {value} is out of range (0 to 4294967294)")));
+        }
+        if value.len() > 1 && bytes[0] == b'0' {
+            return Err(bad(format!("{field}: numeric id {value:?} has a leading zero")));
+        }
+        return Ok(());
+    }
+    let name_ok = matches!(bytes.first(), Some(b) if b.is_ascii_lowercase() || *b == b'_')
+        && bytes.len() <= 32
+        && bytes.iter().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'_' || *b == b'-');
+    if !name_ok {
+        return Err(bad(format!(
+            "{field}: {value:?} is neither a user or group name (a lowercase letter or '_', then up \
+             to 31 of a-z, 0-9, '_', '-') nor a decimal numeric id"
+        )));
+    }
+    Ok(())
+}
+
 /// The `${NAME}` references in `s`, or an error for a malformed reference.
 fn references(field: &str, s: &str, out: &mut BTreeSet<String>) -> Result<()> {
     let mut rest = s;
@@ -162,7 +199,8 @@ impl ReleaseConfig {
         Ok(config)
     }
 
-    fn validate(&self) -> Result<()> {
+    /// Checks every value; also run on the config inside a parsed manifest.
+    pub(crate) fn validate(&self) -> Result<()> {
         let argv = |field: &str, v: &[String]| -> Result<()> {
             if v.is_empty() || v[0].is_empty() {
                 return Err(bad(format!("{field}: must be a non-empty argv list")));
@@ -182,6 +220,12 @@ impl ReleaseConfig {
                 if k.is_empty() || k.contains('=') {
                     return Err(bad(format!("service.env: {k:?} is not a valid variable name")));
                 }
+            }
+            if let Some(user) = &s.user {
+                check_account("service.user", user)?;
+            }
+            if let Some(group) = &s.group {
+                check_account("service.group", group)?;
             }
         }
         if let Some(h) = &self.hooks {
@@ -308,6 +352,80 @@ deadline = "60s"
         check("[service]\ncommand = [\"x\", \"${PORT\"]\n", Some("unterminated"));
         check("[unknown]\n", Some("unknown"));
         check("[service]\ncommand = \"x\"\n", Some("line 2"));
+    }
+
+    #[test]
+    fn service_user_and_group() {
+        let with = |user: Option<&str>, group: Option<&str>| {
+            let mut text = String::from("[service]\ncommand = [\"bin/run\", \"${PORT}\"]\n");
+            if let Some(u) = user {
+                text.push_str(&format!("user = {u:?}\n"));
+            }
+            if let Some(g) = group {
+                text.push_str(&format!("group = {g:?}\n"));
+            }
+            text
+        };
+        let thirty_two = format!("a{}", "b".repeat(31));
+        let thirty_three = format!("a{}", "b".repeat(32));
+        let good: Vec<(Option<&str>, Option<&str>)> = vec![
+            (None, None),
+            (Some("shop"), None),
+            (Some("shop"), Some("shop")),
+            (None, Some("www-data")),
+            (Some("_svc"), Some("_svc")),
+            (Some("svc_1-a"), None),
+            (Some(&thirty_two), None),
+            (Some("0"), Some("0")),
+            (Some("1000"), Some("1000")),
+            (Some("4294967294"), None),
+        ];
+        for (user, group) in good {
+            let c = ReleaseConfig::parse(&with(user, group))
+                .unwrap_or_else(|e| panic!("{user:?}/{group:?} should parse: {e}"));
+            let s = c.service.as_ref().unwrap();
+            assert_eq!((s.user.as_deref(), s.group.as_deref()), (user, group));
+            // The fields do not disturb the variables the release uses.
+            assert_eq!(c.variables().unwrap().into_iter().collect::<Vec<_>>(), ["PORT"]);
+        }
+        let bad: Vec<(Option<&str>, Option<&str>, &str)> = vec![
+            (Some(""), None, "service.user"),
+            (Some("Shop"), None, "service.user"),
+            (Some("1shop"), None, "service.user"),
+            (Some("-shop"), None, "service.user"),
+            (Some("shop api"), None, "service.user"),
+            (Some("shop$"), None, "service.user"),
+            (Some("shop.api"), None, "service.user"),
+            (Some("${USER}"), None, "service.user"),
+            (Some("root\n"), None, "service.user"),
+            (Some(&thirty_three), None, "service.user"),
+            (Some("-1"), None, "service.user"),
+            (Some("4294967295"), None, "out of range"),
+            (Some("99999999999"), None, "out of range"),
+            (Some("0100"), None, "leading zero"),
+            (None, Some("Staff"), "service.group"),
+            (Some("shop"), Some(""), "service.group"),
+            (Some("shop"), Some("4294967296"), "service.group"),
+        ];
+        for (user, group, want) in bad {
+            check(&with(user, group), Some(want));
+        }
+        // Types and unknown neighbours are still refused.
+        check("[service]\ncommand = [\"x\"]\nuser = 1000\n", Some("user"));
+        check("[service]\ncommand = [\"x\"]\nuid = \"shop\"\n", Some("uid"));
+    }
+
+    #[test]
+    fn user_and_group_are_in_the_manifest_only_when_set() {
+        let plain = ReleaseConfig::parse("[service]\ncommand = [\"x\"]\n").unwrap();
+        let json = serde_json::to_string(&plain).unwrap();
+        assert!(!json.contains("user") && !json.contains("group"), "{json}");
+        let set = ReleaseConfig::parse("[service]\ncommand = [\"x\"]\nuser = \"shop\"\ngroup = \"1000\"\n")
+            .unwrap();
+        let json = serde_json::to_string(&set).unwrap();
+        assert!(json.contains(r#""user":"shop","group":"1000""#), "{json}");
+        let back: ReleaseConfig = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, set);
     }
 
     #[test]

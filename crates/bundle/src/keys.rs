@@ -118,6 +118,13 @@ impl SecretKey {
         Self::parse(&text).map_err(|reason| Error::BadKey { path: path.into(), reason })
     }
 
+    /// A signature over raw manifest bytes, ready for [`crate::write_header`]. Tools that
+    /// assemble a bundle themselves (test harnesses, fuzzers) use it; `build` and
+    /// `add_signature` call it for you.
+    pub fn sign_manifest(&self, manifest: &[u8]) -> crate::Signature {
+        crate::Signature { key_id: self.public().id(), sig: self.sign(manifest) }
+    }
+
     pub(crate) fn sign(&self, manifest: &[u8]) -> [u8; 64] {
         let mut msg = SIGNING_CONTEXT.to_vec();
         msg.extend_from_slice(manifest);

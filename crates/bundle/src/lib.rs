@@ -84,6 +84,11 @@ pub enum Error {
     ModeMismatch { path: String, expected: u32, actual: u32 },
     #[error("symlink {path:?} points to {target:?}, outside the release directory")]
     SymlinkEscape { path: String, target: String },
+    #[error(
+        "symlink {path:?} -> {target:?} does not resolve: it loops or nests more than {max} links deep",
+        max = manifest::MAX_SYMLINK_HOPS
+    )]
+    SymlinkLoop { path: String, target: String },
     #[error("entry {path:?} would be written through symlink {link:?}")]
     ThroughSymlink { path: String, link: String },
     #[error("duplicate entry {0:?} in payload")]

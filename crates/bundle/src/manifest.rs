@@ -153,6 +153,189 @@ pub(crate) fn symlink_stays_inside(link: &str, target: &str) -> bool {
     true
 }
 
+/// How many symlinks deep one resolution may nest before it counts as a loop. Linux gives up
+/// after 40 links too (`MAXSYMLINKS`), so nothing the kernel would follow is refused for depth.
+pub(crate) const MAX_SYMLINK_HOPS: usize = 40;
+
+/// The longest symlink target a release may carry: the kernel refuses longer ones anyway
+/// (`PATH_MAX` is 4,096 bytes with the terminating NUL), and the cap bounds resolution work.
+pub(crate) const MAX_SYMLINK_TARGET: usize = 4095;
+
+/// One location in a release tree as the kernel would reach it: a real entry of the tree (never
+/// reached through a symlink) and how many components below it lie in directories that do not
+/// exist in the release. Those may be created later, so `..` out of them is counted like a
+/// directory's, which is the conservative reading.
+#[derive(Clone, Copy)]
+struct Loc {
+    node: usize,
+    missing: usize,
+}
+
+/// What resolving one symlink gave: where it ends, and how deeply links nest on the way there.
+#[derive(Clone, Copy)]
+enum Resolution {
+    InProgress,
+    Done { at: Loc, hops: usize },
+}
+
+struct Node<'a> {
+    parent: usize,
+    children: usize,
+    /// The symlink's manifest entry, for symlinks.
+    link: Option<&'a FileEntry>,
+}
+
+/// The release tree a file list describes, with every symlink resolved the way the kernel would
+/// resolve it: component by component, following links that the list itself declares.
+struct Tree<'a> {
+    nodes: Vec<Node<'a>>,
+    children: std::collections::HashMap<(usize, &'a str), usize>,
+    resolved: std::collections::HashMap<usize, Resolution>,
+}
+
+/// Why a symlink chain is refused, before it is turned into an [`Error`] naming the link.
+enum ChainProblem {
+    Escape,
+    Loop,
+}
+
+impl<'a> Tree<'a> {
+    /// Builds the tree. Parent directories a list leaves out are implied; an entry below a
+    /// symlink is refused because unpacking it would write through the link.
+    fn new(files: &'a [FileEntry]) -> Result<Self> {
+        let mut tree = Tree {
+            nodes: vec![Node { parent: 0, children: 0, link: None }],
+            children: std::collections::HashMap::new(),
+            resolved: std::collections::HashMap::new(),
+        };
+        for f in files {
+            if let Some(reason) = path_problem(&f.path) {
+                return Err(Error::UnsafePath { path: f.path.clone(), reason });
+            }
+            let mut at = 0usize;
+            for c in f.path.split('/') {
+                if let Some(link) = tree.nodes[at].link {
+                    return Err(Error::ThroughSymlink { path: f.path.clone(), link: link.path.clone() });
+                }
+                at = match tree.children.get(&(at, c)) {
+                    Some(&child) => child,
+                    None => {
+                        let child = tree.nodes.len();
+                        tree.nodes.push(Node { parent: at, children: 0, link: None });
+                        tree.nodes[at].children += 1;
+                        tree.children.insert((at, c), child);
+                        child
+                    }
+                };
+            }
+            if f.kind == EntryKind::Symlink {
+                // An entry listed before its parent symlink (only possible in an unsorted list)
+                // would also be written through the link.
+                if tree.nodes[at].children > 0 {
+                    return Err(Error::BadManifest(format!("symlink {:?} has entries below it", f.path)));
+                }
+                tree.nodes[at].link = Some(f);
+            }
+        }
+        Ok(tree)
+    }
+
+    /// Resolves every symlink, refusing any that leaves the tree or does not resolve.
+    fn check_all(&mut self) -> Result<()> {
+        for node in 0..self.nodes.len() {
+            let Some(link) = self.nodes[node].link else { continue };
+            self.resolve(node, 0).map_err(|problem| {
+                let (path, target) = (link.path.clone(), link.target.clone().unwrap_or_default());
+                match problem {
+                    ChainProblem::Escape => Error::SymlinkEscape { path, target },
+                    ChainProblem::Loop => Error::SymlinkLoop { path, target },
+                }
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Where the symlink at `node` leads, and how deeply links nest on the way. Each link is
+    /// resolved once and remembered, so a whole tree costs time linear in its targets' lengths;
+    /// `depth` is how many links are being resolved around this one.
+    fn resolve(&mut self, node: usize, depth: usize) -> std::result::Result<(Loc, usize), ChainProblem> {
+        match self.resolved.get(&node) {
+            Some(Resolution::Done { at, hops }) => return Ok((*at, *hops)),
+            Some(Resolution::InProgress) => return Err(ChainProblem::Loop),
+            None => {}
+        }
+        if depth >= MAX_SYMLINK_HOPS {
+            return Err(ChainProblem::Loop);
+        }
+        let Some(link) = self.nodes[node].link else {
+            return Ok((Loc { node, missing: 0 }, 0));
+        };
+        let target = link.target.as_deref().unwrap_or_default();
+        if target.is_empty() || target.starts_with('/') || target.contains('\0') {
+            return Err(ChainProblem::Escape);
+        }
+        self.resolved.insert(node, Resolution::InProgress);
+        // A link's target is read relative to the directory that holds the link.
+        let mut at = Loc { node: self.nodes[node].parent, missing: 0 };
+        let mut inner = 0usize;
+        for c in target.split('/') {
+            match c {
+                "" | "." => {}
+                ".." => {
+                    if at.missing > 0 {
+                        at.missing -= 1;
+                    } else if at.node == 0 {
+                        return Err(ChainProblem::Escape);
+                    } else {
+                        at.node = self.nodes[at.node].parent;
+                    }
+                }
+                name => {
+                    if at.missing > 0 {
+                        at.missing += 1;
+                        continue;
+                    }
+                    match self.children.get(&(at.node, name)).copied() {
+                        None => at.missing = 1,
+                        Some(child) if self.nodes[child].link.is_some() => {
+                            let (to, hops) = self.resolve(child, depth + 1)?;
+                            inner = inner.max(hops);
+                            at = to;
+                        }
+                        Some(child) => at = Loc { node: child, missing: 0 },
+                    }
+                }
+            }
+        }
+        let hops = inner + 1;
+        if hops > MAX_SYMLINK_HOPS {
+            return Err(ChainProblem::Loop);
+        }
+        self.resolved.insert(node, Resolution::Done { at, hops });
+        Ok((at, hops))
+    }
+}
+
+/// Resolves every symlink a file list declares against the tree the list describes, following
+/// the list's own symlinks component by component, and refuses any chain that leaves the release
+/// directory ([`Error::SymlinkEscape`]) or does not resolve within [`MAX_SYMLINK_HOPS`] nested
+/// links ([`Error::SymlinkLoop`]). Checking each link on its own is not enough: `d/e/up -> ../..`
+/// and `x -> d/e/up/../../secret` each look inside, yet `x` leads out of the tree.
+pub(crate) fn check_symlink_chains(files: &[FileEntry]) -> Result<()> {
+    for f in files {
+        if let Some(t) = &f.target {
+            if t.len() > MAX_SYMLINK_TARGET {
+                return Err(Error::Limit(format!(
+                    "symlink {:?} has a {}-byte target, more than {MAX_SYMLINK_TARGET}",
+                    f.path,
+                    t.len()
+                )));
+            }
+        }
+    }
+    Tree::new(files)?.check_all()
+}
+
 impl Manifest {
     /// The canonical bytes that are signed: compact JSON, fields in declaration order, maps
     /// sorted.
@@ -224,6 +407,10 @@ impl Manifest {
                 }
             }
         }
+        check_symlink_chains(&self.files)?;
+        // The config is held to the same rules as convoy.toml: a manifest assembled by hand and
+        // signed must not hand the agent values (a user name, a signal) that build would refuse.
+        self.config.validate()?;
         if total != self.unpacked_size {
             return Err(Error::BadManifest(format!(
                 "unpacked_size is {} but the files add up to {total}",
@@ -266,6 +453,101 @@ mod tests {
             ("a", ".", true),
         ] {
             assert_eq!(symlink_stays_inside(link, target), ok, "{link} -> {target}");
+        }
+    }
+
+    fn dir(path: &str) -> FileEntry {
+        FileEntry {
+            path: path.into(),
+            kind: EntryKind::Dir,
+            mode: 0o755,
+            size: 0,
+            sha256: None,
+            target: None,
+        }
+    }
+
+    fn file(path: &str) -> FileEntry {
+        FileEntry { kind: EntryKind::File, mode: 0o644, sha256: Some("0".repeat(64)), ..dir(path) }
+    }
+
+    fn link(path: &str, target: &str) -> FileEntry {
+        FileEntry { kind: EntryKind::Symlink, mode: 0o777, target: Some(target.into()), ..dir(path) }
+    }
+
+    #[derive(Debug)]
+    enum Want {
+        Ok,
+        Escape(&'static str),
+        Loop,
+        Through,
+        Limit,
+    }
+
+    #[test]
+    fn symlink_chains_are_resolved_through_the_tree() {
+        let long = "a/".repeat(MAX_SYMLINK_TARGET / 2 + 1);
+        let chain: Vec<FileEntry> =
+            (0..=MAX_SYMLINK_HOPS).map(|i| link(&format!("l{i:02}"), &format!("l{:02}", i + 1))).collect();
+        let short_chain: Vec<FileEntry> = (0..MAX_SYMLINK_HOPS)
+            .map(|i| link(&format!("l{i:02}"), &format!("l{:02}", i + 1)))
+            .chain([file(&format!("l{MAX_SYMLINK_HOPS:02}"))])
+            .collect();
+        let cases: Vec<(&str, Vec<FileEntry>, Want)> = vec![
+            ("plain links", vec![file("a"), link("b", "a"), dir("d"), link("d/c", "../a")], Want::Ok),
+            (
+                "a chain that ends inside",
+                vec![dir("d"), dir("d/e"), link("d/e/up", "../.."), link("x", "d/e/up/d/e")],
+                Want::Ok,
+            ),
+            ("a link to the root itself", vec![link("root", ".")], Want::Ok),
+            ("a dangling link inside", vec![link("x", "missing/file")], Want::Ok),
+            ("out of a missing directory and back", vec![link("x", "missing/deeper/../../a")], Want::Ok),
+            (
+                "the up-and-out chain",
+                vec![dir("d"), dir("d/e"), link("d/e/up", "../.."), link("x", "d/e/up/../../secret")],
+                Want::Escape("x"),
+            ),
+            (
+                "through a directory link that sorts after the escaping one",
+                vec![link("b", "z/dirlink/.."), dir("z"), link("z/dirlink", "..")],
+                Want::Escape("b"),
+            ),
+            ("a link to the root, then up", vec![link("a", "b/.."), link("b", ".")], Want::Escape("a")),
+            (
+                "a chain of three",
+                vec![link("a", "b/x"), link("b", "c/.."), link("c", ".")],
+                Want::Escape("a"),
+            ),
+            ("lexically outside", vec![dir("d"), link("d/l", "../../etc")], Want::Escape("d/l")),
+            ("absolute", vec![link("l", "/etc")], Want::Escape("l")),
+            ("empty target", vec![link("l", "")], Want::Escape("l")),
+            ("a two-link loop", vec![link("a", "b"), link("b", "a")], Want::Loop),
+            ("a link into itself", vec![link("a", "a/x")], Want::Loop),
+            ("a loop through a directory", vec![dir("d"), link("d/l", "../d/l/x")], Want::Loop),
+            ("a chain one link too long", chain, Want::Loop),
+            ("a chain just short enough", short_chain, Want::Ok),
+            ("an entry below a link", vec![link("d", "e"), file("d/x"), dir("e")], Want::Through),
+            ("a target longer than the kernel allows", vec![link("l", &long)], Want::Limit),
+        ];
+        for (name, files, want) in cases {
+            let got = check_symlink_chains(&files);
+            let ok = match (&want, &got) {
+                (Want::Ok, Ok(())) => true,
+                (Want::Escape(p), Err(Error::SymlinkEscape { path, .. })) => path == p,
+                (Want::Loop, Err(Error::SymlinkLoop { .. })) => true,
+                (Want::Through, Err(Error::ThroughSymlink { .. })) => true,
+                (Want::Limit, Err(Error::Limit(_))) => true,
+                _ => false,
+            };
+            assert!(ok, "{name}: wanted {want:?}, got {got:?}");
+            // The verdict must not depend on the order of the list.
+            let mut reversed = files.clone();
+            reversed.reverse();
+            let again = check_symlink_chains(&reversed);
+            if !matches!(want, Want::Through) {
+                assert_eq!(got.is_ok(), again.is_ok(), "{name}: order changed the verdict: {again:?}");
+            }
         }
     }
 }

@@ -364,6 +364,9 @@ fn walk_entries<R: Read>(
                     .link_name_bytes()
                     .map(|b| String::from_utf8_lossy(&b).into_owned())
                     .unwrap_or_default();
+                // The manifest's chains were resolved as a whole before the payload was read,
+                // and this target must equal the manifest's; checking it on its own as well
+                // keeps a stray target from being written even before that comparison.
                 if !crate::manifest::symlink_stays_inside(&path, &link) {
                     return Err(Error::SymlinkEscape { path, target: link });
                 }
@@ -530,7 +533,12 @@ fn make_durable(dest: &Path, manifest: &Manifest) -> Result<()> {
 /// Re-checks an unpacked release directory against its manifest: every entry present with the
 /// right kind, mode, size and SHA-256 (symlinks: the right target), and nothing extra. Used
 /// before a kept release is activated again, so a corrupted one is never switched to.
+///
+/// Symlinks are resolved as a chain against the manifest's tree first (see
+/// [`Error::SymlinkEscape`] and [`Error::SymlinkLoop`]), the same rule unpacking applies: the
+/// manifest handed in may not have come through the parser that enforces it.
 pub fn verify_tree(dir: &Path, manifest: &Manifest) -> Result<()> {
+    crate::manifest::check_symlink_chains(&manifest.files)?;
     let mut buf = vec![0u8; 256 << 10];
     let mut expected: HashSet<&str> = HashSet::new();
     for f in &manifest.files {

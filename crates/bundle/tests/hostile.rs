@@ -8,7 +8,7 @@ use std::path::Path;
 
 use convoy_bundle::{
     unpack, verify, BuildOptions, EntryKind, Error, FileEntry, Limits, Manifest, PayloadInfo, ReleaseConfig,
-    SecretKey, TrustStore,
+    SecretKey, Service, TrustStore,
 };
 use sha2::{Digest, Sha256};
 
@@ -242,6 +242,84 @@ fn hostile_bundles_are_refused_specifically_and_leave_nothing() {
             trust: trust.clone(),
             limits: Limits::default(),
             expect: |e| matches!(e, Error::SymlinkEscape { .. }),
+        },
+        Case {
+            name: "symlink chain: each link inside, the chain out",
+            bundle: hostile(
+                vec![
+                    entry("d", EntryKind::Dir, b"", None),
+                    entry("d/e", EntryKind::Dir, b"", None),
+                    entry("d/e/up", EntryKind::Symlink, b"", Some("../..")),
+                    entry("x", EntryKind::Symlink, b"", Some("d/e/up/../../secret")),
+                ],
+                &[dir("d"), dir("d/e"), link("d/e/up", "../.."), link("x", "d/e/up/../../secret")],
+                &key,
+            ),
+            trust: trust.clone(),
+            limits: Limits::default(),
+            expect: |e| matches!(e, Error::SymlinkEscape { path, .. } if path == "x"),
+        },
+        Case {
+            name: "symlink chain through a directory link that arrives later",
+            bundle: hostile(
+                vec![
+                    entry("b", EntryKind::Symlink, b"", Some("z/dirlink/..")),
+                    entry("z", EntryKind::Dir, b"", None),
+                    entry("z/dirlink", EntryKind::Symlink, b"", Some("..")),
+                ],
+                &[link("b", "z/dirlink/.."), dir("z"), link("z/dirlink", "..")],
+                &key,
+            ),
+            trust: trust.clone(),
+            limits: Limits::default(),
+            expect: |e| matches!(e, Error::SymlinkEscape { path, .. } if path == "b"),
+        },
+        Case {
+            name: "symlink chain: a link to the root, then up",
+            bundle: hostile(
+                vec![
+                    entry("a", EntryKind::Symlink, b"", Some("b/../secret")),
+                    entry("b", EntryKind::Symlink, b"", Some(".")),
+                ],
+                &[link("a", "b/../secret"), link("b", ".")],
+                &key,
+            ),
+            trust: trust.clone(),
+            limits: Limits::default(),
+            expect: |e| matches!(e, Error::SymlinkEscape { path, .. } if path == "a"),
+        },
+        Case {
+            name: "symlink loop",
+            bundle: hostile(
+                vec![
+                    entry("a", EntryKind::Symlink, b"", Some("b")),
+                    entry("b", EntryKind::Symlink, b"", Some("a")),
+                ],
+                &[link("a", "b"), link("b", "a")],
+                &key,
+            ),
+            trust: trust.clone(),
+            limits: Limits::default(),
+            expect: |e| matches!(e, Error::SymlinkLoop { .. }),
+        },
+        Case {
+            name: "signed manifest with a service user build would refuse",
+            bundle: {
+                let p = zstd(&tar_bytes(&good_entries));
+                let mut m = manifest_for(good_files.clone(), &p);
+                m.config.service = Some(Service {
+                    command: vec!["bin/run".into()],
+                    env: Default::default(),
+                    stop_signal: "SIGTERM".into(),
+                    stop_timeout: std::time::Duration::from_secs(10),
+                    user: Some("root;rm".into()),
+                    group: None,
+                });
+                bundle_bytes(&m, &p, &[&key])
+            },
+            trust: trust.clone(),
+            limits: Limits::default(),
+            expect: |e| matches!(e, Error::Config(m) if m.contains("service.user")),
         },
         Case {
             name: "write through an earlier symlink",
@@ -562,6 +640,14 @@ fn build_refuses_bad_release_directories() {
         let err = convoy_bundle::build(&src, &opts, &key, &out).unwrap_err();
         assert!(matches!(err, Error::SymlinkEscape { .. }), "{err:?}");
         std::fs::remove_file(src.join("escape")).unwrap();
+        // Each link looks inside on its own; together they lead out, so build refuses them.
+        std::fs::create_dir_all(src.join("d/e")).unwrap();
+        std::os::unix::fs::symlink("../..", src.join("d/e/up")).unwrap();
+        std::os::unix::fs::symlink("d/e/up/../../secret", src.join("x")).unwrap();
+        let err = convoy_bundle::build(&src, &opts, &key, &out).unwrap_err();
+        assert!(matches!(&err, Error::SymlinkEscape { path, .. } if path == "x"), "{err:?}");
+        std::fs::remove_file(src.join("x")).unwrap();
+        std::fs::remove_dir_all(src.join("d")).unwrap();
     }
     for (app, version, want) in [("Shop API", "1.0.0", "app"), ("shop-api", "latest", "semantic version")] {
         let o = BuildOptions { app: app.into(), version: version.into(), ..opts.clone() };
@@ -571,4 +657,63 @@ fn build_refuses_bad_release_directories() {
     assert!(!out.exists());
     let leftovers: Vec<_> = std::fs::read_dir(tmp.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
     assert_eq!(leftovers, vec![std::ffi::OsString::from("src")]);
+}
+
+#[test]
+fn symlink_chains_that_stay_inside_unpack() {
+    let tmp = tempfile::tempdir().unwrap();
+    let key = SecretKey::generate();
+    let files = vec![
+        entry("a.txt", EntryKind::File, b"hello", None),
+        entry("d", EntryKind::Dir, b"", None),
+        entry("d/e", EntryKind::Dir, b"", None),
+        entry("d/e/up", EntryKind::Symlink, b"", Some("../..")),
+        entry("x", EntryKind::Symlink, b"", Some("d/e/up/a.txt")),
+    ];
+    let entries =
+        [file("a.txt", b"hello"), dir("d"), dir("d/e"), link("d/e/up", "../.."), link("x", "d/e/up/a.txt")];
+    let path = tmp.path().join("b.bundle");
+    std::fs::write(&path, hostile(files, &entries, &key)).unwrap();
+    let dest = tmp.path().join("release");
+    let v = unpack(&path, &TrustStore::new(vec![key.public()], 1), &dest, &Limits::default()).unwrap();
+    assert_eq!(std::fs::read(dest.join("x")).unwrap(), b"hello");
+    convoy_bundle::verify_tree(&dest, &v.manifest).unwrap();
+}
+
+/// A kept release is re-verified against a manifest the agent holds in memory; that check must
+/// refuse an escaping chain even if the directory matches the manifest exactly.
+#[cfg(unix)]
+#[test]
+fn verify_tree_refuses_escaping_symlink_chains() {
+    let tmp = tempfile::tempdir().unwrap();
+    let scratch = tmp.path().join("scratch");
+    let dir_path = scratch.join("release");
+    std::fs::create_dir_all(dir_path.join("d/e")).unwrap();
+    std::os::unix::fs::symlink("../..", dir_path.join("d/e/up")).unwrap();
+    std::os::unix::fs::symlink("d/e/up/../../secret", dir_path.join("x")).unwrap();
+    let files = vec![
+        entry("d", EntryKind::Dir, b"", None),
+        entry("d/e", EntryKind::Dir, b"", None),
+        entry("d/e/up", EntryKind::Symlink, b"", Some("../..")),
+        entry("x", EntryKind::Symlink, b"", Some("d/e/up/../../secret")),
+    ];
+    let m = manifest_for(files, b"");
+    let err = convoy_bundle::verify_tree(&dir_path, &m).unwrap_err();
+    assert!(matches!(&err, Error::SymlinkEscape { path, .. } if path == "x"), "{err:?}");
+
+    std::fs::remove_file(dir_path.join("x")).unwrap();
+    std::os::unix::fs::symlink("y", dir_path.join("x")).unwrap();
+    std::os::unix::fs::symlink("x", dir_path.join("y")).unwrap();
+    let files = vec![
+        entry("d", EntryKind::Dir, b"", None),
+        entry("d/e", EntryKind::Dir, b"", None),
+        entry("d/e/up", EntryKind::Symlink, b"", Some("../..")),
+        entry("x", EntryKind::Symlink, b"", Some("y")),
+        entry("y", EntryKind::Symlink, b"", Some("x")),
+    ];
+    let err = convoy_bundle::verify_tree(&dir_path, &manifest_for(files, b"")).unwrap_err();
+    assert!(matches!(err, Error::SymlinkLoop { .. }), "{err:?}");
+    // Nothing beside the release directory was created by either check.
+    let left: Vec<_> = std::fs::read_dir(&scratch).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(left, vec![std::ffi::OsString::from("release")]);
 }

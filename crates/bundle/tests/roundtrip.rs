@@ -114,6 +114,30 @@ fn extra_signatures_satisfy_a_two_key_policy() {
 }
 
 #[test]
+fn a_header_assembled_with_sign_manifest_verifies() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    sample_release(&src);
+    let (k1, k2) = (SecretKey::generate(), SecretKey::generate());
+    let out = tmp.path().join("b.bundle");
+    build(&src, &opts("1.0.0"), &k1, &out).unwrap();
+    let bytes = std::fs::read(&out).unwrap();
+    let mut reader = bytes.as_slice();
+    let header = convoy_bundle::read_header(&mut reader, 1 << 20).unwrap();
+    // Replace k1's signature by k2's, written by hand in front of the untouched payload.
+    let mut resigned = Vec::new();
+    let sig = k2.sign_manifest(&header.manifest_bytes);
+    assert_eq!(sig.key_id, k2.public().id());
+    convoy_bundle::write_header(&mut resigned, &header.manifest_bytes, &[sig]).unwrap();
+    resigned.extend_from_slice(reader);
+    let only_k2 = TrustStore::new(vec![k2.public()], 1);
+    let v = convoy_bundle::verify_reader(resigned.as_slice(), Some(&only_k2), &Limits::default()).unwrap();
+    assert_eq!(v.signers, vec![k2.public().id()]);
+    let only_k1 = TrustStore::new(vec![k1.public()], 1);
+    assert!(convoy_bundle::verify_reader(resigned.as_slice(), Some(&only_k1), &Limits::default()).is_err());
+}
+
+#[test]
 fn key_files_round_trip_and_reject_garbage() {
     let key = SecretKey::generate();
     let again = SecretKey::parse(&key.to_text()).unwrap();
