@@ -473,6 +473,7 @@ impl Executor {
             env: self.env(app, version, previous, &service.env),
             stop_signal: process::signal_by_name(&service.stop_signal),
             stop_timeout: service.stop_timeout,
+            run_as: None,
         };
         let sup = Supervised::start(spec, self.log(app, version));
         // Record the process group so a restarted agent can stop an orphan.
@@ -566,7 +567,8 @@ impl Executor {
         let log = self.log(app, to);
         if kind == ActivationKind::Deploy {
             if let Some(h) = config.hooks.as_ref().and_then(|h| h.pre_activate.as_ref()) {
-                if let Err(e) = process::run_hook("pre_activate", h, &to_dir, &env, hooks_timeout, &log).await
+                if let Err(e) =
+                    process::run_hook("pre_activate", h, &to_dir, &env, hooks_timeout, &log, None).await
                 {
                     state.clear_activation(app).map_err(|e| e.to_string())?;
                     return Err(format!("deploy of {app}@{to} stopped before the switch: {e}"));
@@ -585,6 +587,7 @@ impl Executor {
                             &cur_env,
                             hooks_timeout,
                             &self.log(app, cur),
+                            None,
                         )
                         .await
                         {
@@ -688,7 +691,8 @@ impl Executor {
         let env = self.env(app, to, from, &BTreeMap::new());
         if let Some(hooks) = &config.hooks {
             if let Some(h) = &hooks.post_activate {
-                process::run_hook("post_activate", h, &dir, &env, hooks.timeout, &self.log(app, to)).await?;
+                process::run_hook("post_activate", h, &dir, &env, hooks.timeout, &self.log(app, to), None)
+                    .await?;
             }
         }
         let Some(health) = &config.health else { return Ok(()) };
