@@ -25,7 +25,7 @@ pub use download::{DownloadOptions, Downloaded, Downloader};
 pub use enroll::{enroll, EnrollOptions};
 pub use executor::{ExecConfig, Executor};
 pub use identity::{AgentFile, AGENT_FILE, CA_FILE, IDENTITY_FILE};
-pub use layout::Layout;
+pub use layout::{Layout, LOG_TAIL_MAX_BYTES};
 pub use process::{
     stop_stamped_group, Log, ProcessStamp, RunAs, ServiceSpec, StopOutcome, Supervised, INHERITED_ENV,
 };
