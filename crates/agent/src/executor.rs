@@ -111,7 +111,8 @@ impl Executor {
     pub fn open(cfg: ExecConfig) -> Result<Self> {
         let layout = Layout::new(&cfg.data_dir);
         let state = State::open(&layout.state_dir())?;
-        let downloader = Downloader::new(layout.cache_dir(), cfg.max_downloads, cfg.download.clone());
+        let downloader =
+            Downloader::new(layout.cache_dir(), cfg.max_downloads, cfg.download.clone(), cfg.trust.clone());
         Ok(Self {
             inner: Arc::new(Inner {
                 cfg,
