@@ -1,19 +1,26 @@
 //! Fetching bundles from the controller into the download cache: chunked, resumable after a
 //! dropped connection, digest-checked before use, with a bound on concurrent downloads.
+//!
+//! The controller is not trusted with sizes: a download is capped by a configured maximum, and
+//! as soon as the bundle's header has arrived its signatures are checked and the download is
+//! held to the exact size the signed manifest gives. An unsigned or untrusted header ends the
+//! download at once, and only one download per digest runs at a time.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex as StdMutex, PoisonError, Weak};
 use std::time::Duration;
 
+use convoy_bundle::TrustStore;
 use convoy_proto::v1 as pb;
 use tokio::io::AsyncWriteExt;
-use tokio::sync::Semaphore;
+use tokio::sync::{Mutex, Semaphore};
 use tonic::transport::Channel;
 use tonic::Code;
 
 use crate::{Backoff, Error, Result};
 
-/// How downloads retry and how often they make progress durable.
+/// How downloads retry, how often they make progress durable, and how large they may get.
 #[derive(Clone, Debug)]
 pub struct DownloadOptions {
     pub max_attempts: u32,
@@ -21,6 +28,10 @@ pub struct DownloadOptions {
     pub retry_max: Duration,
     /// Bytes between fsyncs of the partial file: what survives a crash is what resumes.
     pub sync_every: u64,
+    /// The largest bundle accepted, whatever the controller announces.
+    pub max_bundle_size: u64,
+    /// The largest signed manifest a bundle header may carry.
+    pub max_manifest_bytes: u64,
     /// Test builds only: abort once the first chunk is on disk (`download:mid`).
     pub failpoint: Option<String>,
 }
@@ -32,6 +43,8 @@ impl Default for DownloadOptions {
             retry_base: Duration::from_millis(200),
             retry_max: Duration::from_secs(10),
             sync_every: 8 << 20,
+            max_bundle_size: 4 << 30,
+            max_manifest_bytes: convoy_bundle::Limits::default().max_manifest_bytes,
             failpoint: None,
         }
     }
@@ -49,12 +62,21 @@ pub struct Downloaded {
     pub received: u64,
 }
 
-/// The download cache and its concurrency bound. Cheap to clone.
+/// The download cache and its concurrency bound. Cheap to clone; clones share the bound and the
+/// per-digest locks, so every download into one cache must go through clones of one downloader.
 #[derive(Clone)]
 pub struct Downloader {
     cache: PathBuf,
     permits: Arc<Semaphore>,
     opts: DownloadOptions,
+    trust: TrustStore,
+    in_flight: Arc<StdMutex<HashMap<String, Weak<Mutex<()>>>>>,
+}
+
+/// The most header bytes worth buffering: magic and version, manifest length, the largest
+/// manifest accepted, signature count, and the bundle format's 16 signatures of 72 bytes.
+fn header_cap(max_manifest: u64) -> u64 {
+    8 + 4 + max_manifest + 2 + 16 * 72
 }
 
 fn check_digest(digest: &str) -> Result<()> {
@@ -73,8 +95,21 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
 }
 
 impl Downloader {
-    pub fn new(cache: impl Into<PathBuf>, max_concurrent: usize, opts: DownloadOptions) -> Self {
-        Self { cache: cache.into(), permits: Arc::new(Semaphore::new(max_concurrent.max(1))), opts }
+    /// A downloader into `cache`, running at most `max_concurrent` downloads at once and
+    /// accepting only bundles whose header `trust` verifies.
+    pub fn new(
+        cache: impl Into<PathBuf>,
+        max_concurrent: usize,
+        opts: DownloadOptions,
+        trust: TrustStore,
+    ) -> Self {
+        Self {
+            cache: cache.into(),
+            permits: Arc::new(Semaphore::new(max_concurrent.max(1))),
+            opts,
+            trust,
+            in_flight: Arc::default(),
+        }
     }
 
     /// The cached, verified bundle for `digest`, if present.
@@ -90,16 +125,48 @@ impl Downloader {
             let name = e.file_name().to_string_lossy().into_owned();
             if let Some(d) = name.strip_suffix(".partial") {
                 if !keep.iter().any(|k| k == d) {
-                    let _ = std::fs::remove_file(e.path());
+                    if let Err(err) = std::fs::remove_file(e.path()) {
+                        tracing::warn!(path = %e.path().display(), error = %err, "cannot remove a stale partial download");
+                    }
                 }
             }
         }
     }
 
-    /// Downloads the bundle with `digest`, resuming a partial file if one exists.
+    /// The lock that serialises downloads of one digest.
+    fn digest_lock(&self, digest: &str) -> Arc<Mutex<()>> {
+        let mut map = self.in_flight.lock().unwrap_or_else(PoisonError::into_inner);
+        map.retain(|_, lock| lock.strong_count() > 0);
+        if let Some(lock) = map.get(digest).and_then(Weak::upgrade) {
+            return lock;
+        }
+        let lock = Arc::new(Mutex::new(()));
+        map.insert(digest.to_owned(), Arc::downgrade(&lock));
+        lock
+    }
+
+    async fn cached_async(&self, digest: &str) -> Result<Option<PathBuf>> {
+        let p = self.cache.join(format!("{digest}.bundle"));
+        let exists = tokio::fs::try_exists(&p).await.map_err(io(&p))?;
+        Ok(exists.then_some(p))
+    }
+
+    /// Downloads the bundle with `digest`, resuming a partial file if one exists. A second
+    /// caller for the same digest waits for the first and then gets the cached bundle.
+    ///
+    /// Refused for good, with the partial file discarded: an announced or received size over
+    /// [`DownloadOptions::max_bundle_size`], a header that is not a bundle or is not signed by
+    /// the trust store, more bytes than the controller announced or than the signed size, and a
+    /// digest mismatch. Transient network errors are retried; when the attempts run out the
+    /// partial file is kept for the next fetch to resume.
     pub async fn fetch(&self, channel: Channel, digest: &str) -> Result<Downloaded> {
         check_digest(digest)?;
-        if let Some(path) = self.cached(digest) {
+        if let Some(path) = self.cached_async(digest).await? {
+            return Ok(Downloaded { path, attempts: 0, offsets: vec![], received: 0 });
+        }
+        let lock = self.digest_lock(digest);
+        let _one_at_a_time = lock.lock().await;
+        if let Some(path) = self.cached_async(digest).await? {
             return Ok(Downloaded { path, attempts: 0, offsets: vec![], received: 0 });
         }
         let _permit = self
@@ -109,40 +176,61 @@ impl Downloader {
             .map_err(|_| Error::Invalid { what: "downloader", message: "closed".into() })?;
         tokio::fs::create_dir_all(&self.cache).await.map_err(io(&self.cache))?;
         let partial = self.cache.join(format!("{digest}.partial"));
+        match self.download(channel, digest, &partial).await {
+            Ok(done) => Ok(done),
+            Err(Failure::Keep(e)) => Err(e),
+            Err(Failure::Discard(e)) => {
+                match tokio::fs::remove_file(&partial).await {
+                    Ok(()) => {}
+                    Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(err) => {
+                        tracing::warn!(path = %partial.display(), error = %err, "cannot discard a refused download")
+                    }
+                }
+                Err(e)
+            }
+        }
+    }
+
+    async fn download(&self, channel: Channel, digest: &str, partial: &Path) -> Result<Downloaded, Failure> {
         let mut client =
             pb::agent_service_client::AgentServiceClient::new(channel).max_decoding_message_size(8 << 20);
         let mut backoff = Backoff::new(self.opts.retry_base, self.opts.retry_max);
-        let mut offsets = Vec::new();
-        let mut received = 0u64;
+        let mut progress = Progress::resume(partial, self, digest).await?;
         loop {
-            let attempt = offsets.len() as u32 + 1;
-            match self.attempt(&mut client, digest, &partial, &mut offsets, &mut received).await {
+            let attempt = progress.offsets.len() as u32 + 1;
+            match self.attempt(&mut client, digest, partial, &mut progress).await {
                 Ok(()) => break,
-                Err(Error::Refused(status))
+                Err(Failure::Keep(Error::Refused(status)))
                     if retryable(status.code()) && attempt < self.opts.max_attempts =>
                 {
                     let delay = backoff.next_delay();
                     tracing::warn!(%digest, attempt, error = %status.message(), delay_ms = delay.as_millis() as u64, "download interrupted, will resume");
                     tokio::time::sleep(delay).await;
                 }
+                // A non-retryable refusal (unknown digest, permission) leaves nothing worth
+                // resuming; transient errors that ran out of attempts keep their progress.
+                Err(Failure::Keep(Error::Refused(status))) if !retryable(status.code()) => {
+                    return Err(Failure::Discard(Error::Refused(status)))
+                }
                 Err(e) => return Err(e),
             }
         }
-        let path = partial.clone();
+        let path = partial.to_path_buf();
         let actual = tokio::task::spawn_blocking(move || convoy_bundle::sha256_file(&path))
             .await
-            .map_err(|e| Error::Invalid { what: "digest task", message: e.to_string() })?
-            .map_err(|e| Error::Invalid { what: "download", message: e.to_string() })?;
+            .map_err(|e| Failure::Keep(Error::Invalid { what: "digest task", message: e.to_string() }))?
+            .map_err(|e| Failure::Discard(Error::Invalid { what: "download", message: e.to_string() }))?;
         if actual != digest {
-            let _ = tokio::fs::remove_file(&partial).await;
-            return Err(Error::Invalid {
+            return Err(Failure::Discard(Error::Invalid {
                 what: "download",
                 message: format!("downloaded bundle has sha256 {actual}, expected {digest}; discarded"),
-            });
+            }));
         }
         let done = self.cache.join(format!("{digest}.bundle"));
-        tokio::fs::rename(&partial, &done).await.map_err(io(&done))?;
-        convoy_pki::files::sync_dir(&self.cache)?;
+        tokio::fs::rename(partial, &done).await.map_err(|e| Failure::Keep(io(&done)(e)))?;
+        convoy_pki::files::sync_dir(&self.cache).map_err(|e| Failure::Keep(e.into()))?;
+        let Progress { offsets, received, .. } = progress;
         tracing::info!(%digest, attempts = offsets.len(), received, "download complete");
         Ok(Downloaded { path: done, attempts: offsets.len() as u32, offsets, received })
     }
@@ -152,59 +240,219 @@ impl Downloader {
         client: &mut pb::agent_service_client::AgentServiceClient<Channel>,
         digest: &str,
         partial: &Path,
-        offsets: &mut Vec<u64>,
-        received: &mut u64,
-    ) -> Result<()> {
+        progress: &mut Progress,
+    ) -> Result<(), Failure> {
+        let keep = |e: Error| Failure::Keep(e);
         let file = tokio::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(partial)
             .await
-            .map_err(io(partial))?;
-        let mut offset = file.metadata().await.map_err(io(partial))?.len();
-        offsets.push(offset);
+            .map_err(|e| keep(io(partial)(e)))?;
+        let mut offset = file.metadata().await.map_err(|e| keep(io(partial)(e)))?.len();
+        progress.offsets.push(offset);
         let mut w = tokio::io::BufWriter::with_capacity(1 << 20, file);
         let mut stream = client
             .download(pb::DownloadRequest { digest: digest.to_owned(), offset })
             .await
-            .map_err(Error::Refused)?
+            .map_err(|s| keep(Error::Refused(s)))?
             .into_inner();
         let mut unsynced = 0u64;
         let result = async {
-            while let Some(chunk) = stream.message().await.map_err(Error::Refused)? {
+            while let Some(chunk) = stream.message().await.map_err(|s| keep(Error::Refused(s)))? {
                 if chunk.offset != offset {
-                    return Err(Error::Refused(tonic::Status::data_loss(format!(
+                    return Err(keep(Error::Refused(tonic::Status::data_loss(format!(
                         "chunk at offset {} but {offset} expected",
                         chunk.offset
-                    ))));
+                    )))));
                 }
-                w.write_all(&chunk.data).await.map_err(io(partial))?;
-                offset += chunk.data.len() as u64;
-                *received += chunk.data.len() as u64;
+                let end = offset.saturating_add(chunk.data.len() as u64);
+                self.check_sizes(digest, chunk.total_size, end, progress.signed_size)?;
+                // Checked before writing: refused bytes never reach the disk.
+                w.write_all(&chunk.data).await.map_err(|e| keep(io(partial)(e)))?;
+                progress.absorb(&chunk.data, self, digest)?;
+                if let Some(signed) = progress.signed_size {
+                    self.check_sizes(digest, chunk.total_size, end, Some(signed))?;
+                }
+                offset = end;
+                progress.received += chunk.data.len() as u64;
                 unsynced += chunk.data.len() as u64;
                 if unsynced >= self.opts.sync_every {
-                    w.flush().await.map_err(io(partial))?;
-                    w.get_ref().sync_data().await.map_err(io(partial))?;
+                    w.flush().await.map_err(|e| keep(io(partial)(e)))?;
+                    w.get_ref().sync_data().await.map_err(|e| keep(io(partial)(e)))?;
                     unsynced = 0;
                 }
                 #[cfg(feature = "failpoints")]
                 if self.opts.failpoint.as_deref() == Some("download:mid") {
-                    w.flush().await.map_err(io(partial))?;
-                    w.get_ref().sync_data().await.map_err(io(partial))?;
+                    w.flush().await.map_err(|e| keep(io(partial)(e)))?;
+                    w.get_ref().sync_data().await.map_err(|e| keep(io(partial)(e)))?;
                     tracing::error!(failpoint = "download:mid", "failpoint reached: aborting");
                     std::process::abort();
                 }
-                if offset > chunk.total_size {
-                    return Err(Error::Refused(tonic::Status::data_loss("more data than the bundle's size")));
-                }
             }
-            Ok(())
+            match progress.signed_size {
+                Some(size) if offset == size => Ok(()),
+                // The stream ended early: resume from here.
+                Some(size) => Err(keep(Error::Refused(tonic::Status::data_loss(format!(
+                    "the stream ended at {offset} of {size} bytes"
+                ))))),
+                None => Err(Failure::Discard(Error::Download {
+                    digest: digest.to_owned(),
+                    message: format!("the controller sent {offset} bytes, not even a complete bundle header"),
+                })),
+            }
         }
         .await;
         // Whatever arrived is kept and made durable: the next attempt resumes after it.
-        w.flush().await.map_err(io(partial))?;
-        w.get_ref().sync_data().await.map_err(io(partial))?;
+        w.flush().await.map_err(|e| keep(io(partial)(e)))?;
+        w.get_ref().sync_data().await.map_err(|e| keep(io(partial)(e)))?;
         result
+    }
+
+    /// Refuses sizes over the configured maximum, past what the controller announced, or
+    /// different from the signed bundle size once that is known.
+    fn check_sizes(
+        &self,
+        digest: &str,
+        announced: u64,
+        end: u64,
+        signed: Option<u64>,
+    ) -> Result<(), Failure> {
+        let max = self.opts.max_bundle_size;
+        if announced > max || end > max {
+            return Err(Failure::Discard(Error::BundleTooLarge {
+                digest: digest.to_owned(),
+                size: announced.max(end),
+                max,
+            }));
+        }
+        let refuse =
+            |message: String| Failure::Discard(Error::Download { digest: digest.to_owned(), message });
+        if end > announced {
+            return Err(refuse(format!("the controller sent {end} bytes but announced {announced}")));
+        }
+        if let Some(signed) = signed {
+            if end > signed {
+                return Err(refuse(format!(
+                    "received {end} bytes, more than the signed bundle size {signed}"
+                )));
+            }
+            if announced != signed {
+                return Err(refuse(format!(
+                    "the controller announces {announced} bytes but the signed bundle is {signed} bytes"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks a bundle header prefix: `None` while it is incomplete, then the exact bundle size
+    /// its verified manifest gives. Anything but a bundle header signed by trusted keys is
+    /// refused.
+    fn signed_size(&self, head: &[u8], digest: &str) -> Result<Option<u64>, Failure> {
+        let refuse =
+            |message: String| Failure::Discard(Error::Download { digest: digest.to_owned(), message });
+        // Cheap completeness check first, so a large manifest arriving in many chunks is not
+        // re-parsed for every one of them.
+        // An oversized manifest length falls through, for `read_header` to refuse.
+        if head.len() >= 12 {
+            let len = u64::from(u32::from_le_bytes([head[8], head[9], head[10], head[11]]));
+            if len <= self.opts.max_manifest_bytes && (head.len() as u64) < 12 + len + 2 {
+                return Ok(None);
+            }
+        }
+        let header = match convoy_bundle::read_header(&mut &head[..], self.opts.max_manifest_bytes) {
+            Ok(h) => h,
+            Err(convoy_bundle::Error::Truncated(_)) => return Ok(None),
+            Err(e) => return Err(refuse(format!("not a valid bundle: {e}"))),
+        };
+        let verified = convoy_bundle::verify_header(&header, &self.trust)
+            .map_err(|e| refuse(format!("the bundle header is not accepted: {e}")))?;
+        let size = header
+            .payload_offset
+            .checked_add(verified.manifest.payload.size)
+            .ok_or_else(|| refuse("the signed bundle size overflows".into()))?;
+        if size > self.opts.max_bundle_size {
+            return Err(Failure::Discard(Error::BundleTooLarge {
+                digest: digest.to_owned(),
+                size,
+                max: self.opts.max_bundle_size,
+            }));
+        }
+        Ok(Some(size))
+    }
+}
+
+/// How a download failed: whether its partial file is worth keeping for a resume.
+enum Failure {
+    Keep(Error),
+    Discard(Error),
+}
+
+/// What a download has established so far.
+struct Progress {
+    offsets: Vec<u64>,
+    received: u64,
+    /// The start of the file, kept until the header in it has been verified.
+    head: Vec<u8>,
+    /// The exact bundle size, once the signed header has been verified.
+    signed_size: Option<u64>,
+}
+
+impl Progress {
+    /// Picks up a partial file left by an earlier fetch: its header, if complete, must verify
+    /// and the file must not exceed the signed size.
+    async fn resume(partial: &Path, d: &Downloader, digest: &str) -> Result<Self, Failure> {
+        let cap = header_cap(d.opts.max_manifest_bytes);
+        let path = partial.to_path_buf();
+        let head = tokio::task::spawn_blocking(move || -> std::io::Result<(Vec<u8>, u64)> {
+            use std::io::Read;
+            let f = match std::fs::File::open(&path) {
+                Ok(f) => f,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((Vec::new(), 0)),
+                Err(e) => return Err(e),
+            };
+            let len = f.metadata()?.len();
+            let mut head = Vec::new();
+            f.take(cap).read_to_end(&mut head)?;
+            Ok((head, len))
+        })
+        .await
+        .map_err(|e| Failure::Keep(Error::Invalid { what: "download task", message: e.to_string() }))?;
+        let (head, len) = head.map_err(|e| Failure::Discard(io(partial)(e)))?;
+        let mut progress = Self { offsets: Vec::new(), received: 0, head, signed_size: None };
+        if len > 0 {
+            progress.signed_size = d.signed_size(&progress.head, digest)?;
+            let limit = progress.signed_size.unwrap_or(d.opts.max_bundle_size);
+            if len > limit {
+                return Err(Failure::Discard(Error::Download {
+                    digest: digest.to_owned(),
+                    message: format!(
+                        "the partial download holds {len} bytes, more than the bundle's {limit}"
+                    ),
+                }));
+            }
+            if progress.signed_size.is_some() {
+                progress.head = Vec::new();
+            }
+        }
+        Ok(progress)
+    }
+
+    /// Takes in newly written bytes; verifies the header as soon as it is complete.
+    fn absorb(&mut self, data: &[u8], d: &Downloader, digest: &str) -> Result<(), Failure> {
+        if self.signed_size.is_some() {
+            return Ok(());
+        }
+        let cap = usize::try_from(header_cap(d.opts.max_manifest_bytes)).unwrap_or(usize::MAX);
+        let take = cap.saturating_sub(self.head.len()).min(data.len());
+        self.head.extend_from_slice(&data[..take]);
+        self.signed_size = d.signed_size(&self.head, digest)?;
+        if self.signed_size.is_some() {
+            // The header is verified; its bytes are on disk and no longer needed here.
+            self.head = Vec::new();
+        }
+        Ok(())
     }
 }
 
@@ -219,4 +467,263 @@ fn retryable(code: Code) -> bool {
             | Code::Aborted
             | Code::DataLoss
     )
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use std::pin::Pin;
+    use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+
+    use convoy_bundle::{BuildOptions, SecretKey};
+    use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+    use tonic::{Request, Response, Status, Streaming};
+
+    use super::*;
+
+    /// How the test controller misbehaves.
+    #[derive(Clone, Copy)]
+    enum Serve {
+        Honest,
+        /// Sends this many bytes after the bundle, announcing only the bundle's size.
+        MoreThanAnnounced(usize),
+        /// Sends and announces this many bytes after the bundle.
+        MoreThanSigned(usize),
+        /// Sends random bytes instead of a bundle.
+        Garbage(usize),
+        /// Announces a huge size, then sends the bundle.
+        HugeTotal,
+    }
+
+    #[derive(Clone)]
+    struct Controller {
+        bundle: Arc<Vec<u8>>,
+        serve: Serve,
+        requests: Arc<AtomicU32>,
+        served: Arc<AtomicU64>,
+    }
+
+    type Stream<T> = Pin<Box<dyn tokio_stream::Stream<Item = Result<T, Status>> + Send>>;
+
+    #[tonic::async_trait]
+    impl pb::agent_service_server::AgentService for Controller {
+        type SessionStream = Stream<pb::ControllerMessage>;
+        type DownloadStream = Stream<pb::DownloadChunk>;
+
+        async fn session(
+            &self,
+            _: Request<Streaming<pb::AgentMessage>>,
+        ) -> Result<Response<Self::SessionStream>, Status> {
+            Err(Status::unimplemented("not in this test"))
+        }
+
+        async fn renew(&self, _: Request<pb::RenewRequest>) -> Result<Response<pb::RenewResponse>, Status> {
+            Err(Status::unimplemented("not in this test"))
+        }
+
+        async fn download(
+            &self,
+            req: Request<pb::DownloadRequest>,
+        ) -> Result<Response<Self::DownloadStream>, Status> {
+            self.requests.fetch_add(1, Ordering::SeqCst);
+            let len = self.bundle.len() as u64;
+            let (body, total): (Vec<u8>, u64) = match self.serve {
+                Serve::Honest => (self.bundle.to_vec(), len),
+                Serve::MoreThanAnnounced(n) => ([&self.bundle[..], &vec![0u8; n]].concat(), len),
+                Serve::MoreThanSigned(n) => ([&self.bundle[..], &vec![0u8; n]].concat(), len + n as u64),
+                Serve::Garbage(n) => ((0..n).map(|_| rand::random::<u8>()).collect(), n as u64),
+                Serve::HugeTotal => (self.bundle.to_vec(), 1 << 40),
+            };
+            let start = usize::try_from(req.into_inner().offset).unwrap().min(body.len());
+            let (tx, rx) = tokio::sync::mpsc::channel(1);
+            let served = self.served.clone();
+            tokio::spawn(async move {
+                let mut offset = start;
+                for piece in body[start..].chunks(16 << 10) {
+                    let chunk =
+                        pb::DownloadChunk { offset: offset as u64, data: piece.to_vec(), total_size: total };
+                    if tx.send(Ok(chunk)).await.is_err() {
+                        return;
+                    }
+                    served.fetch_add(piece.len() as u64, Ordering::SeqCst);
+                    offset += piece.len();
+                }
+            });
+            Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        }
+    }
+
+    /// A real, signed bundle with an incompressible megabyte in it.
+    fn bundle(key: &SecretKey) -> Vec<u8> {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("src");
+        std::fs::create_dir_all(src.join("bin")).unwrap();
+        std::fs::write(src.join("convoy.toml"), "[service]\ncommand = [\"bin/run\"]\n").unwrap();
+        std::fs::write(src.join("bin/run"), "#!/bin/sh\nexit 0\n").unwrap();
+        let noise: Vec<u8> = (0..1 << 20).map(|_| rand::random::<u8>()).collect();
+        std::fs::write(src.join("noise"), noise).unwrap();
+        let opts = BuildOptions {
+            app: "shop".into(),
+            version: "1.0.0".into(),
+            created_at: 1_700_000_000,
+            target: None,
+            zstd_level: 1,
+        };
+        let out = dir.path().join("shop.bundle");
+        convoy_bundle::build(&src, &opts, key, &out).unwrap();
+        std::fs::read(out).unwrap()
+    }
+
+    fn sha256(bytes: &[u8]) -> String {
+        use sha2::Digest;
+        hex::encode(sha2::Sha256::digest(bytes))
+    }
+
+    struct Setup {
+        _dir: tempfile::TempDir,
+        cache: PathBuf,
+        downloader: Downloader,
+        channel: Channel,
+        controller: Controller,
+        digest: String,
+    }
+
+    /// Serves `bundle` from a gRPC server on a free local port and makes a downloader that
+    /// trusts `trusted`. The client's HTTP/2 windows are small, so a server cannot run far
+    /// ahead of what the agent has accepted.
+    async fn setup(bundle: Vec<u8>, serve: Serve, trusted: &SecretKey) -> Setup {
+        let digest = sha256(&bundle);
+        let controller =
+            Controller { bundle: Arc::new(bundle), serve, requests: Arc::default(), served: Arc::default() };
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let service = pb::agent_service_server::AgentServiceServer::new(controller.clone());
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(service)
+                .serve_with_incoming(TcpListenerStream::new(listener)),
+        );
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .initial_stream_window_size(65_535)
+            .initial_connection_window_size(65_535)
+            .connect()
+            .await
+            .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let cache = dir.path().join("cache");
+        let opts =
+            DownloadOptions { max_attempts: 2, retry_base: Duration::from_millis(10), ..Default::default() };
+        let downloader = Downloader::new(&cache, 2, opts, TrustStore::new(vec![trusted.public()], 1));
+        Setup { _dir: dir, cache, downloader, channel, controller, digest }
+    }
+
+    fn leftovers(cache: &Path) -> Vec<String> {
+        match std::fs::read_dir(cache) {
+            Ok(entries) => entries.map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect(),
+            Err(_) => vec![],
+        }
+    }
+
+    async fn refused(serve: Serve) -> (String, Setup) {
+        let key = SecretKey::generate();
+        let s = setup(bundle(&key), serve, &key).await;
+        let err = s.downloader.fetch(s.channel.clone(), &s.digest).await.unwrap_err().to_string();
+        assert_eq!(leftovers(&s.cache), Vec::<String>::new(), "a refused download left files behind");
+        (err, s)
+    }
+
+    #[tokio::test]
+    async fn concurrent_fetches_of_one_digest_make_one_download() {
+        let key = SecretKey::generate();
+        let bytes = bundle(&key);
+        let s = setup(bytes.clone(), Serve::Honest, &key).await;
+        let other = s.downloader.clone();
+        let (a, b) = tokio::join!(
+            s.downloader.fetch(s.channel.clone(), &s.digest),
+            other.fetch(s.channel.clone(), &s.digest)
+        );
+        let (a, b) = (a.unwrap(), b.unwrap());
+        assert_eq!(a.path, b.path);
+        assert_eq!(std::fs::read(&a.path).unwrap(), bytes);
+        assert_eq!(s.controller.requests.load(Ordering::SeqCst), 1, "one request for one digest");
+        assert_eq!(a.attempts + b.attempts, 1, "the second caller found the cached bundle");
+        assert_eq!(leftovers(&s.cache), vec![format!("{}.bundle", s.digest)]);
+    }
+
+    #[tokio::test]
+    async fn more_bytes_than_announced_are_refused() {
+        let (err, _s) = refused(Serve::MoreThanAnnounced(100)).await;
+        assert!(err.contains("but announced"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn more_bytes_than_the_signed_size_are_refused() {
+        let (err, _s) = refused(Serve::MoreThanSigned(100)).await;
+        assert!(err.contains("signed bundle is"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn garbage_is_refused_at_the_header() {
+        let key = SecretKey::generate();
+        let mut s = setup(vec![], Serve::Garbage(256 << 10), &key).await;
+        s.digest = "ab".repeat(32);
+        let err = s.downloader.fetch(s.channel.clone(), &s.digest).await.unwrap_err().to_string();
+        assert!(err.contains("not a valid bundle"), "{err}");
+        assert!(s.controller.served.load(Ordering::SeqCst) < 200 << 10, "the download did not stop early");
+        assert_eq!(leftovers(&s.cache), Vec::<String>::new());
+    }
+
+    #[tokio::test]
+    async fn a_huge_announced_size_is_refused() {
+        let (err, s) = refused(Serve::HugeTotal).await;
+        assert!(err.contains("more than the 4294967296-byte limit"), "{err}");
+        assert!(s.controller.served.load(Ordering::SeqCst) < 512 << 10, "the download did not stop early");
+    }
+
+    #[tokio::test]
+    async fn an_untrusted_bundle_stops_the_download_at_its_header() {
+        let (signer, trusted) = (SecretKey::generate(), SecretKey::generate());
+        let bytes = bundle(&signer);
+        let len = bytes.len() as u64;
+        let s = setup(bytes, Serve::Honest, &trusted).await;
+        let err = s.downloader.fetch(s.channel.clone(), &s.digest).await.unwrap_err().to_string();
+        assert!(err.contains("not accepted"), "{err}");
+        let served = s.controller.served.load(Ordering::SeqCst);
+        assert!(served < len / 2, "{served} of {len} bytes were sent before the refusal");
+        assert_eq!(leftovers(&s.cache), Vec::<String>::new());
+    }
+
+    #[tokio::test]
+    async fn a_partial_download_resumes_and_a_bad_one_is_discarded() {
+        let key = SecretKey::generate();
+        let bytes = bundle(&key);
+        let s = setup(bytes.clone(), Serve::Honest, &key).await;
+        std::fs::create_dir_all(&s.cache).unwrap();
+        let partial = s.cache.join(format!("{}.partial", s.digest));
+        std::fs::write(&partial, &bytes[..100_000]).unwrap();
+        let done = s.downloader.fetch(s.channel.clone(), &s.digest).await.unwrap();
+        assert_eq!(done.offsets, vec![100_000]);
+        assert_eq!(std::fs::read(&done.path).unwrap(), bytes);
+
+        // A partial that is not the start of a trusted bundle is thrown away, not resumed.
+        let s = setup(bytes.clone(), Serve::Honest, &key).await;
+        std::fs::create_dir_all(&s.cache).unwrap();
+        let partial = s.cache.join(format!("{}.partial", s.digest));
+        std::fs::write(&partial, vec![7u8; 100_000]).unwrap();
+        let err = s.downloader.fetch(s.channel.clone(), &s.digest).await.unwrap_err().to_string();
+        assert!(err.contains("not a valid bundle"), "{err}");
+        assert_eq!(leftovers(&s.cache), Vec::<String>::new());
+        assert_eq!(s.controller.requests.load(Ordering::SeqCst), 0);
+    }
+
+    #[tokio::test]
+    async fn an_unknown_digest_leaves_nothing_behind() {
+        let key = SecretKey::generate();
+        let s = setup(vec![], Serve::Honest, &key).await;
+        // The test controller answers any digest with an empty stream.
+        let err = s.downloader.fetch(s.channel.clone(), &"cd".repeat(32)).await.unwrap_err().to_string();
+        assert!(err.contains("not even a complete bundle header"), "{err}");
+        assert_eq!(leftovers(&s.cache), Vec::<String>::new());
+    }
 }

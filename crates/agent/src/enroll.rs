@@ -7,7 +7,7 @@ use convoy_pki::files;
 use convoy_proto::v1 as pb;
 use convoy_transport::DialOptions;
 
-use crate::identity::{identity_path, write_identity, AgentFile, AGENT_FILE, CA_FILE};
+use crate::identity::{create_data_dir, identity_path, write_identity, AgentFile, AGENT_FILE, CA_FILE};
 use crate::{Error, Result};
 
 /// What `convoy-agent enroll` needs.
@@ -52,7 +52,7 @@ pub async fn enroll(opts: EnrollOptions) -> Result<AgentFile> {
         .await
         .map_err(Error::Refused)?
         .into_inner();
-    std::fs::create_dir_all(dir).map_err(|source| Error::Io { path: dir.clone(), source })?;
+    create_data_dir(dir)?;
     files::write_atomic(&dir.join(CA_FILE), opts.ca_pem.as_bytes(), false)?;
     write_identity(dir, &resp.certificate_pem, &key_and_csr.key_pem)?;
     let file = AgentFile {

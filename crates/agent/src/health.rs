@@ -7,27 +7,36 @@ use convoy_bundle::{Health, HealthCheck};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 
+use crate::process::RunAs;
+
 /// One probe, bounded by `timeout`. The error says what failed.
 pub async fn probe(
     check: &HealthCheck,
     timeout: Duration,
     cwd: &Path,
     env: &[(String, String)],
+    run_as: Option<&RunAs>,
 ) -> Result<(), String> {
-    match tokio::time::timeout(timeout, probe_inner(check, cwd, env)).await {
+    match tokio::time::timeout(timeout, probe_inner(check, cwd, env, run_as)).await {
         Ok(r) => r,
         Err(_) => Err(format!("health check timed out after {timeout:?}")),
     }
 }
 
-async fn probe_inner(check: &HealthCheck, cwd: &Path, env: &[(String, String)]) -> Result<(), String> {
+async fn probe_inner(
+    check: &HealthCheck,
+    cwd: &Path,
+    env: &[(String, String)],
+    run_as: Option<&RunAs>,
+) -> Result<(), String> {
     match check {
         HealthCheck::Tcp(addr) => {
             tokio::net::TcpStream::connect(addr).await.map(|_| ()).map_err(|e| format!("tcp {addr}: {e}"))
         }
         HealthCheck::Http(url) => http_get(url).await,
         HealthCheck::Exec(argv) => {
-            let mut cmd = crate::process::command(argv, cwd, env);
+            // An exec check runs as the service would: never with more privilege.
+            let mut cmd = crate::process::command_as(argv, cwd, env, run_as).map_err(|e| e.to_string())?;
             cmd.stdin(std::process::Stdio::null())
                 .stdout(std::process::Stdio::null())
                 .stderr(std::process::Stdio::null());
@@ -86,12 +95,13 @@ pub async fn gate(
     cwd: &Path,
     env: &[(String, String)],
     cancel: &CancellationToken,
+    run_as: Option<&RunAs>,
 ) -> Result<(), String> {
     let until = tokio::time::Instant::now() + deadline;
     let mut streak = 0u32;
     let mut last_err = String::from("no health check completed before the deadline");
     loop {
-        match probe(check, h.timeout, cwd, env).await {
+        match probe(check, h.timeout, cwd, env, run_as).await {
             Ok(()) => {
                 streak += 1;
                 if streak >= h.successes {
@@ -136,23 +146,30 @@ mod tests {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap().to_string();
         let tcp = HealthCheck::Tcp(addr.clone());
-        assert!(probe(&tcp, Duration::from_secs(1), &dir, &[]).await.is_ok());
+        assert!(probe(&tcp, Duration::from_secs(1), &dir, &[], None).await.is_ok());
         let ok = HealthCheck::Exec(vec!["sh".into(), "-c".into(), "test \"$X\" = yes".into()]);
-        assert!(probe(&ok, Duration::from_secs(1), &dir, &[("X".into(), "yes".into())]).await.is_ok());
-        let err = probe(&ok, Duration::from_secs(1), &dir, &[("X".into(), "no".into())]).await.unwrap_err();
+        assert!(probe(&ok, Duration::from_secs(1), &dir, &[("X".into(), "yes".into())], None).await.is_ok());
+        let err =
+            probe(&ok, Duration::from_secs(1), &dir, &[("X".into(), "no".into())], None).await.unwrap_err();
         assert!(err.contains("exited with"), "{err}");
         let slow = HealthCheck::Exec(vec!["sleep".into(), "5".into()]);
-        let err = probe(&slow, Duration::from_millis(50), &dir, &[]).await.unwrap_err();
+        let err = probe(&slow, Duration::from_millis(50), &dir, &[], None).await.unwrap_err();
         assert!(err.contains("timed out"), "{err}");
         let cancel = CancellationToken::new();
-        assert!(gate(&tcp, &health(3), Duration::from_secs(1), &dir, &[], &cancel).await.is_ok());
+        assert!(gate(&tcp, &health(3), Duration::from_secs(1), &dir, &[], &cancel, None).await.is_ok());
         drop(listener);
-        let err = gate(&tcp, &health(1), Duration::from_millis(100), &dir, &[], &cancel).await.unwrap_err();
-        assert!(err.contains("unhealthy after") && err.contains(&addr), "{err}");
         let err =
-            probe(&HealthCheck::Http("http://127.0.0.1:1/healthz".into()), Duration::from_secs(1), &dir, &[])
-                .await
-                .unwrap_err();
+            gate(&tcp, &health(1), Duration::from_millis(100), &dir, &[], &cancel, None).await.unwrap_err();
+        assert!(err.contains("unhealthy after") && err.contains(&addr), "{err}");
+        let err = probe(
+            &HealthCheck::Http("http://127.0.0.1:1/healthz".into()),
+            Duration::from_secs(1),
+            &dir,
+            &[],
+            None,
+        )
+        .await
+        .unwrap_err();
         assert!(err.contains("GET http://127.0.0.1:1/healthz"), "{err}");
     }
 }

@@ -46,12 +46,26 @@ impl AgentFile {
         toml::from_str(&text).map_err(|e| Error::AgentFile { path, message: e.to_string() })
     }
 
+    /// Writes `agent.toml` atomically, mode 0600: its per-host variables can hold secrets.
     pub fn save(&self, data_dir: &Path) -> Result<()> {
         let text = toml::to_string(self)
             .map_err(|e| Error::AgentFile { path: data_dir.join(AGENT_FILE), message: e.to_string() })?;
-        files::write_atomic(&data_dir.join(AGENT_FILE), text.as_bytes(), false)?;
+        files::write_atomic(&data_dir.join(AGENT_FILE), text.as_bytes(), true)?;
         Ok(())
     }
+}
+
+/// Creates the data directory (and any missing parents) with mode 0700, or tightens an existing
+/// one to 0700: it holds the agent's private key, its state and every release's logs.
+pub(crate) fn create_data_dir(dir: &Path) -> Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    let io = |source| Error::Io { path: dir.to_path_buf(), source };
+    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(io)?;
+    let meta = std::fs::metadata(dir).map_err(io)?;
+    if meta.permissions().mode() & 0o077 != 0 {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(io)?;
+    }
+    Ok(())
 }
 
 /// The certificate and key the agent presents.
@@ -76,4 +90,48 @@ pub(crate) fn load_identity(data_dir: &Path) -> Result<Identity> {
     let ca_pem = files::read_to_string(&data_dir.join(CA_FILE))?;
     let info = CertInfo::from_pem(&pem)?;
     Ok(Identity { client: ClientIdentity { cert_pem: pem.clone(), key_pem: pem }, info, ca_pem })
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    use super::*;
+
+    fn mode(p: &Path) -> u32 {
+        std::fs::metadata(p).unwrap().permissions().mode() & 0o777
+    }
+
+    #[test]
+    fn the_data_dir_agent_file_and_key_are_private() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("var/lib/convoy");
+        create_data_dir(&dir).unwrap();
+        assert_eq!(mode(&dir), 0o700);
+        let file = AgentFile {
+            id: "a1".into(),
+            region: "eu-west".into(),
+            labels: BTreeMap::new(),
+            controller: "127.0.0.1:7443".into(),
+            server_name: None,
+            trust: vec![],
+            vars: [("DB_PASSWORD".to_owned(), "hunter2".to_owned())].into(),
+        };
+        file.save(&dir).unwrap();
+        assert_eq!(mode(&dir.join(AGENT_FILE)), 0o600);
+        assert_eq!(AgentFile::load(&dir).unwrap().vars["DB_PASSWORD"], "hunter2");
+        write_identity(&dir, "CERT", "KEY").unwrap();
+        assert_eq!(mode(&identity_path(&dir)), 0o600);
+        // Saving again (a renewal, an edit) keeps the file private.
+        file.save(&dir).unwrap();
+        assert_eq!(mode(&dir.join(AGENT_FILE)), 0o600);
+
+        // A directory that already exists with a looser mode is tightened.
+        let existing = tmp.path().join("existing");
+        std::fs::create_dir(&existing).unwrap();
+        std::fs::set_permissions(&existing, std::fs::Permissions::from_mode(0o755)).unwrap();
+        create_data_dir(&existing).unwrap();
+        assert_eq!(mode(&existing), 0o700);
+    }
 }

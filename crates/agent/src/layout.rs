@@ -10,11 +10,20 @@
 //! state/                           sled: journal and app state
 //! ```
 
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom};
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
 use convoy_pki::files;
+use rustix::fs::{AtFlags, FileType, Mode, OFlags};
+use rustix::io::Errno;
 
 use crate::{Error, Result};
+
+/// The most log text [`Layout::read_log`] callers should ask for: enough to diagnose a failed
+/// start, small enough for one gRPC message.
+pub const LOG_TAIL_MAX_BYTES: u64 = 1 << 20;
 
 #[derive(Clone, Debug)]
 pub struct Layout {
@@ -112,21 +121,6 @@ impl Layout {
         }
     }
 
-    /// Removes a pruned release's log and its rotated predecessor.
-    pub fn remove_logs(&self, app: &str, version: &str) -> Result<()> {
-        let log = self.log_path(app, version);
-        let mut rotated = log.clone().into_os_string();
-        rotated.push(".1");
-        for p in [log, PathBuf::from(rotated)] {
-            match std::fs::remove_file(&p) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(Error::Io { path: p, source: e }),
-            }
-        }
-        Ok(())
-    }
-
     /// Apps that have a directory on disk.
     pub fn apps_on_disk(&self) -> Vec<String> {
         let Ok(entries) = std::fs::read_dir(self.root.join("apps")) else { return vec![] };
@@ -152,6 +146,167 @@ impl Layout {
     }
 }
 
+impl Layout {
+    /// The last `lines` lines (all of them when `lines` is 0) of `apps/<app>/logs/<version>.log`,
+    /// continued from its rotated predecessor `<version>.log.1` when the current file is short,
+    /// and at most `max_bytes` bytes of text counted from the end. A missing log reads as empty.
+    ///
+    /// The app directory, `logs` and the files are opened without following symbolic links,
+    /// and only regular files are read: whatever a release or a service managed to plant there,
+    /// this reads nothing outside the agent's own log directory. Blocking: call it from a
+    /// blocking context.
+    pub fn read_log(&self, app: &str, version: &str, lines: usize, max_bytes: u64) -> Result<String> {
+        check_names(app, version)?;
+        let Some(logs) = self.open_logs_dir(app)? else { return Ok(String::new()) };
+        let name = format!("{version}.log");
+        let logs_path = self.app_dir(app).join("logs");
+        let mut text = Vec::new();
+        let mut cut = false;
+        if let Some(f) = open_file_nofollow(&logs, &name, &logs_path.join(&name))? {
+            (text, cut) = tail_bytes(f, max_bytes, &logs_path.join(&name))?;
+        }
+        let room = max_bytes.saturating_sub(text.len() as u64);
+        if !cut && room > 0 && (lines == 0 || count_lines(&text) < lines) {
+            let rotated = format!("{name}.1");
+            if let Some(f) = open_file_nofollow(&logs, &rotated, &logs_path.join(&rotated))? {
+                let (mut older, older_cut) = tail_bytes(f, room, &logs_path.join(&rotated))?;
+                if !older.is_empty() && !older.ends_with(b"\n") && !text.is_empty() {
+                    // The rotation split a line; keep the two halves apart rather than guessing.
+                    older.push(b'\n');
+                    if older.len() as u64 > room {
+                        older.remove(0);
+                    }
+                }
+                older.extend_from_slice(&text);
+                text = older;
+                cut = older_cut;
+            }
+        }
+        if cut {
+            // The first line read is most likely the tail of a longer one: drop the fragment.
+            if let Some(i) = text.iter().position(|&b| b == b'\n') {
+                text.drain(..=i);
+            }
+        }
+        let text = String::from_utf8_lossy(&text);
+        let all: Vec<&str> = text.lines().collect();
+        let keep = if lines == 0 { all.len() } else { lines.min(all.len()) };
+        let mut out = all[all.len() - keep..].join("\n");
+        // Replacement characters for invalid bytes can make the text longer than what was read.
+        while out.len() as u64 > max_bytes {
+            let mut cut_at = out.len() - usize::try_from(max_bytes).unwrap_or(usize::MAX).min(out.len());
+            while !out.is_char_boundary(cut_at) {
+                cut_at += 1;
+            }
+            out.drain(..cut_at);
+        }
+        Ok(out)
+    }
+
+    /// Removes the logs of a pruned release (`<version>.log` and `<version>.log.1`), without
+    /// following symbolic links. Missing logs are fine. Blocking.
+    pub fn remove_logs(&self, app: &str, version: &str) -> Result<()> {
+        check_names(app, version)?;
+        let Some(logs) = self.open_logs_dir(app)? else { return Ok(()) };
+        let logs_path = self.app_dir(app).join("logs");
+        for name in [format!("{version}.log"), format!("{version}.log.1")] {
+            match rustix::fs::unlinkat(&logs, name.as_str(), AtFlags::empty()) {
+                Ok(()) | Err(Errno::NOENT) => {}
+                Err(e) => return Err(Error::Io { path: logs_path.join(name), source: e.into() }),
+            }
+        }
+        Ok(())
+    }
+
+    /// Opens `apps/<app>/logs` one component at a time below the data directory, refusing any
+    /// component that is a symbolic link; `None` when one of them does not exist.
+    fn open_logs_dir(&self, app: &str) -> Result<Option<OwnedFd>> {
+        let root =
+            rustix::fs::open(&self.root, OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())
+                .map_err(|e| Error::Io { path: self.root.clone(), source: e.into() })?;
+        let mut dir = root;
+        let mut path = self.root.clone();
+        for name in ["apps", app, "logs"] {
+            path.push(name);
+            match open_dir_nofollow(&dir, name, &path)? {
+                Some(next) => dir = next,
+                None => return Ok(None),
+            }
+        }
+        Ok(Some(dir))
+    }
+}
+
+fn check_names(app: &str, version: &str) -> Result<()> {
+    // Both become path components, so only names a release could carry are accepted.
+    if convoy_bundle::check_app_name(app).is_err() {
+        return Err(Error::Invalid { what: "app", message: format!("{app:?} is not a valid app name") });
+    }
+    if convoy_bundle::check_version(version).is_err() {
+        return Err(Error::Invalid {
+            what: "version",
+            message: format!("{version:?} is not a valid version"),
+        });
+    }
+    Ok(())
+}
+
+/// Turns a failed no-follow open into a clear error: a symbolic link is named as such.
+fn nofollow_error(dir: &OwnedFd, name: &str, path: &Path, err: Errno) -> Error {
+    let is_link = rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW)
+        .is_ok_and(|st| FileType::from_raw_mode(st.st_mode) == FileType::Symlink);
+    if is_link {
+        Error::Symlink(path.to_path_buf())
+    } else {
+        Error::Io { path: path.to_path_buf(), source: err.into() }
+    }
+}
+
+fn open_dir_nofollow(dir: &OwnedFd, name: &str, path: &Path) -> Result<Option<OwnedFd>> {
+    let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+    match rustix::fs::openat(dir, name, flags, Mode::empty()) {
+        Ok(fd) => Ok(Some(fd)),
+        Err(Errno::NOENT) => Ok(None),
+        Err(e) => Err(nofollow_error(dir, name, path, e)),
+    }
+}
+
+/// Opens a regular file without following a symbolic link. Non-blocking, so a FIFO planted in
+/// its place cannot hang the reader before the type check refuses it.
+fn open_file_nofollow(dir: &OwnedFd, name: &str, path: &Path) -> Result<Option<File>> {
+    let flags = OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::NOCTTY | OFlags::CLOEXEC;
+    let fd = match rustix::fs::openat(dir, name, flags, Mode::empty()) {
+        Ok(fd) => fd,
+        Err(Errno::NOENT) => return Ok(None),
+        Err(e) => return Err(nofollow_error(dir, name, path, e)),
+    };
+    let st = rustix::fs::fstat(fd.as_fd())
+        .map_err(|e| Error::Io { path: path.to_path_buf(), source: e.into() })?;
+    if FileType::from_raw_mode(st.st_mode) != FileType::RegularFile {
+        return Err(Error::Invalid {
+            what: "log",
+            message: format!("{} is not a regular file", path.display()),
+        });
+    }
+    Ok(Some(File::from(fd)))
+}
+
+/// The last `max` bytes of a file, and whether anything before them was left out.
+fn tail_bytes(mut f: File, max: u64, path: &Path) -> Result<(Vec<u8>, bool)> {
+    let len = f.metadata().map_err(io(path))?.len();
+    let start = len.saturating_sub(max);
+    f.seek(SeekFrom::Start(start)).map_err(io(path))?;
+    let mut buf = Vec::new();
+    // The file may grow while it is read; `take` keeps the bound.
+    f.take(max).read_to_end(&mut buf).map_err(io(path))?;
+    Ok((buf, start > 0))
+}
+
+fn count_lines(text: &[u8]) -> usize {
+    let newlines = text.iter().filter(|&&b| b == b'\n').count();
+    newlines + usize::from(!text.is_empty() && !text.ends_with(b"\n"))
+}
+
 #[cfg(unix)]
 fn make_writable(dir: &Path) -> std::io::Result<()> {
     use std::os::unix::fs::PermissionsExt;
@@ -170,4 +325,126 @@ fn make_writable(dir: &Path) -> std::io::Result<()> {
 #[cfg(not(unix))]
 fn make_writable(_dir: &Path) -> std::io::Result<()> {
     Ok(())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use std::os::unix::fs::symlink;
+
+    use super::*;
+
+    fn layout_with_log(text: &str) -> (tempfile::TempDir, Layout) {
+        let dir = tempfile::tempdir().unwrap();
+        let layout = Layout::new(&dir.path().join("data"));
+        let path = layout.log_path("shop", "1.0.0");
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(&path, text).unwrap();
+        (dir, layout)
+    }
+
+    #[test]
+    fn the_tail_spans_the_rotated_file_and_honours_the_line_count() {
+        let (_dir, layout) = layout_with_log("c\nd\n");
+        let mut rotated = layout.log_path("shop", "1.0.0").into_os_string();
+        rotated.push(".1");
+        std::fs::write(&rotated, "a\nb\n").unwrap();
+        assert_eq!(layout.read_log("shop", "1.0.0", 3, LOG_TAIL_MAX_BYTES).unwrap(), "b\nc\nd");
+        assert_eq!(layout.read_log("shop", "1.0.0", 2, LOG_TAIL_MAX_BYTES).unwrap(), "c\nd");
+        assert_eq!(layout.read_log("shop", "1.0.0", 0, LOG_TAIL_MAX_BYTES).unwrap(), "a\nb\nc\nd");
+        // No log yet reads as empty; names that are not an app or a version are refused.
+        assert_eq!(layout.read_log("shop", "2.0.0", 10, LOG_TAIL_MAX_BYTES).unwrap(), "");
+        assert_eq!(layout.read_log("other", "1.0.0", 10, LOG_TAIL_MAX_BYTES).unwrap(), "");
+        assert!(layout.read_log("../shop", "1.0.0", 10, LOG_TAIL_MAX_BYTES).is_err());
+        assert!(layout.read_log("shop", "../../x", 10, LOG_TAIL_MAX_BYTES).is_err());
+    }
+
+    #[test]
+    fn a_large_log_returns_at_most_the_cap_from_its_end() {
+        let line = format!("{}\n", "x".repeat(99));
+        let mut text = line.repeat(3 * (1 << 20) / line.len());
+        text.push_str("the last line\n");
+        let (_dir, layout) = layout_with_log(&text);
+        let tail = layout.read_log("shop", "1.0.0", 1_000_000, LOG_TAIL_MAX_BYTES).unwrap();
+        assert!(tail.len() as u64 <= LOG_TAIL_MAX_BYTES, "{} bytes", tail.len());
+        assert!(tail.len() as u64 > LOG_TAIL_MAX_BYTES - 200, "{} bytes", tail.len());
+        assert!(tail.ends_with("the last line"));
+        // Only whole lines: the fragment where the window starts is dropped.
+        assert!(tail.lines().take(tail.lines().count() - 1).all(|l| l.len() == 99));
+        // Invalid UTF-8 cannot push the text past the cap either.
+        let (_dir, layout) = layout_with_log("");
+        std::fs::write(layout.log_path("shop", "1.0.0"), vec![0xff; 4096]).unwrap();
+        assert!(layout.read_log("shop", "1.0.0", 0, 1000).unwrap().len() <= 1000);
+    }
+
+    #[test]
+    fn a_symlinked_logs_directory_is_refused() {
+        let (dir, layout) = layout_with_log("mine\n");
+        let outside = dir.path().join("outside");
+        std::fs::create_dir_all(&outside).unwrap();
+        std::fs::write(outside.join("1.0.0.log"), "SECRET FROM OUTSIDE\n").unwrap();
+        let logs = layout.app_dir("shop").join("logs");
+        std::fs::remove_dir_all(&logs).unwrap();
+        symlink(&outside, &logs).unwrap();
+        let err = layout.read_log("shop", "1.0.0", 10, LOG_TAIL_MAX_BYTES).unwrap_err();
+        assert!(matches!(&err, Error::Symlink(p) if p == &logs), "{err}");
+        assert!(err.to_string().contains("symbolic link"), "{err}");
+        assert!(!err.to_string().contains("SECRET"));
+        // Removing logs through the link must not touch the outside either.
+        assert!(matches!(layout.remove_logs("shop", "1.0.0"), Err(Error::Symlink(_))));
+        assert!(outside.join("1.0.0.log").exists());
+
+        // The app directory itself as a link is refused the same way.
+        let app = layout.app_dir("shop");
+        std::fs::remove_dir_all(&app).unwrap();
+        std::fs::create_dir_all(outside.join("logs")).unwrap();
+        std::fs::write(outside.join("logs/1.0.0.log"), "SECRET FROM OUTSIDE\n").unwrap();
+        symlink(&outside, &app).unwrap();
+        assert!(matches!(layout.read_log("shop", "1.0.0", 10, LOG_TAIL_MAX_BYTES), Err(Error::Symlink(_))));
+    }
+
+    #[test]
+    fn a_symlinked_log_file_is_refused() {
+        let (dir, layout) = layout_with_log("");
+        let secret = dir.path().join("secret");
+        std::fs::write(&secret, "SECRET\n").unwrap();
+        let path = layout.log_path("shop", "1.0.0");
+        std::fs::remove_file(&path).unwrap();
+        symlink(&secret, &path).unwrap();
+        let err = layout.read_log("shop", "1.0.0", 10, LOG_TAIL_MAX_BYTES).unwrap_err();
+        assert!(matches!(&err, Error::Symlink(p) if p == &path), "{err}");
+        // A rotated file that is a link is refused too.
+        std::fs::remove_file(&path).unwrap();
+        let mut rotated = path.clone().into_os_string();
+        rotated.push(".1");
+        symlink(&secret, &rotated).unwrap();
+        assert!(matches!(layout.read_log("shop", "1.0.0", 10, LOG_TAIL_MAX_BYTES), Err(Error::Symlink(_))));
+        // Removing the logs removes the link, never its target.
+        layout.remove_logs("shop", "1.0.0").unwrap();
+        assert!(std::fs::symlink_metadata(&rotated).is_err());
+        assert_eq!(std::fs::read_to_string(&secret).unwrap(), "SECRET\n");
+    }
+
+    #[test]
+    fn logs_of_a_pruned_release_are_removed() {
+        let (_dir, layout) = layout_with_log("old\n");
+        let keep = layout.log_path("shop", "2.0.0");
+        std::fs::write(&keep, "new\n").unwrap();
+        layout.remove_logs("shop", "1.0.0").unwrap();
+        assert!(!layout.log_path("shop", "1.0.0").exists());
+        assert!(keep.exists());
+        // Removing what is already gone is fine.
+        layout.remove_logs("shop", "1.0.0").unwrap();
+        layout.remove_logs("nothing-here", "1.0.0").unwrap();
+    }
+
+    #[test]
+    fn a_fifo_in_place_of_a_log_does_not_hang_the_reader() {
+        let (_dir, layout) = layout_with_log("");
+        let path = layout.log_path("shop", "1.0.0");
+        std::fs::remove_file(&path).unwrap();
+        rustix::fs::mknodat(rustix::fs::CWD, &path, FileType::Fifo, Mode::from_raw_mode(0o600), 0).unwrap();
+        let err = layout.read_log("shop", "1.0.0", 10, LOG_TAIL_MAX_BYTES).unwrap_err();
+        assert!(err.to_string().contains("not a regular file"), "{err}");
+    }
 }

@@ -26,7 +26,10 @@ pub use download::{DownloadOptions, Downloaded, Downloader};
 pub use enroll::{enroll, EnrollOptions};
 pub use exec::{ExecConfig, ExecError, Executor};
 pub use identity::{AgentFile, AGENT_FILE, CA_FILE, IDENTITY_FILE};
-pub use layout::Layout;
+pub use layout::{Layout, LOG_TAIL_MAX_BYTES};
+pub use process::{
+    stop_stamped_group, Log, ProcessStamp, RunAs, ServiceSpec, StopOutcome, Supervised, INHERITED_ENV,
+};
 pub use session::{Agent, AgentConfig, AgentStatus};
 
 /// Everything the agent reports as a failure, each naming what went wrong.
@@ -50,6 +53,18 @@ pub enum Error {
     State(String),
     #[error("invalid {what}: {message}")]
     Invalid { what: &'static str, message: String },
+    #[error("user {0:?} does not exist")]
+    NoSuchUser(String),
+    #[error("group {0:?} does not exist")]
+    NoSuchGroup(String),
+    #[error("cannot run a child as uid {uid} gid {gid}: the agent runs as uid {agent_uid}, not root, and can only run children as itself")]
+    RunAsNotPermitted { uid: u32, gid: u32, agent_uid: u32 },
+    #[error("{0} is a symbolic link: refusing to follow it")]
+    Symlink(PathBuf),
+    #[error("bundle {digest} is {size} bytes, more than the {max}-byte limit")]
+    BundleTooLarge { digest: String, size: u64, max: u64 },
+    #[error("download of bundle {digest} refused: {message}")]
+    Download { digest: String, message: String },
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

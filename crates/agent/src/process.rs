@@ -1,30 +1,147 @@
 //! Child processes: hooks with timeouts, and supervised services that restart on crash with
 //! backoff and stop with their signal, then SIGKILL. Output goes to a size-capped log file.
+//!
+//! Children start from an empty environment (plus a short allowlist and what the release
+//! declares), may run as an unprivileged user, and a process group recorded by an earlier run is
+//! only ever signalled after proving it is still the one this agent started.
 
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
 
+use rustix::io::Errno;
 use rustix::process::{kill_process_group, Pid, Signal};
+use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::process::Command;
 use tokio::sync::{watch, Mutex};
 use tokio_util::sync::CancellationToken;
 
+use crate::{Error, Result};
+
+/// Variables a child inherits from the agent's own environment. Everything else the agent
+/// happens to carry (credentials, proxy settings, `LD_PRELOAD`, the controller's address) stays
+/// out: a release sees only what it declares plus these, which let programs find binaries and
+/// format text and time the way the host expects.
+pub const INHERITED_ENV: &[&str] = &["PATH", "LANG", "LC_ALL", "TZ"];
+
 /// Builds a command: relative program paths with a `/` resolve in `cwd` (the release
-/// directory); the child gets its own process group so the whole tree can be signalled.
+/// directory); the child gets its own process group so the whole tree can be signalled, and a
+/// clean environment: [`INHERITED_ENV`] from the agent, then `env`.
 pub fn command(argv: &[String], cwd: &Path, env: &[(String, String)]) -> Command {
-    let program = Path::new(&argv[0]);
-    let program: PathBuf = if program.is_relative() && argv[0].contains('/') {
-        cwd.join(program)
-    } else {
-        program.to_path_buf()
-    };
+    let first = argv.first().map(String::as_str).unwrap_or_default();
+    let program = Path::new(first);
+    let program: PathBuf =
+        if program.is_relative() && first.contains('/') { cwd.join(program) } else { program.to_path_buf() };
     let mut cmd = Command::new(program);
-    cmd.args(&argv[1..]).current_dir(cwd).envs(env.iter().map(|(k, v)| (k, v)));
+    cmd.args(argv.iter().skip(1)).current_dir(cwd).env_clear();
+    for name in INHERITED_ENV {
+        if let Some(value) = std::env::var_os(name) {
+            cmd.env(name, value);
+        }
+    }
+    cmd.envs(env.iter().map(|(k, v)| (k, v)));
     cmd.process_group(0);
     cmd
+}
+
+/// Like [`command`], refusing an empty argv and, when `run_as` is given, switching the child to
+/// that user and group (see [`RunAs::apply`]).
+pub fn command_as(
+    argv: &[String],
+    cwd: &Path,
+    env: &[(String, String)],
+    run_as: Option<&RunAs>,
+) -> Result<Command> {
+    if argv.first().is_none_or(|a| a.is_empty()) {
+        return Err(Error::Invalid { what: "command", message: "the command is empty".into() });
+    }
+    let mut cmd = command(argv, cwd, env);
+    if let Some(r) = run_as {
+        r.apply(&mut cmd)?;
+    }
+    Ok(cmd)
+}
+
+/// The user and group a child runs as.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunAs {
+    pub uid: u32,
+    pub gid: u32,
+}
+
+impl RunAs {
+    /// Resolves a user (a name, or a numeric id when it is all digits) and an optional group
+    /// (likewise). Without a group the user's primary group is used; a numeric uid that has no
+    /// passwd entry then needs an explicit group, so a child never lands in group 0 by default.
+    ///
+    /// Name lookups go through the system's user database and may block (NSS can be remote):
+    /// call this from a blocking context.
+    pub fn resolve(user: &str, group: Option<&str>) -> Result<Self> {
+        use nix::unistd::{Group, Uid, User};
+        let numeric =
+            |s: &str| (!s.is_empty() && s.bytes().all(|b| b.is_ascii_digit())).then(|| s.parse::<u32>());
+        let lookup = |what: &str, e: nix::Error| Error::Invalid {
+            what: "run-as identity",
+            message: format!("looking up {what}: {e}"),
+        };
+        let (uid, primary) = match numeric(user) {
+            Some(Ok(uid)) => {
+                let entry =
+                    User::from_uid(Uid::from_raw(uid)).map_err(|e| lookup(&format!("uid {uid}"), e))?;
+                (uid, entry.map(|u| u.gid.as_raw()))
+            }
+            Some(Err(_)) => return Err(Error::NoSuchUser(user.to_owned())),
+            None => {
+                let entry = User::from_name(user)
+                    .map_err(|e| lookup(&format!("user {user:?}"), e))?
+                    .ok_or_else(|| Error::NoSuchUser(user.to_owned()))?;
+                (entry.uid.as_raw(), Some(entry.gid.as_raw()))
+            }
+        };
+        let gid = match group {
+            Some(g) => match numeric(g) {
+                Some(Ok(gid)) => gid,
+                Some(Err(_)) => return Err(Error::NoSuchGroup(g.to_owned())),
+                None => Group::from_name(g)
+                    .map_err(|e| lookup(&format!("group {g:?}"), e))?
+                    .ok_or_else(|| Error::NoSuchGroup(g.to_owned()))?
+                    .gid
+                    .as_raw(),
+            },
+            None => primary.ok_or_else(|| Error::Invalid {
+                what: "run-as identity",
+                message: format!("uid {uid} has no user database entry, so a group must be given"),
+            })?,
+        };
+        // A numeric group is accepted without a group database entry: the kernel needs only
+        // the number, and minimal images often lack the entry.
+        Ok(Self { uid, gid })
+    }
+
+    /// Whether this agent may start a child as this identity: root may switch to anyone; any
+    /// other agent only "switches" to its own uid and gid, which needs no privilege.
+    pub fn check_permitted(&self) -> Result<()> {
+        let (uid, gid) = (rustix::process::geteuid().as_raw(), rustix::process::getegid().as_raw());
+        if uid == 0 || (self.uid == uid && self.gid == gid) {
+            Ok(())
+        } else {
+            Err(Error::RunAsNotPermitted { uid: self.uid, gid: self.gid, agent_uid: uid })
+        }
+    }
+
+    /// Makes `cmd` start as this identity. As root the child's uid and gid are set (the
+    /// standard library also drops every supplementary group when root changes the uid); as
+    /// the identity itself nothing needs to change.
+    pub fn apply(&self, cmd: &mut Command) -> Result<()> {
+        self.check_permitted()?;
+        if rustix::process::geteuid().is_root() {
+            cmd.uid(self.uid).gid(self.gid);
+        }
+        Ok(())
+    }
 }
 
 pub fn signal_by_name(name: &str) -> Signal {
@@ -39,10 +156,13 @@ pub fn signal_by_name(name: &str) -> Signal {
     }
 }
 
-/// Signals a process group; a group that is already gone is fine.
+/// Signals a process group this process started; a group that is already gone is fine. A group
+/// recorded by an earlier run must go through [`stop_stamped_group`] instead.
 pub fn signal_group(pgid: i32, sig: Signal) {
-    if let Some(pid) = Pid::from_raw(pgid) {
-        let _ = kill_process_group(pid, sig);
+    let Some(pid) = Pid::from_raw(pgid) else { return };
+    match kill_process_group(pid, sig) {
+        Ok(()) | Err(Errno::SRCH) => {}
+        Err(e) => tracing::warn!(pgid, signal = ?sig, error = %e, "cannot signal process group"),
     }
 }
 
@@ -51,17 +171,136 @@ pub fn group_alive(pgid: i32) -> bool {
     Pid::from_raw(pgid).is_some_and(|pid| rustix::process::test_kill_process_group(pid).is_ok())
 }
 
-/// Stops a process group: `sig`, then SIGKILL after `grace`.
-pub async fn stop_group(pgid: i32, sig: Signal, grace: Duration) {
-    signal_group(pgid, sig);
-    let until = tokio::time::Instant::now() + grace;
-    while group_alive(pgid) && tokio::time::Instant::now() < until {
-        tokio::time::sleep(Duration::from_millis(10)).await;
+const BOOT_ID: &str = "/proc/sys/kernel/random/boot_id";
+
+/// Proof that a process group is one this agent started: its number, the boot it was started
+/// in, and its leader's start time. After a reboot or once the leader has exited, the number
+/// can belong to anyone; the stamp tells the two apart. Stored with an app's state so a
+/// restarted agent can stop an orphaned service without risking a stranger's processes.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProcessStamp {
+    pub pgid: i32,
+    pub boot_id: String,
+    /// The leader's start time in clock ticks since boot (field 22 of `/proc/<pid>/stat`).
+    pub start_time: u64,
+}
+
+/// The fields of `/proc/<pid>/stat` this module needs.
+#[derive(Debug, PartialEq, Eq)]
+struct Stat {
+    pgrp: i32,
+    start_time: u64,
+}
+
+/// Parses `/proc/<pid>/stat`. The command name (field 2) is in parentheses and may itself
+/// contain spaces and parentheses, so fields are counted from after the last `)`.
+fn parse_stat(text: &str) -> Option<Stat> {
+    let rest = &text[text.rfind(')')? + 1..];
+    // After the name come field 3 (state) onwards: pgrp is field 5, starttime field 22.
+    let fields: Vec<&str> = rest.split_ascii_whitespace().collect();
+    let pgrp = fields.get(2)?.parse().ok()?;
+    let start_time = fields.get(19)?.parse().ok()?;
+    Some(Stat { pgrp, start_time })
+}
+
+fn read_stat(pid: i32) -> Option<Stat> {
+    if pid <= 0 {
+        return None;
     }
-    if group_alive(pgid) {
-        signal_group(pgid, Signal::KILL);
+    parse_stat(&std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
+}
+
+fn boot_id() -> Option<String> {
+    let id = std::fs::read_to_string(BOOT_ID).ok()?;
+    let id = id.trim();
+    (!id.is_empty()).then(|| id.to_owned())
+}
+
+/// Whether a stamped group can be signalled.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Verdict {
+    Ours,
+    NotOurs,
+    Gone,
+}
+
+impl ProcessStamp {
+    /// Stamps the process group led by `pgid`, which must be running and lead its group.
+    /// Reads `/proc`, which does not block on storage.
+    pub fn capture(pgid: i32) -> Option<Self> {
+        let stat = read_stat(pgid)?;
+        if stat.pgrp != pgid {
+            return None;
+        }
+        Some(Self { pgid, boot_id: boot_id()?, start_time: stat.start_time })
+    }
+
+    /// Whether the group is still the one stamped: same boot, and its leader still exists with
+    /// the same start time. While that leader lives its number cannot be reused, so the group
+    /// with that number is the one it founded.
+    pub fn still_ours(&self) -> bool {
+        self.verdict() == Verdict::Ours
+    }
+
+    fn verdict(&self) -> Verdict {
+        if boot_id().as_deref() != Some(self.boot_id.as_str()) {
+            return Verdict::NotOurs;
+        }
+        match read_stat(self.pgid) {
+            None => Verdict::Gone,
+            Some(s) if s.start_time == self.start_time => Verdict::Ours,
+            Some(_) => Verdict::NotOurs,
+        }
     }
 }
+
+/// What [`stop_stamped_group`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StopOutcome {
+    /// The group was ours and ended after the stop signal.
+    Stopped,
+    /// The group was ours and outlived the grace period, so it got SIGKILL.
+    Killed,
+    /// Another boot, or a different process now has the leader's number: nothing was signalled.
+    NotOurs,
+    /// The leader no longer exists, so the group cannot be proven ours: nothing was signalled.
+    Gone,
+}
+
+/// Stops a group recorded by an earlier run, but only if [`ProcessStamp::still_ours`] holds:
+/// `sig`, then SIGKILL if the group outlives `grace`. Ownership is proven once, up front; from
+/// then on the group is followed for as long as it keeps existing, because its number cannot be
+/// reused until it is empty.
+pub async fn stop_stamped_group(stamp: &ProcessStamp, sig: Signal, grace: Duration) -> StopOutcome {
+    let s = stamp.clone();
+    let verdict = match tokio::task::spawn_blocking(move || s.verdict()).await {
+        Ok(v) => v,
+        Err(e) => {
+            tracing::warn!(pgid = stamp.pgid, error = %e, "cannot check a recorded process group; leaving it alone");
+            Verdict::NotOurs
+        }
+    };
+    match verdict {
+        Verdict::NotOurs => return StopOutcome::NotOurs,
+        Verdict::Gone => return StopOutcome::Gone,
+        Verdict::Ours => {}
+    }
+    signal_group(stamp.pgid, sig);
+    let until = tokio::time::Instant::now() + grace;
+    while group_alive(stamp.pgid) {
+        if tokio::time::Instant::now() >= until {
+            signal_group(stamp.pgid, Signal::KILL);
+            return StopOutcome::Killed;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    StopOutcome::Stopped
+}
+
+/// Log directories and files: readable by the agent's group at most, never by everyone, since
+/// output can carry secrets.
+const LOG_DIR_MODE: u32 = 0o750;
+const LOG_FILE_MODE: u32 = 0o640;
 
 /// An append-only log file that rotates to `<name>.1` past `cap` bytes. Shared by a service
 /// and its hooks.
@@ -77,26 +316,63 @@ impl Log {
         Self { path, cap, file: Arc::new(Mutex::new(None)) }
     }
 
-    pub async fn write(&self, bytes: &[u8]) {
-        let mut guard = self.file.lock().await;
-        if guard.is_none() {
-            if let Some(dir) = self.path.parent() {
-                let _ = tokio::fs::create_dir_all(dir).await;
+    /// Opens the log for appending, creating its directory (mode 0750) and the file (0640).
+    /// A directory or file left by an older agent with wider permissions is tightened.
+    async fn open(path: &Path) -> std::io::Result<tokio::fs::File> {
+        if let Some(dir) = path.parent() {
+            if let Some(parent) = dir.parent() {
+                tokio::fs::create_dir_all(parent).await?;
             }
-            *guard = tokio::fs::OpenOptions::new().create(true).append(true).open(&self.path).await.ok();
+            match tokio::fs::DirBuilder::new().mode(LOG_DIR_MODE).create(dir).await {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                    let meta = tokio::fs::symlink_metadata(dir).await?;
+                    if meta.is_dir() && meta.permissions().mode() & 0o027 != 0 {
+                        tokio::fs::set_permissions(dir, std::fs::Permissions::from_mode(LOG_DIR_MODE))
+                            .await?;
+                    }
+                }
+                Err(e) => return Err(e),
+            }
         }
-        let Some(f) = guard.as_mut() else { return };
-        let size = f.metadata().await.map(|m| m.len()).unwrap_or(0);
+        let file =
+            tokio::fs::OpenOptions::new().create(true).append(true).mode(LOG_FILE_MODE).open(path).await?;
+        if file.metadata().await?.permissions().mode() & 0o027 != 0 {
+            file.set_permissions(std::fs::Permissions::from_mode(LOG_FILE_MODE)).await?;
+        }
+        Ok(file)
+    }
+
+    /// Appends to the log. Logging is best effort: a failure is reported to the agent's own
+    /// log and never stops the service or hook whose output it is.
+    pub async fn write(&self, bytes: &[u8]) {
+        if let Err(e) = self.try_write(bytes).await {
+            tracing::warn!(path = %self.path.display(), error = %e, "cannot write to log");
+        }
+    }
+
+    async fn try_write(&self, bytes: &[u8]) -> std::io::Result<()> {
+        let mut guard = self.file.lock().await;
+        let file = match guard.take() {
+            Some(f) => f,
+            None => Self::open(&self.path).await?,
+        };
+        let mut file = file;
+        let size = file.metadata().await?.len();
         if size + bytes.len() as u64 > self.cap {
-            let _ = f.flush().await;
+            file.flush().await?;
             let mut rotated = self.path.clone().into_os_string();
             rotated.push(".1");
-            let _ = tokio::fs::rename(&self.path, &rotated).await;
-            *guard = tokio::fs::OpenOptions::new().create(true).append(true).open(&self.path).await.ok();
+            tokio::fs::rename(&self.path, &rotated).await?;
+            file = Self::open(&self.path).await?;
         }
-        if let Some(f) = guard.as_mut() {
-            let _ = f.write_all(bytes).await;
-        }
+        file.write_all(bytes).await?;
+        // A tokio file hands writes to a blocking thread; flushing waits for it, so the size
+        // checked for rotation next time is the real one.
+        file.flush().await?;
+        // Kept only after a successful write, so a failure reopens the file next time.
+        *guard = Some(file);
+        Ok(())
     }
 
     /// Copies a child's output into the log until it closes.
@@ -113,7 +389,8 @@ impl Log {
         });
     }
 
-    /// The last `lines` lines of the log (and its rotated predecessor if needed).
+    /// The last `lines` lines of the log (and its rotated predecessor if needed). This follows
+    /// symbolic links and reads whole files: prefer [`crate::Layout::read_log`].
     pub fn tail(path: &Path, lines: usize) -> String {
         let mut rotated = path.to_path_buf().into_os_string();
         rotated.push(".1");
@@ -124,7 +401,7 @@ impl Log {
     }
 }
 
-/// Runs a hook to completion within `timeout`; its output goes to `log`.
+/// Runs a hook to completion within `timeout`, as `run_as` when given; its output goes to `log`.
 pub async fn run_hook(
     name: &str,
     argv: &[String],
@@ -132,21 +409,23 @@ pub async fn run_hook(
     env: &[(String, String)],
     timeout: Duration,
     log: &Log,
+    run_as: Option<&RunAs>,
 ) -> Result<(), String> {
     log.write(format!("--- hook {name}: {}\n", argv.join(" ")).as_bytes()).await;
-    let mut cmd = command(argv, cwd, env);
+    let mut cmd = command_as(argv, cwd, env, run_as).map_err(|e| format!("hook {name}: {e}"))?;
+    let program = argv.first().map(String::as_str).unwrap_or_default();
     cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).kill_on_drop(true);
-    let mut child = cmd.spawn().map_err(|e| format!("hook {name}: cannot start {}: {e}", argv[0]))?;
+    let mut child = cmd.spawn().map_err(|e| format!("hook {name}: cannot start {program}: {e}"))?;
     if let Some(o) = child.stdout.take() {
         log.pump(o);
     }
     if let Some(e) = child.stderr.take() {
         log.pump(e);
     }
-    let pgid = child.id().map(|p| p as i32);
+    let pgid = child.id().and_then(|p| i32::try_from(p).ok());
     match tokio::time::timeout(timeout, child.wait()).await {
         Ok(Ok(status)) if status.success() => Ok(()),
-        Ok(Ok(status)) => Err(format!("hook {name} failed: {} exited with {status}", argv[0])),
+        Ok(Ok(status)) => Err(format!("hook {name} failed: {program} exited with {status}")),
         Ok(Err(e)) => Err(format!("hook {name}: {e}")),
         Err(_) => {
             if let Some(g) = pgid {
@@ -165,6 +444,8 @@ pub struct ServiceSpec {
     pub env: Vec<(String, String)>,
     pub stop_signal: Signal,
     pub stop_timeout: Duration,
+    /// The identity the service runs as; `None` keeps the agent's own.
+    pub run_as: Option<RunAs>,
 }
 
 /// A running supervised service.
@@ -173,6 +454,10 @@ pub struct Supervised {
     task: tokio::task::JoinHandle<()>,
     /// The current child's process group, 0 when none runs.
     pub pgid: watch::Receiver<i32>,
+    /// Proof of the current child's process group, to store so that a restarted agent can stop
+    /// it with [`stop_stamped_group`]; `None` when none runs (or it exited before it could be
+    /// stamped).
+    pub stamp: watch::Receiver<Option<ProcessStamp>>,
 }
 
 impl Supervised {
@@ -181,17 +466,24 @@ impl Supervised {
     pub fn start(spec: ServiceSpec, log: Log) -> Self {
         let cancel = CancellationToken::new();
         let (pgid_tx, pgid) = watch::channel(0);
+        let (stamp_tx, stamp) = watch::channel(None);
         let c = cancel.clone();
+        let argv0 = spec.argv.first().cloned().unwrap_or_default();
         let task = tokio::spawn(async move {
             let mut delay = Duration::from_millis(100);
             loop {
-                let mut cmd = command(&spec.argv, &spec.cwd, &spec.env);
-                cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
-                // If the supervisor itself is dropped without a stop (its runtime ends), the
-                // service must not outlive it unsupervised.
-                cmd.kill_on_drop(true);
                 let started = tokio::time::Instant::now();
-                match cmd.spawn() {
+                let spawned = match command_as(&spec.argv, &spec.cwd, &spec.env, spec.run_as.as_ref()) {
+                    Ok(mut cmd) => {
+                        cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+                        // If the supervisor itself is dropped without a stop (its runtime ends),
+                        // the service must not outlive it unsupervised.
+                        cmd.kill_on_drop(true);
+                        cmd.spawn().map_err(|e| e.to_string())
+                    }
+                    Err(e) => Err(e.to_string()),
+                };
+                match spawned {
                     Ok(mut child) => {
                         if let Some(o) = child.stdout.take() {
                             log.pump(o);
@@ -199,16 +491,22 @@ impl Supervised {
                         if let Some(e) = child.stderr.take() {
                             log.pump(e);
                         }
-                        let g = child.id().map(|p| p as i32).unwrap_or(0);
-                        let _ = pgid_tx.send(g);
+                        let g = child.id().and_then(|p| i32::try_from(p).ok()).unwrap_or(0);
+                        pgid_tx.send_replace(g);
+                        let stamped = tokio::task::spawn_blocking(move || ProcessStamp::capture(g))
+                            .await
+                            .ok()
+                            .flatten();
+                        stamp_tx.send_replace(stamped);
                         tokio::select! {
                             status = child.wait() => {
-                                let _ = pgid_tx.send(0);
+                                pgid_tx.send_replace(0);
+                                stamp_tx.send_replace(None);
                                 // Reap what the service left in its group.
                                 signal_group(g, Signal::KILL);
                                 let msg = format!("--- service exited: {}\n", status.map(|s| s.to_string()).unwrap_or_else(|e| e.to_string()));
                                 log.write(msg.as_bytes()).await;
-                                tracing::warn!(argv0 = %spec.argv[0], "service exited, restarting with backoff");
+                                tracing::warn!(%argv0, "service exited, restarting with backoff");
                             }
                             () = c.cancelled() => {
                                 // Wait on our own child, not by polling the group: an exited but
@@ -216,17 +514,21 @@ impl Supervised {
                                 signal_group(g, spec.stop_signal);
                                 if tokio::time::timeout(spec.stop_timeout, child.wait()).await.is_err() {
                                     signal_group(g, Signal::KILL);
-                                    let _ = child.wait().await;
+                                    if let Err(e) = child.wait().await {
+                                        tracing::warn!(%argv0, error = %e, "cannot reap the stopped service");
+                                    }
                                 }
                                 // Anything the service left behind in its group goes too.
                                 signal_group(g, Signal::KILL);
-                                let _ = pgid_tx.send(0);
+                                pgid_tx.send_replace(0);
+                                stamp_tx.send_replace(None);
                                 return;
                             }
                         }
                     }
                     Err(e) => {
-                        log.write(format!("--- cannot start {}: {e}\n", spec.argv[0]).as_bytes()).await;
+                        log.write(format!("--- cannot start {argv0}: {e}\n").as_bytes()).await;
+                        tracing::warn!(%argv0, error = %e, "cannot start service, retrying with backoff");
                     }
                 }
                 if started.elapsed() > Duration::from_secs(10) {
@@ -239,12 +541,272 @@ impl Supervised {
                 delay = (delay * 2).min(Duration::from_secs(5));
             }
         });
-        Self { cancel, task, pgid }
+        Self { cancel, task, pgid, stamp }
     }
 
     /// Stops the service (its stop signal, then SIGKILL after the grace period) and waits.
     pub async fn stop(self) {
         self.cancel.cancel();
-        let _ = self.task.await;
+        if let Err(e) = self.task.await {
+            tracing::warn!(error = %e, "service supervisor ended abnormally");
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    use super::*;
+
+    fn argv(args: &[&str]) -> Vec<String> {
+        args.iter().map(|s| (*s).to_owned()).collect()
+    }
+
+    /// The tests that switch users need root, which CI has. Without it they must fail, not
+    /// silently pass.
+    fn require_root() {
+        assert!(
+            rustix::process::geteuid().is_root(),
+            "this test switches users and must run as root (CI does)"
+        );
+    }
+
+    #[test]
+    fn stat_is_parsed_after_the_last_parenthesis() {
+        let rest = "S 1 4242 4242 0 -1 4194560 100 0 0 0 0 0 0 0 20 0 1 0 987654 1000 10";
+        for comm in ["sleep", "a b", "x) (y", "(()", ") 7 7 7"] {
+            let text = format!("4242 ({comm}) {rest}");
+            assert_eq!(parse_stat(&text), Some(Stat { pgrp: 4242, start_time: 987654 }), "{comm}");
+        }
+        assert_eq!(parse_stat("4242 no parenthesis"), None);
+        assert_eq!(parse_stat("4242 (short) S 1 2"), None);
+        assert_eq!(parse_stat("4242 (bad) S 1 notanumber 2"), None);
+    }
+
+    fn sleeper() -> tokio::process::Child {
+        let mut cmd = tokio::process::Command::new("sleep");
+        cmd.arg("30").process_group(0).kill_on_drop(true);
+        cmd.spawn().unwrap()
+    }
+
+    #[tokio::test]
+    async fn only_a_provably_own_group_is_stopped() {
+        let mut child = sleeper();
+        let pgid = i32::try_from(child.id().unwrap()).unwrap();
+        let stamp = ProcessStamp::capture(pgid).unwrap();
+        assert_eq!(stamp.pgid, pgid);
+        assert!(stamp.still_ours());
+
+        let wrong_time = ProcessStamp { start_time: stamp.start_time + 1, ..stamp.clone() };
+        assert!(!wrong_time.still_ours());
+        let outcome = stop_stamped_group(&wrong_time, Signal::TERM, Duration::from_secs(5)).await;
+        assert_eq!(outcome, StopOutcome::NotOurs);
+        assert!(child.try_wait().unwrap().is_none(), "a stranger's group was signalled");
+
+        let wrong_boot =
+            ProcessStamp { boot_id: "00000000-0000-0000-0000-000000000000".into(), ..stamp.clone() };
+        assert!(!wrong_boot.still_ours());
+        let outcome = stop_stamped_group(&wrong_boot, Signal::TERM, Duration::from_secs(5)).await;
+        assert_eq!(outcome, StopOutcome::NotOurs);
+        assert!(child.try_wait().unwrap().is_none(), "a group from another boot was signalled");
+
+        // The child is reaped concurrently, as an orphan would be by init, so the group ends.
+        let (outcome, status) =
+            tokio::join!(stop_stamped_group(&stamp, Signal::TERM, Duration::from_secs(10)), child.wait());
+        assert_eq!(outcome, StopOutcome::Stopped);
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(status.unwrap().signal(), Some(Signal::TERM.as_raw()));
+
+        // Once the leader is gone the number proves nothing any more.
+        assert_eq!(stop_stamped_group(&stamp, Signal::TERM, Duration::from_secs(1)).await, StopOutcome::Gone);
+    }
+
+    #[tokio::test]
+    async fn a_group_that_ignores_its_signal_is_killed() {
+        let dir = tempfile::tempdir().unwrap();
+        let ready = dir.path().join("ready");
+        let mut cmd = tokio::process::Command::new("sh");
+        // The shell ignores TERM (its `sleep` inherits that) and says when it is set up.
+        let script = format!("trap '' TERM; sleep 30 & touch {}; wait", ready.display());
+        cmd.args(["-c", &script]).process_group(0).kill_on_drop(true);
+        let mut child = cmd.spawn().unwrap();
+        let pgid = i32::try_from(child.id().unwrap()).unwrap();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while !ready.exists() {
+            assert!(tokio::time::Instant::now() < deadline, "the shell never got ready");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let stamp = ProcessStamp::capture(pgid).unwrap();
+        let (outcome, status) =
+            tokio::join!(stop_stamped_group(&stamp, Signal::TERM, Duration::from_millis(300)), async {
+                let status = child.wait().await;
+                // The orphaned `sleep` is reparented away from this test; wait for the group.
+                while group_alive(pgid) {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                status
+            });
+        assert_eq!(outcome, StopOutcome::Killed);
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(status.unwrap().signal(), Some(Signal::KILL.as_raw()));
+    }
+
+    #[tokio::test]
+    async fn children_get_only_allowlisted_variables_and_their_own() {
+        // Variables this test process has (cargo sets several for every test binary) that
+        // are not on the allowlist: none of them may reach the child.
+        let parent_only: Vec<String> = std::env::vars_os()
+            .filter_map(|(k, _)| k.into_string().ok())
+            .filter(|k| !INHERITED_ENV.contains(&k.as_str()))
+            .collect();
+        assert!(!parent_only.is_empty(), "the test process has variables outside the allowlist");
+        assert!(std::env::var_os("PATH").is_some(), "the test environment has a PATH");
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("env.txt");
+        let log = Log::new(dir.path().join("logs/1.0.0.log"), 1 << 20);
+        let env = vec![("FROM_RELEASE".to_owned(), "yes".to_owned())];
+        let script = format!("env > {}", out.display());
+        run_hook("env", &argv(&["sh", "-c", &script]), dir.path(), &env, Duration::from_secs(10), &log, None)
+            .await
+            .unwrap();
+        let text = std::fs::read_to_string(&out).unwrap();
+        let names: Vec<&str> = text.lines().filter_map(|l| l.split_once('=').map(|(k, _)| k)).collect();
+        assert!(names.contains(&"FROM_RELEASE"), "{text}");
+        assert!(names.contains(&"PATH"), "{text}");
+        for name in &parent_only {
+            // The shell sets PWD, SHLVL and `_` itself, whatever it inherits.
+            if !["PWD", "SHLVL", "_"].contains(&name.as_str()) {
+                assert!(!names.contains(&name.as_str()), "{name} leaked from the agent into {text}");
+            }
+        }
+        for name in names {
+            // The shell itself adds PWD, SHLVL and `_`; everything else came from the allowlist
+            // or the release.
+            assert!(
+                INHERITED_ENV.contains(&name) || ["FROM_RELEASE", "PWD", "SHLVL", "_"].contains(&name),
+                "unexpected variable {name} in {text}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_hook_runs_as_nobody_without_supplementary_groups() {
+        require_root();
+        let nobody = tokio::task::spawn_blocking(|| RunAs::resolve("nobody", None)).await.unwrap().unwrap();
+        assert_eq!(nobody.uid, 65534);
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+        let out = dir.path().join("id.txt");
+        let log = Log::new(dir.path().join("logs/1.0.0.log"), 1 << 20);
+        let script = format!("echo $(id -u) $(id -g) $(id -G) > {}", out.display());
+        run_hook(
+            "whoami",
+            &argv(&["sh", "-c", &script]),
+            dir.path(),
+            &[],
+            Duration::from_secs(10),
+            &log,
+            Some(&nobody),
+        )
+        .await
+        .unwrap();
+        let text = std::fs::read_to_string(&out).unwrap();
+        let want = format!("65534 {gid} {gid}", gid = nobody.gid);
+        assert_eq!(text.trim(), want, "uid, gid and groups of the hook");
+    }
+
+    #[tokio::test]
+    async fn a_service_runs_as_the_requested_user() {
+        require_root();
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+        let out = dir.path().join("uid.txt");
+        let spec = ServiceSpec {
+            argv: argv(&[
+                "sh",
+                "-c",
+                &format!("id -u > {}.tmp && mv {0}.tmp {0}; exec sleep 30", out.display()),
+            ]),
+            cwd: dir.path().to_path_buf(),
+            env: vec![],
+            stop_signal: Signal::TERM,
+            stop_timeout: Duration::from_secs(5),
+            run_as: Some(RunAs { uid: 65534, gid: 65534 }),
+        };
+        let sup = Supervised::start(spec, Log::new(dir.path().join("logs/svc.log"), 1 << 20));
+        let mut stamp = sup.stamp.clone();
+        let stamp = tokio::time::timeout(Duration::from_secs(10), stamp.wait_for(Option::is_some))
+            .await
+            .unwrap()
+            .unwrap()
+            .clone()
+            .unwrap();
+        assert!(stamp.still_ours());
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while !out.exists() {
+            assert!(tokio::time::Instant::now() < deadline, "the service never wrote its uid");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(std::fs::read_to_string(&out).unwrap().trim(), "65534");
+        sup.stop().await;
+        assert!(!group_alive(stamp.pgid));
+    }
+
+    #[test]
+    fn identities_resolve_with_clear_errors() {
+        let root = RunAs::resolve("root", None).unwrap();
+        assert_eq!(root, RunAs { uid: 0, gid: 0 });
+        assert_eq!(RunAs::resolve("0", Some("0")).unwrap(), root);
+        assert_eq!(RunAs::resolve("nobody", Some("123")).unwrap().gid, 123);
+        let err = RunAs::resolve("no-such-user-here", None).unwrap_err().to_string();
+        assert_eq!(err, r#"user "no-such-user-here" does not exist"#);
+        let err = RunAs::resolve("root", Some("no-such-group-here")).unwrap_err().to_string();
+        assert_eq!(err, r#"group "no-such-group-here" does not exist"#);
+        let err = RunAs::resolve("99999999999", None).unwrap_err().to_string();
+        assert!(err.contains("does not exist"), "{err}");
+        // A uid without a passwd entry needs its group spelled out.
+        let err = RunAs::resolve("4000000000", None).unwrap_err().to_string();
+        assert!(err.contains("a group must be given"), "{err}");
+        assert_eq!(RunAs::resolve("4000000000", Some("4000000000")).unwrap().uid, 4_000_000_000);
+    }
+
+    #[test]
+    fn only_root_switches_users() {
+        let me = RunAs { uid: rustix::process::geteuid().as_raw(), gid: rustix::process::getegid().as_raw() };
+        me.check_permitted().unwrap();
+        if !rustix::process::geteuid().is_root() {
+            let err = RunAs { uid: 0, gid: 0 }.check_permitted().unwrap_err().to_string();
+            assert!(err.contains("not root"), "{err}");
+        }
+        let err = command_as(&[], Path::new("/"), &[], None).unwrap_err().to_string();
+        assert!(err.contains("empty"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn logs_are_not_world_readable() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("apps/shop/logs/1.0.0.log");
+        let log = Log::new(path.clone(), 64);
+        log.write(b"first line\n").await;
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(path.parent().unwrap()), 0o750);
+        assert_eq!(mode(&path), 0o640);
+        // Rotation creates the new file with the same mode.
+        log.write(&[b'x'; 60]).await;
+        let mut rotated = path.clone().into_os_string();
+        rotated.push(".1");
+        assert_eq!(std::fs::read(&rotated).unwrap(), b"first line\n");
+        assert_eq!(mode(&path), 0o640);
+        // A log left by an older agent with wider permissions is tightened.
+        let old = dir.path().join("apps/old/logs/1.0.0.log");
+        std::fs::create_dir_all(old.parent().unwrap()).unwrap();
+        std::fs::set_permissions(old.parent().unwrap(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::write(&old, "old\n").unwrap();
+        std::fs::set_permissions(&old, std::fs::Permissions::from_mode(0o644)).unwrap();
+        Log::new(old.clone(), 1 << 20).write(b"new\n").await;
+        assert_eq!(mode(old.parent().unwrap()), 0o750);
+        assert_eq!(mode(&old), 0o640);
     }
 }

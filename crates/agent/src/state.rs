@@ -40,8 +40,11 @@ pub struct AppRecord {
     pub previous: Option<String>,
     pub health: HealthState,
     pub last_error: Option<String>,
-    /// Process group of the supervised service, so a restarted agent can stop an orphan.
-    pub service_pgid: Option<i32>,
+    /// Proof of the supervised service's process group (pgid, boot id, start time), so a
+    /// restarted agent stops an orphan only if it is provably still its own. Records from
+    /// before carried a bare pgid, which is ignored: it proves nothing after a reboot.
+    #[serde(default)]
+    pub service: Option<crate::process::ProcessStamp>,
     /// Releases that passed their health gate, oldest first, one entry per activation (bounded
     /// by [`HISTORY_LEN`]). A rollback walks it backwards from the release it rolls back from.
     /// Records written before it existed are seeded from `previous` and `known_good`.

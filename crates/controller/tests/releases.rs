@@ -242,7 +242,8 @@ async fn download_resumes_after_the_connection_is_cut() {
             .await
             .unwrap();
     let opts = convoy_agent::DownloadOptions { retry_base: Duration::from_millis(20), ..Default::default() };
-    let downloader = convoy_agent::Downloader::new(tmp.path().join("a1/cache"), 2, opts);
+    let key_trust = convoy_bundle::TrustStore::new(vec![key.public()], 1);
+    let downloader = convoy_agent::Downloader::new(tmp.path().join("a1/cache"), 2, opts, key_trust.clone());
     let done = downloader.fetch(channel.clone(), &info.digest).await.unwrap();
     assert!(connections.load(Ordering::SeqCst) >= 2, "the first connection was cut");
     assert!(done.attempts >= 2, "{done:?}");
@@ -251,7 +252,6 @@ async fn download_resumes_after_the_connection_is_cut() {
     assert!(done.received < info.size + info.size / 2, "resumed, not re-downloaded: {done:?}");
     let bytes = std::fs::read(&done.path).unwrap();
     assert_eq!(bytes.len() as u64, info.size);
-    let key_trust = convoy_bundle::TrustStore::new(vec![key.public()], 1);
     convoy_bundle::verify(&done.path, Some(&key_trust), &convoy_bundle::Limits::default()).unwrap();
     assert!(!tmp.path().join("a1/cache").join(format!("{}.partial", info.digest)).exists());
     // Cached: a second fetch makes no request.

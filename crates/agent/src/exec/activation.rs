@@ -174,11 +174,16 @@ impl Activator {
         self.core.blocking(move |c| Ok(c.state.clear_activation(&a)?)).await
     }
 
-    /// Loads a kept release's manifest, checking its signatures against the trust set in force
-    /// now and every file against it.
-    async fn verify(&self, app: &str, version: &str) -> Result<Manifest, ExecError> {
+    /// Verifies a kept release (its signatures against the trust set in force now, every file
+    /// against its manifest) and prepares what its children start with.
+    async fn prepare(&self, app: &str, version: &str, previous: Option<String>) -> Result<Launch, ExecError> {
         let (a, v) = (app.to_owned(), version.to_owned());
-        self.core.blocking(move |c| verify_release(c, &a, &v)).await
+        self.core
+            .blocking(move |c| {
+                let manifest = verify_release(c, &a, &v)?;
+                Launch::new(c, &a, &v, &manifest.config, previous.as_deref())
+            })
+            .await
     }
 
     /// One activation, fresh or resumed, to its end: committed, or reverted.
@@ -204,9 +209,8 @@ impl Activator {
         if self.core.blocking(move |c| Ok(c.state.installed(&a, &t)?)).await?.is_none() {
             return Err(ExecError::NotInstalled { app: app.into(), version: to.into() });
         }
-        let manifest = self.verify(app, to).await?;
         let from = layout.read_current(app);
-        let launch = Launch::new(&self.core, app, to, &manifest.config, from.as_deref())?;
+        let launch = self.prepare(app, to, from.clone()).await?;
         let deadline =
             deadline.or(launch.config.health.as_ref().map(|h| h.deadline)).unwrap_or(DEFAULT_DEADLINE);
         let mut journal = Activation {
@@ -229,6 +233,7 @@ impl Activator {
                     &launch.env,
                     hooks_timeout,
                     &launch.log(&self.core),
+                    launch.run_as.as_ref(),
                 )
                 .await
                 {
@@ -273,24 +278,21 @@ impl Activator {
     /// Runs the current release's `pre_rollback` hook; a failure is logged, the rollback goes on.
     async fn pre_rollback(&self, app: &str, from: Option<&str>, timeout: Duration) {
         let Some(cur) = from else { return };
-        let manifest = match self.verify(app, cur).await {
-            Ok(m) => m,
+        // The release rolled back from may be the very one that is distrusted or tampered
+        // with: its hook runs only if it still verifies.
+        let launch = match self.prepare(app, cur, None).await {
+            Ok(l) => l,
             Err(e) => {
                 tracing::warn!(%app, error = %e, "pre_rollback hook skipped: the release rolled back from does not verify");
                 return;
             }
         };
-        let Some(h) = manifest.config.hooks.as_ref().and_then(|h| h.pre_rollback.clone()) else { return };
-        let launch = match Launch::new(&self.core, app, cur, &manifest.config, None) {
-            Ok(l) => l,
-            Err(e) => {
-                tracing::warn!(%app, error = %e, "pre_rollback hook skipped");
-                return;
-            }
-        };
+        let Some(h) = launch.config.hooks.as_ref().and_then(|h| h.pre_rollback.clone()) else { return };
         let dir = launch.dir(&self.core);
+        let log = launch.log(&self.core);
         if let Err(e) =
-            process::run_hook("pre_rollback", &h, &dir, &launch.env, timeout, &launch.log(&self.core)).await
+            process::run_hook("pre_rollback", &h, &dir, &launch.env, timeout, &log, launch.run_as.as_ref())
+                .await
         {
             tracing::warn!(%app, error = %e, "pre_rollback hook failed; rolling back anyway");
         }
@@ -298,12 +300,11 @@ impl Activator {
 
     /// Starts the switched-to release, gates it, and commits or reverts.
     async fn confirm_and_settle(&self, app: &str, a: Activation) -> Result<(), ExecError> {
-        let manifest = match self.verify(app, &a.to).await {
-            Ok(m) => m,
+        let rec = self.record(app).await?;
+        let launch = match self.prepare(app, &a.to, rec.previous.clone()).await {
+            Ok(l) => l,
             Err(e) => return self.settle_failure(app, &a, e.to_string()).await,
         };
-        let rec = self.record(app).await?;
-        let launch = Launch::new(&self.core, app, &a.to, &manifest.config, rec.previous.as_deref())?;
         let deadline = Duration::from_millis(a.health_deadline_ms);
         match self.confirm(&launch, deadline).await {
             Ok(()) => {
@@ -328,6 +329,7 @@ impl Activator {
                     &launch.env,
                     hooks.timeout,
                     &launch.log(&self.core),
+                    launch.run_as.as_ref(),
                 )
                 .await?;
             }
@@ -337,7 +339,9 @@ impl Activator {
         let cancel = CancellationToken::new();
         lock(&self.gates).insert(launch.app.clone(), cancel.clone());
         self.core.failpoint("gate:started");
-        let verdict = crate::health::gate(&check, health, deadline, &dir, &launch.env, &cancel).await;
+        let verdict =
+            crate::health::gate(&check, health, deadline, &dir, &launch.env, &cancel, launch.run_as.as_ref())
+                .await;
         lock(&self.gates).remove(&launch.app);
         verdict.map_err(|e| {
             if cancel.is_cancelled() {
@@ -442,9 +446,14 @@ impl Activator {
         })
         .await
         .map_err(|e| crate::Error::State(format!("recovery task: {e}")))??;
-        for (_, rec) in self.core.state.apps()? {
-            if let Some(g) = rec.service_pgid {
-                process::stop_group(g, rustix::process::Signal::TERM, Duration::from_secs(5)).await;
+        for (app, rec) in self.core.state.apps()? {
+            if let Some(stamp) = &rec.service {
+                // Only a group that is provably the one this agent started (same boot, same
+                // leader start time) is stopped: after a reboot the number can be anyone's.
+                let outcome =
+                    process::stop_stamped_group(stamp, rustix::process::Signal::TERM, Duration::from_secs(5))
+                        .await;
+                tracing::info!(%app, pgid = stamp.pgid, ?outcome, "previous run's service");
             }
         }
         for app in apps {
@@ -498,9 +507,8 @@ impl Activator {
     async fn start_current(&self, app: &str, current: Option<String>) {
         let Some(cur) = current else { return };
         let r = async {
-            let manifest = self.verify(app, &cur).await?;
             let rec = self.record(app).await?;
-            let launch = Launch::new(&self.core, app, &cur, &manifest.config, rec.previous.as_deref())?;
+            let launch = self.prepare(app, &cur, rec.previous.clone()).await?;
             self.services.start(&launch).await?;
             self.core.set_live(app, |l| l.health = rec.health);
             self.services.monitor(&launch);

@@ -32,7 +32,7 @@ use crate::state::{HealthState, State};
 use crate::Result;
 
 /// The most log text one Logs order returns.
-pub const MAX_LOG_BYTES: u64 = 1 << 20;
+pub const MAX_LOG_BYTES: u64 = crate::layout::LOG_TAIL_MAX_BYTES;
 
 /// How the executor behaves.
 #[derive(Clone, Debug)]
@@ -153,7 +153,8 @@ impl Executor {
         let layout = Layout::new(&cfg.data_dir);
         let state = State::open(&layout.state_dir())?;
         let admitted = state.last_seq()?;
-        let downloader = Downloader::new(layout.cache_dir(), cfg.max_downloads, cfg.download.clone());
+        let downloader =
+            Downloader::new(layout.cache_dir(), cfg.max_downloads, cfg.download.clone(), cfg.trust.clone());
         let core = Arc::new(Core {
             cfg,
             layout,
@@ -312,7 +313,7 @@ impl Executor {
                 let cur = crate::order::Version::parse(&cur).map_err(|r| {
                     ExecError::Internal(format!("current release of {app} has a bad name: {}", r.message))
                 })?;
-                Ok(read_log(&c.layout, app.as_str(), cur.as_str(), lines as usize))
+                Ok(c.layout.read_log(app.as_str(), cur.as_str(), lines as usize, MAX_LOG_BYTES)?)
             })
             .await;
         match r {
@@ -348,15 +349,4 @@ impl Executor {
     pub fn statuses(&self) -> Vec<pb::AppStatus> {
         status::all(&self.core)
     }
-}
-
-/// The last `lines` lines of a release's log, at most [`MAX_LOG_BYTES`].
-fn read_log(layout: &Layout, app: &str, version: &str, lines: usize) -> String {
-    let text = crate::process::Log::tail(&layout.log_path(app, version), lines);
-    let cut = text.len().saturating_sub(MAX_LOG_BYTES as usize);
-    let mut start = cut;
-    while !text.is_char_boundary(start) {
-        start += 1;
-    }
-    text[start..].to_owned()
 }

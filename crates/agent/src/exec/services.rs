@@ -9,7 +9,7 @@ use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
 
 use super::{lock, Core, ExecError};
-use crate::process::{self, Log, ServiceSpec, Supervised};
+use crate::process::{self, Log, RunAs, ServiceSpec, Supervised};
 use crate::state::HealthState;
 
 /// Everything a child of one release is started with.
@@ -21,11 +21,16 @@ pub(crate) struct Launch {
     pub config: ReleaseConfig,
     /// The environment for the service, hooks and exec health checks.
     pub env: Vec<(String, String)>,
+    /// The identity the service, hooks and exec health checks run as (`[service] user` and
+    /// `group`); `None` keeps the agent's own.
+    pub run_as: Option<RunAs>,
 }
 
 impl Launch {
     /// Builds the children's environment: the release's own `env`, the per-host variables it
-    /// references (and no others: an app never sees another app's variables), and Convoy's.
+    /// references (and no others: an app never sees another app's variables), and Convoy's;
+    /// resolves the identity they run as. Looks up the user database, so it runs on a blocking
+    /// thread.
     pub fn new(
         core: &Core,
         app: &str,
@@ -57,7 +62,18 @@ impl Launch {
         env.insert("CONVOY_VERSION".into(), version.into());
         env.insert("CONVOY_PREVIOUS_VERSION".into(), previous.unwrap_or_default().into());
         env.insert("CONVOY_RELEASE_DIR".into(), core.layout.release_dir(app, version).display().to_string());
-        Ok(Self { app: app.into(), version: version.into(), config, env: env.into_iter().collect() })
+        let run_as = config
+            .service
+            .as_ref()
+            .map(|s| resolve_run_as(s.user.as_deref(), s.group.as_deref()))
+            .transpose()
+            .map_err(|e| ExecError::BadBundle {
+                app: app.into(),
+                version: version.into(),
+                message: e.to_string(),
+            })?
+            .flatten();
+        Ok(Self { app: app.into(), version: version.into(), config, env: env.into_iter().collect(), run_as })
     }
 
     pub fn dir(&self, core: &Core) -> std::path::PathBuf {
@@ -67,6 +83,18 @@ impl Launch {
     pub fn log(&self, core: &Core) -> Log {
         Log::new(core.layout.log_path(&self.app, &self.version), core.cfg.log_cap)
     }
+}
+
+/// The identity a release asks for, checked against what this agent may do.
+fn resolve_run_as(user: Option<&str>, group: Option<&str>) -> crate::Result<Option<RunAs>> {
+    let run_as = match (user, group) {
+        (None, None) => return Ok(None),
+        (Some(u), g) => RunAs::resolve(u, g)?,
+        // A group alone keeps the agent's user.
+        (None, Some(g)) => RunAs::resolve(&rustix::process::geteuid().as_raw().to_string(), Some(g))?,
+    };
+    run_as.check_permitted()?;
+    Ok(Some(run_as))
 }
 
 #[derive(Clone)]
@@ -91,18 +119,21 @@ impl Services {
             env: launch.env.clone(),
             stop_signal: process::signal_by_name(&service.stop_signal),
             stop_timeout: service.stop_timeout,
+            run_as: launch.run_as,
         };
         let sup = Supervised::start(spec, launch.log(&self.core));
-        let mut pgid = sup.pgid.clone();
-        if tokio::time::timeout(Duration::from_secs(2), pgid.wait_for(|g| *g != 0)).await.is_err() {
+        // Record proof of the process group (boot id and start time), so a restarted agent
+        // stops the orphan only if it is still ours.
+        let mut stamp = sup.stamp.clone();
+        if tokio::time::timeout(Duration::from_secs(2), stamp.wait_for(|s| s.is_some())).await.is_err() {
             tracing::warn!(app = %launch.app, "service did not start within 2s; supervising anyway");
         }
-        let g = *pgid.borrow();
+        let stamp = stamp.borrow().clone();
         let app = launch.app.clone();
         self.core
             .blocking(move |c| {
                 let mut rec = c.state.app(&app)?;
-                rec.service_pgid = (g != 0).then_some(g);
+                rec.service = stamp;
                 Ok(c.state.put_app(&app, &rec)?)
             })
             .await?;
@@ -122,7 +153,7 @@ impl Services {
             self.core
                 .blocking(move |c| {
                     let mut rec = c.state.app(&app)?;
-                    rec.service_pgid = None;
+                    rec.service = None;
                     Ok(c.state.put_app(&app, &rec)?)
                 })
                 .await?;
@@ -152,14 +183,15 @@ impl Services {
             old.cancel();
         }
         let core = self.core.clone();
-        let (app, dir, env) = (launch.app.clone(), launch.dir(&self.core), launch.env.clone());
+        let (app, dir, env, run_as) =
+            (launch.app.clone(), launch.dir(&self.core), launch.env.clone(), launch.run_as);
         tokio::spawn(async move {
             loop {
                 tokio::select! {
                     () = tokio::time::sleep(health.interval) => {}
                     () = token.cancelled() => return,
                 }
-                let r = crate::health::probe(&check, health.timeout, &dir, &env).await;
+                let r = crate::health::probe(&check, health.timeout, &dir, &env, run_as.as_ref()).await;
                 if token.is_cancelled() {
                     return;
                 }
