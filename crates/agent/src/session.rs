@@ -182,13 +182,14 @@ impl Agent {
         };
         let mut client = pb::agent_service_client::AgentServiceClient::new(channel.clone());
         let (tx, rx) = mpsc::channel(64);
+        let (releases, apps) = self.snapshot().await?;
         let hello = pb::Hello {
             agent_id: self.file.id.clone(),
             agent_version: env!("CARGO_PKG_VERSION").to_owned(),
             region: self.file.region.clone(),
             labels: self.file.labels.clone().into_iter().collect(),
-            releases: scan_releases(&self.config.data_dir),
-            apps: self.executor.statuses(),
+            releases,
+            apps,
             last_order_seq: self.executor.last_seq(),
         };
         let _ = tx.send(pb::AgentMessage { msg: Some(pb::agent_message::Msg::Hello(hello)) }).await;
@@ -218,10 +219,11 @@ impl Agent {
                 () = cancel.cancelled() => return Ok(()),
                 _ = heartbeat.tick() => {
                     seq += 1;
+                    let (releases, apps) = self.snapshot().await?;
                     let hb = pb::Heartbeat {
                         seq,
-                        releases: scan_releases(&self.config.data_dir),
-                        apps: self.executor.statuses(),
+                        releases,
+                        apps,
                         last_order_seq: self.executor.last_seq(),
                     };
                     if tx.send(pb::AgentMessage { msg: Some(pb::agent_message::Msg::Heartbeat(hb)) }).await.is_err() {
@@ -245,6 +247,16 @@ impl Agent {
                 },
             }
         }
+    }
+
+    /// What is on disk and each app's status, read off the async threads (sled and the file
+    /// system block).
+    async fn snapshot(&self) -> Result<(Vec<pb::ReleaseRef>, Vec<pb::AppStatus>)> {
+        let exec = self.executor.clone();
+        let dir = self.config.data_dir.clone();
+        tokio::task::spawn_blocking(move || (scan_releases(&dir), exec.statuses()))
+            .await
+            .map_err(|e| Error::State(format!("status task: {e}")))
     }
 
     async fn renew(

@@ -244,18 +244,26 @@ impl Executor {
         output: String,
         reply: mpsc::Sender<pb::AgentMessage>,
     ) {
-        let status = app.map(|a| self.status(a.as_str()));
         let (kind, message, field) = outcome.to_pb();
-        let result = pb::OrderResult {
-            seq,
-            message,
-            outcome: kind as i32,
-            field: field.to_owned(),
-            agent_last_seq: self.last_seq(),
-            status,
-            output,
-        };
+        let agent_last_seq = self.last_seq();
+        let core = self.core.clone();
         tokio::spawn(async move {
+            // The status reads sled and the file system: off the async threads.
+            let status = match app {
+                Some(a) => {
+                    tokio::task::spawn_blocking(move || status::app_status(&core, a.as_str())).await.ok()
+                }
+                None => None,
+            };
+            let result = pb::OrderResult {
+                seq,
+                message,
+                outcome: kind as i32,
+                field: field.to_owned(),
+                agent_last_seq,
+                status,
+                output,
+            };
             let msg = pb::AgentMessage { msg: Some(pb::agent_message::Msg::Result(result)) };
             if reply.send(msg).await.is_err() {
                 tracing::warn!(seq, "session closed before the order's answer could be sent");
