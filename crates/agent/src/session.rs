@@ -232,7 +232,13 @@ impl Agent {
                 }
                 () = tokio::time::sleep(renew_in) => {
                     match self.renew(&mut client).await {
-                        Ok(new_cert) => cert = new_cert,
+                        // The controller accepts only the newest certificate (after a short
+                        // overlap), and this connection was authenticated with the old one:
+                        // reconnect with the new one now.
+                        Ok(_) => {
+                            tracing::info!("reconnecting with the renewed certificate");
+                            return Ok(());
+                        }
                         Err(e) => tracing::warn!(error = %e, "certificate renewal failed, will retry"),
                     }
                 }

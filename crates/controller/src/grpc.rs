@@ -52,13 +52,18 @@ fn peer_identity<T>(req: &Request<T>) -> Option<&Identity> {
     req.extensions().get::<PeerInfo>().and_then(|p| p.identity.as_ref())
 }
 
-fn require_agent<T>(req: &Request<T>) -> Result<String, Status> {
-    match peer_identity(req) {
-        Some(Identity::Agent(id)) => Ok(id.clone()),
-        Some(other) => Err(Status::permission_denied(format!(
+/// The calling agent's id and the serial of the certificate it presented.
+fn require_agent<T>(req: &Request<T>) -> Result<(String, String), Status> {
+    let serial = req.extensions().get::<PeerInfo>().and_then(|p| p.cert.as_ref()).map(|c| c.serial.clone());
+    match (peer_identity(req), serial) {
+        (Some(Identity::Agent(id)), Some(serial)) => Ok((id.clone(), serial)),
+        (Some(Identity::Agent(_)), None) => {
+            Err(Status::unauthenticated("the agent certificate has no readable serial"))
+        }
+        (Some(other), _) => Err(Status::permission_denied(format!(
             "{other} is not an agent: agent RPCs need an agent certificate"
         ))),
-        None => Err(Status::unauthenticated("a client certificate is required for this RPC")),
+        (None, _) => Err(Status::unauthenticated("a client certificate is required for this RPC")),
     }
 }
 
@@ -74,6 +79,28 @@ fn require_admin<T>(req: &Request<T>) -> Result<Identity, Status> {
 
 fn labels(map: std::collections::HashMap<String, String>) -> BTreeMap<String, String> {
     map.into_iter().collect()
+}
+
+/// Whether a reported version is acceptable: empty (none) or a valid version, which is also a
+/// safe path component for any agent it is passed on to.
+fn version_ok(v: &str) -> bool {
+    v.is_empty() || convoy_bundle::check_version(v).is_ok()
+}
+
+/// An agent's per-app reports, with entries that name an invalid app or version dropped: what an
+/// agent says is data about itself, and only well-formed names may reach the store.
+fn reported_apps(agent_id: &str, list: Vec<pb::AppStatus>) -> Vec<AppStatusRecord> {
+    list.into_iter()
+        .filter_map(|s| {
+            let ok = convoy_bundle::check_app_name(&s.app).is_ok()
+                && [&s.current, &s.known_good, &s.previous].iter().all(|v| version_ok(v))
+                && s.installed.iter().all(|v| version_ok(v) && !v.is_empty());
+            if !ok {
+                tracing::warn!(agent_id, app = %s.app.escape_debug(), "dropping a malformed app report");
+            }
+            ok.then(|| app_status(s))
+        })
+        .collect()
 }
 
 fn app_status(s: pb::AppStatus) -> AppStatusRecord {
@@ -155,7 +182,9 @@ fn outcome(r: pb::OrderResult) -> logic::OrderOutcome {
             Answer::Failed
         }
     };
-    logic::OrderOutcome { seq: r.seq, answer, message, status: r.status.map(app_status), output: r.output }
+    // An order's status report is checked like a heartbeat's.
+    let status = r.status.and_then(|s| reported_apps("(order result)", vec![s]).pop());
+    logic::OrderOutcome { seq: r.seq, answer, message, status, output: r.output }
 }
 
 /// The wire form of an agent's answer.
@@ -169,8 +198,18 @@ fn outcome_pb(a: &logic::Answer) -> pb::OrderOutcome {
     }
 }
 
-fn releases(list: Vec<pb::ReleaseRef>) -> Vec<ReportedRelease> {
-    list.into_iter().map(|r| ReportedRelease { app: r.app, version: r.version, active: r.active }).collect()
+fn releases(agent_id: &str, list: Vec<pb::ReleaseRef>) -> Vec<ReportedRelease> {
+    list.into_iter()
+        .filter(|r| {
+            let ok = convoy_bundle::check_app_name(&r.app).is_ok()
+                && convoy_bundle::check_version(&r.version).is_ok();
+            if !ok {
+                tracing::warn!(agent_id, app = %r.app.escape_debug(), "dropping a malformed release report");
+            }
+            ok
+        })
+        .map(|r| ReportedRelease { app: r.app, version: r.version, active: r.active })
+        .collect()
 }
 
 fn json_doc<T: serde::Serialize>(v: &T) -> Result<Response<pb::JsonDoc>, Status> {
@@ -246,10 +285,10 @@ impl pb::agent_service_server::AgentService for AgentSvc {
         &self,
         req: Request<Streaming<pb::AgentMessage>>,
     ) -> Result<Response<SessionStream>, Status> {
-        let agent_id = require_agent(&req)?;
+        let (agent_id, serial) = require_agent(&req)?;
         let span = tracing::info_span!("session", %agent_id);
         let ctl = self.0.clone();
-        if let Err(e) = ctl.check_agent(&agent_id).instrument(span.clone()).await {
+        if let Err(e) = ctl.check_agent_cert(&agent_id, &serial).instrument(span.clone()).await {
             span.in_scope(|| tracing::warn!(error = %e, "session refused"));
             return Err(to_status(e));
         }
@@ -277,8 +316,8 @@ impl pb::agent_service_server::AgentService for AgentSvc {
             .open_session(
                 &agent_id,
                 hello.agent_version,
-                releases(hello.releases),
-                hello.apps.into_iter().map(app_status).collect(),
+                releases(&agent_id, hello.releases),
+                reported_apps(&agent_id, hello.apps),
                 order_tx,
             )
             .instrument(span.clone())
@@ -318,8 +357,9 @@ impl pb::agent_service_server::AgentService for AgentSvc {
                         },
                         msg = tokio::time::timeout(silence, inbound.message()) => match msg {
                             Ok(Ok(Some(pb::AgentMessage { msg: Some(pb::agent_message::Msg::Heartbeat(hb)) }))) => {
-                                let apps = hb.apps.into_iter().map(app_status).collect();
-                                if let Err(e) = ctl.heartbeat(&handle.agent_id, releases(hb.releases), apps).await {
+                                let apps = reported_apps(&handle.agent_id, hb.apps);
+                                let reported = releases(&handle.agent_id, hb.releases);
+                                if let Err(e) = ctl.heartbeat(&handle.agent_id, reported, apps).await {
                                     tracing::warn!(error = %e, "heartbeat not recorded");
                                 }
                             }
@@ -353,8 +393,8 @@ impl pb::agent_service_server::AgentService for AgentSvc {
         req: Request<pb::DownloadRequest>,
     ) -> Result<Response<Self::DownloadStream>, Status> {
         use tokio::io::{AsyncReadExt, AsyncSeekExt};
-        let agent_id = require_agent(&req)?;
-        self.0.check_agent(&agent_id).await.map_err(to_status)?;
+        let (agent_id, serial) = require_agent(&req)?;
+        self.0.check_agent_cert(&agent_id, &serial).await.map_err(to_status)?;
         let r = req.into_inner();
         let path = self.0.blob_path(&r.digest).map_err(to_status)?;
         let mut file = tokio::fs::File::open(&path).await.map_err(|e| Status::internal(e.to_string()))?;
@@ -393,8 +433,10 @@ impl pb::agent_service_server::AgentService for AgentSvc {
     }
 
     async fn renew(&self, req: Request<pb::RenewRequest>) -> Result<Response<pb::RenewResponse>, Status> {
-        let agent_id = require_agent(&req)?;
+        let (agent_id, serial) = require_agent(&req)?;
         let span = tracing::info_span!("renew", %agent_id);
+        // A superseded certificate cannot renew itself back into validity.
+        self.0.check_agent_cert(&agent_id, &serial).instrument(span.clone()).await.map_err(to_status)?;
         match self.0.renew(agent_id, req.into_inner().csr_der).instrument(span.clone()).await {
             Ok(pem) => Ok(Response::new(pb::RenewResponse { certificate_pem: pem })),
             Err(e) => {
@@ -449,7 +491,7 @@ impl pb::admin_service_server::AdminService for AdminSvc {
         let target = region.clone().unwrap_or_else(|| "*".into());
         let result = self
             .0
-            .create_token(region, labels(r.labels), ttl, &admin)
+            .create_token(region, labels(r.labels), r.allow_agent_labels, ttl, &admin)
             .instrument(tracing::info_span!("create_token", %admin))
             .await;
         self.audited(&admin, "token.create", &target, serde_json::json!({"ttl_secs": r.ttl_secs}), &result)

@@ -101,6 +101,7 @@ impl LocalController {
                 region: region.unwrap_or_default().to_owned(),
                 ttl_secs: ttl.as_secs(),
                 labels: Default::default(),
+                allow_agent_labels: false,
             })
             .await?;
         Ok(resp.into_inner().token)

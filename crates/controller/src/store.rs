@@ -59,6 +59,11 @@ fn decode<T: DeserializeOwned>(tree: &'static str, key: &[u8], bytes: &[u8]) -> 
 pub struct TokenRecord {
     pub region: Option<String>,
     pub labels: BTreeMap<String, String>,
+    /// Whether the enrolling agent may add labels of its own (`--allow-agent-labels`); by
+    /// default an agent's labels come from its token only, so it cannot put itself into a
+    /// selector-targeted rollout.
+    #[serde(default)]
+    pub allow_agent_labels: bool,
     pub created_at: i64,
     pub expires_at: i64,
     pub created_by: String,
@@ -89,6 +94,12 @@ pub struct AgentRecord {
     /// Per-app state the agent last reported.
     #[serde(default)]
     pub apps: Vec<AppStatusRecord>,
+    /// The serial a renewal replaced, accepted until `previous_serial_until` so sessions and
+    /// calls in flight during the renewal finish; after that only `cert_serial` is.
+    #[serde(default)]
+    pub previous_serial: Option<String>,
+    #[serde(default)]
+    pub previous_serial_until: i64,
 }
 
 /// What an agent reported about one app.

@@ -150,14 +150,27 @@ fn real_binaries_enroll_run_list_revoke_and_shut_down_gracefully() {
         c.arg("--config").arg(&config).arg("--controller").arg(&grpc).args(args);
         c
     };
-    let token =
-        run_ok(&mut admin(&["token", "create", "--region", "eu-west", "--ttl", "10m"])).trim().to_string();
+    let token = run_ok(&mut admin(&[
+        "token",
+        "create",
+        "--region",
+        "eu-west",
+        "--ttl",
+        "10m",
+        "--label",
+        "tier=edge",
+    ]))
+    .trim()
+    .to_string();
     assert!(token.starts_with("cvt_"));
     let agent_dir = tmp.path().join("agent");
-    let out = run_ok(
+    // Labels come from the token; the agent's own are refused unless the token allows them.
+    let err = run_err(
         enroll(&grpc, &token, "eu-west", "e2e-1", &pki.join("ca.pem"), &agent_dir)
-            .args(["--label", "tier=edge"]),
+            .args(["--label", "tier=payments"]),
     );
+    assert!(err.contains("does not let the agent choose labels"), "{err}");
+    let out = run_ok(&mut enroll(&grpc, &token, "eu-west", "e2e-1", &pki.join("ca.pem"), &agent_dir));
     assert!(out.contains("enrolled as e2e-1"), "{out}");
     // The token was single-use.
     let err = run_err(&mut enroll(

@@ -27,7 +27,7 @@ fn enroll_opts(ctl: &LocalController, token: String, region: &str, dir: &std::pa
         token,
         region: region.into(),
         id: Some("a1".into()),
-        labels: [("tier".to_string(), "edge".to_string())].into(),
+        labels: Default::default(),
         data_dir: dir.to_path_buf(),
         server_name: None,
     }
@@ -37,7 +37,21 @@ fn enroll_opts(ctl: &LocalController, token: String, region: &str, dir: &std::pa
 async fn enrollment_happy_path_then_session_shows_online() {
     let tmp = tempfile::tempdir().unwrap();
     let ctl = controller(tmp.path()).await;
-    let token = ctl.token(Some("eu-west"), Duration::from_secs(60)).await.unwrap();
+    // Labels come from the token: the admin decides which rollouts an agent falls into.
+    let token = ctl
+        .admin()
+        .await
+        .unwrap()
+        .create_token(pb::CreateTokenRequest {
+            region: "eu-west".into(),
+            ttl_secs: 60,
+            labels: [("tier".to_string(), "edge".to_string())].into(),
+            allow_agent_labels: false,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .token;
     let agent_dir = tmp.path().join("a1");
     let file = convoy_agent::enroll(enroll_opts(&ctl, token, "eu-west", &agent_dir)).await.unwrap();
     assert_eq!(file.id, "a1");
@@ -177,6 +191,7 @@ async fn authorization_follows_the_certificate() {
             region: "eu-west".into(),
             ttl_secs: 60,
             labels: Default::default(),
+            allow_agent_labels: false,
         })
         .await
         .unwrap_err();
@@ -371,8 +386,105 @@ async fn certificates_are_renewed_before_they_expire() {
         (a.cert_serial != first.serial).then_some(())
     })
     .await;
-    // Past the first certificate's expiry the agent is still connected and can reconnect.
-    assert!(agent.status.borrow().connected);
+    // Past the first certificate's expiry the agent is connected: after each renewal it opened
+    // a new session with the new certificate (the old one is refused after a short overlap).
+    agent.wait_for(WAIT, |s| s.connected && s.sessions > s.renewals).await.unwrap();
     agent.stop().await.unwrap();
+    ctl.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn agents_choose_labels_only_when_the_token_allows_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ctl = controller(tmp.path()).await;
+    let token = |allow: bool| {
+        let ctl = &ctl;
+        async move {
+            ctl.admin()
+                .await
+                .unwrap()
+                .create_token(pb::CreateTokenRequest {
+                    region: "eu-west".into(),
+                    ttl_secs: 60,
+                    labels: [("tier".to_string(), "edge".to_string())].into(),
+                    allow_agent_labels: allow,
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .token
+        }
+    };
+    // An agent cannot put itself into a selector-targeted rollout.
+    let t = token(false).await;
+    let mut opts = enroll_opts(&ctl, t.clone(), "eu-west", &tmp.path().join("a1"));
+    opts.labels = [("tier".to_string(), "payments".to_string())].into();
+    let err = convoy_agent::enroll(opts).await.unwrap_err().to_string();
+    assert!(err.contains("does not let the agent choose labels") && err.contains("tier=payments"), "{err}");
+    assert!(agents(&ctl).await.is_empty(), "a refused enrollment creates no agent");
+    // The refusal did not use the token up: the same token enrolls without labels of its own.
+    convoy_agent::enroll(enroll_opts(&ctl, t, "eu-west", &tmp.path().join("a1"))).await.unwrap();
+    // A token created with --allow-agent-labels lets the agent add labels; the token's win.
+    let mut opts = enroll_opts(&ctl, token(true).await, "eu-west", &tmp.path().join("a2"));
+    opts.id = Some("a2".into());
+    opts.labels =
+        [("rack".to_string(), "r7".to_string()), ("tier".to_string(), "payments".to_string())].into();
+    convoy_agent::enroll(opts).await.unwrap();
+    let a2 = agents(&ctl).await.into_iter().find(|a| a.id == "a2").unwrap();
+    assert_eq!(a2.labels.get("rack").map(String::as_str), Some("r7"));
+    assert_eq!(a2.labels.get("tier").map(String::as_str), Some("edge"));
+    ctl.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_superseded_agent_certificate_is_refused_after_the_overlap() {
+    let tmp = tempfile::tempdir().unwrap();
+    // 20 s certificates: a 2 s overlap after renewal, and the old certificate still valid by
+    // date when it is tried, so only the serial check can refuse it.
+    let opts = LocalOptions { agent_cert_lifetime: Some(Duration::from_secs(20)), ..Default::default() };
+    let ctl = LocalController::start(&tmp.path().join("ctl"), opts).await.unwrap();
+    ctl.enroll(&tmp.path().join("a1"), "a1", "eu-west").await.unwrap();
+    let old = agent_identity(&tmp.path().join("a1"));
+    let (addr, ca) = (ctl.grpc_addr.to_string(), ctl.ca_pem().unwrap());
+    let download = |id: ClientIdentity| {
+        let (addr, ca) = (addr.clone(), ca.clone());
+        async move {
+            let ch = dial(&addr, &ca, Some(&id)).await.unwrap();
+            pb::agent_service_client::AgentServiceClient::new(ch)
+                .download(pb::DownloadRequest { digest: "0".repeat(64), offset: 0 })
+                .await
+                .map(|_| ())
+        }
+    };
+    // Renew with the old certificate, as the agent does.
+    let csr = convoy_pki::generate_csr().unwrap();
+    let ch = dial(&addr, &ca, Some(&old)).await.unwrap();
+    let renewed_at = std::time::Instant::now();
+    let cert = pb::agent_service_client::AgentServiceClient::new(ch)
+        .renew(pb::RenewRequest { csr_der: csr.csr_der.clone() })
+        .await
+        .unwrap()
+        .into_inner()
+        .certificate_pem;
+    let new = ClientIdentity { cert_pem: cert, key_pem: csr.key_pem.clone() };
+    // During the overlap the old certificate still works (calls in flight finish).
+    let during = download(old.clone()).await.unwrap_err();
+    assert_eq!(during.code(), Code::NotFound, "{during:?}");
+    // After it, only the newest serial is accepted.
+    let overlap = convoy_controller::logic::renewal_overlap(Duration::from_secs(20));
+    tokio::time::sleep_until((renewed_at + overlap + Duration::from_millis(500)).into()).await;
+    let after = download(old.clone()).await.unwrap_err();
+    assert_eq!(after.code(), Code::PermissionDenied, "{after:?}");
+    assert!(after.message().contains("superseded"), "{}", after.message());
+    // The superseded certificate cannot renew itself back into validity either.
+    let ch = dial(&addr, &ca, Some(&old)).await.unwrap();
+    let again = pb::agent_service_client::AgentServiceClient::new(ch)
+        .renew(pb::RenewRequest { csr_der: csr.csr_der })
+        .await
+        .unwrap_err();
+    assert_eq!(again.code(), Code::PermissionDenied, "{again:?}");
+    // The newest certificate works: the unknown digest is a NotFound, not a refusal.
+    let ok = download(new).await.unwrap_err();
+    assert_eq!(ok.code(), Code::NotFound, "{ok:?}");
     ctl.stop().await.unwrap();
 }

@@ -15,11 +15,15 @@ pub enum Command {
         /// A label the agent gets, KEY=VALUE; repeatable.
         #[arg(long = "label", value_name = "KEY=VALUE")]
         labels: Vec<String>,
+        /// Let the enrolling agent add labels of its own (`convoy-agent enroll --label`). Off by
+        /// default: labels select rollout targets, so they come from whoever creates the token.
+        #[arg(long)]
+        allow_agent_labels: bool,
     },
 }
 
 pub async fn run(config: &super::Globals, cmd: Command) -> anyhow::Result<()> {
-    let Command::Create { region, ttl, labels } = cmd;
+    let Command::Create { region, ttl, labels, allow_agent_labels } = cmd;
     let labels = convoy_agent::parse_pairs("label", &labels)?;
     let config = config.load_config()?;
     let mut client = crate::client::admin_client(&config).await?;
@@ -28,6 +32,7 @@ pub async fn run(config: &super::Globals, cmd: Command) -> anyhow::Result<()> {
             region: region.unwrap_or_default(),
             ttl_secs: ttl.as_secs(),
             labels: labels.into_iter().collect(),
+            allow_agent_labels,
         })
         .await
         .map_err(super::status_error)?

@@ -116,6 +116,13 @@ pub struct Controller {
     inner: Arc<Inner>,
 }
 
+/// How long an agent's previous certificate stays valid after a renewal: long enough for calls
+/// in flight to finish, short enough that a copied old key is soon useless. A tenth of the
+/// certificate lifetime, at most five minutes.
+pub fn renewal_overlap(lifetime: Duration) -> Duration {
+    (lifetime / 10).min(Duration::from_secs(300))
+}
+
 /// The controller's tunables, from its config.
 #[derive(Clone, Debug)]
 pub struct Settings {
@@ -237,6 +244,7 @@ impl Controller {
         &self,
         region: Option<String>,
         labels: BTreeMap<String, String>,
+        allow_agent_labels: bool,
         ttl: Duration,
         created_by: &Identity,
     ) -> Result<(String, i64)> {
@@ -257,6 +265,7 @@ impl Controller {
             expires_at: created_at + ttl.as_secs().max(1) as i64,
             created_by: created_by.to_string(),
             used_by: None,
+            allow_agent_labels,
         };
         let expires = rec.expires_at;
         let bound_region = rec.region.clone();
@@ -309,6 +318,14 @@ impl Controller {
         };
         validate_word("region", &region)?;
         validate_labels(&labels)?;
+        if !labels.is_empty() && !tok.allow_agent_labels {
+            let asked: Vec<String> = labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            return Err(Error::PermissionDenied(format!(
+                "this join token does not let the agent choose labels (asked for {}); put them on the \
+                 token, or create it with --allow-agent-labels",
+                asked.join(", ")
+            )));
+        }
         // Labels the admin put on the token win over what the agent asks for.
         labels.extend(tok.labels.clone());
         let id = if requested_id.is_empty() {
@@ -337,6 +354,8 @@ impl Controller {
             releases: vec![],
             revoked: false,
             apps: vec![],
+            previous_serial: None,
+            previous_serial_until: 0,
         };
         match self.inner.store.commit_enrollment(&hash, &rec)? {
             Ok(()) => {}
@@ -361,8 +380,10 @@ impl Controller {
                 .ca
                 .sign_csr(&csr_der, &identity, c.inner.settings.agent_cert_lifetime)
                 .map_err(|e| Error::Csr(e.to_string()))?;
+            let overlap = renewal_overlap(c.inner.settings.agent_cert_lifetime);
             c.inner.store.update_agent(&agent_id, true, |r| {
-                r.cert_serial = issued.info.serial.clone();
+                r.previous_serial = Some(std::mem::replace(&mut r.cert_serial, issued.info.serial.clone()));
+                r.previous_serial_until = now() + overlap.as_secs() as i64;
                 r.cert_not_after = issued.info.not_after;
             })?;
             tracing::info!(%agent_id, serial = %issued.info.serial, not_after = issued.info.not_after, "agent certificate renewed");
@@ -371,7 +392,23 @@ impl Controller {
         .await
     }
 
-    /// Refuses identities that are revoked or unknown. Called for every agent RPC.
+    /// Refuses an agent certificate that is not the agent's newest (or, for a short overlap
+    /// after a renewal, the one it replaced), and agents that are revoked or unknown. Called for
+    /// every agent RPC with the serial of the verified client certificate.
+    pub async fn check_agent_cert(&self, agent_id: &str, serial: &str) -> Result<AgentRecord> {
+        let rec = self.check_agent(agent_id).await?;
+        let current = rec.cert_serial == serial;
+        let overlap = rec.previous_serial.as_deref() == Some(serial) && now() < rec.previous_serial_until;
+        if current || overlap {
+            return Ok(rec);
+        }
+        tracing::warn!(agent_id, serial, newest = %rec.cert_serial, "superseded agent certificate refused");
+        Err(Error::PermissionDenied(format!(
+            "certificate {serial} of agent {agent_id:?} has been superseded by a renewal; only the newest is accepted"
+        )))
+    }
+
+    /// Refuses identities that are revoked or unknown.
     pub async fn check_agent(&self, agent_id: &str) -> Result<AgentRecord> {
         let id = agent_id.to_owned();
         let rec = self

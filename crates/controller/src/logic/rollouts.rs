@@ -940,13 +940,28 @@ impl Controller {
     ) -> Result<()> {
         let (app, set_by) = (app.to_owned(), set_by.to_owned());
         self.blocking(move |c| {
+            // Only releases the store holds enter desired state: what an agent reports running
+            // is data about that agent, never a release to hand to others.
             let mut digests: BTreeMap<String, String> = BTreeMap::new();
+            let mut unknown = Vec::new();
+            for (agent, version) in &running {
+                if digests.contains_key(version) {
+                    continue;
+                }
+                match c.inner.store.release(&app, version)? {
+                    Some(r) => {
+                        digests.insert(version.clone(), r.digest);
+                    }
+                    None => {
+                        tracing::warn!(%app, %version, agent_id = %agent, "reported release is not in the store: desired state unchanged for it");
+                        unknown.push(version.clone());
+                    }
+                }
+            }
+            let running: Vec<(String, String)> =
+                running.into_iter().filter(|(_, v)| digests.contains_key(v)).collect();
             let last = running.len().saturating_sub(1);
             for (i, (agent, version)) in running.iter().enumerate() {
-                if !digests.contains_key(version) {
-                    let d = c.inner.store.release(&app, version)?.map(|r| r.digest).unwrap_or_default();
-                    digests.insert(version.clone(), d);
-                }
                 let d = Desired {
                     version: version.clone(),
                     digest: digests[version].clone(),
