@@ -6,6 +6,8 @@
 
 mod support;
 
+use std::time::Duration;
+
 use convoy_proto::v1 as pb;
 use pb::OrderOutcome;
 use support::*;
@@ -19,6 +21,12 @@ async fn hostile_orders_are_refused_with_the_field_and_change_nothing() {
     let env = Env::new();
     let exec = env.open(env.config(&[&env.key])).await;
     env.deploy(&exec, &env.key, "shop", "1.0.0", SHOP_TOML, &[]).await;
+    // The hook's output reaches its log shortly after the hook ends.
+    let log = env.data.join("apps/shop/logs/1.0.0.log");
+    eventually("the hook's output is in its log", Duration::from_secs(20), || {
+        std::fs::read_to_string(&log).is_ok_and(|t| t.ends_with("hello from shop\n"))
+    })
+    .await;
     let apps = env.data.join("apps");
     let data_before = snapshot(&apps);
     let cache_before = snapshot(&env.data.join("cache"));
@@ -119,8 +127,12 @@ async fn hostile_orders_are_refused_with_the_field_and_change_nothing() {
         assert_eq!(r.agent_last_seq, last_seq, "{name}: a refused order moved the sequence number");
         assert_eq!(exec.last_seq(), last_seq, "{name}: a refused order was admitted");
         env.assert_canary_unchanged();
-        assert_eq!(snapshot(&apps), data_before, "{name}: the data dir's apps changed");
-        assert_eq!(snapshot(&env.data.join("cache")), cache_before, "{name}: the download cache changed");
+        assert_same(&data_before, &snapshot(&apps), &format!("{name}: the data dir's apps"));
+        assert_same(
+            &cache_before,
+            &snapshot(&env.data.join("cache")),
+            &format!("{name}: the download cache"),
+        );
         assert_eq!(current(&env.data, "shop").as_deref(), Some("1.0.0"), "{name}");
     }
     env.finish(exec).await;

@@ -19,7 +19,7 @@ async fn rollbacks_walk_history_backwards_and_never_flip_flop() {
         let svc = env.sleeper(&format!("web-{v}"));
         env.deploy(&exec, &env.key, "web", v, &service_toml(""), &[("bin/svc", svc)]).await;
     }
-    let running = |v: &str| !env.processes_in(&env.release_dir("web", v)).is_empty();
+    let running = |v: &str| env.service_pid(&format!("web-{v}")).is_some();
     assert!(running("3.0.0"));
 
     let r = env.order(&exec, rollback("web", "3.0.0", "", "bad deploy")).await;

@@ -24,11 +24,15 @@ async fn a_release_whose_key_left_the_trust_set_does_not_start() {
     env.finish(exec).await;
 
     // Trusting only K2: 2.0.0 starts again, 1.0.0 (signed by K1) cannot be rolled back to.
+    let starts_v2 = env.starts("svc-2.0.0");
     let exec = env.open(env.config(&[&k2])).await;
     let v2 = env.release_dir("svc", "2.0.0");
-    eventually("2.0.0's service runs again", Duration::from_secs(20), || !env.processes_in(&v2).is_empty())
-        .await;
-    let pids = env.processes_in(&v2);
+    eventually("2.0.0's service runs again", Duration::from_secs(20), || {
+        env.service_pid("svc-2.0.0").is_some()
+    })
+    .await;
+    assert_eq!(env.starts("svc-2.0.0"), starts_v2 + 1);
+    let pid = env.service_pid("svc-2.0.0");
     let starts_v1 = env.starts("svc-1.0.0");
     for to in ["1.0.0", ""] {
         let r = env.order(&exec, rollback("svc", "2.0.0", to, "key rotation test")).await;
@@ -36,7 +40,7 @@ async fn a_release_whose_key_left_the_trust_set_does_not_start() {
         assert!(r.message.contains("not trusted"), "{}", r.message);
         assert!(r.message.contains("svc@1.0.0"), "{}", r.message);
         assert_eq!(current(&env.data, "svc").as_deref(), Some("2.0.0"));
-        assert_eq!(env.processes_in(&v2), pids, "2.0.0's service was disturbed");
+        assert_eq!(env.service_pid("svc-2.0.0"), pid, "2.0.0's service was disturbed");
         assert_eq!(env.starts("svc-1.0.0"), starts_v1, "1.0.0's service was started");
     }
     env.finish(exec).await;
@@ -55,43 +59,42 @@ async fn a_release_whose_key_left_the_trust_set_does_not_start() {
     env.finish(exec).await;
 }
 
-/// Ways to tamper with a staged release, each with its undo.
-fn tampers(dir: &Path) -> Vec<(&'static str, Box<dyn Fn()>, Box<dyn Fn()>)> {
-    let svc = dir.join("bin/svc");
-    let original = std::fs::read(&svc).unwrap();
-    let (s1, s2, s3, s4, s5) = (svc.clone(), svc.clone(), svc.clone(), svc.clone(), svc.clone());
-    let o1 = original.clone();
-    let o2 = original.clone();
-    let extra = dir.join("bin/extra");
-    let e2 = extra.clone();
-    vec![
-        (
-            "content changed",
-            Box::new(move || std::fs::write(&s1, b"#!/bin/sh\necho owned\n").unwrap()),
-            Box::new(move || std::fs::write(&s2, &o1).unwrap()),
-        ),
-        (
-            "file added",
-            Box::new(move || std::fs::write(&extra, "planted").unwrap()),
-            Box::new(move || std::fs::remove_file(&e2).unwrap()),
-        ),
-        ("mode changed", Box::new(move || set_mode(&s3, 0o777)), Box::new(move || set_mode(&s4, 0o755))),
-        (
-            "file replaced by a link",
-            Box::new({
-                let s = s5.clone();
-                move || {
-                    std::fs::remove_file(&s).unwrap();
-                    std::os::unix::fs::symlink("/bin/sh", &s).unwrap();
-                }
-            }),
-            Box::new(move || {
-                std::fs::remove_file(&s5).unwrap();
-                std::fs::write(&s5, &o2).unwrap();
-                set_mode(&s5, 0o755);
-            }),
-        ),
-    ]
+/// Ways to tamper with a staged release's `bin/svc`.
+#[derive(Clone, Copy, Debug)]
+enum Tamper {
+    Content,
+    FileAdded,
+    Mode,
+    ReplacedByLink,
+}
+
+impl Tamper {
+    const ALL: [Self; 4] = [Self::Content, Self::FileAdded, Self::Mode, Self::ReplacedByLink];
+
+    fn apply(self, dir: &Path) {
+        let svc = dir.join("bin/svc");
+        match self {
+            Self::Content => std::fs::write(&svc, b"#!/bin/sh\necho owned\n").unwrap(),
+            Self::FileAdded => std::fs::write(dir.join("bin/extra"), "planted").unwrap(),
+            Self::Mode => set_mode(&svc, 0o777),
+            Self::ReplacedByLink => {
+                std::fs::remove_file(&svc).unwrap();
+                std::os::unix::fs::symlink("/bin/sh", &svc).unwrap();
+            }
+        }
+    }
+
+    fn undo(self, dir: &Path, original: &[u8]) {
+        let svc = dir.join("bin/svc");
+        match self {
+            Self::FileAdded => std::fs::remove_file(dir.join("bin/extra")).unwrap(),
+            Self::Content | Self::Mode | Self::ReplacedByLink => {
+                std::fs::remove_file(&svc).unwrap();
+                std::fs::write(&svc, original).unwrap();
+                set_mode(&svc, 0o755);
+            }
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -102,29 +105,31 @@ async fn a_tampered_staged_release_is_refused_and_the_running_one_keeps_running(
         .await;
     env.install(&exec, &env.key, "tam", "2.0.0", &service_toml(""), &[("bin/svc", env.sleeper("tam-2.0.0"))])
         .await;
-    let (v1, v2) = (env.release_dir("tam", "1.0.0"), env.release_dir("tam", "2.0.0"));
-    let pids = env.processes_in(&v1);
-    assert!(!pids.is_empty());
+    let v2 = env.release_dir("tam", "2.0.0");
+    let pid = env.service_pid("tam-1.0.0");
+    assert!(pid.is_some());
 
-    for (what, tamper, undo) in tampers(&v2) {
-        tamper();
+    let original = std::fs::read(v2.join("bin/svc")).unwrap();
+    for what in Tamper::ALL {
+        what.apply(&v2);
         let r = env.order(&exec, activate("tam", "2.0.0", 0)).await;
         expect(&r, OrderOutcome::Refused, "release");
-        assert!(r.message.contains("corrupted"), "{what}: {}", r.message);
-        assert_eq!(current(&env.data, "tam").as_deref(), Some("1.0.0"), "{what}");
-        assert_eq!(env.processes_in(&v1), pids, "{what}: 1.0.0's service was disturbed");
-        assert_eq!(env.starts("tam-2.0.0"), 0, "{what}: the tampered release ran");
-        assert_eq!(env.starts("tam-1.0.0"), 1, "{what}: 1.0.0 was restarted");
+        assert!(r.message.contains("corrupted"), "{what:?}: {}", r.message);
+        assert_eq!(current(&env.data, "tam").as_deref(), Some("1.0.0"), "{what:?}");
+        assert_eq!(env.service_pid("tam-1.0.0"), pid, "{what:?}: 1.0.0's service was disturbed");
+        assert_eq!(env.starts("tam-2.0.0"), 0, "{what:?}: the tampered release ran");
+        assert_eq!(env.starts("tam-1.0.0"), 1, "{what:?}: 1.0.0 was restarted");
         let status = exec.status("tam");
-        assert_eq!((status.current.as_str(), status.busy), ("1.0.0", false), "{what}");
-        undo();
+        assert_eq!((status.current.as_str(), status.busy), ("1.0.0", false), "{what:?}");
+        what.undo(&v2, &original);
     }
 
     // Untampered, the same release activates: the refusals were the tampering's doing.
     let r = env.order(&exec, activate("tam", "2.0.0", 0)).await;
     expect(&r, OrderOutcome::Applied, "");
     assert_eq!(current(&env.data, "tam").as_deref(), Some("2.0.0"));
-    assert!(env.processes_in(&v1).is_empty());
+    assert_eq!(env.service_pid("tam-1.0.0"), None);
+    assert!(env.service_pid("tam-2.0.0").is_some());
     assert_eq!(env.starts("tam-2.0.0"), 1);
     env.finish(exec).await;
 }

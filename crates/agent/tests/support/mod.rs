@@ -176,10 +176,10 @@ impl Env {
 
     /// The canary directory is byte-for-byte (content, modes, listing) what it was.
     pub fn assert_canary_unchanged(&self) {
-        assert_eq!(
-            snapshot(&self.canary),
-            self.canary_before,
-            "the canary directory outside the data dir changed"
+        assert_same(
+            &self.canary_before,
+            &snapshot(&self.canary),
+            "the canary directory outside the data dir",
         );
     }
 
@@ -197,6 +197,18 @@ impl Env {
         std::fs::read_to_string(self.out.join(format!("{name}.starts")))
             .map(|t| t.lines().count())
             .unwrap_or(0)
+    }
+
+    /// The pid of the sleeper `name` if it runs now: its latest start, still alive and still
+    /// the `sleep` it became (health probes also run in the release dir, so a process there is
+    /// not necessarily the service).
+    pub fn service_pid(&self, name: &str) -> Option<i32> {
+        let text = std::fs::read_to_string(self.out.join(format!("{name}.starts"))).ok()?;
+        let pid: i32 = text.lines().last()?.trim().parse().ok()?;
+        let proc = PathBuf::from(format!("/proc/{pid}"));
+        std::fs::read_link(proc.join("cwd")).ok()?;
+        let comm = std::fs::read_to_string(proc.join("comm")).ok()?;
+        (comm.trim() == "sleep").then_some(pid)
     }
 
     /// Processes whose working directory is `dir` or below it.
@@ -220,11 +232,14 @@ impl Env {
 impl Drop for Env {
     /// Whatever happened, nothing this test started outlives it.
     fn drop(&mut self) {
-        for pid in processes_under(&self.root) {
-            if let Some(pid) = rustix::process::Pid::from_raw(pid) {
-                // Best effort on the way out of a test: the process may be gone already.
-                if rustix::process::kill_process_group(pid, rustix::process::Signal::KILL).is_err() {
-                    drop(rustix::process::kill_process(pid, rustix::process::Signal::KILL));
+        use rustix::process::{kill_process, kill_process_group, Pid, Signal};
+        for raw in processes_under(&self.root) {
+            let Some(pid) = Pid::from_raw(raw) else { continue };
+            // Not every process leads a group; one that is gone already is fine.
+            if kill_process_group(pid, Signal::KILL).is_err() {
+                match kill_process(pid, Signal::KILL) {
+                    Ok(()) | Err(rustix::io::Errno::SRCH) => {}
+                    Err(e) => eprintln!("cannot kill leftover process {raw}: {e}"),
                 }
             }
         }
@@ -299,6 +314,23 @@ pub fn snapshot(dir: &Path) -> Snapshot {
         }
     }
     out
+}
+
+/// Fails naming every path that was added, removed or changed between two snapshots.
+#[track_caller]
+pub fn assert_same(before: &Snapshot, after: &Snapshot, what: &str) {
+    let mut changes = Vec::new();
+    for (path, entry) in before {
+        match after.get(path) {
+            None => changes.push(format!("removed {}", path.display())),
+            Some(e) if e != entry => changes.push(format!("changed {}", path.display())),
+            Some(_) => {}
+        }
+    }
+    for path in after.keys().filter(|p| !before.contains_key(*p)) {
+        changes.push(format!("added {}", path.display()));
+    }
+    assert!(changes.is_empty(), "{what} changed: {changes:?}");
 }
 
 /// The version `apps/<app>/current` points at.
