@@ -55,9 +55,23 @@ impl AgentFile {
     }
 }
 
-/// Creates the data directory (and any missing parents) with mode 0700, or tightens an existing
-/// one to 0700: it holds the agent's private key, its state and every release's logs.
+/// Creates the data directory (and any missing parents) with mode 0711, or sets an existing one
+/// to 0711: the agent's own files in it (its private key, `agent.toml`, the state store, the
+/// download cache) are private on their own, while services that run as another user must be
+/// able to pass through it to reach their release directory. Nobody else can list it.
 pub(crate) fn create_data_dir(dir: &Path) -> Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    let io = |source| Error::Io { path: dir.to_path_buf(), source };
+    std::fs::DirBuilder::new().recursive(true).mode(0o711).create(dir).map_err(io)?;
+    let meta = std::fs::metadata(dir).map_err(io)?;
+    if meta.permissions().mode() & 0o077 != 0o011 {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o711)).map_err(io)?;
+    }
+    Ok(())
+}
+
+/// Creates a directory only the agent may enter (mode 0700), or tightens an existing one.
+pub(crate) fn create_private_dir(dir: &Path) -> Result<()> {
     use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
     let io = |source| Error::Io { path: dir.to_path_buf(), source };
     std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(io)?;
@@ -108,7 +122,7 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().join("var/lib/convoy");
         create_data_dir(&dir).unwrap();
-        assert_eq!(mode(&dir), 0o700);
+        assert_eq!(mode(&dir), 0o711);
         let file = AgentFile {
             id: "a1".into(),
             region: "eu-west".into(),
@@ -127,11 +141,21 @@ mod tests {
         file.save(&dir).unwrap();
         assert_eq!(mode(&dir.join(AGENT_FILE)), 0o600);
 
-        // A directory that already exists with a looser mode is tightened.
+        // A directory that already exists with a looser mode is tightened; one that services
+        // cannot pass through (as older agents left it) is opened for passing through only.
         let existing = tmp.path().join("existing");
         std::fs::create_dir(&existing).unwrap();
-        std::fs::set_permissions(&existing, std::fs::Permissions::from_mode(0o755)).unwrap();
-        create_data_dir(&existing).unwrap();
-        assert_eq!(mode(&existing), 0o700);
+        for before in [0o755, 0o700, 0o777] {
+            std::fs::set_permissions(&existing, std::fs::Permissions::from_mode(before)).unwrap();
+            create_data_dir(&existing).unwrap();
+            assert_eq!(mode(&existing), 0o711, "from {before:o}");
+        }
+        // The agent's own directories are private.
+        let private = dir.join("state");
+        create_private_dir(&private).unwrap();
+        assert_eq!(mode(&private), 0o700);
+        std::fs::set_permissions(&private, std::fs::Permissions::from_mode(0o755)).unwrap();
+        create_private_dir(&private).unwrap();
+        assert_eq!(mode(&private), 0o700);
     }
 }

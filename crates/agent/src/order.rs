@@ -16,6 +16,8 @@ use convoy_proto::v1 as pb;
 pub const MAX_LOG_LINES: u32 = 10_000;
 /// The longest health deadline an order may set.
 pub const MAX_HEALTH_DEADLINE: Duration = Duration::from_secs(24 * 3600);
+/// The longest app name (the bundle format's limit).
+pub const MAX_APP_NAME_LEN: usize = 64;
 /// The longest rollback reason kept.
 pub const MAX_REASON_LEN: usize = 1024;
 
@@ -34,6 +36,13 @@ pub struct Digest(String);
 
 impl AppName {
     pub fn parse(s: &str) -> Result<Self, Refusal> {
+        // The bundle crate's message quotes the whole name; hostile input is only echoed short.
+        if s.len() > MAX_APP_NAME_LEN {
+            return Err(Refusal::new(
+                "app",
+                format!("{:?} is longer than {MAX_APP_NAME_LEN} bytes", truncate(s)),
+            ));
+        }
         convoy_bundle::check_app_name(s).map_err(|e| Refusal::new("app", e.to_string()))?;
         Ok(Self(s.to_owned()))
     }

@@ -176,7 +176,7 @@ impl Agent {
     }
 
     async fn session_once(&self, cancel: &CancellationToken, established: &mut bool) -> Result<()> {
-        let (channel, mut cert) = tokio::select! {
+        let (channel, cert) = tokio::select! {
             c = self.connect() => c?,
             () = cancel.cancelled() => return Ok(()),
         };

@@ -151,6 +151,11 @@ struct Job {
 impl Executor {
     pub fn open(cfg: ExecConfig) -> Result<Self> {
         let layout = Layout::new(&cfg.data_dir);
+        // Services that run as another user pass through the data dir to their release; the
+        // state store and the download cache stay the agent's alone.
+        crate::identity::create_data_dir(&cfg.data_dir)?;
+        crate::identity::create_private_dir(&layout.state_dir())?;
+        crate::identity::create_private_dir(&layout.cache_dir())?;
         let state = State::open(&layout.state_dir())?;
         let admitted = state.last_seq()?;
         let downloader =
