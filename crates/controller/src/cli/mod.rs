@@ -109,9 +109,30 @@ impl Globals {
     }
 }
 
+/// A request the controller refused, kept as its gRPC status so the exit code can follow it.
+#[derive(Debug)]
+pub struct Refused(pub tonic::Status);
+
+impl std::fmt::Display for Refused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "controller refused ({:?}): {}", self.0.code(), self.0.message())
+    }
+}
+
+impl std::error::Error for Refused {}
+
 /// Turns a gRPC status into an error that reads well on a terminal.
 pub(crate) fn status_error(status: tonic::Status) -> anyhow::Error {
-    anyhow::anyhow!("controller refused ({:?}): {}", status.code(), status.message())
+    Refused(status).into()
+}
+
+/// The exit code of a command that failed with `err`: 2 (usage) when the controller found an
+/// argument invalid, 1 otherwise.
+pub fn exit_code(err: &anyhow::Error) -> u8 {
+    match err.downcast_ref::<Refused>() {
+        Some(Refused(status)) if status.code() == tonic::Code::InvalidArgument => 2,
+        _ => 1,
+    }
 }
 
 /// Runs a parsed command line.

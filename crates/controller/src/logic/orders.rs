@@ -97,6 +97,16 @@ pub enum Target {
     All,
 }
 
+/// A name or version in an admin request that is not valid, worded as the request's `field`
+/// (the bundle crate words the same check as a manifest problem).
+fn invalid(field: &str, e: convoy_bundle::Error) -> Error {
+    let why = match e {
+        convoy_bundle::Error::BadManifest(m) => m,
+        other => other.to_string(),
+    };
+    Error::InvalidArgument(format!("{field}: {why}"))
+}
+
 /// Sequence numbers are reserved in blocks, durably, so numbering never goes backwards across a
 /// controller restart without a flush per order.
 const SEQ_BLOCK: u64 = 1024;
@@ -256,9 +266,12 @@ impl Controller {
         if reason.trim().is_empty() {
             return Err(Error::InvalidArgument("a rollback needs a --reason".into()));
         }
-        convoy_bundle::check_app_name(app).map_err(|e| Error::InvalidArgument(e.to_string()))?;
-        for v in from.iter().chain(to.iter()) {
-            convoy_bundle::check_version(v).map_err(|e| Error::InvalidArgument(e.to_string()))?;
+        convoy_bundle::check_app_name(app).map_err(|e| invalid("app", e))?;
+        if let Some(v) = &from {
+            convoy_bundle::check_version(v).map_err(|e| invalid("from_version", e))?;
+        }
+        if let Some(v) = &to {
+            convoy_bundle::check_version(v).map_err(|e| invalid("to_version", e))?;
         }
         let ids = self.resolve_targets(target).await?;
         if ids.is_empty() {

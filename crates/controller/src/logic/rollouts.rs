@@ -291,7 +291,9 @@ impl Controller {
             let all: Vec<(String, Rollout)> = c.inner.store.list(Tree::Rollouts)?;
             let found = match id {
                 Some(id) => all.into_iter().find(|(k, _)| *k == id).map(|(_, r)| r),
-                None => all.into_iter().map(|(_, r)| r).max_by_key(|r| (r.created_at, r.id.clone())),
+                None => {
+                    all.into_iter().map(|(_, r)| r).max_by(|a, b| creation_order(a).cmp(&creation_order(b)))
+                }
             };
             found.ok_or_else(|| Error::InvalidArgument("no such rollout".into()))
         })
@@ -303,7 +305,7 @@ impl Controller {
             let mut all: Vec<Rollout> =
                 c.inner.store.list(Tree::Rollouts)?.into_iter().map(|(_, r)| r).collect();
             all.retain(|r: &Rollout| app.as_deref().is_none_or(|a| r.spec.app == a));
-            all.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
+            all.sort_by(|a, b| creation_order(a).cmp(&creation_order(b)));
             Ok(all)
         })
         .await
@@ -1200,6 +1202,12 @@ enum WaveEnd {
     Failed(String),
 }
 
+/// Orders rollouts by creation: by second, then by id number (`ro-10` after `ro-9`; ids are
+/// `ro-<n>` with `n` increasing, so a longer id is a later one).
+fn creation_order(r: &Rollout) -> (i64, usize, &str) {
+    (r.created_at, r.id.len(), &r.id)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1229,6 +1237,28 @@ mod tests {
         spec.waves = vec![100];
         spec.region_order = vec![];
         assert_eq!(plan_waves(&spec, agents(&[("x", 3)])).len(), 1);
+    }
+
+    #[test]
+    fn rollouts_created_in_the_same_second_order_by_id_number() {
+        let ro = |id: &str| Rollout {
+            id: id.into(),
+            spec: RolloutSpec::new("a", "1.0.0"),
+            digest: String::new(),
+            state: RolloutState::Completed,
+            created_at: 1_767_225_600,
+            created_by: "admin/test".into(),
+            finished_at: None,
+            waves: vec![],
+            wave: 0,
+            agents: BTreeMap::new(),
+            events: vec![],
+            failure: None,
+        };
+        let mut list = [ro("ro-1000001"), ro("ro-10"), ro("ro-9")];
+        list.sort_by(|a, b| creation_order(a).cmp(&creation_order(b)));
+        let ids: Vec<&str> = list.iter().map(|r| r.id.as_str()).collect();
+        assert_eq!(ids, ["ro-9", "ro-10", "ro-1000001"]);
     }
 
     #[test]
