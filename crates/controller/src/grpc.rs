@@ -14,6 +14,8 @@ use tokio_stream::Stream;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
 
+use crate::logic::admins::{AdminCaller, AdminRecord};
+use crate::logic::roles::{Action, Principal, Role};
 use crate::logic::rollouts::{Control, FreezeWindow, RolloutSpec, Threshold};
 use crate::logic::OrderKind;
 use crate::logic::{self, Controller};
@@ -32,9 +34,11 @@ pub fn to_status(err: logic::Error) -> Status {
         | E::TokenExpired(_)
         | E::TokenRegion { .. }
         | E::Revoked(_)
-        | E::PermissionDenied(_) => Status::permission_denied(msg),
-        E::AgentExists(_) => Status::already_exists(msg),
-        E::UnknownAgent(_) => Status::not_found(msg),
+        | E::PermissionDenied(_)
+        | E::RoleTooLow { .. }
+        | E::UnknownCertificate { .. } => Status::permission_denied(msg),
+        E::AgentExists(_) | E::AdminExists(_) => Status::already_exists(msg),
+        E::UnknownAgent(_) | E::UnknownAdmin(_) => Status::not_found(msg),
         E::InvalidArgument(_) | E::Csr(_) | E::Bundle(_) => Status::invalid_argument(msg),
         E::UnknownRelease(_) => Status::not_found(msg),
         E::Conflict(_) => Status::already_exists(msg),
@@ -67,13 +71,18 @@ fn require_agent<T>(req: &Request<T>) -> Result<(String, String), Status> {
     }
 }
 
-fn require_admin<T>(req: &Request<T>) -> Result<Identity, Status> {
-    match peer_identity(req) {
-        Some(id @ Identity::Admin(_)) => Ok(id.clone()),
-        Some(other) => Err(Status::permission_denied(format!(
+/// The admin name and certificate serial of the verified client certificate.
+fn require_admin<T>(req: &Request<T>) -> Result<(String, String), Status> {
+    let serial = req.extensions().get::<PeerInfo>().and_then(|p| p.cert.as_ref()).map(|c| c.serial.clone());
+    match (peer_identity(req), serial) {
+        (Some(Identity::Admin(name)), Some(serial)) => Ok((name.clone(), serial)),
+        (Some(Identity::Admin(_)), None) => {
+            Err(Status::unauthenticated("the admin certificate's serial could not be read"))
+        }
+        (Some(other), _) => Err(Status::permission_denied(format!(
             "{other} is not an admin: admin RPCs need an admin certificate"
         ))),
-        None => Err(Status::unauthenticated("a client certificate is required for this RPC")),
+        (None, _) => Err(Status::unauthenticated("a client certificate is required for this RPC")),
     }
 }
 
@@ -452,19 +461,58 @@ impl pb::agent_service_server::AgentService for AgentSvc {
 pub struct AdminSvc(pub Controller);
 
 impl AdminSvc {
-    /// The caller's admin identity, refusing other identities and revoked admins.
-    async fn admin<T>(&self, req: &Request<T>) -> Result<Identity, Status> {
-        let id = require_admin(req)?;
-        if let Identity::Admin(name) = &id {
-            self.0.check_admin(name).await.map_err(to_status)?;
+    /// The caller, checked against the admin registry by certificate serial and authorized for
+    /// `action` by role. Every refusal is written to the audit log.
+    async fn caller<T>(&self, req: &Request<T>, action: Action, target: &str) -> Result<AdminCaller, Status> {
+        let caller = self.authenticate(req, action, target).await?;
+        self.check_role(&caller, action, target).await?;
+        Ok(caller)
+    }
+
+    /// The caller, checked against the admin registry by certificate serial, before knowing
+    /// which action it asks for (`action` names the attempt in the audit log if refused).
+    async fn authenticate<T>(
+        &self,
+        req: &Request<T>,
+        action: Action,
+        target: &str,
+    ) -> Result<AdminCaller, Status> {
+        let (name, serial) = require_admin(req)?;
+        match self.0.authenticate_admin(&name, &serial).await {
+            Ok(caller) => Ok(caller),
+            Err(e) => {
+                tracing::warn!(admin = %name, %serial, action = action.audit_name(), error = %e, "admin refused");
+                let params = serde_json::json!({"serial": serial});
+                self.0
+                    .audit(
+                        &format!("admin/{name}"),
+                        action.audit_name(),
+                        target,
+                        params,
+                        &format!("refused: {e}"),
+                    )
+                    .await;
+                Err(to_status(e))
+            }
         }
-        Ok(id)
+    }
+
+    /// Refuses `action` unless the caller's role allows it, auditing the refusal.
+    async fn check_role(&self, caller: &AdminCaller, action: Action, target: &str) -> Result<(), Status> {
+        let who = caller.to_string();
+        if let Err(e) = Principal::Admin(caller.role).authorize(&who, action) {
+            tracing::warn!(admin = %who, role = %caller.role, action = action.audit_name(), "admin action refused by role");
+            let params = serde_json::json!({"serial": caller.serial, "role": caller.role});
+            self.0.audit(&who, action.audit_name(), target, params, &format!("refused: {e}")).await;
+            return Err(to_status(e));
+        }
+        Ok(())
     }
 
     /// Writes the audit entry for an admin action, with its outcome.
     async fn audited<T>(
         &self,
-        admin: &Identity,
+        admin: &AdminCaller,
         action: &str,
         target: &str,
         params: serde_json::Value,
@@ -478,20 +526,42 @@ impl AdminSvc {
     }
 }
 
+fn admin_info(r: AdminRecord) -> pb::AdminInfo {
+    pb::AdminInfo {
+        name: r.name,
+        role: r.role.to_string(),
+        certs: r
+            .certs
+            .into_iter()
+            .map(|c| pb::AdminCertInfo {
+                serial: c.serial,
+                issued_at_unix: c.issued_at,
+                issued_by: c.issued_by,
+                not_after_unix: c.not_after,
+                revoked: c.revoked,
+                revoked_at_unix: c.revoked_at.unwrap_or(0),
+                revoked_by: c.revoked_by.unwrap_or_default(),
+            })
+            .collect(),
+        created_by: r.created_by,
+        created_at_unix: r.created_at,
+    }
+}
+
 #[tonic::async_trait]
 impl pb::admin_service_server::AdminService for AdminSvc {
     async fn create_token(
         &self,
         req: Request<pb::CreateTokenRequest>,
     ) -> Result<Response<pb::CreateTokenResponse>, Status> {
-        let admin = self.admin(&req).await?;
+        let admin = self.caller(&req, Action::CreateToken, "*").await?;
         let r = req.into_inner();
         let region = (!r.region.is_empty()).then_some(r.region);
         let ttl = Duration::from_secs(r.ttl_secs);
         let target = region.clone().unwrap_or_else(|| "*".into());
         let result = self
             .0
-            .create_token(region, labels(r.labels), r.allow_agent_labels, ttl, &admin)
+            .create_token(region, labels(r.labels), r.allow_agent_labels, ttl, &admin.identity())
             .instrument(tracing::info_span!("create_token", %admin))
             .await;
         self.audited(&admin, "token.create", &target, serde_json::json!({"ttl_secs": r.ttl_secs}), &result)
@@ -504,7 +574,7 @@ impl pb::admin_service_server::AdminService for AdminSvc {
         &self,
         req: Request<pb::ListAgentsRequest>,
     ) -> Result<Response<pb::ListAgentsResponse>, Status> {
-        self.admin(&req).await?;
+        self.caller(&req, Action::ListAgents, "*").await?;
         let r = req.into_inner();
         let region = (!r.region.is_empty()).then_some(r.region);
         let agents = self.0.list_agents(region).await.map_err(to_status)?;
@@ -538,7 +608,7 @@ impl pb::admin_service_server::AdminService for AdminSvc {
         req: Request<Streaming<pb::PushChunk>>,
     ) -> Result<Response<pb::PushReleaseResponse>, Status> {
         use tokio::io::AsyncWriteExt;
-        let admin = self.admin(&req).await?;
+        let admin = self.caller(&req, Action::PushRelease, "*").await?;
         let span = tracing::info_span!("push_release", %admin);
         let mut inbound = req.into_inner();
         let upload = self.0.incoming_path();
@@ -589,7 +659,7 @@ impl pb::admin_service_server::AdminService for AdminSvc {
         &self,
         req: Request<pb::ListReleasesRequest>,
     ) -> Result<Response<pb::ListReleasesResponse>, Status> {
-        self.admin(&req).await?;
+        self.caller(&req, Action::ListReleases, "*").await?;
         let app = req.into_inner().app;
         let list = self.0.list_releases((!app.is_empty()).then_some(app)).await.map_err(to_status)?;
         Ok(Response::new(pb::ListReleasesResponse { releases: list.into_iter().map(release_info).collect() }))
@@ -599,9 +669,9 @@ impl pb::admin_service_server::AdminService for AdminSvc {
         &self,
         req: Request<pb::RemoveReleaseRequest>,
     ) -> Result<Response<pb::RemoveReleaseResponse>, Status> {
-        let admin = self.admin(&req).await?;
+        let target = format!("{}@{}", req.get_ref().app, req.get_ref().version);
+        let admin = self.caller(&req, Action::RemoveRelease, &target).await?;
         let r = req.into_inner();
-        let target = format!("{}@{}", r.app, r.version);
         let result = self
             .0
             .remove_release(r.app, r.version, admin.to_string())
@@ -616,7 +686,7 @@ impl pb::admin_service_server::AdminService for AdminSvc {
         &self,
         req: Request<pb::RollbackRequest>,
     ) -> Result<Response<pb::RollbackResponse>, Status> {
-        let admin = self.admin(&req).await?;
+        let admin = self.caller(&req, Action::Rollback, &req.get_ref().app.clone()).await?;
         let r = req.into_inner();
         let target = if !r.agent_ids.is_empty() {
             logic::Target::Agents(r.agent_ids)
@@ -662,7 +732,8 @@ impl pb::admin_service_server::AdminService for AdminSvc {
     }
 
     async fn deploy(&self, req: Request<pb::DeployRequest>) -> Result<Response<pb::DeployResponse>, Status> {
-        let admin = self.admin(&req).await?;
+        let target = format!("{}@{}", req.get_ref().app, req.get_ref().version);
+        let admin = self.caller(&req, Action::Deploy, &target).await?;
         let r = req.into_inner();
         let mut spec = RolloutSpec::new(&r.app, &r.version);
         spec.regions = r.regions;
@@ -688,7 +759,6 @@ impl pb::admin_service_server::AdminService for AdminSvc {
         spec.supersede = r.supersede;
         spec.override_freeze = r.override_freeze.then_some(r.reason);
         let params = serde_json::to_value(&spec).unwrap_or_default();
-        let target = format!("{}@{}", r.app, r.version);
         let result = self
             .0
             .deploy(spec, &admin.to_string())
@@ -700,7 +770,7 @@ impl pb::admin_service_server::AdminService for AdminSvc {
     }
 
     async fn get_rollout(&self, req: Request<pb::RolloutRef>) -> Result<Response<pb::JsonDoc>, Status> {
-        self.admin(&req).await?;
+        self.caller(&req, Action::GetRollout, &req.get_ref().id.clone()).await?;
         let id = req.into_inner().id;
         let r = self.0.rollout((!id.is_empty()).then_some(id)).await.map_err(to_status)?;
         json_doc(&r)
@@ -710,7 +780,7 @@ impl pb::admin_service_server::AdminService for AdminSvc {
         &self,
         req: Request<pb::ListRolloutsRequest>,
     ) -> Result<Response<pb::JsonDoc>, Status> {
-        self.admin(&req).await?;
+        self.caller(&req, Action::ListRollouts, "*").await?;
         let app = req.into_inner().app;
         let list = self.0.rollouts((!app.is_empty()).then_some(app)).await.map_err(to_status)?;
         json_doc(&list)
@@ -720,13 +790,17 @@ impl pb::admin_service_server::AdminService for AdminSvc {
         &self,
         req: Request<pb::ControlRolloutRequest>,
     ) -> Result<Response<pb::JsonDoc>, Status> {
-        let admin = self.admin(&req).await?;
+        let (cmd, action) = match req.get_ref().action.as_str() {
+            "pause" => (Some(Control::Pause), Action::PauseRollout),
+            "resume" => (Some(Control::Resume), Action::ResumeRollout),
+            "abort" => (Some(Control::Abort), Action::AbortRollout),
+            // An unknown action is checked as the least a rollout control needs, then refused.
+            _ => (None, Action::PauseRollout),
+        };
+        let admin = self.caller(&req, action, &req.get_ref().id.clone()).await?;
         let r = req.into_inner();
-        let cmd = match r.action.as_str() {
-            "pause" => Control::Pause,
-            "resume" => Control::Resume,
-            "abort" => Control::Abort,
-            other => return Err(Status::invalid_argument(format!("unknown rollout action {other:?}"))),
+        let Some(cmd) = cmd else {
+            return Err(Status::invalid_argument(format!("unknown rollout action {:?}", r.action)));
         };
         tracing::info!(%admin, rollout = %r.id, action = %r.action, "rollout control");
         let result = self.0.control(&r.id, cmd).await;
@@ -737,7 +811,13 @@ impl pb::admin_service_server::AdminService for AdminSvc {
     }
 
     async fn freeze(&self, req: Request<pb::FreezeRequest>) -> Result<Response<pb::JsonDoc>, Status> {
-        let admin = self.admin(&req).await?;
+        let action = match req.get_ref().action.as_str() {
+            "add" => Action::AddFreeze,
+            "rm" => Action::RemoveFreeze,
+            // Listing, and unknown actions (refused below), need the least a freeze call needs.
+            _ => Action::ListFreezes,
+        };
+        let admin = self.caller(&req, action, &req.get_ref().id.clone()).await?;
         let r = req.into_inner();
         match r.action.as_str() {
             "add" => {
@@ -770,29 +850,82 @@ impl pb::admin_service_server::AdminService for AdminSvc {
         &self,
         req: Request<pb::IssueAdminRequest>,
     ) -> Result<Response<pb::IssueAdminResponse>, Status> {
-        let admin = self.admin(&req).await?;
+        let target = format!("admin/{}", req.get_ref().name);
+        let admin = self.caller(&req, Action::AddAdmin, &target).await?;
         let r = req.into_inner();
-        let result = self.0.issue_admin(r.name.clone(), r.csr_der, &admin).await;
-        self.audited(&admin, "admin.issue", &format!("admin/{}", r.name), serde_json::json!({}), &result)
-            .await;
-        let pem = result.map_err(to_status)?;
-        Ok(Response::new(pb::IssueAdminResponse { certificate_pem: pem, ca_pem: self.0.ca_pem().to_owned() }))
+        let params = serde_json::json!({"role": r.role});
+        let result = match r.role.parse::<Role>() {
+            Ok(role) => self.0.add_admin(r.name.clone(), role, r.csr_der, &admin).await,
+            Err(e) => Err(e),
+        };
+        let params = match &result {
+            Ok(issued) => serde_json::json!({"role": r.role, "serial": issued.serial}),
+            Err(_) => params,
+        };
+        self.audited(&admin, Action::AddAdmin.audit_name(), &target, params, &result).await;
+        let issued = result.map_err(to_status)?;
+        Ok(Response::new(pb::IssueAdminResponse {
+            certificate_pem: issued.cert_pem,
+            ca_pem: self.0.ca_pem().to_owned(),
+            serial: issued.serial,
+        }))
+    }
+
+    async fn rekey_admin(
+        &self,
+        req: Request<pb::RekeyAdminRequest>,
+    ) -> Result<Response<pb::IssueAdminResponse>, Status> {
+        let asked = req.get_ref().name.clone();
+        let admin = self.authenticate(&req, Action::RekeySelf, &format!("admin/{asked}")).await?;
+        // Rekeying oneself needs no more than being a registered admin; another name needs the
+        // admin role.
+        let name = if asked.is_empty() { admin.name.clone() } else { asked };
+        let action = if name == admin.name { Action::RekeySelf } else { Action::RekeyOther };
+        let target = format!("admin/{name}");
+        self.check_role(&admin, action, &target).await?;
+        let result = self.0.rekey_admin(name, req.into_inner().csr_der, &admin).await;
+        let params = match &result {
+            Ok(issued) => serde_json::json!({"serial": issued.serial}),
+            Err(_) => serde_json::json!({}),
+        };
+        self.audited(&admin, action.audit_name(), &target, params, &result).await;
+        let issued = result.map_err(to_status)?;
+        Ok(Response::new(pb::IssueAdminResponse {
+            certificate_pem: issued.cert_pem,
+            ca_pem: self.0.ca_pem().to_owned(),
+            serial: issued.serial,
+        }))
     }
 
     async fn revoke_admin(
         &self,
         req: Request<pb::RevokeAdminRequest>,
     ) -> Result<Response<pb::RevokeAdminResponse>, Status> {
-        let admin = self.admin(&req).await?;
-        let name = req.into_inner().name;
-        let result = self.0.revoke_admin(name.clone(), &admin).await;
-        self.audited(&admin, "admin.revoke", &format!("admin/{name}"), serde_json::json!({}), &result).await;
-        result.map_err(to_status)?;
-        Ok(Response::new(pb::RevokeAdminResponse {}))
+        let target = format!("admin/{}", req.get_ref().name);
+        let admin = self.caller(&req, Action::RevokeAdmin, &target).await?;
+        let r = req.into_inner();
+        let serial = (!r.serial.is_empty()).then_some(r.serial);
+        let result = self.0.revoke_admin(r.name, serial.clone(), &admin).await;
+        let params = match &result {
+            Ok(revoked) => serde_json::json!({"serial": serial, "revoked": revoked}),
+            Err(_) => serde_json::json!({"serial": serial}),
+        };
+        self.audited(&admin, Action::RevokeAdmin.audit_name(), &target, params, &result).await;
+        let revoked_serials = result.map_err(to_status)?;
+        Ok(Response::new(pb::RevokeAdminResponse { revoked_serials }))
+    }
+
+    async fn list_admins(
+        &self,
+        req: Request<pb::ListAdminsRequest>,
+    ) -> Result<Response<pb::ListAdminsResponse>, Status> {
+        self.caller(&req, Action::ListAdmins, "*").await?;
+        let admins = self.0.list_admins().await.map_err(to_status)?;
+        Ok(Response::new(pb::ListAdminsResponse { admins: admins.into_iter().map(admin_info).collect() }))
     }
 
     async fn audit(&self, req: Request<pb::AuditRequest>) -> Result<Response<pb::JsonDoc>, Status> {
-        self.admin(&req).await?;
+        self.caller(&req, Action::Audit, "*").await?;
         let r = req.into_inner();
         if r.verify {
             return match self.0.audit_verify().await.map_err(to_status)? {
@@ -806,12 +939,12 @@ impl pb::admin_service_server::AdminService for AdminSvc {
     }
 
     async fn status(&self, req: Request<pb::StatusRequest>) -> Result<Response<pb::JsonDoc>, Status> {
-        self.admin(&req).await?;
+        self.caller(&req, Action::Status, "*").await?;
         json_doc(&self.0.fleet_status().await.map_err(to_status)?)
     }
 
     async fn logs(&self, req: Request<pb::LogsRequest>) -> Result<Response<pb::LogsResponse>, Status> {
-        self.admin(&req).await?;
+        self.caller(&req, Action::Logs, &req.get_ref().agent_id.clone()).await?;
         let r = req.into_inner();
         let kind = OrderKind::Logs { app: r.app, lines: if r.lines == 0 { 100 } else { r.lines } };
         let o = self.0.send_order(&r.agent_id, kind, Duration::from_secs(30)).await.map_err(to_status)?;
@@ -825,11 +958,11 @@ impl pb::admin_service_server::AdminService for AdminSvc {
         &self,
         req: Request<pb::RevokeAgentRequest>,
     ) -> Result<Response<pb::RevokeAgentResponse>, Status> {
-        let admin = self.admin(&req).await?;
+        let admin = self.caller(&req, Action::RevokeAgent, &req.get_ref().agent_id.clone()).await?;
         let id = req.into_inner().agent_id;
         let result = self
             .0
-            .revoke_agent(&id, &admin)
+            .revoke_agent(&id, &admin.identity())
             .instrument(tracing::info_span!("revoke_agent", %admin, agent_id = %id))
             .await;
         self.audited(&admin, "agent.revoke", &id, serde_json::json!({}), &result).await;

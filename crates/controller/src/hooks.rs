@@ -18,7 +18,7 @@ use serde_json::json;
 use sha2::{Digest, Sha256};
 
 use crate::config::HooksConfig;
-use crate::logic::rollouts::Control;
+use crate::logic::roles::HookActor;
 use crate::logic::{now, Controller, Target};
 use crate::store::Tree;
 
@@ -70,11 +70,12 @@ impl HookConfig {
 
 #[derive(Clone)]
 struct AppState {
-    ctl: Controller,
+    ctl: HookActor,
     hooks: HookConfig,
 }
 
-pub fn router(ctl: Controller, hooks: HookConfig) -> axum::Router {
+/// The HTTP routes. Hooks act through `ctl`, which can only roll back or pause.
+pub fn router(ctl: HookActor, hooks: HookConfig) -> axum::Router {
     axum::Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/metrics", get(metrics))
@@ -83,7 +84,7 @@ pub fn router(ctl: Controller, hooks: HookConfig) -> axum::Router {
         .with_state(AppState { ctl, hooks })
 }
 
-fn error(ctl: &Controller, hook: &str, code: StatusCode, msg: impl Into<String>) -> Response {
+fn error(ctl: &HookActor, hook: &str, code: StatusCode, msg: impl Into<String>) -> Response {
     let msg = msg.into();
     let outcome = match code {
         StatusCode::UNAUTHORIZED => "unauthorized",
@@ -92,7 +93,7 @@ fn error(ctl: &Controller, hook: &str, code: StatusCode, msg: impl Into<String>)
         StatusCode::UNPROCESSABLE_ENTITY => "no_matching_app",
         _ => "error",
     };
-    ctl.inner_metrics().hook(hook, outcome);
+    ctl.metrics().hook(hook, outcome);
     tracing::warn!(hook, status = code.as_u16(), error = %msg, "hook request refused");
     (code, axum::Json(json!({"error": msg}))).into_response()
 }
@@ -121,7 +122,7 @@ async fn metrics(State(st): State<AppState>) -> Response {
             serde_json::to_value(r.state).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default()
         })
         .collect();
-    let body = st.ctl.inner_metrics().render(&agents, &rollouts);
+    let body = st.ctl.metrics().render(&agents, &rollouts);
     ([("content-type", "text/plain; version=0.0.4")], body).into_response()
 }
 
@@ -223,7 +224,7 @@ async fn alertmanager(State(st): State<AppState>, headers: HeaderMap, body: Byte
     }
     // Validate every app before acting on any: an error must change nothing.
     for (_, r) in &requests {
-        if !ctl.knows_app(&r.app).await {
+        if !knows_app(ctl, &r.app).await {
             return error(
                 ctl,
                 "alertmanager",
@@ -247,7 +248,7 @@ async fn alertmanager(State(st): State<AppState>, headers: HeaderMap, body: Byte
         ctl.mark_seen(&key).await;
         actions.push(json!({"alert": r.actor, "app": r.app, "region": r.region, "action": r.action, "outcome": outcome}));
     }
-    ctl.inner_metrics().hook("alertmanager", "ok");
+    ctl.metrics().hook("alertmanager", "ok");
     (StatusCode::OK, axum::Json(json!({"actions": actions}))).into_response()
 }
 
@@ -320,7 +321,7 @@ async fn generic(State(st): State<AppState>, headers: HeaderMap, body: Bytes) ->
             )
         }
     };
-    if !ctl.knows_app(&b.app).await {
+    if !knows_app(ctl, &b.app).await {
         return error(
             ctl,
             "rollback",
@@ -337,7 +338,7 @@ async fn generic(State(st): State<AppState>, headers: HeaderMap, body: Bytes) ->
         reason: b.reason,
     };
     let outcome = act(ctl, &r).await;
-    ctl.inner_metrics().hook("rollback", "ok");
+    ctl.metrics().hook("rollback", "ok");
     (StatusCode::OK, axum::Json(json!({"app": r.app, "region": r.region, "outcome": outcome})))
         .into_response()
 }
@@ -347,7 +348,7 @@ async fn generic(State(st): State<AppState>, headers: HeaderMap, body: Bytes) ->
 /// latest rollout, else what most targeted agents run), at most once per (app, region, release
 /// rolled back from): a further alert about the same incident is answered "already rolled back"
 /// and changes nothing, and never rolls the fleet one step further.
-async fn act(ctl: &Controller, r: &Request) -> String {
+async fn act(ctl: &HookActor, r: &Request) -> String {
     let rollouts = match ctl.rollouts(Some(r.app.clone())).await {
         Ok(list) => list,
         Err(e) => {
@@ -358,11 +359,11 @@ async fn act(ctl: &Controller, r: &Request) -> String {
     let active = rollouts.iter().find(|x| !x.state.is_final());
     let target = r.region.clone().unwrap_or_else(|| "*".into());
     let outcome = match (active, r.action.as_str()) {
-        (Some(ro), "rollback") => match ctl.control(&ro.id, Control::Abort).await {
+        (Some(ro), "rollback") => match ctl.abort(&r.actor, &ro.id).await {
             Ok(()) => format!("aborted rollout {} and rolled back its agents", ro.id),
             Err(e) => format!("abort of rollout {} failed: {e}", ro.id),
         },
-        (Some(ro), _) => match ctl.control(&ro.id, Control::Pause).await {
+        (Some(ro), _) => match ctl.pause(&r.actor, &ro.id).await {
             Ok(()) => format!("paused rollout {}", ro.id),
             Err(e) => format!("pause of rollout {} failed: {e}", ro.id),
         },
@@ -370,7 +371,7 @@ async fn act(ctl: &Controller, r: &Request) -> String {
         (None, _) => {
             let from = match rollouts.last() {
                 Some(ro) => ro.spec.version.clone(),
-                None => match ctl.running_version(&r.app, r.region.as_deref()).await {
+                None => match running_version(ctl, &r.app, r.region.as_deref()).await {
                     Ok(v) => v,
                     Err(e) => return format!("not acted: cannot read agents: {e}"),
                 },
@@ -382,7 +383,7 @@ async fn act(ctl: &Controller, r: &Request) -> String {
                 format!("already rolled back from {}@{from} in {target}", r.app)
             } else {
                 let t = r.region.clone().map(Target::Region).unwrap_or(Target::All);
-                match ctl.rollback(&r.app, &t, Some(from.clone()), None, &r.reason, &r.actor).await {
+                match ctl.rollback(&r.actor, &r.app, &t, Some(from.clone()), &r.reason).await {
                     Ok((results, took)) => {
                         ctl.mark_seen(&once).await;
                         let count = |f: fn(&crate::logic::Answer) -> bool| {
@@ -424,38 +425,40 @@ struct Seen {
 }
 
 impl Controller {
-    fn inner_metrics(&self) -> &crate::metrics::Metrics {
-        self.metrics()
-    }
-
-    /// Whether an app is known: a release was pushed or an agent runs it.
-    pub async fn knows_app(&self, app: &str) -> bool {
-        let releases = self.list_releases(Some(app.to_owned())).await.unwrap_or_default();
-        !releases.is_empty()
-    }
-
-    async fn seen(&self, key: &str) -> bool {
+    /// Whether a hook delivery or incident key was already acted on.
+    pub(crate) async fn hook_seen(&self, key: &str) -> bool {
         let key = key.to_owned();
         self.blocking(move |c| Ok(c.store().get::<Seen>(Tree::HookSeen, &key)?.is_some()))
             .await
             .unwrap_or(false)
     }
 
-    async fn mark_seen(&self, key: &str) {
+    /// Records that a hook delivery or incident key was acted on.
+    pub(crate) async fn mark_hook_seen(&self, key: &str) {
         let key = key.to_owned();
-        let _ =
+        let stored =
             self.blocking(move |c| Ok(c.store().put(Tree::HookSeen, &key, &Seen { at: now() }, true)?)).await;
-    }
-
-    /// The release most targeted agents run now (what a rollback would leave).
-    async fn running_version(&self, app: &str, region: Option<&str>) -> crate::logic::Result<String> {
-        let agents = self.list_agents(region.map(String::from)).await?;
-        let mut counts: BTreeMap<String, usize> = BTreeMap::new();
-        for a in agents {
-            if let Some(s) = a.record.apps.iter().find(|s| s.app == app) {
-                *counts.entry(s.current.clone()).or_default() += 1;
-            }
+        if let Err(e) = stored {
+            // The action already happened; the worst outcome is that a redelivery acts again.
+            tracing::error!(error = %e, "cannot record a hook delivery as acted on");
         }
-        Ok(counts.into_iter().max_by_key(|(_, n)| *n).map(|(v, _)| v).unwrap_or_default())
     }
+}
+
+/// Whether an app is known: a release of it was pushed.
+async fn knows_app(ctl: &HookActor, app: &str) -> bool {
+    let releases = ctl.list_releases(Some(app.to_owned())).await.unwrap_or_default();
+    !releases.is_empty()
+}
+
+/// The release most targeted agents run now (what a rollback would leave).
+async fn running_version(ctl: &HookActor, app: &str, region: Option<&str>) -> crate::logic::Result<String> {
+    let agents = ctl.list_agents(region.map(String::from)).await?;
+    let mut counts: BTreeMap<String, usize> = BTreeMap::new();
+    for a in agents {
+        if let Some(s) = a.record.apps.iter().find(|s| s.app == app) {
+            *counts.entry(s.current.clone()).or_default() += 1;
+        }
+    }
+    Ok(counts.into_iter().max_by_key(|(_, n)| *n).map(|(v, _)| v).unwrap_or_default())
 }

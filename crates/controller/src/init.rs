@@ -51,6 +51,10 @@ pub enum Error {
     Dir { path: PathBuf, source: std::io::Error },
     #[error(transparent)]
     Pki(#[from] convoy_pki::Error),
+    #[error("recording the first admin in the state store: {0}")]
+    Store(#[from] crate::store::Error),
+    #[error("recording the first admin in the admin registry: {0}")]
+    Registry(#[from] crate::logic::Error),
 }
 
 const FILES: [&str; 7] =
@@ -122,6 +126,10 @@ pub fn init(opts: &InitOptions) -> Result<PathBuf, Error> {
     write("admin.pem", &admin.cert_pem, false)?;
     // The config holds the hook secrets.
     write(CONFIG_FILE, &config, true)?;
+    // Last, so that a failure here leaves a complete PKI: the controller's start-up rule
+    // records the first admin from admin.pem when the registry is empty.
+    let store = crate::store::Store::open(&dir.join(&raw.state_dir))?;
+    crate::logic::admins::record_first_admin(&store, &opts.admin, &admin.info)?;
     Ok(dir.join(CONFIG_FILE))
 }
 

@@ -61,6 +61,7 @@ impl Prepared {
         let ca = Ca::load(config.trust_domain.clone(), &ca_pem, &ca_key)?;
         let tls = convoy_pki::server_config(&ca_pem, &cert, &key)?;
         let store = Store::open(&config.state_dir)?;
+        migrate_admins(config, &store)?;
         let release_trust = if config.release_trust.is_empty() {
             None
         } else {
@@ -113,7 +114,7 @@ impl Prepared {
             .add_service(pb::agent_service_server::AgentServiceServer::new(AgentSvc(ctl.clone())))
             .add_service(pb::admin_service_server::AdminServiceServer::new(AdminSvc(ctl.clone())))
             .serve_with_incoming_shutdown(incoming, stop.clone().cancelled_owned());
-        let app = crate::hooks::router(ctl.clone(), self.hooks);
+        let app = crate::hooks::router(crate::logic::roles::HookActor::new(ctl.clone()), self.hooks);
         let http_server = axum::serve(http, app).with_graceful_shutdown(stop.clone().cancelled_owned());
         let http_task = tokio::spawn(async move { http_server.await.map_err(Error::Http) });
         let grpc_result = grpc_server.await;
@@ -128,6 +129,39 @@ impl Prepared {
         tracing::info!("controller stopped");
         Ok(())
     }
+}
+
+/// Applies the admin registry's upgrade rule ([`crate::logic::admins::migrate`]) with the admin
+/// certificate the config points at, which for a controller set up by `convoy init` is the first
+/// admin's. An unreadable certificate is not fatal: the registry then starts without it, and the
+/// log says so.
+fn migrate_admins(config: &Config, store: &Store) -> Result<(), Error> {
+    let first = match &config.admin {
+        None => None,
+        Some((cert_path, _)) => {
+            let parsed = files::read_to_string(cert_path)
+                .and_then(|pem| convoy_pki::CertInfo::from_pem(&pem))
+                .and_then(|info| Ok((info.identity(&config.trust_domain)?, info)));
+            match parsed {
+                Ok((convoy_pki::Identity::Admin(name), info)) => Some((name, info)),
+                Ok((other, _)) => {
+                    tracing::warn!(cert = %cert_path.display(), identity = %other, "the config's admin certificate is not an admin's");
+                    None
+                }
+                Err(e) => {
+                    tracing::warn!(cert = %cert_path.display(), error = %e, "cannot read the config's admin certificate");
+                    None
+                }
+            }
+        }
+    };
+    let done = crate::logic::admins::migrate(store, first.as_ref().map(|(n, i)| (n.as_str(), i)))?;
+    if let Some(name) = &done.first_admin {
+        tracing::warn!(admin = %name, revoked = ?done.revoked_names, "admin registry created from an older store: the first admin is recorded with role admin; other admins need new certificates");
+    } else if !done.revoked_names.is_empty() {
+        tracing::warn!(revoked = ?done.revoked_names, "admin registry created from an older store without a usable first admin certificate");
+    }
+    Ok(())
 }
 
 /// Binds both listeners from the config, with optional overrides from flags.

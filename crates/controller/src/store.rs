@@ -158,7 +158,10 @@ pub enum Tree {
     Freezes,
     /// Alert deliveries and hook signatures already acted on.
     HookSeen,
+    /// Admin names revoked before the admin registry existed; read only by its migration.
     RevokedAdmins,
+    /// The admin registry: one record per admin name.
+    Admins,
 }
 
 impl Tree {
@@ -170,6 +173,7 @@ impl Tree {
             Tree::Freezes => "freezes",
             Tree::HookSeen => "hook_seen",
             Tree::RevokedAdmins => "revoked_admins",
+            Tree::Admins => "admins",
         }
     }
 }
@@ -184,7 +188,8 @@ impl Store {
         Ok(Self { db, agents, tokens, releases, meta })
     }
 
-    fn flush(&self) -> Result<()> {
+    /// Makes every write so far durable.
+    pub fn flush(&self) -> Result<()> {
         self.db.flush()?;
         Ok(())
     }

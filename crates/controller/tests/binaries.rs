@@ -209,20 +209,41 @@ fn real_binaries_enroll_run_list_revoke_and_shut_down_gracefully() {
 
     // A second admin, with a key made on "their" machine; then revoked.
     let ops_dir = tmp.path().join("ops");
-    run_ok(&mut admin(&["admins", "add", "ops", "-o", ops_dir.to_str().unwrap()]));
+    run_ok(&mut admin(&["admins", "add", "ops", "--role", "viewer", "-o", ops_dir.to_str().unwrap()]));
     let ops = |args: &[&str]| {
         let mut c = convoy();
         c.arg("--config").arg(ops_dir.join("convoy.toml")).arg("--controller").arg(&grpc).args(args);
         c
     };
     assert!(run_ok(&mut ops(&["agents"])).contains("e2e-1"));
+    // A viewer reads but cannot create tokens; the refusal names both roles.
+    let err = run_err(&mut ops(&["token", "create", "--region", "eu-west", "--ttl", "1h"]));
+    assert!(err.contains("role viewer") && err.contains("needs role admin"), "{err}");
+    let listed: serde_json::Value =
+        serde_json::from_str(&run_ok(&mut admin(&["admins", "list", "-o", "json"]))).unwrap();
+    let ops_entry = listed.as_array().unwrap().iter().find(|a| a["name"] == "ops").unwrap().clone();
+    assert_eq!(ops_entry["role"], "viewer");
+    assert_eq!(ops_entry["certs"][0]["state"], "active");
+    let table = run_ok(&mut admin(&["admins", "list"]));
+    assert!(
+        table.lines().any(|l| l.starts_with("ops") && l.contains("viewer") && l.contains("active")),
+        "{table}"
+    );
     let err = run_err(&mut admin(&["admins", "revoke", "admin"]));
     assert!(err.contains("cannot revoke their own"), "{err}");
     run_ok(&mut admin(&["admins", "revoke", "ops"]));
     let err = run_err(&mut ops(&["agents"]));
-    assert!(err.contains("admin/ops is revoked"), "{err}");
-    let err = run_err(&mut admin(&["admins", "add", "ops", "-o", tmp.path().join("ops2").to_str().unwrap()]));
-    assert!(err.contains("revoked"), "{err}");
+    assert!(err.contains("admin/ops certificate") && err.contains("is revoked"), "{err}");
+    let err = run_err(&mut admin(&[
+        "admins",
+        "add",
+        "ops",
+        "--role",
+        "viewer",
+        "-o",
+        tmp.path().join("ops2").to_str().unwrap(),
+    ]));
+    assert!(err.contains("already exists"), "{err}");
 
     let out = run_ok(&mut admin(&["agents", "revoke", "e2e-1"]));
     assert!(out.contains("revoked e2e-1"), "{out}");

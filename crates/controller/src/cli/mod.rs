@@ -56,7 +56,7 @@ pub enum Command {
     /// Release bundles: build, sign, verify, inspect, push, list, remove.
     #[command(subcommand)]
     Release(release::Command),
-    /// Admin certificates: add one, revoke one.
+    /// The admin registry: add, rekey, list and revoke admins and their certificates.
     #[command(subcommand)]
     Admins(admins::Command),
     /// The audit log, or `audit verify` to check its hash chain.

@@ -42,6 +42,20 @@ pub enum Error {
     Csr(String),
     #[error("{0}")]
     PermissionDenied(String),
+    #[error("{who} has role {role}; {action} needs role {needed} or higher")]
+    RoleTooLow { who: String, action: &'static str, needed: roles::Role, role: roles::Role },
+    #[error(
+        "certificate {serial} of {who} is not recorded in the admin registry: it was not issued to \
+         this admin through the registry, so it is refused"
+    )]
+    UnknownCertificate { who: String, serial: String },
+    #[error(
+        "admin {0:?} already exists: admin names are unique; `convoy admins rekey {0}` issues it a \
+         new certificate"
+    )]
+    AdminExists(String),
+    #[error("admin {0:?} is not in the admin registry")]
+    UnknownAdmin(String),
     #[error("agent {0} is offline")]
     Offline(String),
     /// The order went out but no answer came in time: whether it applied is unknown.
@@ -95,8 +109,10 @@ fn validate_labels(labels: &BTreeMap<String, String>) -> Result<()> {
     Ok(())
 }
 
+pub mod admins;
 pub mod audit;
 mod orders;
+pub mod roles;
 pub mod rollouts;
 
 pub use orders::{Answer, Order, OrderKind, OrderOutcome, Target};
@@ -151,15 +167,10 @@ struct Inner {
     /// Cancelled when the controller shuts down: background drivers stop with it.
     shutdown: CancellationToken,
     audit_lock: Mutex<()>,
+    /// Serializes changes to admin records (read, change, write).
+    admins_lock: Mutex<()>,
     pub(crate) metrics: crate::metrics::Metrics,
     pub(crate) notifier: crate::notify::Notifier,
-}
-
-/// A revoked admin name.
-#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
-struct RevokedAdmin {
-    by: String,
-    at: i64,
 }
 
 /// The result of a successful enrollment.
@@ -202,6 +213,7 @@ impl Controller {
                 converging: Mutex::new(Default::default()),
                 shutdown: CancellationToken::new(),
                 audit_lock: Mutex::new(()),
+                admins_lock: Mutex::new(()),
                 metrics: Default::default(),
                 notifier,
             }),
@@ -531,43 +543,6 @@ impl Controller {
 
     pub fn is_online(&self, agent_id: &str) -> bool {
         self.lock_sessions().contains_key(agent_id)
-    }
-
-    /// Issues an admin certificate from a CSR. Revoked names stay revoked.
-    pub async fn issue_admin(&self, name: String, csr_der: Vec<u8>, by: &Identity) -> Result<String> {
-        Identity::validate_name(&name).map_err(|e| Error::InvalidArgument(e.to_string()))?;
-        let by = by.to_string();
-        self.blocking(move |c| {
-            if c.inner.store.get::<RevokedAdmin>(store::Tree::RevokedAdmins, &name)?.is_some() {
-                return Err(Error::Revoked(format!("admin/{name}")));
-            }
-            let issued = c.inner.ca.sign_admin_csr(&csr_der, &name).map_err(|e| Error::Csr(e.to_string()))?;
-            tracing::info!(admin = %name, %by, serial = %issued.info.serial, "admin certificate issued");
-            Ok(issued.cert_pem)
-        })
-        .await
-    }
-
-    /// Refuses an admin name from now on. An admin cannot revoke themselves (no lock-out).
-    pub async fn revoke_admin(&self, name: String, by: &Identity) -> Result<()> {
-        if matches!(by, Identity::Admin(me) if *me == name) {
-            return Err(Error::InvalidArgument("an admin cannot revoke their own certificate".into()));
-        }
-        Identity::validate_name(&name).map_err(|e| Error::InvalidArgument(e.to_string()))?;
-        let rec = RevokedAdmin { by: by.to_string(), at: now() };
-        self.blocking(move |c| Ok(c.inner.store.put(store::Tree::RevokedAdmins, &name, &rec, true)?)).await
-    }
-
-    /// Refuses a revoked admin. Called for every admin RPC.
-    pub async fn check_admin(&self, name: &str) -> Result<()> {
-        let key = name.to_owned();
-        let revoked = self
-            .blocking(move |c| Ok(c.inner.store.get::<RevokedAdmin>(store::Tree::RevokedAdmins, &key)?))
-            .await?;
-        match revoked {
-            Some(_) => Err(Error::Revoked(format!("admin/{name}"))),
-            None => Ok(()),
-        }
     }
 
     /// Lists agents, optionally only one region's.
