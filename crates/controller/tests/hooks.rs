@@ -197,7 +197,8 @@ async fn alertmanager_hook_auth_errors_dedupe_and_actions() {
     assert_eq!(f.serving("eu-1").as_deref(), Some("1.0.0"));
     // Audited with the alert as the actor.
     let log = f.ctl.controller.audit_log(Some("shop-api".into()), None).await.unwrap();
-    let entry = log.iter().find(|e| e.actor == "alert:CheckoutErrors").unwrap();
+    let entry =
+        log.iter().find(|e| e.actor == "alert:CheckoutErrors" && e.phase == Some(Phase::Outcome)).unwrap();
     assert_eq!(entry.action, "rollback");
     assert!(entry.outcome.contains("rolled back"));
 
