@@ -52,6 +52,25 @@ pub struct AuditEntry {
     pub intent: Option<u64>,
 }
 
+impl AuditEntry {
+    /// An entry's content; sequence, time and hashes are set when it is appended.
+    fn draft(actor: &str, action: &str, target: &str, params: serde_json::Value, outcome: &str) -> Self {
+        Self {
+            seq: 0,
+            at: 0,
+            actor: actor.to_owned(),
+            action: action.to_owned(),
+            target: target.to_owned(),
+            params,
+            outcome: outcome.to_owned(),
+            prev_hash: String::new(),
+            hash: String::new(),
+            phase: None,
+            intent: None,
+        }
+    }
+}
+
 const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 
 /// The hash of an entry: over every field but `hash`, in a fixed order. The phase fields are
@@ -196,29 +215,7 @@ impl Controller {
         Ok(written)
     }
 
-    async fn append(
-        &self,
-        actor: &str,
-        action: &str,
-        target: &str,
-        params: serde_json::Value,
-        outcome: &str,
-        phase: Option<Phase>,
-        intent: Option<u64>,
-    ) -> Result<AuditEntry> {
-        let e = AuditEntry {
-            seq: 0,
-            at: 0,
-            actor: actor.to_owned(),
-            action: action.to_owned(),
-            target: target.to_owned(),
-            params,
-            outcome: outcome.to_owned(),
-            prev_hash: String::new(),
-            hash: String::new(),
-            phase,
-            intent,
-        };
+    async fn append(&self, e: AuditEntry) -> Result<AuditEntry> {
         self.blocking(move |c| c.append_blocking(e)).await
     }
 
@@ -232,7 +229,7 @@ impl Controller {
         params: serde_json::Value,
         outcome: &str,
     ) {
-        if let Err(e) = self.append(actor, action, target, params, outcome, None, None).await {
+        if let Err(e) = self.append(AuditEntry::draft(actor, action, target, params, outcome)).await {
             tracing::error!(error = %e, "audit entry could not be written");
         }
     }
@@ -247,7 +244,11 @@ impl Controller {
         target: &str,
         params: serde_json::Value,
     ) -> Result<u64> {
-        match self.append(actor, action, target, params, "pending", Some(Phase::Intent), None).await {
+        let e = AuditEntry {
+            phase: Some(Phase::Intent),
+            ..AuditEntry::draft(actor, action, target, params, "pending")
+        };
+        match self.append(e).await {
             Ok(e) => Ok(e.seq),
             Err(e) => {
                 tracing::error!(error = %e, actor, action, "audit intent could not be written: refusing the action");
@@ -267,7 +268,12 @@ impl Controller {
         params: serde_json::Value,
         outcome: &str,
     ) {
-        let r = self.append(actor, action, target, params, outcome, Some(Phase::Outcome), Some(intent)).await;
+        let e = AuditEntry {
+            phase: Some(Phase::Outcome),
+            intent: Some(intent),
+            ..AuditEntry::draft(actor, action, target, params, outcome)
+        };
+        let r = self.append(e).await;
         if let Err(e) = r {
             tracing::error!(error = %e, intent, actor, action, "audit outcome could not be written");
         }
