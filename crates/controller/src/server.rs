@@ -114,7 +114,9 @@ impl Prepared {
         let ctl = self.controller;
         // Unfinished rollouts carry on where they stopped.
         ctl.resume_rollouts().await?;
-        {
+        // Awaited before returning: the task holds the controller (and so the store's lock),
+        // and a stopped controller must release its store for the next one to open it.
+        let checkpoints = {
             let (ctl, stop) = (ctl.clone(), stop.clone());
             tokio::spawn(async move {
                 let mut tick = tokio::time::interval(CHECKPOINT_INTERVAL);
@@ -128,8 +130,8 @@ impl Prepared {
                         () = stop.cancelled() => break,
                     }
                 }
-            });
-        }
+            })
+        };
         let grpc_server = tonic::transport::Server::builder()
             .http2_keepalive_interval(Some(Duration::from_secs(5)))
             .http2_keepalive_timeout(Some(Duration::from_secs(5)))
@@ -147,6 +149,9 @@ impl Prepared {
             Ok(Err(e)) => Err(Error::Http(std::io::Error::other(e))),
             Err(_) => Ok(()),
         };
+        if let Err(e) = checkpoints.await {
+            tracing::error!(error = %e, "audit checkpoint task failed");
+        }
         grpc_result?;
         http_result?;
         tracing::info!("controller stopped");
