@@ -43,7 +43,8 @@ pub fn to_status(err: logic::Error) -> Status {
         E::UnknownRelease(_) => Status::not_found(msg),
         E::Conflict(_) => Status::already_exists(msg),
         E::FailedPrecondition(_) => Status::failed_precondition(msg),
-        E::Offline(_) => Status::unavailable(msg),
+        E::Offline(_) | E::AuditUnavailable(_) => Status::unavailable(msg),
+        E::AuditTampered(_) => Status::data_loss(msg),
         E::NoAnswer(_) => Status::deadline_exceeded(msg),
         E::Store(_) | E::Internal(_) => {
             tracing::error!(error = %msg, "internal error");
@@ -509,20 +510,26 @@ impl AdminSvc {
         Ok(())
     }
 
-    /// Writes the audit entry for an admin action, with its outcome.
+    /// Runs an admin action between its two audit entries: the intent is written and flushed
+    /// first, and when it cannot be the action never runs (the caller gets `unavailable`); the
+    /// outcome follows, naming the intent.
     async fn audited<T>(
         &self,
         admin: &AdminCaller,
         action: &str,
         target: &str,
         params: serde_json::Value,
-        result: &Result<T, logic::Error>,
-    ) {
-        let outcome = match result {
+        run: impl std::future::Future<Output = Result<T, logic::Error>>,
+    ) -> Result<Result<T, logic::Error>, Status> {
+        let actor = admin.to_string();
+        let intent = self.0.audit_intent(&actor, action, target, params).await.map_err(to_status)?;
+        let result = run.await;
+        let outcome = match &result {
             Ok(_) => "ok".to_string(),
             Err(e) => format!("refused: {e}"),
         };
-        self.0.audit(&admin.to_string(), action, target, params, &outcome).await;
+        self.0.audit_outcome(intent, &actor, action, target, serde_json::json!({}), &outcome).await;
+        Ok(result)
     }
 }
 
@@ -559,13 +566,13 @@ impl pb::admin_service_server::AdminService for AdminSvc {
         let region = (!r.region.is_empty()).then_some(r.region);
         let ttl = Duration::from_secs(r.ttl_secs);
         let target = region.clone().unwrap_or_else(|| "*".into());
-        let result = self
+        let identity = admin.identity();
+        let run = self
             .0
-            .create_token(region, labels(r.labels), r.allow_agent_labels, ttl, &admin.identity())
-            .instrument(tracing::info_span!("create_token", %admin))
-            .await;
-        self.audited(&admin, "token.create", &target, serde_json::json!({"ttl_secs": r.ttl_secs}), &result)
-            .await;
+            .create_token(region, labels(r.labels), r.allow_agent_labels, ttl, &identity)
+            .instrument(tracing::info_span!("create_token", %admin));
+        let params = serde_json::json!({"ttl_secs": r.ttl_secs});
+        let result = self.audited(&admin, "token.create", &target, params, run).await?;
         let (token, expires) = result.map_err(to_status)?;
         Ok(Response::new(pb::CreateTokenResponse { token, expires_at_unix: expires }))
     }
@@ -632,17 +639,40 @@ impl pb::admin_service_server::AdminService for AdminSvc {
         }
         .instrument(span.clone())
         .await;
-        if let Err(status) = received {
-            let _ = tokio::fs::remove_file(&upload).await;
-            span.in_scope(|| tracing::warn!(error = %status.message(), "push failed"));
-            return Err(status);
-        }
-        let result = self.0.ingest(upload, admin.to_string()).instrument(span.clone()).await;
+        let size = match received {
+            Ok(n) => n,
+            Err(status) => {
+                let _ = tokio::fs::remove_file(&upload).await;
+                span.in_scope(|| tracing::warn!(error = %status.message(), "push failed"));
+                return Err(status);
+            }
+        };
+        // Which release this is is only known once the bundle is read, so the intent names the
+        // upload and the outcome names the release.
+        let actor = admin.to_string();
+        let intent = match self
+            .0
+            .audit_intent(&actor, "release.push", "upload", serde_json::json!({"bytes": size}))
+            .await
+        {
+            Ok(seq) => seq,
+            Err(e) => {
+                if let Err(rm) = tokio::fs::remove_file(&upload).await {
+                    tracing::warn!(error = %rm, "refused upload not removed");
+                }
+                return Err(to_status(e));
+            }
+        };
+        let result = self.0.ingest(upload, actor.clone()).instrument(span.clone()).await;
         let target =
             result.as_ref().map(|(r, _)| format!("{}@{}", r.app, r.version)).unwrap_or_else(|_| "?".into());
         let params =
             result.as_ref().map(|(r, _)| serde_json::json!({"digest": r.digest})).unwrap_or_default();
-        self.audited(&admin, "release.push", &target, params, &result).await;
+        let outcome = match &result {
+            Ok(_) => "ok".to_string(),
+            Err(e) => format!("refused: {e}"),
+        };
+        self.0.audit_outcome(intent, &actor, "release.push", &target, params, &outcome).await;
         match result {
             Ok((rec, already_present)) => Ok(Response::new(pb::PushReleaseResponse {
                 release: Some(release_info(rec)),
@@ -672,12 +702,11 @@ impl pb::admin_service_server::AdminService for AdminSvc {
         let target = format!("{}@{}", req.get_ref().app, req.get_ref().version);
         let admin = self.caller(&req, Action::RemoveRelease, &target).await?;
         let r = req.into_inner();
-        let result = self
+        let run = self
             .0
             .remove_release(r.app, r.version, admin.to_string())
-            .instrument(tracing::info_span!("remove_release", %admin))
-            .await;
-        self.audited(&admin, "release.rm", &target, serde_json::json!({}), &result).await;
+            .instrument(tracing::info_span!("remove_release", %admin));
+        let result = self.audited(&admin, "release.rm", &target, serde_json::json!({}), run).await?;
         result.map_err(to_status)?;
         Ok(Response::new(pb::RemoveReleaseResponse {}))
     }
@@ -699,13 +728,13 @@ impl pb::admin_service_server::AdminService for AdminSvc {
         };
         let to = (!r.to_version.is_empty()).then_some(r.to_version);
         let from = (!r.from_version.is_empty()).then_some(r.from_version);
-        let result = self
-            .0
-            .rollback(&r.app, &target, from.clone(), to.clone(), &r.reason, &admin.to_string())
-            .instrument(tracing::info_span!("rollback", %admin, app = %r.app))
-            .await;
         let params = serde_json::json!({"app": r.app, "target": format!("{target:?}"), "from": from, "to": to, "reason": r.reason});
-        self.audited(&admin, "rollback", &r.app, params, &result).await;
+        let by = admin.to_string();
+        let run = self
+            .0
+            .rollback(&r.app, &target, from.clone(), to.clone(), &r.reason, &by)
+            .instrument(tracing::info_span!("rollback", %admin, app = %r.app));
+        let result = self.audited(&admin, "rollback", &r.app, params, run).await?;
         let (results, elapsed) = result.map_err(to_status)?;
         let outcomes = results
             .into_iter()
@@ -758,13 +787,11 @@ impl pb::admin_service_server::AdminService for AdminSvc {
         spec.downgrade = r.downgrade;
         spec.supersede = r.supersede;
         spec.override_freeze = r.override_freeze.then_some(r.reason);
+        spec.require_all = r.require_all;
         let params = serde_json::to_value(&spec).unwrap_or_default();
-        let result = self
-            .0
-            .deploy(spec, &admin.to_string())
-            .instrument(tracing::info_span!("deploy", %admin, app = %r.app))
-            .await;
-        self.audited(&admin, "deploy", &target, params, &result).await;
+        let by = admin.to_string();
+        let run = self.0.deploy(spec, &by).instrument(tracing::info_span!("deploy", %admin, app = %r.app));
+        let result = self.audited(&admin, "deploy", &target, params, run).await?;
         let id = result.map_err(to_status)?;
         Ok(Response::new(pb::DeployResponse { id }))
     }
@@ -803,8 +830,9 @@ impl pb::admin_service_server::AdminService for AdminSvc {
             return Err(Status::invalid_argument(format!("unknown rollout action {:?}", r.action)));
         };
         tracing::info!(%admin, rollout = %r.id, action = %r.action, "rollout control");
-        let result = self.0.control(&r.id, cmd).await;
-        self.audited(&admin, &format!("rollout.{}", r.action), &r.id, serde_json::json!({}), &result).await;
+        let action = format!("rollout.{}", r.action);
+        let result =
+            self.audited(&admin, &action, &r.id, serde_json::json!({}), self.0.control(&r.id, cmd)).await?;
         result.map_err(to_status)?;
         let view = self.0.rollout(Some(r.id)).await.map_err(to_status)?;
         json_doc(&view)
@@ -831,14 +859,13 @@ impl pb::admin_service_server::AdminService for AdminSvc {
                     created_by: admin.to_string(),
                 };
                 let params = serde_json::to_value(&f).unwrap_or_default();
-                let result = self.0.freeze_add(f).await;
-                self.audited(&admin, "freeze.add", "*", params, &result).await;
+                let result = self.audited(&admin, "freeze.add", "*", params, self.0.freeze_add(f)).await?;
                 json_doc(&result.map_err(to_status)?)
             }
             "list" => json_doc(&self.0.freezes().await.map_err(to_status)?),
             "rm" => {
-                let result = self.0.freeze_rm(r.id.clone()).await;
-                self.audited(&admin, "freeze.rm", &r.id, serde_json::json!({}), &result).await;
+                let run = self.0.freeze_rm(r.id.clone());
+                let result = self.audited(&admin, "freeze.rm", &r.id, serde_json::json!({}), run).await?;
                 result.map_err(to_status)?;
                 json_doc(&serde_json::json!({"removed": r.id}))
             }
@@ -854,15 +881,16 @@ impl pb::admin_service_server::AdminService for AdminSvc {
         let admin = self.caller(&req, Action::AddAdmin, &target).await?;
         let r = req.into_inner();
         let params = serde_json::json!({"role": r.role});
-        let result = match r.role.parse::<Role>() {
-            Ok(role) => self.0.add_admin(r.name.clone(), role, r.csr_der, &admin).await,
-            Err(e) => Err(e),
+        let (name, role, csr) = (r.name.clone(), r.role.clone(), r.csr_der);
+        let ctl = self.0.clone();
+        let caller = admin.clone();
+        let run = async move {
+            match role.parse::<Role>() {
+                Ok(role) => ctl.add_admin(name, role, csr, &caller).await,
+                Err(e) => Err(e),
+            }
         };
-        let params = match &result {
-            Ok(issued) => serde_json::json!({"role": r.role, "serial": issued.serial}),
-            Err(_) => params,
-        };
-        self.audited(&admin, Action::AddAdmin.audit_name(), &target, params, &result).await;
+        let result = self.audited(&admin, Action::AddAdmin.audit_name(), &target, params, run).await?;
         let issued = result.map_err(to_status)?;
         Ok(Response::new(pb::IssueAdminResponse {
             certificate_pem: issued.cert_pem,
@@ -883,12 +911,8 @@ impl pb::admin_service_server::AdminService for AdminSvc {
         let action = if name == admin.name { Action::RekeySelf } else { Action::RekeyOther };
         let target = format!("admin/{name}");
         self.check_role(&admin, action, &target).await?;
-        let result = self.0.rekey_admin(name, req.into_inner().csr_der, &admin).await;
-        let params = match &result {
-            Ok(issued) => serde_json::json!({"serial": issued.serial}),
-            Err(_) => serde_json::json!({}),
-        };
-        self.audited(&admin, action.audit_name(), &target, params, &result).await;
+        let run = self.0.rekey_admin(name, req.into_inner().csr_der, &admin);
+        let result = self.audited(&admin, action.audit_name(), &target, serde_json::json!({}), run).await?;
         let issued = result.map_err(to_status)?;
         Ok(Response::new(pb::IssueAdminResponse {
             certificate_pem: issued.cert_pem,
@@ -905,12 +929,9 @@ impl pb::admin_service_server::AdminService for AdminSvc {
         let admin = self.caller(&req, Action::RevokeAdmin, &target).await?;
         let r = req.into_inner();
         let serial = (!r.serial.is_empty()).then_some(r.serial);
-        let result = self.0.revoke_admin(r.name, serial.clone(), &admin).await;
-        let params = match &result {
-            Ok(revoked) => serde_json::json!({"serial": serial, "revoked": revoked}),
-            Err(_) => serde_json::json!({"serial": serial}),
-        };
-        self.audited(&admin, Action::RevokeAdmin.audit_name(), &target, params, &result).await;
+        let params = serde_json::json!({"serial": serial});
+        let run = self.0.revoke_admin(r.name, serial.clone(), &admin);
+        let result = self.audited(&admin, Action::RevokeAdmin.audit_name(), &target, params, run).await?;
         let revoked_serials = result.map_err(to_status)?;
         Ok(Response::new(pb::RevokeAdminResponse { revoked_serials }))
     }
@@ -927,9 +948,23 @@ impl pb::admin_service_server::AdminService for AdminSvc {
     async fn audit(&self, req: Request<pb::AuditRequest>) -> Result<Response<pb::JsonDoc>, Status> {
         self.caller(&req, Action::Audit, "*").await?;
         let r = req.into_inner();
+        if r.export_checkpoint {
+            return json_doc(&self.0.audit_checkpoint().await.map_err(to_status)?);
+        }
         if r.verify {
-            return match self.0.audit_verify().await.map_err(to_status)? {
-                Ok(n) => json_doc(&serde_json::json!({"ok": true, "entries": n})),
+            let given = if r.checkpoint.is_empty() {
+                None
+            } else {
+                Some(serde_json::from_str(&r.checkpoint).map_err(|e| {
+                    Status::invalid_argument(format!(
+                        "the checkpoint is not an exported audit checkpoint: {e}"
+                    ))
+                })?)
+            };
+            return match self.0.audit_verify_with(given).await.map_err(to_status)? {
+                Ok(v) => json_doc(
+                    &serde_json::json!({"ok": true, "entries": v.entries, "checkpoint": v.checkpoint.map(|c| c.seq)}),
+                ),
                 Err(problem) => json_doc(&serde_json::json!({"ok": false, "problem": problem})),
             };
         }
@@ -944,10 +979,15 @@ impl pb::admin_service_server::AdminService for AdminSvc {
     }
 
     async fn logs(&self, req: Request<pb::LogsRequest>) -> Result<Response<pb::LogsResponse>, Status> {
-        self.caller(&req, Action::Logs, &req.get_ref().agent_id.clone()).await?;
+        let admin = self.caller(&req, Action::Logs, &req.get_ref().agent_id.clone()).await?;
         let r = req.into_inner();
-        let kind = OrderKind::Logs { app: r.app, lines: if r.lines == 0 { 100 } else { r.lines } };
-        let o = self.0.send_order(&r.agent_id, kind, Duration::from_secs(30)).await.map_err(to_status)?;
+        let lines = if r.lines == 0 { 100 } else { r.lines };
+        // Service logs can hold customer data: who read what is audited like any admin action.
+        let target = format!("{}/{}", r.agent_id, r.app);
+        let params = serde_json::json!({"agent": r.agent_id, "app": r.app, "lines": lines});
+        let kind = OrderKind::Logs { app: r.app, lines };
+        let run = self.0.send_order(&r.agent_id, kind, Duration::from_secs(30));
+        let o = self.audited(&admin, "logs.read", &target, params, run).await?.map_err(to_status)?;
         if !o.is_done() {
             return Err(Status::failed_precondition(o.problem()));
         }
@@ -960,12 +1000,12 @@ impl pb::admin_service_server::AdminService for AdminSvc {
     ) -> Result<Response<pb::RevokeAgentResponse>, Status> {
         let admin = self.caller(&req, Action::RevokeAgent, &req.get_ref().agent_id.clone()).await?;
         let id = req.into_inner().agent_id;
-        let result = self
+        let identity = admin.identity();
+        let run = self
             .0
-            .revoke_agent(&id, &admin.identity())
-            .instrument(tracing::info_span!("revoke_agent", %admin, agent_id = %id))
-            .await;
-        self.audited(&admin, "agent.revoke", &id, serde_json::json!({}), &result).await;
+            .revoke_agent(&id, &identity)
+            .instrument(tracing::info_span!("revoke_agent", %admin, agent_id = %id));
+        let result = self.audited(&admin, "agent.revoke", &id, serde_json::json!({}), run).await?;
         let was_online = result.map_err(to_status)?;
         Ok(Response::new(pb::RevokeAgentResponse { was_online }))
     }

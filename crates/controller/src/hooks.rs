@@ -3,7 +3,13 @@
 //! `POST /v1/hooks/alertmanager` takes Alertmanager's webhook payload (version 4) with a bearer
 //! token; `POST /v1/hooks/rollback` takes `{"app", "region", "reason"}` signed with HMAC-SHA256
 //! over `"<timestamp>.<body>"`. Errors are JSON: 401 unauthenticated, 400 malformed, 409 replayed,
-//! 422 no matching app. Nothing changes on an error.
+//! 422 no matching app, 503 when the state store or the audit log cannot be written. Nothing
+//! changes on an error.
+//!
+//! Acting once: a delivery (and a signature, and a rollback away from a given release) is
+//! recorded with an atomic insert-if-absent before anything is done. Only the request that wins
+//! the insert acts; a concurrent or later duplicate sees the record and does nothing. When the
+//! record cannot be written the hook refuses with 503 rather than risk acting twice.
 
 use std::collections::BTreeMap;
 
@@ -91,6 +97,7 @@ fn error(ctl: &HookActor, hook: &str, code: StatusCode, msg: impl Into<String>) 
         StatusCode::BAD_REQUEST => "malformed",
         StatusCode::CONFLICT => "replayed",
         StatusCode::UNPROCESSABLE_ENTITY => "no_matching_app",
+        StatusCode::SERVICE_UNAVAILABLE => "unavailable",
         _ => "error",
     };
     ctl.metrics().hook(hook, outcome);
@@ -238,14 +245,22 @@ async fn alertmanager(State(st): State<AppState>, headers: HeaderMap, body: Byte
     }
     let mut actions = skipped;
     for (key, r) in requests {
-        if ctl.seen(&key).await {
-            actions.push(
-                json!({"alert": r.actor, "app": r.app, "outcome": "duplicate delivery: already acted on"}),
-            );
-            continue;
+        // Alerts acted on before a refusal keep their records, so Alertmanager's retry of this
+        // delivery acts only on the rest.
+        match claim_outcome(ctl.claim(&key).await) {
+            Ok(Claim::Won) => {}
+            Ok(Claim::Already) => {
+                actions.push(
+                    json!({"alert": r.actor, "app": r.app, "outcome": "duplicate delivery: already acted on"}),
+                );
+                continue;
+            }
+            Err(e) => return unavailable(ctl, "alertmanager", e),
         }
-        let outcome = act(ctl, &r).await;
-        ctl.mark_seen(&key).await;
+        let outcome = match act(ctl, &r).await {
+            Ok(o) => o,
+            Err(e) => return unavailable(ctl, "alertmanager", e),
+        };
         actions.push(json!({"alert": r.actor, "app": r.app, "region": r.region, "action": r.action, "outcome": outcome}));
     }
     ctl.metrics().hook("alertmanager", "ok");
@@ -302,14 +317,6 @@ async fn generic(State(st): State<AppState>, headers: HeaderMap, body: Bytes) ->
         );
     };
     let replay_key = format!("sig:{}", hex::encode(&given));
-    if ctl.seen(&replay_key).await {
-        return error(
-            ctl,
-            "rollback",
-            StatusCode::CONFLICT,
-            "replayed request: this signature was already used",
-        );
-    }
     let b: GenericBody = match serde_json::from_slice(&body) {
         Ok(b) => b,
         Err(e) => {
@@ -329,7 +336,18 @@ async fn generic(State(st): State<AppState>, headers: HeaderMap, body: Bytes) ->
             format!("no app named {:?} is deployed", b.app),
         );
     }
-    ctl.mark_seen(&replay_key).await;
+    match claim_outcome(ctl.claim(&replay_key).await) {
+        Ok(Claim::Won) => {}
+        Ok(Claim::Already) => {
+            return error(
+                ctl,
+                "rollback",
+                StatusCode::CONFLICT,
+                "replayed request: this signature was already used",
+            )
+        }
+        Err(e) => return unavailable(ctl, "rollback", e),
+    }
     let r = Request {
         actor: format!("hook:{key_id}"),
         action: "rollback".into(),
@@ -337,10 +355,42 @@ async fn generic(State(st): State<AppState>, headers: HeaderMap, body: Bytes) ->
         region: b.region,
         reason: b.reason,
     };
-    let outcome = act(ctl, &r).await;
+    let outcome = match act(ctl, &r).await {
+        Ok(o) => o,
+        Err(e) => return unavailable(ctl, "rollback", e),
+    };
     ctl.metrics().hook("rollback", "ok");
     (StatusCode::OK, axum::Json(json!({"app": r.app, "region": r.region, "outcome": outcome})))
         .into_response()
+}
+
+/// Why a hook refuses to act at all: the record that makes it act once, or the audit intent
+/// that makes it accountable, cannot be written.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct Unavailable(String);
+
+/// Who won the insert of a once-only record.
+#[derive(Debug, PartialEq, Eq)]
+enum Claim {
+    /// This request recorded it first: it acts.
+    Won,
+    /// Another request (earlier or concurrent) did: this one does nothing.
+    Already,
+}
+
+/// The decision on a once-only insert: a store error is never read as "not seen yet", since
+/// acting on it could act twice.
+fn claim_outcome(r: crate::logic::Result<bool>) -> Result<Claim, Unavailable> {
+    match r {
+        Ok(true) => Ok(Claim::Won),
+        Ok(false) => Ok(Claim::Already),
+        Err(e) => Err(Unavailable(format!("cannot record the delivery, so it was not acted on: {e}"))),
+    }
+}
+
+fn unavailable(ctl: &HookActor, hook: &str, e: Unavailable) -> Response {
+    error(ctl, hook, StatusCode::SERVICE_UNAVAILABLE, e.0)
 }
 
 /// During an active rollout: rollback aborts it (rolling back moved agents), pause pauses it.
@@ -348,16 +398,35 @@ async fn generic(State(st): State<AppState>, headers: HeaderMap, body: Bytes) ->
 /// latest rollout, else what most targeted agents run), at most once per (app, region, release
 /// rolled back from): a further alert about the same incident is answered "already rolled back"
 /// and changes nothing, and never rolls the fleet one step further.
-async fn act(ctl: &HookActor, r: &Request) -> String {
+///
+/// The intent is audited before anything is read or done, the outcome after; an unwritable
+/// intent or once-only record refuses the whole action.
+async fn act(ctl: &HookActor, r: &Request) -> Result<String, Unavailable> {
+    let target = r.region.clone().unwrap_or_else(|| "*".into());
+    let audit_target = format!("{}/{target}", r.app);
+    let params = json!({"app": r.app, "region": r.region, "reason": r.reason});
+    let intent = ctl
+        .audit_intent(&r.actor, &r.action, &audit_target, params.clone())
+        .await
+        .map_err(|e| Unavailable(e.to_string()))?;
+    let result = decide_and_act(ctl, r, &target).await;
+    let outcome = match &result {
+        Ok(o) => o.clone(),
+        Err(e) => format!("not acted: {e}"),
+    };
+    ctl.audit_outcome(intent, &r.actor, &r.action, &audit_target, params, &outcome).await;
+    result
+}
+
+async fn decide_and_act(ctl: &HookActor, r: &Request, target: &str) -> Result<String, Unavailable> {
     let rollouts = match ctl.rollouts(Some(r.app.clone())).await {
         Ok(list) => list,
         Err(e) => {
             tracing::error!(app = %r.app, error = %e, "cannot read rollouts: the hook does not act");
-            return format!("not acted: cannot read rollouts: {e}");
+            return Ok(format!("not acted: cannot read rollouts: {e}"));
         }
     };
     let active = rollouts.iter().find(|x| !x.state.is_final());
-    let target = r.region.clone().unwrap_or_else(|| "*".into());
     let outcome = match (active, r.action.as_str()) {
         (Some(ro), "rollback") => match ctl.abort(&r.actor, &ro.id).await {
             Ok(()) => format!("aborted rollout {} and rolled back its agents", ro.id),
@@ -373,49 +442,51 @@ async fn act(ctl: &HookActor, r: &Request) -> String {
                 Some(ro) => ro.spec.version.clone(),
                 None => match running_version(ctl, &r.app, r.region.as_deref()).await {
                     Ok(v) => v,
-                    Err(e) => return format!("not acted: cannot read agents: {e}"),
+                    Err(e) => return Ok(format!("not acted: cannot read agents: {e}")),
                 },
             };
-            let once = format!("rb:{}:{target}:{from}", r.app);
             if from.is_empty() {
-                format!("no agent runs {}: nothing to roll back", r.app)
-            } else if ctl.seen(&once).await {
-                format!("already rolled back from {}@{from} in {target}", r.app)
-            } else {
-                let t = r.region.clone().map(Target::Region).unwrap_or(Target::All);
-                match ctl.rollback(&r.actor, &r.app, &t, Some(from.clone()), &r.reason).await {
-                    Ok((results, took)) => {
-                        ctl.mark_seen(&once).await;
-                        let count = |f: fn(&crate::logic::Answer) -> bool| {
-                            results
-                                .iter()
-                                .filter(|(_, res, _)| res.as_ref().is_ok_and(|o| f(&o.answer)))
-                                .count()
-                        };
-                        let applied = count(|a| *a == crate::logic::Answer::Applied);
-                        let already = count(|a| *a == crate::logic::Answer::AlreadyInState);
-                        let not_done = results.len() - applied - already;
-                        format!(
-                            "rolled back {applied} of {} agent(s) from {}@{from} in {} ms; {already} already off it; {not_done} not done",
-                            results.len(),
-                            r.app,
-                            took.as_millis()
-                        )
+                return Ok(format!("no agent runs {}: nothing to roll back", r.app));
+            }
+            let once = format!("rb:{}:{target}:{from}", r.app);
+            if claim_outcome(ctl.claim(&once).await)? == Claim::Already {
+                return Ok(format!("already rolled back from {}@{from} in {target}", r.app));
+            }
+            let t = r.region.clone().map(Target::Region).unwrap_or(Target::All);
+            match ctl.rollback(&r.actor, &r.app, &t, Some(from.clone()), &r.reason).await {
+                Ok((results, took)) => {
+                    let count = |f: fn(&crate::logic::Answer) -> bool| {
+                        results.iter().filter(|(_, res, _)| res.as_ref().is_ok_and(|o| f(&o.answer))).count()
+                    };
+                    let applied = count(|a| *a == crate::logic::Answer::Applied);
+                    let already = count(|a| *a == crate::logic::Answer::AlreadyInState);
+                    let not_done = results.len() - applied - already;
+                    if applied + already == 0 {
+                        // Nothing happened (every agent unreachable or failing): the incident is
+                        // given back so a later alert can try again.
+                        if let Err(release) = ctl.unclaim(&once).await {
+                            tracing::error!(key = %once, error = %release, "could not release the once-only record");
+                        }
                     }
-                    Err(e) => format!("rollback failed: {e}"),
+                    format!(
+                        "rolled back {applied} of {} agent(s) from {}@{from} in {} ms; {already} already off it; {not_done} not done",
+                        results.len(),
+                        r.app,
+                        took.as_millis()
+                    )
+                }
+                Err(e) => {
+                    // The rollback was refused before any agent was ordered: give the incident
+                    // back so a later alert can try again.
+                    if let Err(release) = ctl.unclaim(&once).await {
+                        tracing::error!(key = %once, error = %release, "could not release the once-only record");
+                    }
+                    format!("rollback failed: {e}")
                 }
             }
         }
     };
-    ctl.audit(
-        &r.actor,
-        &r.action,
-        &format!("{}/{target}", r.app),
-        json!({"app": r.app, "region": r.region, "reason": r.reason}),
-        &outcome,
-    )
-    .await;
-    outcome
+    Ok(outcome)
 }
 
 /// When a delivery or signature was first acted on.
@@ -425,23 +496,18 @@ struct Seen {
 }
 
 impl Controller {
-    /// Whether a hook delivery or incident key was already acted on.
-    pub(crate) async fn hook_seen(&self, key: &str) -> bool {
+    /// Records `key` as acted on, atomically and durably. Returns whether this call recorded
+    /// it (and so may act).
+    pub(crate) async fn claim_hook_key(&self, key: &str) -> crate::logic::Result<bool> {
         let key = key.to_owned();
-        self.blocking(move |c| Ok(c.store().get::<Seen>(Tree::HookSeen, &key)?.is_some()))
+        self.blocking(move |c| Ok(c.store().insert_if_absent(Tree::HookSeen, &key, &Seen { at: now() })?))
             .await
-            .unwrap_or(false)
     }
 
-    /// Records that a hook delivery or incident key was acted on.
-    pub(crate) async fn mark_hook_seen(&self, key: &str) {
+    /// Forgets a once-only record whose action did not happen.
+    pub(crate) async fn unclaim_hook_key(&self, key: &str) -> crate::logic::Result<()> {
         let key = key.to_owned();
-        let stored =
-            self.blocking(move |c| Ok(c.store().put(Tree::HookSeen, &key, &Seen { at: now() }, true)?)).await;
-        if let Err(e) = stored {
-            // The action already happened; the worst outcome is that a redelivery acts again.
-            tracing::error!(error = %e, "cannot record a hook delivery as acted on");
-        }
+        self.blocking(move |c| Ok(c.store().remove(Tree::HookSeen, &key).map(|_| ())?)).await
     }
 }
 
@@ -461,4 +527,20 @@ async fn running_version(ctl: &HookActor, app: &str, region: Option<&str>) -> cr
         }
     }
     Ok(counts.into_iter().max_by_key(|(_, n)| *n).map(|(v, _)| v).unwrap_or_default())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_store_error_refuses_instead_of_reading_as_not_seen() {
+        assert_eq!(claim_outcome(Ok(true)).unwrap(), Claim::Won);
+        assert_eq!(claim_outcome(Ok(false)).unwrap(), Claim::Already);
+        let err = crate::logic::Error::Store(crate::store::Error::Sled(sled::Error::Unsupported(
+            "disk full".into(),
+        )));
+        let refused = claim_outcome(Err(err)).unwrap_err();
+        assert!(refused.0.contains("not acted on") && refused.0.contains("disk full"), "{refused}");
+    }
 }

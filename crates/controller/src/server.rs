@@ -17,6 +17,8 @@ use crate::store::Store;
 
 /// How long shutdown waits for in-flight RPCs before giving up on them.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often the audit log is checkpointed (when it grew) besides every 100 entries.
+const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(60);
 
 /// Why the controller could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -59,6 +61,11 @@ impl Prepared {
         let cert = files::read_to_string(&need(&config.server_cert, "tls.server_cert")?)?;
         let key = files::read_to_string(&need(&config.server_key, "tls.server_key")?)?;
         let ca = Ca::load(config.trust_domain.clone(), &ca_pem, &ca_key)?;
+        // The controller's TLS key also signs audit checkpoints, verifiable with its certificate.
+        let audit_key = crate::logic::audit::AuditKey {
+            signer: std::sync::Arc::new(convoy_pki::StatementSigner::from_pem(&key)?),
+            cert_pem: cert.clone(),
+        };
         let tls = convoy_pki::server_config(&ca_pem, &cert, &key)?;
         let store = Store::open(&config.state_dir)?;
         migrate_admins(config, &store)?;
@@ -75,6 +82,7 @@ impl Prepared {
             max_bundle_bytes: config.max_bundle_bytes,
             notify_urls: config.notify.urls.clone(),
             offline_after: config.notify.offline_after,
+            audit_key,
         };
         let controller = Controller::new(ca, store, settings);
         controller.prepare_blob_dir()?;
@@ -107,6 +115,24 @@ impl Prepared {
         let ctl = self.controller;
         // Unfinished rollouts carry on where they stopped.
         ctl.resume_rollouts().await?;
+        // Awaited before returning: the task holds the controller (and so the store's lock),
+        // and a stopped controller must release its store for the next one to open it.
+        let checkpoints = {
+            let (ctl, stop) = (ctl.clone(), stop.clone());
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(CHECKPOINT_INTERVAL);
+                loop {
+                    tokio::select! {
+                        _ = tick.tick() => {
+                            if let Err(e) = ctl.audit_checkpoint_if_grown().await {
+                                tracing::error!(error = %e, "audit checkpoint not signed");
+                            }
+                        }
+                        () = stop.cancelled() => break,
+                    }
+                }
+            })
+        };
         let grpc_server = tonic::transport::Server::builder()
             .http2_keepalive_interval(Some(Duration::from_secs(5)))
             .http2_keepalive_timeout(Some(Duration::from_secs(5)))
@@ -124,6 +150,9 @@ impl Prepared {
             Ok(Err(e)) => Err(Error::Http(std::io::Error::other(e))),
             Err(_) => Ok(()),
         };
+        if let Err(e) = checkpoints.await {
+            tracing::error!(error = %e, "audit checkpoint task failed");
+        }
         grpc_result?;
         http_result?;
         tracing::info!("controller stopped");

@@ -162,6 +162,8 @@ pub enum Tree {
     RevokedAdmins,
     /// The admin registry: one record per admin name.
     Admins,
+    /// Signed audit-log checkpoints, keyed by zero-padded sequence number.
+    AuditCheckpoints,
 }
 
 impl Tree {
@@ -174,6 +176,7 @@ impl Tree {
             Tree::HookSeen => "hook_seen",
             Tree::RevokedAdmins => "revoked_admins",
             Tree::Admins => "admins",
+            Tree::AuditCheckpoints => "audit_checkpoints",
         }
     }
 }
@@ -205,6 +208,25 @@ impl Store {
             self.flush()?;
         }
         Ok(())
+    }
+
+    /// Stores a record only if the key is absent, atomically (compare-and-swap), and flushes
+    /// before returning. Returns whether this call inserted it: of concurrent callers with the
+    /// same key exactly one gets `true`.
+    pub fn insert_if_absent<T: Serialize>(&self, t: Tree, key: &str, value: &T) -> Result<bool> {
+        let won = self.tree(t)?.compare_and_swap(key.as_bytes(), None::<&[u8]>, Some(encode(value)))?.is_ok();
+        if won {
+            self.flush()?;
+        }
+        Ok(won)
+    }
+
+    /// The last record of a tree in key order.
+    pub fn last<T: DeserializeOwned>(&self, t: Tree) -> Result<Option<(String, T)>> {
+        self.tree(t)?
+            .last()?
+            .map(|(k, v)| Ok((String::from_utf8_lossy(&k).into_owned(), decode(t.name(), &k, &v)?)))
+            .transpose()
     }
 
     pub fn get<T: DeserializeOwned>(&self, t: Tree, key: &str) -> Result<Option<T>> {
@@ -253,6 +275,19 @@ impl Store {
                 Ok((seq, decode("audit", &k, &v)?))
             })
             .collect()
+    }
+
+    /// The sequence number of the newest audit entry, if any.
+    pub fn audit_last_seq(&self) -> Result<Option<u64>> {
+        let tree = self.db.open_tree("audit")?;
+        Ok(tree.last()?.map(|(k, _)| k.as_ref().try_into().map(u64::from_be_bytes).unwrap_or(0)))
+    }
+
+    /// The audit entry at `seq`, as stored.
+    pub fn audit_at(&self, seq: u64) -> Result<Option<serde_json::Value>> {
+        let tree = self.db.open_tree("audit")?;
+        let key = seq.to_be_bytes();
+        tree.get(key)?.map(|v| decode("audit", &key, &v)).transpose()
     }
 
     /// Direct access for tests that tamper with the log to prove verification catches it.
@@ -434,5 +469,25 @@ mod tests {
         assert_eq!(s.list::<Rec>(Tree::HookSeen).unwrap(), vec![("k1".to_string(), Rec { at: 5 })]);
         assert!(s.remove(Tree::HookSeen, "k1").unwrap());
         assert!(!s.remove(Tree::HookSeen, "k1").unwrap());
+    }
+
+    #[test]
+    fn insert_if_absent_lets_exactly_one_concurrent_caller_win() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        let wins: usize = std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..8)
+                .map(|i| {
+                    let s = s.clone();
+                    scope.spawn(move || {
+                        s.insert_if_absent(Tree::HookSeen, "delivery", &Rec { at: i }).unwrap()
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| usize::from(h.join().unwrap())).sum()
+        });
+        assert_eq!(wins, 1);
+        assert!(!s.insert_if_absent(Tree::HookSeen, "delivery", &Rec { at: 99 }).unwrap());
+        assert_ne!(s.get::<Rec>(Tree::HookSeen, "delivery").unwrap(), Some(Rec { at: 99 }));
     }
 }

@@ -146,6 +146,7 @@ async fn call_every_rpc(
                     region: "eu-west".into(),
                     ttl_secs: 60,
                     labels: Default::default(),
+                    allow_agent_labels: false,
                 })
                 .await
                 .map(drop),

@@ -13,7 +13,9 @@ use std::time::Duration;
 use common::{eventually, free_port, get};
 use convoy_bundle::SecretKey;
 use convoy_controller::local::{DemoRelease, LocalAgent, LocalController, LocalOptions};
+use convoy_controller::logic::audit::{AuditEntry, Phase};
 use convoy_controller::logic::rollouts::{AgentStep, RolloutSpec, RolloutState};
+use convoy_proto::v1 as pb;
 use hmac::Mac;
 use serde_json::{json, Value};
 
@@ -195,7 +197,8 @@ async fn alertmanager_hook_auth_errors_dedupe_and_actions() {
     assert_eq!(f.serving("eu-1").as_deref(), Some("1.0.0"));
     // Audited with the alert as the actor.
     let log = f.ctl.controller.audit_log(Some("shop-api".into()), None).await.unwrap();
-    let entry = log.iter().find(|e| e.actor == "alert:CheckoutErrors").unwrap();
+    let entry =
+        log.iter().find(|e| e.actor == "alert:CheckoutErrors" && e.phase == Some(Phase::Outcome)).unwrap();
     assert_eq!(entry.action, "rollback");
     assert!(entry.outcome.contains("rolled back"));
 
@@ -443,4 +446,204 @@ fn check_prometheus_text(text: &str) {
             last_bucket = None;
         }
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_identical_deliveries_act_once() {
+    let f = Fleet::new(|c| c.to_string()).await;
+    f.push("1.0.0").await;
+    f.push("1.1.0").await;
+    f.roll_out("1.0.0").await;
+    f.roll_out("1.1.0").await;
+    let http = f.ctl.http_addr;
+    let bearer = vec![("Authorization", format!("Bearer {}", f.token()))];
+    let firing = alert("Errors", "firing", json!({"app": "shop-api", "convoy_action": "rollback"}), "fp-c");
+    // Both requests are in flight together: the once-only record decides, not timing.
+    let send = || {
+        let (bearer, firing) = (bearer.clone(), firing.clone());
+        tokio::task::spawn_blocking(move || post(http, "/v1/hooks/alertmanager", &bearer, &firing))
+    };
+    let (a, b) = tokio::join!(send(), send());
+    let (a, b) = (a.unwrap(), b.unwrap());
+    assert_eq!((a.0, b.0), (200, 200), "{a:?} {b:?}");
+    let outcomes: Vec<String> =
+        [a.1, b.1].iter().map(|v| v["actions"][0]["outcome"].as_str().unwrap().to_string()).collect();
+    assert_eq!(outcomes.iter().filter(|o| o.contains("rolled back 2 of 2")).count(), 1, "{outcomes:?}");
+    assert_eq!(outcomes.iter().filter(|o| o.contains("already acted on")).count(), 1, "{outcomes:?}");
+    assert_eq!(f.serving("eu-1").as_deref(), Some("1.0.0"));
+    assert_eq!(f.serving("us-1").as_deref(), Some("1.0.0"), "rolled back once, not one step further");
+    // One intent and one outcome for the alert, not two actions.
+    let log = f.ctl.controller.audit_log(None, None).await.unwrap();
+    let by_alert: Vec<_> = log.iter().filter(|e| e.actor == "alert:Errors").collect();
+    assert_eq!(by_alert.len(), 2, "{by_alert:?}");
+    assert_eq!(by_alert[0].phase, Some(Phase::Intent));
+    assert_eq!(by_alert[1].phase, Some(Phase::Outcome));
+    assert_eq!(by_alert[1].intent, Some(by_alert[0].seq));
+    assert!(by_alert[1].outcome.contains("rolled back 2 of 2"), "{:?}", by_alert[1]);
+    f.shutdown().await;
+}
+
+/// The intent entry for `action` by `actor` and the outcome that names it.
+fn pair<'a>(log: &'a [AuditEntry], actor: &str, action: &str) -> (&'a AuditEntry, &'a AuditEntry) {
+    let intent = log
+        .iter()
+        .rev()
+        .find(|e| e.actor == actor && e.action == action && e.phase == Some(Phase::Intent))
+        .unwrap_or_else(|| panic!("no intent for {action} by {actor}: {log:?}"));
+    let outcome = log
+        .iter()
+        .find(|e| e.phase == Some(Phase::Outcome) && e.intent == Some(intent.seq))
+        .unwrap_or_else(|| panic!("no outcome for intent {}: {log:?}", intent.seq));
+    assert!(outcome.seq > intent.seq && outcome.action == action && outcome.actor == actor);
+    assert_eq!(intent.outcome, "pending");
+    (intent, outcome)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn admin_and_hook_actions_write_intent_then_outcome_and_log_reads_are_audited() {
+    let f = Fleet::new(|c| c.to_string()).await;
+    f.push("1.0.0").await;
+    f.push("1.1.0").await;
+    f.roll_out("1.0.0").await;
+    let mut admin = f.ctl.admin().await.unwrap();
+    let id = admin
+        .deploy(pb::DeployRequest {
+            app: "shop-api".into(),
+            version: "1.1.0".into(),
+            waves: vec![100],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .id;
+    let c = &f.ctl.controller;
+    eventually(WAIT, "deploy done", || async {
+        c.rollout(Some(id.clone())).await.unwrap().state.is_final().then_some(())
+    })
+    .await;
+    admin
+        .rollback(pb::RollbackRequest {
+            app: "shop-api".into(),
+            region: "eu-west".into(),
+            reason: "errors".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    admin.logs(pb::LogsRequest { agent_id: "eu-1".into(), app: "shop-api".into(), lines: 5 }).await.unwrap();
+    let log = c.audit_log(None, None).await.unwrap();
+    let actor = log.iter().find(|e| e.action == "deploy").unwrap().actor.clone();
+    assert!(actor.starts_with("admin/"), "{actor}");
+    let (intent, outcome) = pair(&log, &actor, "deploy");
+    assert_eq!(intent.target, "shop-api@1.1.0");
+    assert_eq!(outcome.outcome, "ok");
+    let (_, outcome) = pair(&log, &actor, "rollback");
+    assert_eq!(outcome.outcome, "ok");
+    let (intent, _) = pair(&log, &actor, "logs.read");
+    assert_eq!(intent.target, "eu-1/shop-api");
+    // A hook rollback has the same shape, with the alert as the actor.
+    let bearer = vec![("Authorization", format!("Bearer {}", f.token()))];
+    let firing = alert(
+        "Latency",
+        "firing",
+        json!({"app": "shop-api", "region": "us-east", "convoy_action": "rollback"}),
+        "fp-p",
+    );
+    let (code, body) = post(f.ctl.http_addr, "/v1/hooks/alertmanager", &bearer, &firing);
+    assert_eq!(code, 200, "{body}");
+    let log = c.audit_log(None, None).await.unwrap();
+    let (intent, outcome) = pair(&log, "alert:Latency", "rollback");
+    assert_eq!(intent.target, "shop-api/us-east");
+    assert!(outcome.outcome.contains("rolled back 1 of 1"), "{outcome:?}");
+    assert!(c.audit_verify().await.unwrap().is_ok());
+    f.shutdown().await;
+}
+
+/// Runs `convoy ARGS` against a controller; stdout on success, stderr on failure.
+async fn cli(ctl: &LocalController, args: &[&str]) -> Result<String, String> {
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_convoy"))
+        .arg("--config")
+        .arg(ctl.dir.join("convoy.toml"))
+        .arg("--controller")
+        .arg(ctl.grpc_addr.to_string())
+        .args(args)
+        .output()
+        .await
+        .unwrap();
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
+async fn create_tokens(ctl: &LocalController, n: usize) {
+    for _ in 0..n {
+        ctl.token(Some("eu-west"), Duration::from_secs(60)).await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn signed_checkpoints_catch_removal_of_the_newest_entries() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("ctl");
+    let ctl = LocalController::start(&dir, LocalOptions::default()).await.unwrap();
+    create_tokens(&ctl, 3).await;
+    let early = tmp.path().join("early.json");
+    let out = cli(&ctl, &["audit", "export", "--checkpoint", early.to_str().unwrap()]).await.unwrap();
+    assert!(out.contains("checkpoint of 6 entries"), "{out}");
+    create_tokens(&ctl, 2).await;
+    let late = tmp.path().join("late.json");
+    cli(&ctl, &["audit", "export", "--checkpoint", late.to_str().unwrap()]).await.unwrap();
+    let cp: Value = serde_json::from_str(&std::fs::read_to_string(&late).unwrap()).unwrap();
+    assert_eq!(cp["seq"], 10, "{cp}");
+    let out = cli(&ctl, &["audit", "verify"]).await.unwrap();
+    assert!(out.contains("10 entries") && out.contains("checkpoint at entry 10"), "{out}");
+    let state_dir = ctl.config.state_dir.clone();
+    ctl.stop().await.unwrap();
+
+    // With the controller stopped, someone removes the three newest entries from its store.
+    let db = eventually(WAIT, "the store is released", || async { sled::open(&state_dir).ok() }).await;
+    let audit = db.open_tree("audit").unwrap();
+    for seq in 8u64..=10 {
+        assert!(audit.remove(seq.to_be_bytes()).unwrap().is_some());
+    }
+    db.flush().unwrap();
+    drop((audit, db));
+    let ctl = eventually(WAIT, "the controller restarts", || async {
+        LocalController::start(&dir, LocalOptions::default()).await.ok()
+    })
+    .await;
+
+    // The remaining chain is valid, but the stored checkpoint and the exported one both vouch
+    // for ten entries.
+    let err = cli(&ctl, &["audit", "verify"]).await.unwrap_err();
+    assert!(err.contains("entries 8-10 missing") && err.contains("latest checkpoint"), "{err}");
+    let err = cli(&ctl, &["audit", "verify", "--checkpoint", late.to_str().unwrap()]).await.unwrap_err();
+    assert!(err.contains("entries 8-10 missing") && err.contains("given checkpoint"), "{err}");
+    // The log up to the earlier checkpoint is intact, and that is provable.
+    let out = cli(&ctl, &["audit", "verify", "--checkpoint", early.to_str().unwrap()]).await.unwrap();
+    assert!(out.contains("checkpoint at entry 6"), "{out}");
+    // The controller will not sign over the cut log.
+    assert!(ctl.controller.audit_checkpoint().await.unwrap_err().to_string().contains("no longer matches"));
+
+    // A checkpoint file that was edited, or signed by another key, is rejected.
+    let mut forged: Value = serde_json::from_str(&std::fs::read_to_string(&early).unwrap()).unwrap();
+    forged["seq"] = json!(5);
+    forged["head"] = ctl.controller.audit_log(None, None).await.unwrap()[4].hash.clone().into();
+    let forged_path = tmp.path().join("forged.json");
+    std::fs::write(&forged_path, forged.to_string()).unwrap();
+    let err =
+        cli(&ctl, &["audit", "verify", "--checkpoint", forged_path.to_str().unwrap()]).await.unwrap_err();
+    assert!(err.contains("given checkpoint (entry 5) is not valid") && err.contains("signature"), "{err}");
+    let mut bad_sig: Value = serde_json::from_str(&std::fs::read_to_string(&early).unwrap()).unwrap();
+    let sig = bad_sig["signature"].as_str().unwrap().to_string();
+    let flipped = format!("{}{}", &sig[..sig.len() - 2], if sig.ends_with("00") { "01" } else { "00" });
+    bad_sig["signature"] = json!(flipped);
+    std::fs::write(&forged_path, bad_sig.to_string()).unwrap();
+    let err =
+        cli(&ctl, &["audit", "verify", "--checkpoint", forged_path.to_str().unwrap()]).await.unwrap_err();
+    assert!(err.contains("is not valid"), "{err}");
+    ctl.stop().await.unwrap();
 }

@@ -311,6 +311,20 @@ async fn offline_and_late_agents_converge_to_the_desired_release() {
     let r = f.wait_final(&id).await;
     assert_eq!(r.state, RolloutState::Completed, "an offline agent is not a failure: {:?}", r.events);
     assert_eq!(r.agents["eu-0"].step, AgentStep::Offline);
+    // The rollout says so instead of claiming every agent runs the release.
+    let last = &r.events.last().unwrap().message;
+    assert!(
+        last.contains("2 of 3 targeted agent(s) run the release")
+            && last.contains("1 offline or unreachable (eu-0)")
+            && last.contains("converging when they reconnect"),
+        "{last}"
+    );
+    assert_eq!(r.converging, ["eu-0"]);
+    let status = admin_cli(&f, &["rollout", "status", &id]).await.unwrap();
+    assert!(
+        status.contains("not yet on the release: 1 agent(s) (eu-0); they converge when they reconnect"),
+        "{status}"
+    );
     let status = f.ctl().controller.fleet_status().await.unwrap();
     assert_eq!(status["shop-api"]["eu-west"]["drift"][0], "eu-0", "{status}");
     // It comes back and converges.
@@ -325,6 +339,58 @@ async fn offline_and_late_agents_converge_to_the_desired_release() {
         (f.serving("ap-9").as_deref() == Some("1.1.0")).then_some(())
     })
     .await;
+    f.shutdown().await;
+}
+
+/// Runs `convoy ARGS` against the fleet's controller; stdout on success, stderr on failure.
+async fn admin_cli(f: &Fleet, args: &[&str]) -> Result<String, String> {
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_convoy"))
+        .arg("--config")
+        .arg(f.ctl().dir.join("convoy.toml"))
+        .arg("--controller")
+        .arg(f.ctl().grpc_addr.to_string())
+        .args(args)
+        .output()
+        .await
+        .unwrap();
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
+#[tokio::test]
+async fn require_all_fails_a_rollout_that_cannot_reach_every_agent() {
+    let mut f = Fleet::new(1, &[]).await;
+    baseline(&f).await;
+    f.push("1.1.0", "healthy").await;
+    f.stop_agent("eu-0").await;
+    eventually(WAIT, "eu-0 offline", || async {
+        common::agents(f.ctl()).await.iter().any(|a| a.id == "eu-0" && !a.online).then_some(())
+    })
+    .await;
+    let id = admin_cli(&f, &["deploy", "shop-api@1.1.0", "--waves", "100%", "--require-all"]).await.unwrap();
+    let r = f.wait_final(id.trim()).await;
+    assert_eq!(r.state, RolloutState::RolledBack, "{:?}", r.events);
+    let failure = r.failure.clone().unwrap();
+    assert!(failure.contains("(eu-0)") && failure.contains("--require-all"), "{failure}");
+    assert!(r.spec.require_all);
+    // The agents it had moved are back on the previous release.
+    assert_eq!(r.agents["ap-0"].step, AgentStep::RolledBack, "{:?}", r.events);
+    assert!(f.all_serving("1.0.0"));
+    // An unreachable agent is not the release's fault: it is not marked bad, and with every
+    // agent back the same deploy succeeds without --force.
+    f.start_agent("eu-0", "healthy");
+    eventually(WAIT, "eu-0 online", || async {
+        common::agents(f.ctl()).await.iter().any(|a| a.id == "eu-0" && a.online).then_some(())
+    })
+    .await;
+    let id = admin_cli(&f, &["deploy", "shop-api@1.1.0", "--waves", "100%", "--require-all"]).await.unwrap();
+    let r = f.wait_final(id.trim()).await;
+    assert_eq!(r.state, RolloutState::Completed, "{:?}", r.events);
+    assert_eq!(r.events.last().unwrap().message, "completed: every targeted agent runs the release");
+    assert!(f.all_serving("1.1.0"));
     f.shutdown().await;
 }
 

@@ -13,10 +13,12 @@
 mod ca;
 pub mod files;
 mod identity;
+mod sign;
 mod tls;
 
 pub use ca::{generate_csr, Ca, CertInfo, IssuedCert, KeyAndCsr, DEFAULT_AGENT_CERT_LIFETIME};
 pub use identity::{Identity, TrustDomain};
+pub use sign::{verify_statement, StatementSigner};
 pub use tls::{client_config, server_config, ClientIdentity};
 
 /// Everything that can go wrong in the PKI.
@@ -38,6 +40,10 @@ pub enum Error {
     Tls(#[from] rustls::Error),
     #[error("TLS client verifier: {0}")]
     Verifier(String),
+    #[error("signing key: {0}")]
+    BadKey(String),
+    #[error("the signature does not verify with this certificate's public key")]
+    BadSignature,
     #[error("{path}: {source}")]
     Io { path: String, source: std::io::Error },
 }

@@ -49,6 +49,10 @@ pub struct Args {
     /// Replace an active rollout of the same app.
     #[arg(long)]
     supersede: bool,
+    /// Fail the rollout (rolling back what it moved) if any targeted agent is offline, instead
+    /// of completing and letting offline agents converge when they reconnect.
+    #[arg(long)]
+    require_all: bool,
     /// Deploy during a freeze window (needs --reason).
     #[arg(long, requires = "reason")]
     override_freeze: bool,
@@ -76,6 +80,8 @@ struct RolloutFile {
     max_failures: Option<String>,
     #[serde(default, with = "humantime_serde")]
     health_deadline: Option<Duration>,
+    #[serde(default)]
+    require_all: bool,
 }
 
 fn percent(s: &str) -> anyhow::Result<u32> {
@@ -120,6 +126,7 @@ pub async fn run(config: &super::Globals, a: Args) -> anyhow::Result<()> {
         force: a.force,
         downgrade: a.downgrade,
         supersede: a.supersede,
+        require_all: a.require_all || file.require_all,
         override_freeze: a.override_freeze,
         reason: a.reason.unwrap_or_default(),
     };

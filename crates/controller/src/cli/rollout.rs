@@ -68,6 +68,18 @@ fn render(r: &Value) -> String {
     if let Some(f) = r["failure"].as_str() {
         out.push_str(&format!("failure: {f}\n"));
     }
+    let converging: Vec<String> =
+        r["converging"].as_array().cloned().unwrap_or_default().iter().map(s).collect();
+    if !converging.is_empty() {
+        out.push_str(&format!(
+            "not yet on the release: {} agent(s) ({}); they converge when they reconnect\n",
+            converging.len(),
+            converging.join(", ")
+        ));
+    }
+    if let Some(last) = r["events"].as_array().and_then(|e| e.last()) {
+        out.push_str(&format!("last event: {}\n", s(&last["message"])));
+    }
     let current = r["wave"].as_u64().unwrap_or(0) as usize;
     for (i, wave) in r["waves"].as_array().cloned().unwrap_or_default().iter().enumerate() {
         let ids: Vec<String> = wave.as_array().cloned().unwrap_or_default().iter().map(s).collect();

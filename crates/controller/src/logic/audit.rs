@@ -1,11 +1,37 @@
 //! The audit log: append-only and hash-chained. Each entry holds the SHA-256 of the one before,
 //! and its own hash covers its content and that link, so changing or removing any entry breaks
 //! the chain at that point (`convoy audit verify`).
+//!
+//! Actions are written twice: an intent entry, flushed before the action runs (if it cannot be
+//! written, the action is refused), and an outcome entry afterwards that names the intent's
+//! sequence number. A crash between the two leaves an intent without an outcome, which is the
+//! honest record of "started, result unknown".
+//!
+//! Removing the newest entries leaves a valid chain, so the controller also signs checkpoints
+//! `{seq, head hash, time}` with its certificate's key, at least every minute (when the log grew)
+//! and every [`CHECKPOINT_EVERY`] entries. Verification compares the log with the latest stored
+//! checkpoint, or with one exported earlier and kept elsewhere.
 
+use std::sync::Arc;
+
+use convoy_pki::StatementSigner;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use super::{now, Controller, Result};
+use super::{now, Controller, Error, Result};
+use crate::store::Tree;
+
+/// A checkpoint is signed whenever the log reaches a multiple of this many entries.
+pub const CHECKPOINT_EVERY: u64 = 100;
+
+/// Which half of an audited action an entry records. Entries without a phase are single
+/// records (automatic decisions, and entries written before phases existed).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Phase {
+    Intent,
+    Outcome,
+}
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct AuditEntry {
@@ -19,20 +45,182 @@ pub struct AuditEntry {
     pub outcome: String,
     pub prev_hash: String,
     pub hash: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<Phase>,
+    /// On an outcome entry: the sequence number of its intent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub intent: Option<u64>,
+}
+
+impl AuditEntry {
+    /// An entry's content; sequence, time and hashes are set when it is appended.
+    fn draft(actor: &str, action: &str, target: &str, params: serde_json::Value, outcome: &str) -> Self {
+        Self {
+            seq: 0,
+            at: 0,
+            actor: actor.to_owned(),
+            action: action.to_owned(),
+            target: target.to_owned(),
+            params,
+            outcome: outcome.to_owned(),
+            prev_hash: String::new(),
+            hash: String::new(),
+            phase: None,
+            intent: None,
+        }
+    }
 }
 
 const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 
-/// The hash of an entry: over every field but `hash`, in a fixed order.
+/// The hash of an entry: over every field but `hash`, in a fixed order. The phase fields are
+/// only covered when set, so entries written before they existed keep their hashes.
 pub fn entry_hash(e: &AuditEntry) -> String {
-    let body =
+    let mut body =
         serde_json::json!([e.seq, e.at, e.actor, e.action, e.target, e.params, e.outcome, e.prev_hash]);
+    if e.phase.is_some() || e.intent.is_some() {
+        if let Some(list) = body.as_array_mut() {
+            list.push(serde_json::json!(e.phase));
+            list.push(serde_json::json!(e.intent));
+        }
+    }
     hex::encode(Sha256::digest(body.to_string().as_bytes()))
 }
 
+/// A signed statement that the log had `seq` entries, the last with hash `head`, at time `at`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Checkpoint {
+    pub seq: u64,
+    pub head: String,
+    pub at: i64,
+    /// ECDSA P-256 / SHA-256 signature (ASN.1 DER, hex) by the controller certificate's key.
+    pub signature: String,
+}
+
+impl Checkpoint {
+    /// The exact bytes that are signed.
+    fn message(seq: u64, head: &str, at: i64) -> Vec<u8> {
+        format!("convoy audit checkpoint v1\nseq {seq}\nhead {head}\nat {at}\n").into_bytes()
+    }
+
+    fn store_key(seq: u64) -> String {
+        format!("{seq:020}")
+    }
+}
+
+/// What the controller signs checkpoints with and verifies them against.
+#[derive(Clone, Debug)]
+pub struct AuditKey {
+    pub signer: Arc<StatementSigner>,
+    /// The controller certificate (PEM) whose public key verifies the signatures.
+    pub cert_pem: String,
+}
+
+/// A successful verification.
+#[derive(Clone, Debug, Serialize)]
+pub struct Verified {
+    pub entries: usize,
+    /// The checkpoint the log was checked against, if any.
+    pub checkpoint: Option<Checkpoint>,
+}
+
+fn fmt_time(t: i64) -> String {
+    crate::cli_time(t)
+}
+
+/// Checks the chain link by link. Returns each entry's hash in order, or what is wrong.
+fn check_chain(entries: &[(u64, serde_json::Value)]) -> std::result::Result<Vec<String>, String> {
+    let mut prev = GENESIS.to_owned();
+    let mut hashes = Vec::with_capacity(entries.len());
+    for (expected_seq, (key, v)) in (1u64..).zip(entries.iter()) {
+        let e: AuditEntry = match serde_json::from_value(v.clone()) {
+            Ok(e) => e,
+            Err(err) => return Err(format!("entry {key} is unreadable: {err}")),
+        };
+        if *key != expected_seq || e.seq != expected_seq {
+            return Err(format!("entry {expected_seq} is missing (found {key} next): the log was cut"));
+        }
+        if e.prev_hash != prev {
+            return Err(format!(
+                "entry {} does not link to entry {}: an entry was removed or replaced",
+                e.seq,
+                e.seq - 1
+            ));
+        }
+        if entry_hash(&e) != e.hash {
+            return Err(format!("entry {} was modified: its content does not match its hash", e.seq));
+        }
+        prev = e.hash.clone();
+        hashes.push(e.hash);
+    }
+    Ok(hashes)
+}
+
+/// Checks that a valid chain (its hashes in order) still contains what `cp` vouches for.
+fn check_against(hashes: &[String], cp: &Checkpoint, what: &str) -> std::result::Result<(), String> {
+    let len = hashes.len() as u64;
+    if cp.seq > len {
+        let missing = if cp.seq == len + 1 {
+            format!("entry {}", cp.seq)
+        } else {
+            format!("entries {}-{}", len + 1, cp.seq)
+        };
+        return Err(format!(
+            "{missing} missing: the log ends at entry {len} but the {what} signed at {} covers {} entries; the newest entries were removed",
+            fmt_time(cp.at),
+            cp.seq
+        ));
+    }
+    let head = match cp.seq {
+        0 => GENESIS,
+        n => hashes[(n - 1) as usize].as_str(),
+    };
+    if head != cp.head {
+        return Err(format!(
+            "entry {} does not match the {what} signed at {}: entries up to {} were removed or replaced",
+            cp.seq,
+            fmt_time(cp.at),
+            cp.seq
+        ));
+    }
+    Ok(())
+}
+
 impl Controller {
-    /// Appends an entry (flushed before returning). Failures to audit are logged loudly; they
-    /// do not undo the action that already happened.
+    fn audit_key(&self) -> &AuditKey {
+        &self.inner.settings.audit_key
+    }
+
+    /// Appends one entry and flushes; signs a checkpoint when the log reaches a multiple of
+    /// [`CHECKPOINT_EVERY`]. Blocking.
+    fn append_blocking(&self, mut e: AuditEntry) -> Result<AuditEntry> {
+        let _g = self.inner.audit_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let written = self.inner.store.append_audit::<AuditEntry>(|last| {
+            let (seq, prev_hash) = match last {
+                Some(l) => (l.seq + 1, l.hash),
+                None => (1, GENESIS.to_owned()),
+            };
+            e.seq = seq;
+            e.prev_hash = prev_hash;
+            e.at = now();
+            e.hash = entry_hash(&e);
+            (seq, e)
+        })?;
+        if written.seq % CHECKPOINT_EVERY == 0 {
+            // The entry is durable either way; a missed checkpoint is made up by the next one.
+            if let Err(err) = self.checkpoint_locked(false) {
+                tracing::error!(error = %err, seq = written.seq, "audit checkpoint could not be signed");
+            }
+        }
+        Ok(written)
+    }
+
+    async fn append(&self, e: AuditEntry) -> Result<AuditEntry> {
+        self.blocking(move |c| c.append_blocking(e)).await
+    }
+
+    /// Appends a single entry for an automatic decision (flushed before returning). Failures to
+    /// audit are logged loudly; they do not undo the decision that already happened.
     pub async fn audit(
         &self,
         actor: &str,
@@ -41,36 +229,130 @@ impl Controller {
         params: serde_json::Value,
         outcome: &str,
     ) {
-        let (actor, action, target, outcome) =
-            (actor.to_owned(), action.to_owned(), target.to_owned(), outcome.to_owned());
-        let r = self
-            .blocking(move |c| {
-                let _g = c.inner.audit_lock.lock().unwrap_or_else(|p| p.into_inner());
-                c.inner.store.append_audit::<AuditEntry>(|last| {
-                    let (seq, prev_hash) = match last {
-                        Some(l) => (l.seq + 1, l.hash),
-                        None => (1, GENESIS.to_owned()),
-                    };
-                    let mut e = AuditEntry {
-                        seq,
-                        at: now(),
-                        actor,
-                        action,
-                        target,
-                        params,
-                        outcome,
-                        prev_hash,
-                        hash: String::new(),
-                    };
-                    e.hash = entry_hash(&e);
-                    (seq, e)
-                })?;
-                Ok(())
-            })
-            .await;
-        if let Err(e) = r {
+        if let Err(e) = self.append(AuditEntry::draft(actor, action, target, params, outcome)).await {
             tracing::error!(error = %e, "audit entry could not be written");
         }
+    }
+
+    /// Records that `actor` is about to do `action`, flushed before returning. Returns the
+    /// entry's sequence number for [`Self::audit_outcome`]. An error means the action must not
+    /// run: it could not be accounted for.
+    pub async fn audit_intent(
+        &self,
+        actor: &str,
+        action: &str,
+        target: &str,
+        params: serde_json::Value,
+    ) -> Result<u64> {
+        let e = AuditEntry {
+            phase: Some(Phase::Intent),
+            ..AuditEntry::draft(actor, action, target, params, "pending")
+        };
+        match self.append(e).await {
+            Ok(e) => Ok(e.seq),
+            Err(e) => {
+                tracing::error!(error = %e, actor, action, "audit intent could not be written: refusing the action");
+                Err(Error::AuditUnavailable(e.to_string()))
+            }
+        }
+    }
+
+    /// Records how the action announced by intent `intent` ended. The action has happened, so a
+    /// failure here is logged loudly rather than returned.
+    pub async fn audit_outcome(
+        &self,
+        intent: u64,
+        actor: &str,
+        action: &str,
+        target: &str,
+        params: serde_json::Value,
+        outcome: &str,
+    ) {
+        let e = AuditEntry {
+            phase: Some(Phase::Outcome),
+            intent: Some(intent),
+            ..AuditEntry::draft(actor, action, target, params, outcome)
+        };
+        let r = self.append(e).await;
+        if let Err(e) = r {
+            tracing::error!(error = %e, intent, actor, action, "audit outcome could not be written");
+        }
+    }
+
+    /// Signs and stores a checkpoint of the current head. With `fresh` false, nothing is signed
+    /// when the latest checkpoint already covers the head. Refuses to sign a log that no longer
+    /// contains what the latest checkpoint vouches for: signing it would launder a truncation.
+    /// The caller holds the audit lock.
+    fn checkpoint_locked(&self, fresh: bool) -> Result<Option<Checkpoint>> {
+        let store = &self.inner.store;
+        let (seq, head) = match store.audit_last_seq()? {
+            Some(seq) => {
+                let raw =
+                    store.audit_at(seq)?.ok_or_else(|| Error::Internal("audit head vanished".into()))?;
+                let e: AuditEntry = serde_json::from_value(raw)
+                    .map_err(|e| Error::AuditTampered(format!("entry {seq} is unreadable: {e}")))?;
+                (seq, e.hash)
+            }
+            None => (0, GENESIS.to_owned()),
+        };
+        if let Some((_, last)) = store.last::<Checkpoint>(Tree::AuditCheckpoints)? {
+            let still_there = match last.seq {
+                0 => true,
+                n => store
+                    .audit_at(n)?
+                    .and_then(|v| serde_json::from_value::<AuditEntry>(v).ok())
+                    .is_some_and(|e| e.hash == last.head),
+            };
+            if last.seq > seq || !still_there {
+                return Err(Error::AuditTampered(format!(
+                    "the log no longer matches checkpoint {} (signed at {}): run `convoy audit verify`",
+                    last.seq,
+                    fmt_time(last.at)
+                )));
+            }
+            if !fresh && last.seq == seq {
+                return Ok(None);
+            }
+        }
+        let at = now();
+        let sig = self
+            .audit_key()
+            .signer
+            .sign(&Checkpoint::message(seq, &head, at))
+            .map_err(|e| Error::Internal(format!("signing an audit checkpoint: {e}")))?;
+        let cp = Checkpoint { seq, head, at, signature: hex::encode(sig) };
+        store.put(Tree::AuditCheckpoints, &Checkpoint::store_key(seq), &cp, true)?;
+        tracing::info!(seq, "audit checkpoint signed");
+        Ok(Some(cp))
+    }
+
+    /// Signs a checkpoint if the log grew since the last one (the periodic routine).
+    pub async fn audit_checkpoint_if_grown(&self) -> Result<Option<Checkpoint>> {
+        self.blocking(|c| {
+            let _g = c.inner.audit_lock.lock().unwrap_or_else(|p| p.into_inner());
+            c.checkpoint_locked(false)
+        })
+        .await
+    }
+
+    /// Signs and stores a fresh checkpoint of the current head, for export.
+    pub async fn audit_checkpoint(&self) -> Result<Checkpoint> {
+        self.blocking(|c| {
+            let _g = c.inner.audit_lock.lock().unwrap_or_else(|p| p.into_inner());
+            c.checkpoint_locked(true)?.ok_or_else(|| Error::Internal("no checkpoint was signed".into()))
+        })
+        .await
+    }
+
+    /// Checks a checkpoint's signature against the controller certificate.
+    fn check_signature(&self, cp: &Checkpoint) -> std::result::Result<(), String> {
+        let sig = hex::decode(&cp.signature).map_err(|_| "its signature is not hex".to_string())?;
+        convoy_pki::verify_statement(
+            &self.audit_key().cert_pem,
+            &Checkpoint::message(cp.seq, &cp.head, cp.at),
+            &sig,
+        )
+        .map_err(|e| format!("{e}: it was altered or not signed by this controller"))
     }
 
     /// Entries, optionally only one app's and only since a time.
@@ -94,37 +376,40 @@ impl Controller {
         .await
     }
 
-    /// Checks the whole chain. Returns the number of entries, or what is wrong and where.
+    /// Checks the whole chain and the latest stored checkpoint. Returns the number of entries,
+    /// or what is wrong and where.
     pub async fn audit_verify(&self) -> Result<std::result::Result<usize, String>> {
-        self.blocking(|c| {
-            let mut prev = GENESIS.to_owned();
+        Ok(self.audit_verify_with(None).await?.map(|v| v.entries))
+    }
+
+    /// Checks the whole chain, then that it still holds what a checkpoint vouches for: `given`
+    /// (one exported earlier and kept elsewhere), else the latest stored one.
+    pub async fn audit_verify_with(
+        &self,
+        given: Option<Checkpoint>,
+    ) -> Result<std::result::Result<Verified, String>> {
+        self.blocking(move |c| {
             let entries = c.inner.store.audit_raw()?;
-            for (expected_seq, (key, v)) in (1u64..).zip(entries.iter()) {
-                let e: AuditEntry = match serde_json::from_value(v.clone()) {
-                    Ok(e) => e,
-                    Err(err) => return Ok(Err(format!("entry {key} is unreadable: {err}"))),
-                };
-                if *key != expected_seq || e.seq != expected_seq {
-                    return Ok(Err(format!(
-                        "entry {expected_seq} is missing (found {key} next): the log was cut"
-                    )));
+            let hashes = match check_chain(&entries) {
+                Ok(h) => h,
+                Err(problem) => return Ok(Err(problem)),
+            };
+            let (cp, what) = match given {
+                Some(cp) => (Some(cp), "given checkpoint"),
+                None => (
+                    c.inner.store.last::<Checkpoint>(Tree::AuditCheckpoints)?.map(|(_, cp)| cp),
+                    "latest checkpoint",
+                ),
+            };
+            if let Some(cp) = &cp {
+                if let Err(why) = c.check_signature(cp) {
+                    return Ok(Err(format!("the {what} (entry {}) is not valid: {why}", cp.seq)));
                 }
-                if e.prev_hash != prev {
-                    return Ok(Err(format!(
-                        "entry {} does not link to entry {}: an entry was removed or replaced",
-                        e.seq,
-                        e.seq - 1
-                    )));
+                if let Err(problem) = check_against(&hashes, cp, what) {
+                    return Ok(Err(problem));
                 }
-                if entry_hash(&e) != e.hash {
-                    return Ok(Err(format!(
-                        "entry {} was modified: its content does not match its hash",
-                        e.seq
-                    )));
-                }
-                prev = e.hash.clone();
             }
-            Ok(Ok(entries.len()))
+            Ok(Ok(Verified { entries: hashes.len(), checkpoint: cp }))
         })
         .await
     }
@@ -134,5 +419,51 @@ impl Controller {
     /// The raw audit tree, for tests that tamper with the log to prove verification catches it.
     pub fn audit_tree_for_tests(&self) -> Result<sled::Tree> {
         Ok(self.inner.store.audit_tree()?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cp(seq: u64, head: &str) -> Checkpoint {
+        Checkpoint { seq, head: head.into(), at: 0, signature: String::new() }
+    }
+
+    #[test]
+    fn checkpoints_catch_a_shortened_or_rewritten_log() {
+        let hashes: Vec<String> = ["a", "b", "c"].iter().map(|s| s.to_string()).collect();
+        assert!(check_against(&hashes, &cp(3, "c"), "checkpoint").is_ok());
+        assert!(check_against(&hashes, &cp(2, "b"), "checkpoint").is_ok());
+        assert!(check_against(&hashes, &cp(0, GENESIS), "checkpoint").is_ok());
+        let cut = check_against(&hashes[..1], &cp(3, "c"), "checkpoint").unwrap_err();
+        assert!(cut.contains("entries 2-3 missing") && cut.contains("ends at entry 1"), "{cut}");
+        let one = check_against(&hashes[..2], &cp(3, "c"), "checkpoint").unwrap_err();
+        assert!(one.contains("entry 3 missing"), "{one}");
+        let replaced = check_against(&hashes, &cp(2, "x"), "checkpoint").unwrap_err();
+        assert!(replaced.contains("entry 2 does not match"), "{replaced}");
+    }
+
+    #[test]
+    fn hashes_of_entries_without_phases_are_unchanged() {
+        let mut e = AuditEntry {
+            seq: 1,
+            at: 5,
+            actor: "controller".into(),
+            action: "x".into(),
+            target: "t".into(),
+            params: serde_json::json!({}),
+            outcome: "ok".into(),
+            prev_hash: GENESIS.into(),
+            hash: String::new(),
+            phase: None,
+            intent: None,
+        };
+        let plain = entry_hash(&e);
+        let body = serde_json::json!([1, 5, "controller", "x", "t", {}, "ok", GENESIS]);
+        assert_eq!(plain, hex::encode(Sha256::digest(body.to_string().as_bytes())));
+        e.phase = Some(Phase::Outcome);
+        e.intent = Some(1);
+        assert_ne!(entry_hash(&e), plain, "the phase and intent are covered by the hash");
     }
 }

@@ -71,6 +71,12 @@ pub enum Error {
     Bundle(#[from] convoy_bundle::Error),
     #[error(transparent)]
     Store(#[from] store::Error),
+    /// The audit log cannot be written, so an action that must be accounted for is refused.
+    #[error("the audit log cannot be written, so the action was not taken: {0}")]
+    AuditUnavailable(String),
+    /// The audit log no longer matches a signed checkpoint.
+    #[error("audit log tampered: {0}")]
+    AuditTampered(String),
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -152,6 +158,8 @@ pub struct Settings {
     pub notify_urls: Vec<String>,
     /// An agent offline longer than this is announced to the webhooks.
     pub offline_after: Duration,
+    /// The controller's own key and certificate, which sign and verify audit checkpoints.
+    pub audit_key: audit::AuditKey,
 }
 
 struct Inner {

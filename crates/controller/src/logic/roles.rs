@@ -252,26 +252,39 @@ impl HookActor {
         self.ctl.rollback(app, target, from, None, reason, actor).await
     }
 
-    /// Appends an audit entry for a hook action.
-    pub async fn audit(
+    /// Writes (and flushes) the audit intent of a hook action before it is taken.
+    pub async fn audit_intent(
         &self,
+        actor: &str,
+        action: &str,
+        target: &str,
+        params: serde_json::Value,
+    ) -> Result<u64> {
+        self.ctl.audit_intent(actor, action, target, params).await
+    }
+
+    /// Writes the outcome of a hook action whose intent was audited.
+    pub async fn audit_outcome(
+        &self,
+        intent: u64,
         actor: &str,
         action: &str,
         target: &str,
         params: serde_json::Value,
         outcome: &str,
     ) {
-        self.ctl.audit(actor, action, target, params, outcome).await
+        self.ctl.audit_outcome(intent, actor, action, target, params, outcome).await
     }
 
-    /// Whether a delivery or incident key was already acted on.
-    pub async fn seen(&self, key: &str) -> bool {
-        self.ctl.hook_seen(key).await
+    /// Records a delivery or incident key as acted on, atomically: only the caller that
+    /// records it first may act.
+    pub async fn claim(&self, key: &str) -> Result<bool> {
+        self.ctl.claim_hook_key(key).await
     }
 
-    /// Records that a delivery or incident key was acted on.
-    pub async fn mark_seen(&self, key: &str) {
-        self.ctl.mark_hook_seen(key).await
+    /// Forgets a once-only record whose action did not happen.
+    pub async fn unclaim(&self, key: &str) -> Result<()> {
+        self.ctl.unclaim_hook_key(key).await
     }
 }
 

@@ -73,6 +73,10 @@ pub struct RolloutSpec {
     pub supersede: bool,
     /// Set when a freeze window is overridden: the reason.
     pub override_freeze: Option<String>,
+    /// Every targeted agent must take the release: an offline one fails the rollout (rolling
+    /// back what it moved) instead of being left to converge when it reconnects.
+    #[serde(default)]
+    pub require_all: bool,
 }
 
 impl RolloutSpec {
@@ -94,6 +98,7 @@ impl RolloutSpec {
             downgrade: false,
             supersede: false,
             override_freeze: None,
+            require_all: false,
         }
     }
 }
@@ -170,6 +175,10 @@ pub struct Rollout {
     pub agents: BTreeMap<String, AgentProgress>,
     pub events: Vec<Event>,
     pub failure: Option<String>,
+    /// Set on completion: targeted agents that did not take the release during the rollout
+    /// (offline, or failed within `--max-failures`). They converge to it when they reconnect.
+    #[serde(default)]
+    pub converging: Vec<String>,
 }
 
 impl Rollout {
@@ -442,6 +451,7 @@ impl Controller {
             agents: agents_progress,
             events: vec![],
             failure: None,
+            converging: vec![],
         };
         let sizes: Vec<String> = r.waves.iter().map(|w| w.len().to_string()).collect();
         r.event(format!(
@@ -578,6 +588,10 @@ impl Controller {
                     }
                     match self.run_wave(&mut r, &mut cmds).await? {
                         WaveEnd::Done => {
+                            if let Some(reason) = missing_agents(&r) {
+                                self.fail(&mut r, reason, false).await?;
+                                return Ok(());
+                            }
                             let w = r.wave;
                             r.event(format!("wave {} of {} done", w + 1, r.waves.len()));
                             self.notify("wave_done", serde_json::json!({"rollout": r.id, "app": r.spec.app, "version": r.spec.version, "wave": w + 1, "waves": r.waves.len()}));
@@ -585,7 +599,7 @@ impl Controller {
                             if !last && !r.spec.bake.is_zero() {
                                 self.save(&r).await?;
                                 if let Some(reason) = self.bake(&mut r, &mut cmds).await? {
-                                    self.fail(&mut r, reason).await?;
+                                    self.fail(&mut r, reason, true).await?;
                                     return Ok(());
                                 }
                                 if r.state != RolloutState::Running {
@@ -597,7 +611,7 @@ impl Controller {
                         }
                         WaveEnd::Interrupted => {}
                         WaveEnd::Failed(reason) => {
-                            self.fail(&mut r, reason).await?;
+                            self.fail(&mut r, reason, true).await?;
                             return Ok(());
                         }
                     }
@@ -861,18 +875,30 @@ impl Controller {
         }
     }
 
-    /// The failure policy: stop, roll back every moved agent, mark the release bad.
-    async fn fail(&self, r: &mut Rollout, reason: String) -> Result<()> {
+    /// The failure policy: stop, roll back every moved agent, and (when the release is at
+    /// fault, `mark_bad`) mark it bad. A `--require-all` rollout that met an offline agent
+    /// fails without blaming the release.
+    async fn fail(&self, r: &mut Rollout, reason: String, mark_bad: bool) -> Result<()> {
         r.event(format!("stopping: {reason}"));
         self.notify("rollout_failed", serde_json::json!({"rollout": r.id, "app": r.spec.app, "version": r.spec.version, "reason": reason}));
         r.failure = Some(reason.clone());
         self.roll_back_moved(r).await;
-        let bad = BadRelease { reason: reason.clone(), rollout: r.id.clone(), at: now() };
-        let key = format!("{}@{}", r.spec.app, r.spec.version);
-        self.blocking(move |c| Ok(c.inner.store.put(Tree::BadReleases, &key, &bad, true)?)).await?;
+        if mark_bad {
+            let bad = BadRelease { reason: reason.clone(), rollout: r.id.clone(), at: now() };
+            let key = format!("{}@{}", r.spec.app, r.spec.version);
+            self.blocking(move |c| Ok(c.inner.store.put(Tree::BadReleases, &key, &bad, true)?)).await?;
+        }
         r.state = RolloutState::RolledBack;
         r.finished_at = Some(now());
-        r.event(format!("rolled back; {}@{} is marked bad", r.spec.app, r.spec.version));
+        let (event, outcome) = if mark_bad {
+            (
+                format!("rolled back; {}@{} is marked bad", r.spec.app, r.spec.version),
+                "rolled back; release marked bad",
+            )
+        } else {
+            ("rolled back the agents this rollout moved".to_string(), "rolled back")
+        };
+        r.event(event);
         self.notify(
             "rolled_back",
             serde_json::json!({"rollout": r.id, "app": r.spec.app, "version": r.spec.version}),
@@ -883,7 +909,7 @@ impl Controller {
             "rollout.auto_rollback",
             &format!("{}@{}", r.spec.app, r.spec.version),
             serde_json::json!({"rollout": r.id, "reason": reason, "agents": moved}),
-            "rolled back; release marked bad",
+            outcome,
         )
         .await;
         self.save(r).await
@@ -919,12 +945,9 @@ impl Controller {
         r.state = RolloutState::Completed;
         r.finished_at = Some(now());
         self.notify("rollout_completed", serde_json::json!({"rollout": r.id, "app": r.spec.app, "version": r.spec.version, "pending": pending}));
-        if pending.is_empty() {
-            r.event("completed: every targeted agent runs the release");
-        } else {
-            let msg = format!("completed; pending (will converge): {}", pending.join(", "));
-            r.event(msg);
-        }
+        let summary = completion_summary(r);
+        r.event(summary);
+        r.converging = pending.clone();
         self.save(r).await?;
         for id in pending {
             self.converge(&id);
@@ -1196,6 +1219,57 @@ impl Controller {
     }
 }
 
+/// The final event of a completed rollout: "every targeted agent" only when that is true,
+/// otherwise how many did not take the release, which, and that they converge on reconnect.
+fn completion_summary(r: &Rollout) -> String {
+    let ids = |step: &dyn Fn(AgentStep) -> bool| -> Vec<String> {
+        r.agents.values().filter(|p| step(p.step)).map(|p| p.id.clone()).collect()
+    };
+    let total = r.agents.len();
+    let healthy = ids(&|s| s == AgentStep::Healthy).len();
+    if healthy == total {
+        return "completed: every targeted agent runs the release".into();
+    }
+    let failed = ids(&|s| s == AgentStep::Failed);
+    let offline = ids(&|s| !matches!(s, AgentStep::Healthy | AgentStep::Failed));
+    let mut msg = format!("completed: {healthy} of {total} targeted agent(s) run the release");
+    if !offline.is_empty() {
+        msg.push_str(&format!(
+            "; {} offline or unreachable ({}), converging when they reconnect",
+            offline.len(),
+            offline.join(", ")
+        ));
+    }
+    if !failed.is_empty() {
+        msg.push_str(&format!(
+            "; {} failed within --max-failures ({}) and will be retried",
+            failed.len(),
+            failed.join(", ")
+        ));
+    }
+    msg
+}
+
+/// With `--require-all`: why the wave just done must fail the rollout (an agent in it was
+/// offline or unreachable and did not take the release).
+fn missing_agents(r: &Rollout) -> Option<String> {
+    if !r.spec.require_all {
+        return None;
+    }
+    let missing: Vec<String> = r.waves[r.wave]
+        .iter()
+        .filter(|id| r.agents.get(*id).is_some_and(|p| p.step == AgentStep::Offline))
+        .cloned()
+        .collect();
+    (!missing.is_empty()).then(|| {
+        format!(
+            "{} targeted agent(s) offline or unreachable ({}) and --require-all is set",
+            missing.len(),
+            missing.join(", ")
+        )
+    })
+}
+
 enum WaveEnd {
     Done,
     Interrupted,
@@ -1254,6 +1328,7 @@ mod tests {
             agents: BTreeMap::new(),
             events: vec![],
             failure: None,
+            converging: vec![],
         };
         let mut list = [ro("ro-1000001"), ro("ro-10"), ro("ro-9")];
         list.sort_by(|a, b| creation_order(a).cmp(&creation_order(b)));
