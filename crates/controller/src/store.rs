@@ -308,7 +308,7 @@ impl Store {
             .get("seq_reserved")?
             .and_then(|v| v.as_ref().try_into().ok().map(u64::from_be_bytes))
             .unwrap_or(1);
-        let new = old + block;
+        let new = old.saturating_add(block);
         self.meta.insert("seq_reserved", &new.to_be_bytes())?;
         self.flush()?;
         Ok((old, new))

@@ -576,3 +576,30 @@ async fn hostile_rollback_input_is_refused_before_any_agent_hears_of_it() {
     assert!(log.iter().filter(|e| e.action == "rollback").count() >= 5, "{log:?}");
     f.shutdown().await;
 }
+
+/// One agent's hello must not be able to push the fleet-wide order sequence to its end: a
+/// report far beyond the controller's own numbering refuses that session and changes nothing.
+#[tokio::test]
+async fn an_agent_cannot_push_the_order_sequence_to_its_end() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ctl = LocalController::start(&tmp.path().join("ctl"), LocalOptions::default()).await.unwrap();
+    ctl.enroll(&tmp.path().join("rogue"), "rogue", "eu-west").await.unwrap();
+    let id = common::agent_identity(&tmp.path().join("rogue"));
+    let before = ctl.controller.next_seq().await.unwrap();
+    for reported in [u64::MAX, u64::MAX / 2, before + (1 << 33)] {
+        let ch = common::dial(&ctl.grpc_addr.to_string(), &ctl.ca_pem().unwrap(), Some(&id)).await.unwrap();
+        let mut hello = common::hello("rogue");
+        if let Some(convoy_proto::v1::agent_message::Msg::Hello(h)) = &mut hello.msg {
+            h.last_order_seq = reported;
+        }
+        let status = convoy_proto::v1::agent_service_client::AgentServiceClient::new(ch)
+            .session(tokio_stream::iter(vec![hello]))
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), tonic::Code::PermissionDenied, "{reported}: {status:?}");
+        assert!(status.message().contains("far beyond"), "{}", status.message());
+    }
+    let after = ctl.controller.next_seq().await.unwrap();
+    assert!(after > before && after < before + 2048, "the sequence moved from {before} to {after}");
+    ctl.stop().await.unwrap();
+}

@@ -36,8 +36,9 @@ const DEFAULT_DEADLINE: Duration = Duration::from_secs(60);
 pub(crate) struct Activator {
     core: Arc<Core>,
     services: Services,
-    /// The health gate in progress per app, so a rollback can cut it short.
-    gates: Arc<StdMutex<HashMap<String, CancellationToken>>>,
+    /// The health gate in progress per app, with the release it gates, so a rollback from that
+    /// release can cut it short.
+    gates: Arc<StdMutex<HashMap<String, (String, CancellationToken)>>>,
 }
 
 /// Where a run starts.
@@ -53,11 +54,15 @@ impl Activator {
         Self { core, services, gates: Arc::default() }
     }
 
-    /// Cancels the health gate in progress for `app`, if any.
-    pub fn cut_gate_short(&self, app: &str) {
-        if let Some(gate) = lock(&self.gates).get(app) {
-            tracing::warn!(%app, "rollback ordered during a health gate: cutting it short");
-            gate.cancel();
+    /// Cancels the health gate in progress for `app` if it gates `from`, the release a
+    /// rollback is rolling back from. A gate of another release (a revert to the known-good
+    /// one, say) is left alone: the rollback then finds the agent already off `from`.
+    pub fn cut_gate_short(&self, app: &str, from: &str) {
+        if let Some((gating, gate)) = lock(&self.gates).get(app) {
+            if gating == from {
+                tracing::warn!(%app, %from, "rollback ordered during a health gate: cutting it short");
+                gate.cancel();
+            }
         }
     }
 
@@ -337,7 +342,7 @@ impl Activator {
         let Some(health) = &launch.config.health else { return Ok(()) };
         let Some(check) = health.check() else { return Ok(()) };
         let cancel = CancellationToken::new();
-        lock(&self.gates).insert(launch.app.clone(), cancel.clone());
+        lock(&self.gates).insert(launch.app.clone(), (launch.version.clone(), cancel.clone()));
         self.core.failpoint("gate:started");
         let verdict =
             crate::health::gate(&check, health, deadline, &dir, &launch.env, &cancel, launch.run_as.as_ref())
@@ -356,13 +361,23 @@ impl Activator {
     /// entry, keeps monitoring, prunes.
     async fn commit(&self, app: &str, a: &Activation, launch: &Launch) -> Result<(), ExecError> {
         let health = if launch.config.health.is_some() { HealthState::Healthy } else { HealthState::None };
-        let (to, kind) = (a.to.clone(), a.kind);
+        let (to, from, kind) = (a.to.clone(), a.from.clone(), a.kind);
         self.update(app, move |rec| {
             rec.known_good = Some(to.clone());
             rec.push_history(&to);
-            // An explicit deploy of a release clears its bad mark: the operator chose it.
-            if kind == ActivationKind::Deploy {
-                rec.bad.remove(&to);
+            match kind {
+                // An explicit deploy of a release clears its bad mark: the operator chose it.
+                ActivationKind::Deploy => {
+                    rec.bad.remove(&to);
+                }
+                // Marked at the switch already; again here from the journal, so a crash between
+                // the switch and that write cannot lose the mark.
+                ActivationKind::Rollback => {
+                    if let Some(f) = from.filter(|f| *f != to) {
+                        rec.bad.insert(f);
+                    }
+                }
+                ActivationKind::Revert => {}
             }
             rec.health = health;
             rec.last_error = None;
@@ -417,6 +432,16 @@ impl Activator {
             self.run(app, Start::Fresh { to: good.clone(), kind: ActivationKind::Revert, deadline: None }),
         )
         .await;
+        if revert.is_err() {
+            // A revert that could not even start (its target no longer verifies, say) wrote no
+            // journal entry of its own: the failed activation's entry would make the next start
+            // re-gate, and possibly commit, the release that just failed. It ends here.
+            let a2 = app.to_owned();
+            let journal = self.core.blocking(move |c| Ok(c.state.activation(&a2)?)).await?;
+            if journal.is_some_and(|j| j.to == a.to && j.kind == a.kind) {
+                self.clear_journal(app).await?;
+            }
+        }
         // The failed release's error stays visible after the revert's commit cleared it.
         let e = error.clone();
         self.update(app, move |rec| rec.last_error = Some(e)).await?;

@@ -139,7 +139,12 @@ pub struct Executor {
     /// The highest sequence number admitted; decided on arrival, persisted before the order runs.
     admitted: Arc<StdMutex<u64>>,
     workers: Arc<StdMutex<HashMap<String, mpsc::UnboundedSender<Job>>>>,
+    /// Permits for Logs orders in progress.
+    log_reads: Arc<tokio::sync::Semaphore>,
 }
+
+/// How many Logs orders an agent serves at once.
+pub const MAX_LOG_READS: usize = 4;
 
 /// An admitted order waiting for its app's worker.
 struct Job {
@@ -174,6 +179,7 @@ impl Executor {
             core,
             admitted: Arc::new(StdMutex::new(admitted)),
             workers: Arc::new(StdMutex::new(HashMap::new())),
+            log_reads: Arc::new(tokio::sync::Semaphore::new(MAX_LOG_READS)),
         })
     }
 
@@ -196,11 +202,22 @@ impl Executor {
         };
         let app = order.kind.app().clone();
         if let OrderKind::Logs { lines, .. } = &order.kind {
-            let this = self.clone();
             let (seq, lines) = (order.seq, *lines);
+            // Log reads are not fenced by sequence numbers, so they are bounded here: a few at
+            // a time, each holding its permit until its answer is sent, so a controller that
+            // floods them cannot make the agent buffer without limit.
+            let Ok(permit) = self.log_reads.clone().try_acquire_owned() else {
+                let busy = Outcome::Failed(format!(
+                    "{MAX_LOG_READS} log reads are already in progress on this agent; try again"
+                ));
+                self.answer(seq, Some(app), busy, String::new(), reply);
+                return;
+            };
+            let this = self.clone();
             tokio::spawn(async move {
                 let (outcome, text) = this.logs(&app, lines).await;
-                this.answer(seq, Some(app), outcome, text, reply);
+                this.send_answer(seq, Some(app), outcome, text, reply).await;
+                drop(permit);
             });
             return;
         }
@@ -217,8 +234,8 @@ impl Executor {
         }
         // A rollback must not wait out a health gate in progress: the gate is cancelled, the
         // activation it guards reverts, and the rollback runs next.
-        if matches!(order.kind, OrderKind::Rollback { .. }) {
-            self.activator.cut_gate_short(app.as_str());
+        if let OrderKind::Rollback { from, .. } = &order.kind {
+            self.activator.cut_gate_short(app.as_str(), from.as_str());
         }
         let job = Job { order, channel, reply };
         let mut workers = lock(&self.workers);
@@ -249,10 +266,23 @@ impl Executor {
         output: String,
         reply: mpsc::Sender<pb::AgentMessage>,
     ) {
+        let this = self.clone();
+        tokio::spawn(async move { this.send_answer(seq, app, outcome, output, reply).await });
+    }
+
+    /// Sends an order's answer with the app's status.
+    async fn send_answer(
+        &self,
+        seq: u64,
+        app: Option<AppName>,
+        outcome: Outcome,
+        output: String,
+        reply: mpsc::Sender<pb::AgentMessage>,
+    ) {
         let (kind, message, field) = outcome.to_pb();
         let agent_last_seq = self.last_seq();
         let core = self.core.clone();
-        tokio::spawn(async move {
+        {
             // The status reads sled and the file system: off the async threads.
             let status = match app {
                 Some(a) => {
@@ -273,7 +303,7 @@ impl Executor {
             if reply.send(msg).await.is_err() {
                 tracing::warn!(seq, "session closed before the order's answer could be sent");
             }
-        });
+        }
     }
 
     /// Runs one admitted order: persists its sequence number first, so a replay after a crash

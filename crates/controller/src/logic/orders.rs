@@ -111,6 +111,10 @@ fn invalid(field: &str, e: convoy_bundle::Error) -> Error {
 /// controller restart without a flush per order.
 const SEQ_BLOCK: u64 = 1024;
 
+/// The furthest an agent's report may move the controller's order sequence at once: far more
+/// orders than a controller issues between two backups, far less than the sequence's range.
+const MAX_SEQ_JUMP: u64 = 1 << 32;
+
 impl Controller {
     /// The next order sequence number.
     pub async fn next_seq(&self) -> Result<u64> {
@@ -126,17 +130,39 @@ impl Controller {
         if s.0 >= s.1 {
             *s = (from, to);
         }
+        if s.0 >= s.1 {
+            return Err(Error::Internal("the order sequence is exhausted".into()));
+        }
         s.0 += 1;
         Ok(s.0 - 1)
     }
 
+    /// Whether the controller has marked `app@version` bad.
+    pub(crate) async fn is_marked_bad(&self, app: &str, version: &str) -> Result<bool> {
+        let key = format!("{app}@{version}");
+        self.blocking(move |c| {
+            Ok(c.inner.store.get::<serde_json::Value>(crate::store::Tree::BadReleases, &key)?.is_some())
+        })
+        .await
+    }
+
     /// Moves the order sequence past `agent_seq`, the highest order an agent reports having
-    /// applied, so the controller's next orders are not stale to it.
+    /// applied, so the controller's next orders are not stale to it (a controller restored from
+    /// a backup). The report comes from an agent, so the jump is bounded: one agent must not be
+    /// able to push the fleet-wide sequence to its end.
     pub async fn observe_agent_seq(&self, agent_seq: u64) -> Result<()> {
         {
             let s = self.inner.seq.lock().unwrap_or_else(|p| p.into_inner());
             if s.0 > agent_seq {
                 return Ok(());
+            }
+            if agent_seq > s.0.saturating_add(MAX_SEQ_JUMP) || agent_seq >= u64::MAX / 2 {
+                return Err(Error::PermissionDenied(format!(
+                    "the agent reports having applied order {agent_seq}, far beyond this controller's {}: \
+                     session refused (if the controller really was restored from a very old backup, reset \
+                     the agent's state)",
+                    s.0
+                )));
             }
         }
         let (from, to) =
@@ -289,9 +315,13 @@ impl Controller {
         tracing::warn!(app, agents = ids.len(), by, reason, "fleet rollback");
         let started = Instant::now();
         let mut tasks = tokio::task::JoinSet::new();
+        let mut rolled_from: HashMap<String, String> = HashMap::new();
         for id in ids {
             let this = self.clone();
             let from = from.clone().or_else(|| running.get(&id).cloned());
+            if let Some(f) = &from {
+                rolled_from.insert(id.clone(), f.clone());
+            }
             let (app, to, reason) = (app.to_owned(), to.clone(), reason.to_owned());
             tasks.spawn(async move {
                 let t = Instant::now();
@@ -313,15 +343,30 @@ impl Controller {
         self.metrics().observe_rollback(elapsed.as_secs_f64());
         out.sort_by(|a, b| a.0.cmp(&b.0));
         // What the rollback left running becomes the desired state, so a reconnecting agent
-        // is not moved forward to the release that was just rolled back.
-        let running: Vec<(String, String)> = out
-            .iter()
-            .filter_map(|(id, res, _)| {
-                let o = res.as_ref().ok().filter(|o| o.is_done())?;
-                let cur = o.status.as_ref()?.current.clone();
-                (!cur.is_empty()).then(|| (id.clone(), cur))
-            })
-            .collect();
+        // is not moved forward to the release that was just rolled back. An agent's report is
+        // data about itself: it counts only where this rollback applied, and only if it names
+        // the release asked for (`--to`) or one older than the release rolled back from, which
+        // the controller has not marked bad.
+        let mut running: Vec<(String, String)> = Vec::new();
+        for (id, res, _) in &out {
+            let Some(o) = res.as_ref().ok().filter(|o| o.answer == Answer::Applied) else { continue };
+            let Some(cur) = o.status.as_ref().map(|s| s.current.clone()).filter(|c| !c.is_empty()) else {
+                continue;
+            };
+            let Some(from) = rolled_from.get(id) else { continue };
+            let plausible = match &to {
+                Some(t) => *t == cur,
+                None => matches!(
+                    (semver::Version::parse(&cur), semver::Version::parse(from)),
+                    (Ok(c), Ok(f)) if c < f
+                ),
+            };
+            if !plausible || self.is_marked_bad(app, &cur).await? {
+                tracing::warn!(agent_id = %id, app, reported = %cur, %from, "rollback report not taken into desired state");
+                continue;
+            }
+            running.push((id.clone(), cur));
+        }
         self.record_desired(app, running, &format!("rollback by {by}")).await?;
         Ok((out, elapsed))
     }
