@@ -46,6 +46,7 @@ pub fn to_status(err: logic::Error) -> Status {
         E::Offline(_) | E::AuditUnavailable(_) => Status::unavailable(msg),
         E::AuditTampered(_) => Status::data_loss(msg),
         E::NoAnswer(_) => Status::deadline_exceeded(msg),
+        E::Busy(_) => Status::resource_exhausted(msg),
         E::Store(_) | E::Internal(_) => {
             tracing::error!(error = %msg, "internal error");
             Status::internal(msg)
@@ -406,6 +407,7 @@ impl pb::agent_service_server::AgentService for AgentSvc {
         let (agent_id, serial) = require_agent(&req)?;
         self.0.check_agent_cert(&agent_id, &serial).await.map_err(to_status)?;
         let r = req.into_inner();
+        let permit = self.0.download_permit(&agent_id).map_err(to_status)?;
         let path = self.0.blob_path(&r.digest).map_err(to_status)?;
         let mut file = tokio::fs::File::open(&path).await.map_err(|e| Status::internal(e.to_string()))?;
         let total = file.metadata().await.map_err(|e| Status::internal(e.to_string()))?.len();
@@ -439,7 +441,13 @@ impl pb::agent_service_server::AgentService for AgentSvc {
                 offset += n as u64;
             }
         });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        // The permit lives as long as the response stream: until the agent has read it all or
+        // dropped it, however much of the bundle is already buffered.
+        let stream = tokio_stream::StreamExt::map(ReceiverStream::new(rx), move |chunk| {
+            let _held = &permit;
+            chunk
+        });
+        Ok(Response::new(Box::pin(stream)))
     }
 
     async fn renew(&self, req: Request<pb::RenewRequest>) -> Result<Response<pb::RenewResponse>, Status> {

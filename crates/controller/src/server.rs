@@ -42,6 +42,13 @@ pub enum Error {
 }
 
 /// A controller ready to serve: its logic plus the TLS config its listener uses.
+/// HTTP/2 streams one connection may have open at once.
+pub const MAX_STREAMS_PER_CONNECTION: u32 = 256;
+/// The largest enrollment request decoded (a token and a CSR).
+pub const MAX_ENROLL_MESSAGE: usize = 64 << 10;
+/// The largest message an agent may send (hello, heartbeat, order result with up to 1 MiB of log).
+pub const MAX_AGENT_MESSAGE: usize = 2 << 20;
+
 pub struct Prepared {
     pub controller: Controller,
     tls: std::sync::Arc<rustls::ServerConfig>,
@@ -133,11 +140,21 @@ impl Prepared {
                 }
             })
         };
+        // Bounds on what one peer can make the controller hold: streams per connection, and
+        // message sizes (an enrollment is decoded before its token is checked, so it gets the
+        // smallest bound; hellos and heartbeats are small).
         let grpc_server = tonic::transport::Server::builder()
             .http2_keepalive_interval(Some(Duration::from_secs(5)))
             .http2_keepalive_timeout(Some(Duration::from_secs(5)))
-            .add_service(pb::enrollment_server::EnrollmentServer::new(EnrollmentSvc(ctl.clone())))
-            .add_service(pb::agent_service_server::AgentServiceServer::new(AgentSvc(ctl.clone())))
+            .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
+            .add_service(
+                pb::enrollment_server::EnrollmentServer::new(EnrollmentSvc(ctl.clone()))
+                    .max_decoding_message_size(MAX_ENROLL_MESSAGE),
+            )
+            .add_service(
+                pb::agent_service_server::AgentServiceServer::new(AgentSvc(ctl.clone()))
+                    .max_decoding_message_size(MAX_AGENT_MESSAGE),
+            )
             .add_service(pb::admin_service_server::AdminServiceServer::new(AdminSvc(ctl.clone())))
             .serve_with_incoming_shutdown(incoming, stop.clone().cancelled_owned());
         let app = crate::hooks::router(crate::logic::roles::HookActor::new(ctl.clone()), self.hooks);

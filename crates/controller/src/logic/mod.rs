@@ -58,6 +58,9 @@ pub enum Error {
     UnknownAdmin(String),
     #[error("agent {0} is offline")]
     Offline(String),
+    /// A per-peer resource limit was reached; the caller may retry later.
+    #[error("{0}")]
+    Busy(String),
     /// The order went out but no answer came in time: whether it applied is unknown.
     #[error("{0}")]
     NoAnswer(String),
@@ -138,6 +141,9 @@ pub struct Controller {
     inner: Arc<Inner>,
 }
 
+/// Download streams one agent may have open at once (an agent downloads at most two at a time).
+pub const MAX_DOWNLOADS_PER_AGENT: usize = 4;
+
 /// How long an agent's previous certificate stays valid after a renewal: long enough for calls
 /// in flight to finish, short enough that a copied old key is soon useless. A tenth of the
 /// certificate lifetime, at most five minutes.
@@ -175,6 +181,9 @@ struct Inner {
     /// Cancelled when the controller shuts down: background drivers stop with it.
     shutdown: CancellationToken,
     audit_lock: Mutex<()>,
+    /// Download streams in progress per agent: each holds an open file and buffers, and an agent
+    /// that opens streams without reading them must not exhaust the controller.
+    downloads: Mutex<HashMap<String, Arc<tokio::sync::Semaphore>>>,
     /// Serializes changes to admin records (read, change, write).
     admins_lock: Mutex<()>,
     pub(crate) metrics: crate::metrics::Metrics,
@@ -221,11 +230,30 @@ impl Controller {
                 converging: Mutex::new(Default::default()),
                 shutdown: CancellationToken::new(),
                 audit_lock: Mutex::new(()),
+                downloads: Mutex::new(HashMap::new()),
                 admins_lock: Mutex::new(()),
                 metrics: Default::default(),
                 notifier,
             }),
         }
+    }
+
+    /// A permit for one download stream of `agent_id`, or `Busy` when it already has
+    /// [`MAX_DOWNLOADS_PER_AGENT`] in progress.
+    pub fn download_permit(&self, agent_id: &str) -> Result<tokio::sync::OwnedSemaphorePermit> {
+        let sem = self
+            .inner
+            .downloads
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(agent_id.to_owned())
+            .or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(MAX_DOWNLOADS_PER_AGENT)))
+            .clone();
+        sem.try_acquire_owned().map_err(|_| {
+            Error::Busy(format!(
+                "agent {agent_id} already has {MAX_DOWNLOADS_PER_AGENT} downloads in progress; finish or cancel one first"
+            ))
+        })
     }
 
     pub(crate) fn metrics(&self) -> &crate::metrics::Metrics {
