@@ -154,11 +154,17 @@ impl Downloader {
     /// Downloads the bundle with `digest`, resuming a partial file if one exists. A second
     /// caller for the same digest waits for the first and then gets the cached bundle.
     ///
-    /// Refused for good, with the partial file discarded: an announced or received size over
+    /// Refused for good: an announced or received size over
     /// [`DownloadOptions::max_bundle_size`], a header that is not a bundle or is not signed by
     /// the trust store, more bytes than the controller announced or than the signed size, and a
-    /// digest mismatch. Transient network errors are retried; when the attempts run out the
-    /// partial file is kept for the next fetch to resume.
+    /// digest mismatch. Transient network errors are retried, each attempt resuming where the
+    /// last one stopped.
+    ///
+    /// A fetch that fails, for good or because its attempts ran out, removes its partial file:
+    /// a controller could otherwise fill the disk by cutting many downloads short just before
+    /// their end. Before a download starts, partial files no fetch is working on are removed
+    /// too, so at most one per running download exists. Only a crash leaves a partial file
+    /// behind for the next fetch of that digest to resume.
     pub async fn fetch(&self, channel: Channel, digest: &str) -> Result<Downloaded> {
         check_digest(digest)?;
         if let Some(path) = self.cached_async(digest).await? {
@@ -175,19 +181,58 @@ impl Downloader {
             .await
             .map_err(|_| Error::Invalid { what: "downloader", message: "closed".into() })?;
         tokio::fs::create_dir_all(&self.cache).await.map_err(io(&self.cache))?;
+        self.remove_unheld_partials(digest).await;
         let partial = self.cache.join(format!("{digest}.partial"));
         match self.download(channel, digest, &partial).await {
             Ok(done) => Ok(done),
-            Err(Failure::Keep(e)) => Err(e),
-            Err(Failure::Discard(e)) => {
+            Err(Failure::Keep(e) | Failure::Discard(e)) => {
                 match tokio::fs::remove_file(&partial).await {
                     Ok(()) => {}
                     Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
                     Err(err) => {
-                        tracing::warn!(path = %partial.display(), error = %err, "cannot discard a refused download")
+                        tracing::warn!(path = %partial.display(), error = %err, "cannot remove a failed download")
                     }
                 }
                 Err(e)
+            }
+        }
+    }
+
+    /// Removes the partial files of every digest but `own` whose fetch is not running: left by a
+    /// fetch that was cancelled, or by a crash. The digest's lock is held while its file is
+    /// removed, so a fetch of it cannot start meanwhile; a locked digest is being fetched, or
+    /// is waiting to be, and keeps its file.
+    async fn remove_unheld_partials(&self, own: &str) {
+        let mut entries = match tokio::fs::read_dir(&self.cache).await {
+            Ok(entries) => entries,
+            Err(e) => {
+                tracing::warn!(path = %self.cache.display(), error = %e, "cannot list the download cache");
+                return;
+            }
+        };
+        loop {
+            let entry = match entries.next_entry().await {
+                Ok(Some(entry)) => entry,
+                Ok(None) => break,
+                Err(e) => {
+                    tracing::warn!(path = %self.cache.display(), error = %e, "cannot list the download cache");
+                    break;
+                }
+            };
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let Some(digest) = name.strip_suffix(".partial") else { continue };
+            if digest == own {
+                continue;
+            }
+            let lock = self.digest_lock(digest);
+            let Ok(_unheld) = lock.try_lock() else { continue };
+            let path = entry.path();
+            match tokio::fs::remove_file(&path).await {
+                Ok(()) => tracing::info!(path = %path.display(), "removed a partial download no fetch holds"),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    tracing::warn!(path = %path.display(), error = %e, "cannot remove a stale partial download")
+                }
             }
         }
     }
@@ -208,11 +253,8 @@ impl Downloader {
                     tracing::warn!(%digest, attempt, error = %status.message(), delay_ms = delay.as_millis() as u64, "download interrupted, will resume");
                     tokio::time::sleep(delay).await;
                 }
-                // A non-retryable refusal (unknown digest, permission) leaves nothing worth
-                // resuming; transient errors that ran out of attempts keep their progress.
-                Err(Failure::Keep(Error::Refused(status))) if !retryable(status.code()) => {
-                    return Err(Failure::Discard(Error::Refused(status)))
-                }
+                // A non-retryable refusal (unknown digest, permission) and transient errors that
+                // ran out of attempts both end the fetch, which then removes the partial file.
                 Err(e) => return Err(e),
             }
         }
@@ -383,7 +425,8 @@ impl Downloader {
     }
 }
 
-/// How a download failed: whether its partial file is worth keeping for a resume.
+/// How an attempt failed: whether its partial file is still good for the next attempt of the
+/// same fetch. When the fetch itself fails, the file is removed either way.
 enum Failure {
     Keep(Error),
     Discard(Error),
@@ -493,6 +536,8 @@ mod tests {
         Garbage(usize),
         /// Announces a huge size, then sends the bundle.
         HugeTotal,
+        /// Announces the bundle's size but ends every stream one byte before its end.
+        OneByteShort,
     }
 
     #[derive(Clone)]
@@ -533,6 +578,7 @@ mod tests {
                 Serve::MoreThanSigned(n) => ([&self.bundle[..], &vec![0u8; n]].concat(), len + n as u64),
                 Serve::Garbage(n) => ((0..n).map(|_| rand::random::<u8>()).collect(), n as u64),
                 Serve::HugeTotal => (self.bundle.to_vec(), 1 << 40),
+                Serve::OneByteShort => (self.bundle[..self.bundle.len() - 1].to_vec(), len),
             };
             let start = usize::try_from(req.into_inner().offset).unwrap().min(body.len());
             let (tx, rx) = tokio::sync::mpsc::channel(1);
@@ -725,5 +771,52 @@ mod tests {
         let err = s.downloader.fetch(s.channel.clone(), &"cd".repeat(32)).await.unwrap_err().to_string();
         assert!(err.contains("not even a complete bundle header"), "{err}");
         assert_eq!(leftovers(&s.cache), Vec::<String>::new());
+    }
+
+    fn partials(cache: &Path) -> Vec<String> {
+        leftovers(cache).into_iter().filter(|n| n.ends_with(".partial")).collect()
+    }
+
+    #[tokio::test]
+    async fn downloads_cut_one_byte_short_leave_no_partial_files() {
+        let key = SecretKey::generate();
+        let bytes = bundle(&key);
+        let s = setup(bytes.clone(), Serve::OneByteShort, &key).await;
+        let err = s.downloader.fetch(s.channel.clone(), &s.digest).await.unwrap_err().to_string();
+        assert!(err.contains("ended at"), "{err}");
+        // Every attempt but the first resumed from what the previous one received.
+        assert_eq!(s.controller.requests.load(Ordering::SeqCst), 2);
+        assert_eq!(partials(&s.cache), Vec::<String>::new(), "a failed download kept its partial file");
+
+        // The test controller serves the same signed bundle for any digest, so each of these
+        // fetches gets all but the last byte of a valid download, then fails.
+        for i in 0..4u8 {
+            let digest = hex::encode([i; 32]);
+            let err = s.downloader.fetch(s.channel.clone(), &digest).await.unwrap_err().to_string();
+            assert!(err.contains("ended at"), "{err}");
+            assert_eq!(partials(&s.cache), Vec::<String>::new(), "partial files accumulated");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_new_download_removes_partials_no_fetch_holds() {
+        let key = SecretKey::generate();
+        let bytes = bundle(&key);
+        let s = setup(bytes.clone(), Serve::Honest, &key).await;
+        std::fs::create_dir_all(&s.cache).unwrap();
+        let stale = s.cache.join(format!("{}.partial", "ab".repeat(32)));
+        std::fs::write(&stale, &bytes[..100_000]).unwrap();
+        // A digest whose lock is held stands for a fetch in progress: its file stays.
+        let busy_digest = "cd".repeat(32);
+        let busy = s.cache.join(format!("{busy_digest}.partial"));
+        std::fs::write(&busy, &bytes[..100_000]).unwrap();
+        let busy_lock = s.downloader.digest_lock(&busy_digest);
+        let held = busy_lock.lock().await;
+
+        let done = s.downloader.fetch(s.channel.clone(), &s.digest).await.unwrap();
+        assert_eq!(std::fs::read(&done.path).unwrap(), bytes);
+        assert!(!stale.exists(), "a partial file no fetch holds was kept");
+        assert!(busy.exists(), "the partial file of a running fetch was removed");
+        drop(held);
     }
 }

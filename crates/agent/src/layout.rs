@@ -103,8 +103,10 @@ impl Layout {
         if let Ok(entries) = std::fs::read_dir(self.releases_dir(app)) {
             for e in entries.flatten() {
                 if e.file_name().to_string_lossy().starts_with(".tmp-") {
-                    let _ = make_writable(&e.path());
-                    let _ = std::fs::remove_dir_all(e.path());
+                    make_writable(&e.path());
+                    if let Err(err) = std::fs::remove_dir_all(e.path()) {
+                        tracing::warn!(path = %e.path().display(), error = %err, "cannot remove an unpack leftover");
+                    }
                 }
             }
         }
@@ -112,11 +114,10 @@ impl Layout {
 
     /// Removes one unpack directory this agent created (after a failed install).
     pub fn remove_tmp(&self, tmp: &Path) {
-        if make_writable(tmp).is_ok() {
-            if let Err(e) = std::fs::remove_dir_all(tmp) {
-                if e.kind() != std::io::ErrorKind::NotFound {
-                    tracing::warn!(path = %tmp.display(), error = %e, "cannot remove unpack directory");
-                }
+        make_writable(tmp);
+        if let Err(e) = std::fs::remove_dir_all(tmp) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                tracing::warn!(path = %tmp.display(), error = %e, "cannot remove unpack directory");
             }
         }
     }
@@ -136,7 +137,7 @@ impl Layout {
     /// Removes a release directory, even one with read-only subdirectories.
     pub fn remove_release(&self, app: &str, version: &str) -> Result<()> {
         let dir = self.release_dir(app, version);
-        let _ = make_writable(&dir);
+        make_writable(&dir);
         if dir.exists() {
             std::fs::remove_dir_all(&dir).map_err(io(&dir))?;
         }
@@ -307,24 +308,14 @@ fn count_lines(text: &[u8]) -> usize {
     newlines + usize::from(!text.is_empty() && !text.ends_with(b"\n"))
 }
 
-#[cfg(unix)]
-fn make_writable(dir: &Path) -> std::io::Result<()> {
-    use std::os::unix::fs::PermissionsExt;
-    if !dir.is_dir() || dir.is_symlink() {
-        return Ok(());
+/// Makes a release tree removable. It may hold read-only directories, and a service can change
+/// it while this runs as root: directories are opened without following links and changed
+/// through their descriptors (see [`convoy_bundle::make_tree_writable`]). A failure is logged;
+/// the removal that follows reports what it could not remove.
+fn make_writable(dir: &Path) {
+    if let Err(e) = convoy_bundle::make_tree_writable(dir) {
+        tracing::warn!(path = %dir.display(), error = %e, "cannot make a directory tree writable");
     }
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))?;
-    for e in std::fs::read_dir(dir)?.flatten() {
-        if e.file_type()?.is_dir() {
-            make_writable(&e.path())?;
-        }
-    }
-    Ok(())
-}
-
-#[cfg(not(unix))]
-fn make_writable(_dir: &Path) -> std::io::Result<()> {
-    Ok(())
 }
 
 #[cfg(test)]
@@ -446,5 +437,79 @@ mod tests {
         rustix::fs::mknodat(rustix::fs::CWD, &path, FileType::Fifo, Mode::from_raw_mode(0o600), 0).unwrap();
         let err = layout.read_log("shop", "1.0.0", 10, LOG_TAIL_MAX_BYTES).unwrap_err();
         assert!(err.to_string().contains("not a regular file"), "{err}");
+    }
+
+    fn mode(path: &Path) -> u32 {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::symlink_metadata(path).unwrap().permissions().mode() & 0o7777
+    }
+
+    #[test]
+    fn removing_a_release_never_changes_a_directory_a_link_points_to() {
+        use std::os::unix::fs::PermissionsExt;
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::sync::Arc;
+        use std::time::{Duration, Instant};
+
+        let tmp = tempfile::tempdir().unwrap();
+        let layout = Layout::new(&tmp.path().join("data"));
+        let release = layout.release_dir("shop", "1.0.0");
+        std::fs::create_dir_all(release.join("sub/inner")).unwrap();
+        std::fs::write(release.join("sub/inner/file"), "release").unwrap();
+        let outside = tmp.path().join("outside");
+        std::fs::create_dir_all(outside.join("deep")).unwrap();
+        std::fs::write(outside.join("deep/secret"), "SECRET").unwrap();
+        std::fs::set_permissions(outside.join("deep"), std::fs::Permissions::from_mode(0o700)).unwrap();
+        std::fs::set_permissions(&outside, std::fs::Permissions::from_mode(0o700)).unwrap();
+
+        // A service swaps one of the release's directories for a link to the outside directory
+        // and back, over and over, while the tree is made writable again and again.
+        let sub = release.join("sub");
+        let stash = tmp.path().join("stash");
+        let stop = Arc::new(AtomicBool::new(false));
+        let swapper = {
+            let (sub, stash, outside, stop) = (sub.clone(), stash.clone(), outside.clone(), stop.clone());
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    std::fs::rename(&sub, &stash).unwrap();
+                    symlink(&outside, &sub).unwrap();
+                    std::thread::yield_now();
+                    std::fs::remove_file(&sub).unwrap();
+                    std::fs::rename(&stash, &sub).unwrap();
+                }
+            })
+        };
+        let started = Instant::now();
+        let mut rounds = 0u32;
+        while started.elapsed() < Duration::from_secs(2) {
+            make_writable(&release);
+            rounds += 1;
+            assert_eq!(mode(&outside), 0o700, "the outside directory was changed in round {rounds}");
+            assert_eq!(
+                mode(&outside.join("deep")),
+                0o700,
+                "a directory below it was changed in round {rounds}"
+            );
+        }
+        stop.store(true, Ordering::Relaxed);
+        swapper.join().unwrap();
+
+        // Left as a link, the directory is removed as a link: the release goes, the outside stays.
+        std::fs::set_permissions(release.join("sub/inner"), std::fs::Permissions::from_mode(0o555)).unwrap();
+        std::fs::set_permissions(&sub, std::fs::Permissions::from_mode(0o555)).unwrap();
+        std::fs::rename(&sub, &stash).unwrap();
+        symlink(&outside, &sub).unwrap();
+        layout.remove_release("shop", "1.0.0").unwrap();
+        assert!(std::fs::symlink_metadata(&release).is_err(), "the release is still there");
+        assert_eq!(mode(&outside), 0o700);
+        assert_eq!(mode(&outside.join("deep")), 0o700);
+        assert_eq!(std::fs::read_to_string(outside.join("deep/secret")).unwrap(), "SECRET");
+
+        // A release with read-only directories of its own is still removed.
+        std::fs::create_dir_all(&release).unwrap();
+        std::fs::rename(&stash, &sub).unwrap();
+        std::fs::set_permissions(&release, std::fs::Permissions::from_mode(0o555)).unwrap();
+        layout.remove_release("shop", "1.0.0").unwrap();
+        assert!(std::fs::symlink_metadata(&release).is_err(), "a read-only release is still there");
     }
 }

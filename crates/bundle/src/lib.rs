@@ -32,7 +32,9 @@ pub use manifest::{
     check_app as check_app_name, check_version, EntryKind, FileEntry, Manifest, PayloadInfo, Target,
     FORMAT_VERSION,
 };
-pub use unpack::{unpack, verify, verify_header, verify_reader, verify_tree, Limits, Verified};
+pub use unpack::{
+    make_tree_writable, unpack, verify, verify_header, verify_reader, verify_tree, Limits, Verified,
+};
 
 /// Everything that can be wrong with a bundle, a key or a release directory. Each variant names
 /// the specific problem, so an operator reading the error knows what to fix.

@@ -97,28 +97,93 @@ pub fn unpack(path: &Path, trust: &TrustStore, dest: &Path, limits: &Limits) -> 
     }
     let result = whole(io::BufReader::with_capacity(256 << 10, f), Some(trust), Some(dest), limits);
     if result.is_err() {
-        let _ = make_writable(dest);
-        let _ = fs::remove_dir_all(dest);
+        // The unpack error is what the caller acts on and is returned unchanged; a tree that
+        // cannot be removed here is a leftover unpack directory, which the agent's start-up
+        // cleanup removes.
+        let _ = make_tree_writable(dest).and_then(|()| fs::remove_dir_all(dest));
     }
     result
 }
 
-/// A hostile bundle may ship read-only directories; restore write access so cleanup works.
-#[cfg(unix)]
-fn make_writable(dir: &Path) -> io::Result<()> {
+/// Gives `dir` and every directory below it mode 0755, so a tree holding read-only directories
+/// (a hostile bundle may ship them, a release has them by design) can be removed.
+///
+/// Runs as root over trees that other users may be changing: a directory can be swapped for a
+/// symbolic link at any moment. So every directory is opened without following a link and
+/// changed through its descriptor, and the walk goes on from that descriptor, never by
+/// resolving a path again; links, and anything that is not a directory by the time it is
+/// opened, are left alone. Blocking.
+#[cfg(target_os = "linux")]
+pub fn make_tree_writable(dir: &Path) -> io::Result<()> {
+    match rustix::fs::openat(rustix::fs::CWD, dir, dir_flags(), rustix::fs::Mode::empty()) {
+        Ok(fd) => writable_below(fd),
+        Err(e) if not_a_directory(e) => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// A directory opened with these cannot be a symbolic link, nor a FIFO or device that would
+/// block or act on open.
+#[cfg(target_os = "linux")]
+fn dir_flags() -> rustix::fs::OFlags {
+    use rustix::fs::OFlags;
+    OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC
+}
+
+/// Open failures that mean "not a directory to walk": a link, another kind of file, or an entry
+/// removed while the walk ran.
+#[cfg(target_os = "linux")]
+fn not_a_directory(e: rustix::io::Errno) -> bool {
+    use rustix::io::Errno;
+    matches!(e, Errno::NOTDIR | Errno::LOOP | Errno::NOENT)
+}
+
+#[cfg(target_os = "linux")]
+fn writable_below(dir: std::os::fd::OwnedFd) -> io::Result<()> {
+    use rustix::fs::{FileType, Mode};
+    rustix::fs::fchmod(&dir, Mode::from_raw_mode(0o755))?;
+    let mut subdirs = Vec::new();
+    for entry in rustix::fs::Dir::read_from(&dir)? {
+        let entry = entry?;
+        let name = entry.file_name();
+        if name.to_bytes() == b"." || name.to_bytes() == b".." {
+            continue;
+        }
+        // Some file systems do not report the type; the no-follow open below decides then.
+        if matches!(entry.file_type(), FileType::Directory | FileType::Unknown) {
+            subdirs.push(name.to_owned());
+        }
+    }
+    for name in subdirs {
+        match rustix::fs::openat(&dir, name.as_c_str(), dir_flags(), Mode::empty()) {
+            Ok(fd) => writable_below(fd)?,
+            Err(e) if not_a_directory(e) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
+}
+
+/// [`make_tree_writable`] where directories cannot be opened relative to a descriptor: links
+/// are skipped as they are found, which leaves a race the Linux version does not have.
+#[cfg(all(unix, not(target_os = "linux")))]
+pub fn make_tree_writable(dir: &Path) -> io::Result<()> {
     use std::os::unix::fs::PermissionsExt;
+    if !fs::symlink_metadata(dir)?.is_dir() {
+        return Ok(());
+    }
+    fs::set_permissions(dir, fs::Permissions::from_mode(0o755))?;
     for entry in fs::read_dir(dir)? {
         let entry = entry?;
         if entry.file_type()?.is_dir() {
-            fs::set_permissions(entry.path(), fs::Permissions::from_mode(0o755))?;
-            make_writable(&entry.path())?;
+            make_tree_writable(&entry.path())?;
         }
     }
     Ok(())
 }
 
 #[cfg(not(unix))]
-fn make_writable(_dir: &Path) -> io::Result<()> {
+pub fn make_tree_writable(_dir: &Path) -> io::Result<()> {
     Ok(())
 }
 
@@ -476,14 +541,81 @@ fn sync_files(dest: &Path, manifest: &Manifest) -> Result<()> {
     })
 }
 
+/// `O_NOFOLLOW`, whose value differs between Linux architectures (arm64 has its own).
 #[cfg(target_os = "linux")]
 fn nofollow() -> i32 {
-    0o400000
+    rustix::fs::OFlags::NOFOLLOW.bits() as i32
 }
 
 #[cfg(all(unix, not(target_os = "linux")))]
 fn nofollow() -> i32 {
     0x0100
+}
+
+/// `O_NONBLOCK`: opening a FIFO for reading returns at once instead of waiting for a writer.
+#[cfg(target_os = "linux")]
+fn nonblock() -> i32 {
+    rustix::fs::OFlags::NONBLOCK.bits() as i32
+}
+
+#[cfg(all(unix, not(target_os = "linux")))]
+fn nonblock() -> i32 {
+    0x0004
+}
+
+/// Opens a file the manifest lists for reading, checking what was opened rather than what a
+/// path pointed at a moment before: the tree may be changed by its service while it is checked.
+/// A symbolic link is not followed and a FIFO does not block the open; anything that is not a
+/// regular file of the listed mode and size is refused before a byte is read.
+fn open_listed_file(p: &Path, f: &crate::FileEntry) -> Result<fs::File> {
+    let mut opts = fs::OpenOptions::new();
+    opts.read(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.custom_flags(nofollow() | nonblock());
+    }
+    let file = match opts.open(p) {
+        Ok(file) => file,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(Error::Missing(f.path.clone())),
+        Err(e) => {
+            // A symbolic link now in the file's place fails the no-follow open; name it.
+            let now_a_link = fs::symlink_metadata(p).is_ok_and(|m| m.file_type().is_symlink());
+            return Err(if now_a_link {
+                Error::KindMismatch {
+                    path: f.path.clone(),
+                    expected: EntryKind::File.name(),
+                    actual: EntryKind::Symlink.name(),
+                }
+            } else {
+                Error::Io { path: p.to_path_buf(), source: e }
+            });
+        }
+    };
+    let meta = file.metadata().map_err(io_err(p))?;
+    let ft = meta.file_type();
+    if ft.is_dir() {
+        return Err(Error::KindMismatch {
+            path: f.path.clone(),
+            expected: EntryKind::File.name(),
+            actual: EntryKind::Dir.name(),
+        });
+    }
+    if !ft.is_file() {
+        return Err(Error::ForbiddenEntry { path: f.path.clone(), kind: "special file" });
+    }
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = meta.permissions().mode() & 0o7777;
+        if mode != f.mode {
+            return Err(Error::ModeMismatch { path: f.path.clone(), expected: f.mode, actual: mode });
+        }
+    }
+    if meta.len() != f.size {
+        return Err(Error::SizeMismatch { path: f.path.clone(), expected: f.size, actual: meta.len() });
+    }
+    Ok(file)
 }
 
 #[cfg(unix)]
@@ -587,14 +719,25 @@ pub fn verify_tree(dir: &Path, manifest: &Manifest) -> Result<()> {
                         actual: meta.len(),
                     });
                 }
-                let mut file = fs::File::open(&p).map_err(io_err(&p))?;
+                // One byte past the listed size is read at most, so a file that grows while it is
+                // read shows up as a size mismatch instead of being read without end.
+                let mut file = open_listed_file(&p, f)?.take(f.size.saturating_add(1));
                 let mut h = <sha2::Sha256 as sha2::Digest>::new();
+                let mut count = 0u64;
                 loop {
                     let n = file.read(&mut buf).map_err(io_err(&p))?;
                     if n == 0 {
                         break;
                     }
+                    count += n as u64;
                     sha2::Digest::update(&mut h, &buf[..n]);
+                }
+                if count != f.size {
+                    return Err(Error::SizeMismatch {
+                        path: f.path.clone(),
+                        expected: f.size,
+                        actual: count,
+                    });
                 }
                 let digest = hex::encode(sha2::Digest::finalize(h));
                 let want = f.sha256.clone().unwrap_or_default();
