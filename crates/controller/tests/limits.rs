@@ -4,11 +4,10 @@
 
 mod common;
 
-use std::path::Path;
 use std::time::Duration;
 
 use convoy_bundle::SecretKey;
-use convoy_controller::local::{DemoRelease, LocalController, LocalOptions};
+use convoy_controller::local::{LocalController, LocalOptions};
 use convoy_controller::logic::MAX_DOWNLOADS_PER_AGENT;
 use convoy_proto::v1 as pb;
 use tonic::Code;
@@ -23,9 +22,32 @@ fn open_fds() -> usize {
 async fn unread_download_streams_are_bounded_per_agent() {
     let tmp = tempfile::tempdir().unwrap();
     let ctl = LocalController::start(&tmp.path().join("ctl"), LocalOptions::default()).await.unwrap();
+    // A bundle much larger than HTTP/2 flow-control windows, so an unread stream really stalls
+    // the controller's side (a small one would be sent whole into the client's buffers).
     let key = SecretKey::generate();
-    let exe = Path::new(env!("CARGO_BIN_EXE_convoy"));
-    let info = ctl.push_demo_release(tmp.path(), exe, &key, DemoRelease::new("1.0.0", "healthy")).await.unwrap();
+    let src = tmp.path().join("big");
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::write(src.join("convoy.toml"), "").unwrap();
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let noise: Vec<u8> = (0..(3 << 20))
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    std::fs::write(src.join("data.bin"), noise).unwrap();
+    let out = tmp.path().join("big.bundle");
+    let opts = convoy_bundle::BuildOptions {
+        app: "shop-api".into(),
+        version: "1.0.0".into(),
+        created_at: 0,
+        target: None,
+        zstd_level: 1,
+    };
+    convoy_bundle::build(&src, &opts, &key, &out).unwrap();
+    let info = ctl.push_file(&out).await.unwrap();
     ctl.enroll(&tmp.path().join("a1"), "a1", "eu-west").await.unwrap();
     let id = common::agent_identity(&tmp.path().join("a1"));
     let ch = common::dial(&ctl.grpc_addr.to_string(), &ctl.ca_pem().unwrap(), Some(&id)).await.unwrap();
