@@ -15,7 +15,12 @@ pub const CONFIG_FILE: &str = "convoy.toml";
 /// Where the admin CLI looks when neither `--config` nor `CONVOY_CONFIG` says otherwise.
 pub const DEFAULT_CONFIG_PATH: &str = "certs/convoy.toml";
 pub const DEFAULT_GRPC_ADDR: &str = "0.0.0.0:7443";
-pub const DEFAULT_HTTP_ADDR: &str = "0.0.0.0:7480";
+/// The HTTP listener (metrics, hooks) is plain HTTP, so by default it listens on loopback only;
+/// exposing it is a deliberate `http_addr` choice.
+pub const DEFAULT_HTTP_ADDR: &str = "127.0.0.1:7480";
+
+/// The shortest HMAC key the generic hook accepts.
+pub const MIN_HMAC_KEY_LEN: usize = 32;
 
 /// Configuration errors; each names the file and the field.
 #[derive(Debug, thiserror::Error)]
@@ -234,6 +239,14 @@ impl Config {
                 return Err(field("notify.urls", format!("{u:?}: only http:// URLs are supported")));
             }
         }
+        for (id, key) in &raw.hooks.hmac_keys {
+            if key.len() < MIN_HMAC_KEY_LEN {
+                return Err(field(
+                    "hooks.hmac_keys",
+                    format!("key {id:?} is {} bytes; HMAC keys need at least {MIN_HMAC_KEY_LEN}", key.len()),
+                ));
+            }
+        }
         if raw.hooks.alertmanager_token.as_deref().is_some_and(|t| t.len() < 16) {
             return Err(field("hooks.alertmanager_token", "must be at least 16 characters".into()));
         }
@@ -306,5 +319,7 @@ mod tests {
         );
         check(&format!("{OK}[hooks]\nalertmanager_token = \"short\"\n"), Some("alertmanager_token"));
         check(&format!("{OK}[notify]\nurls = [\"ftp://x\"]\n"), Some("notify.urls"));
+        check(&format!("{OK}[hooks.hmac_keys]\nops = \"too-short\"\n"), Some("hooks.hmac_keys"));
+        check(&format!("{OK}[hooks.hmac_keys]\nops = \"{}\"\n", "k".repeat(MIN_HMAC_KEY_LEN)), None);
     }
 }
