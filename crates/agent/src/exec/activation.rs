@@ -283,8 +283,31 @@ impl Activator {
     /// Runs the current release's `pre_rollback` hook; a failure is logged, the rollback goes on.
     async fn pre_rollback(&self, app: &str, from: Option<&str>, timeout: Duration) {
         let Some(cur) = from else { return };
+        // Most releases have no pre_rollback hook: a glance at the stored header says so
+        // without hashing the whole tree, which keeps a rollback instant.
+        let (a, v) = (app.to_owned(), cur.to_owned());
+        let has_hook = self
+            .core
+            .blocking(move |c| {
+                let hp = c.layout.header_path(&a, &v);
+                let mut f =
+                    std::fs::File::open(&hp).map_err(|e| crate::Error::Io { path: hp.clone(), source: e })?;
+                let header = convoy_bundle::read_header(&mut f, c.cfg.limits.max_manifest_bytes)
+                    .map_err(|e| ExecError::Internal(e.to_string()))?;
+                let m = header.manifest().map_err(|e| ExecError::Internal(e.to_string()))?;
+                Ok(m.config.hooks.is_some_and(|h| h.pre_rollback.is_some()))
+            })
+            .await;
+        match has_hook {
+            Ok(true) => {}
+            Ok(false) => return,
+            Err(e) => {
+                tracing::warn!(%app, error = %e, "pre_rollback hook skipped: the release rolled back from has no readable header");
+                return;
+            }
+        }
         // The release rolled back from may be the very one that is distrusted or tampered
-        // with: its hook runs only if it still verifies.
+        // with: its hook runs only if it still verifies, signatures and every file.
         let launch = match self.prepare(app, cur, None).await {
             Ok(l) => l,
             Err(e) => {
