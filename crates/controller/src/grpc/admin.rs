@@ -1,0 +1,560 @@
+//! The admin service: parse, authorize by role against the admin registry, audit intent and
+//! outcome, call the controller. Translation only.
+
+use std::time::Duration;
+
+use super::*;
+
+/// The admin service.
+#[derive(Clone)]
+pub struct AdminSvc(pub Controller);
+
+impl AdminSvc {
+    /// The caller, checked against the admin registry by certificate serial and authorized for
+    /// `action` by role. Every refusal is written to the audit log.
+    async fn caller<T>(&self, req: &Request<T>, action: Action, target: &str) -> Result<AdminCaller, Status> {
+        let caller = self.authenticate(req, action, target).await?;
+        self.check_role(&caller, action, target).await?;
+        Ok(caller)
+    }
+
+    /// The caller, checked against the admin registry by certificate serial, before knowing
+    /// which action it asks for (`action` names the attempt in the audit log if refused).
+    async fn authenticate<T>(
+        &self,
+        req: &Request<T>,
+        action: Action,
+        target: &str,
+    ) -> Result<AdminCaller, Status> {
+        let (name, serial) = require_admin(req)?;
+        match self.0.authenticate_admin(&name, &serial).await {
+            Ok(caller) => Ok(caller),
+            Err(e) => {
+                tracing::warn!(admin = %name, %serial, action = action.audit_name(), error = %e, "admin refused");
+                let params = serde_json::json!({"serial": serial});
+                self.0
+                    .audit(
+                        &format!("admin/{name}"),
+                        action.audit_name(),
+                        target,
+                        params,
+                        &format!("refused: {e}"),
+                    )
+                    .await;
+                Err(to_status(e))
+            }
+        }
+    }
+
+    /// Refuses `action` unless the caller's role allows it, auditing the refusal.
+    async fn check_role(&self, caller: &AdminCaller, action: Action, target: &str) -> Result<(), Status> {
+        let who = caller.to_string();
+        if let Err(e) = Principal::Admin(caller.role).authorize(&who, action) {
+            tracing::warn!(admin = %who, role = %caller.role, action = action.audit_name(), "admin action refused by role");
+            let params = serde_json::json!({"serial": caller.serial, "role": caller.role});
+            self.0.audit(&who, action.audit_name(), target, params, &format!("refused: {e}")).await;
+            return Err(to_status(e));
+        }
+        Ok(())
+    }
+
+    /// Runs an admin action between its two audit entries: the intent is written and flushed
+    /// first, and when it cannot be the action never runs (the caller gets `unavailable`); the
+    /// outcome follows, naming the intent.
+    async fn audited<T>(
+        &self,
+        admin: &AdminCaller,
+        action: &str,
+        target: &str,
+        params: serde_json::Value,
+        run: impl std::future::Future<Output = Result<T, logic::Error>>,
+    ) -> Result<Result<T, logic::Error>, Status> {
+        let actor = admin.to_string();
+        let intent = self.0.audit_intent(&actor, action, target, params).await.map_err(to_status)?;
+        let result = run.await;
+        let outcome = match &result {
+            Ok(_) => "ok".to_string(),
+            Err(e) => format!("refused: {e}"),
+        };
+        self.0.audit_outcome(intent, &actor, action, target, serde_json::json!({}), &outcome).await;
+        Ok(result)
+    }
+}
+
+fn admin_info(r: AdminRecord) -> pb::AdminInfo {
+    pb::AdminInfo {
+        name: r.name,
+        role: r.role.to_string(),
+        certs: r
+            .certs
+            .into_iter()
+            .map(|c| pb::AdminCertInfo {
+                serial: c.serial,
+                issued_at_unix: c.issued_at,
+                issued_by: c.issued_by,
+                not_after_unix: c.not_after,
+                revoked: c.revoked,
+                revoked_at_unix: c.revoked_at.unwrap_or(0),
+                revoked_by: c.revoked_by.unwrap_or_default(),
+            })
+            .collect(),
+        created_by: r.created_by,
+        created_at_unix: r.created_at,
+    }
+}
+
+#[tonic::async_trait]
+impl pb::admin_service_server::AdminService for AdminSvc {
+    async fn create_token(
+        &self,
+        req: Request<pb::CreateTokenRequest>,
+    ) -> Result<Response<pb::CreateTokenResponse>, Status> {
+        let admin = self.caller(&req, Action::CreateToken, "*").await?;
+        let r = req.into_inner();
+        let region = (!r.region.is_empty()).then_some(r.region);
+        let ttl = Duration::from_secs(r.ttl_secs);
+        let target = region.clone().unwrap_or_else(|| "*".into());
+        let identity = admin.identity();
+        let run = self
+            .0
+            .create_token(region, labels(r.labels), r.allow_agent_labels, ttl, &identity)
+            .instrument(tracing::info_span!("create_token", %admin));
+        let params = serde_json::json!({"ttl_secs": r.ttl_secs});
+        let result = self.audited(&admin, "token.create", &target, params, run).await?;
+        let (token, expires) = result.map_err(to_status)?;
+        Ok(Response::new(pb::CreateTokenResponse { token, expires_at_unix: expires }))
+    }
+
+    async fn list_agents(
+        &self,
+        req: Request<pb::ListAgentsRequest>,
+    ) -> Result<Response<pb::ListAgentsResponse>, Status> {
+        self.caller(&req, Action::ListAgents, "*").await?;
+        let r = req.into_inner();
+        let region = (!r.region.is_empty()).then_some(r.region);
+        let agents = self.0.list_agents(region).await.map_err(to_status)?;
+        let agents = agents
+            .into_iter()
+            .map(|v| pb::AgentInfo {
+                id: v.record.id,
+                region: v.record.region,
+                labels: v.record.labels.into_iter().collect(),
+                online: v.online,
+                first_seen_unix: v.record.first_seen,
+                last_seen_unix: v.record.last_seen,
+                cert_serial: v.record.cert_serial,
+                cert_not_after_unix: v.record.cert_not_after,
+                releases: v
+                    .record
+                    .releases
+                    .into_iter()
+                    .map(|r| pb::ReleaseRef { app: r.app, version: r.version, active: r.active })
+                    .collect(),
+                revoked: v.record.revoked,
+                agent_version: v.record.agent_version,
+                apps: v.record.apps.into_iter().map(app_status_pb).collect(),
+            })
+            .collect();
+        Ok(Response::new(pb::ListAgentsResponse { agents }))
+    }
+
+    async fn push_release(
+        &self,
+        req: Request<Streaming<pb::PushChunk>>,
+    ) -> Result<Response<pb::PushReleaseResponse>, Status> {
+        use tokio::io::AsyncWriteExt;
+        let admin = self.caller(&req, Action::PushRelease, "*").await?;
+        let span = tracing::info_span!("push_release", %admin);
+        let mut inbound = req.into_inner();
+        let upload = self.0.incoming_path();
+        let max = self.0.max_bundle_bytes();
+        let received: Result<u64, Status> = async {
+            let file = tokio::fs::File::create(&upload).await.map_err(|e| Status::internal(e.to_string()))?;
+            let mut w = tokio::io::BufWriter::with_capacity(logic::BUNDLE_CHUNK, file);
+            let mut size = 0u64;
+            while let Some(chunk) = inbound.message().await? {
+                size += chunk.data.len() as u64;
+                if size > max {
+                    return Err(Status::resource_exhausted(format!(
+                        "bundle is larger than the {max}-byte limit"
+                    )));
+                }
+                w.write_all(&chunk.data).await.map_err(|e| Status::internal(e.to_string()))?;
+            }
+            w.flush().await.map_err(|e| Status::internal(e.to_string()))?;
+            w.get_ref().sync_all().await.map_err(|e| Status::internal(e.to_string()))?;
+            Ok(size)
+        }
+        .instrument(span.clone())
+        .await;
+        let size = match received {
+            Ok(n) => n,
+            Err(status) => {
+                let _ = tokio::fs::remove_file(&upload).await;
+                span.in_scope(|| tracing::warn!(error = %status.message(), "push failed"));
+                return Err(status);
+            }
+        };
+        // Which release this is is only known once the bundle is read, so the intent names the
+        // upload and the outcome names the release.
+        let actor = admin.to_string();
+        let intent = match self
+            .0
+            .audit_intent(&actor, "release.push", "upload", serde_json::json!({"bytes": size}))
+            .await
+        {
+            Ok(seq) => seq,
+            Err(e) => {
+                if let Err(rm) = tokio::fs::remove_file(&upload).await {
+                    tracing::warn!(error = %rm, "refused upload not removed");
+                }
+                return Err(to_status(e));
+            }
+        };
+        let result = self.0.ingest(upload, actor.clone()).instrument(span.clone()).await;
+        let target =
+            result.as_ref().map(|(r, _)| format!("{}@{}", r.app, r.version)).unwrap_or_else(|_| "?".into());
+        let params =
+            result.as_ref().map(|(r, _)| serde_json::json!({"digest": r.digest})).unwrap_or_default();
+        let outcome = match &result {
+            Ok(_) => "ok".to_string(),
+            Err(e) => format!("refused: {e}"),
+        };
+        self.0.audit_outcome(intent, &actor, "release.push", &target, params, &outcome).await;
+        match result {
+            Ok((rec, already_present)) => Ok(Response::new(pb::PushReleaseResponse {
+                release: Some(release_info(rec)),
+                already_present,
+            })),
+            Err(e) => {
+                span.in_scope(|| tracing::warn!(error = %e, "push refused"));
+                Err(to_status(e))
+            }
+        }
+    }
+
+    async fn list_releases(
+        &self,
+        req: Request<pb::ListReleasesRequest>,
+    ) -> Result<Response<pb::ListReleasesResponse>, Status> {
+        self.caller(&req, Action::ListReleases, "*").await?;
+        let app = req.into_inner().app;
+        let list = self.0.list_releases((!app.is_empty()).then_some(app)).await.map_err(to_status)?;
+        Ok(Response::new(pb::ListReleasesResponse { releases: list.into_iter().map(release_info).collect() }))
+    }
+
+    async fn remove_release(
+        &self,
+        req: Request<pb::RemoveReleaseRequest>,
+    ) -> Result<Response<pb::RemoveReleaseResponse>, Status> {
+        let target = format!("{}@{}", req.get_ref().app, req.get_ref().version);
+        let admin = self.caller(&req, Action::RemoveRelease, &target).await?;
+        let r = req.into_inner();
+        let run = self
+            .0
+            .remove_release(r.app, r.version, admin.to_string())
+            .instrument(tracing::info_span!("remove_release", %admin));
+        let result = self.audited(&admin, "release.rm", &target, serde_json::json!({}), run).await?;
+        result.map_err(to_status)?;
+        Ok(Response::new(pb::RemoveReleaseResponse {}))
+    }
+
+    async fn rollback(
+        &self,
+        req: Request<pb::RollbackRequest>,
+    ) -> Result<Response<pb::RollbackResponse>, Status> {
+        let admin = self.caller(&req, Action::Rollback, &req.get_ref().app.clone()).await?;
+        let r = req.into_inner();
+        let target = if !r.agent_ids.is_empty() {
+            logic::Target::Agents(r.agent_ids)
+        } else if !r.region.is_empty() {
+            logic::Target::Region(r.region)
+        } else if r.all {
+            logic::Target::All
+        } else {
+            return Err(Status::invalid_argument("name the target: agents, a region, or all"));
+        };
+        let to = (!r.to_version.is_empty()).then_some(r.to_version);
+        let from = (!r.from_version.is_empty()).then_some(r.from_version);
+        let params = serde_json::json!({"app": r.app, "target": format!("{target:?}"), "from": from, "to": to, "reason": r.reason});
+        let by = admin.to_string();
+        let run = self
+            .0
+            .rollback(&r.app, &target, from.clone(), to.clone(), &r.reason, &by)
+            .instrument(tracing::info_span!("rollback", %admin, app = %r.app));
+        let result = self.audited(&admin, "rollback", &r.app, params, run).await?;
+        let (results, elapsed) = result.map_err(to_status)?;
+        let outcomes = results
+            .into_iter()
+            .map(|(agent_id, res, took)| match res {
+                Ok(o) => pb::AgentOutcome {
+                    agent_id,
+                    outcome: outcome_pb(&o.answer) as i32,
+                    message: if o.is_done() { o.message.clone() } else { o.problem() },
+                    status: o.status.map(app_status_pb),
+                    elapsed_ms: took.as_millis() as u64,
+                    unreachable: false,
+                },
+                Err(e) => pb::AgentOutcome {
+                    agent_id,
+                    outcome: pb::OrderOutcome::Unspecified as i32,
+                    unreachable: matches!(e, logic::Error::Offline(_) | logic::Error::NoAnswer(_)),
+                    message: e.to_string(),
+                    status: None,
+                    elapsed_ms: took.as_millis() as u64,
+                },
+            })
+            .collect();
+        Ok(Response::new(pb::RollbackResponse { outcomes, elapsed_ms: elapsed.as_millis() as u64 }))
+    }
+
+    async fn deploy(&self, req: Request<pb::DeployRequest>) -> Result<Response<pb::DeployResponse>, Status> {
+        let target = format!("{}@{}", req.get_ref().app, req.get_ref().version);
+        let admin = self.caller(&req, Action::Deploy, &target).await?;
+        let r = req.into_inner();
+        let mut spec = RolloutSpec::new(&r.app, &r.version);
+        spec.regions = r.regions;
+        spec.selector = r.selector.into_iter().collect();
+        if r.canary_set {
+            spec.canary = r.canary;
+        }
+        if !r.waves.is_empty() {
+            spec.waves = r.waves;
+        }
+        spec.region_order = r.region_order;
+        if r.max_parallel > 0 {
+            spec.max_parallel = r.max_parallel;
+        }
+        spec.bake = Duration::from_millis(r.bake_ms);
+        if !r.max_failures.is_empty() {
+            spec.max_failures = Threshold::parse(&r.max_failures).map_err(to_status)?;
+        }
+        spec.health_deadline =
+            (r.health_deadline_ms > 0).then(|| Duration::from_millis(r.health_deadline_ms));
+        spec.force = r.force;
+        spec.downgrade = r.downgrade;
+        spec.supersede = r.supersede;
+        spec.override_freeze = r.override_freeze.then_some(r.reason);
+        spec.require_all = r.require_all;
+        let params = serde_json::to_value(&spec).unwrap_or_default();
+        let by = admin.to_string();
+        let run = self.0.deploy(spec, &by).instrument(tracing::info_span!("deploy", %admin, app = %r.app));
+        let result = self.audited(&admin, "deploy", &target, params, run).await?;
+        let id = result.map_err(to_status)?;
+        Ok(Response::new(pb::DeployResponse { id }))
+    }
+
+    async fn get_rollout(&self, req: Request<pb::RolloutRef>) -> Result<Response<pb::JsonDoc>, Status> {
+        self.caller(&req, Action::GetRollout, &req.get_ref().id.clone()).await?;
+        let id = req.into_inner().id;
+        let r = self.0.rollout((!id.is_empty()).then_some(id)).await.map_err(to_status)?;
+        json_doc(&r)
+    }
+
+    async fn list_rollouts(
+        &self,
+        req: Request<pb::ListRolloutsRequest>,
+    ) -> Result<Response<pb::JsonDoc>, Status> {
+        self.caller(&req, Action::ListRollouts, "*").await?;
+        let app = req.into_inner().app;
+        let list = self.0.rollouts((!app.is_empty()).then_some(app)).await.map_err(to_status)?;
+        json_doc(&list)
+    }
+
+    async fn control_rollout(
+        &self,
+        req: Request<pb::ControlRolloutRequest>,
+    ) -> Result<Response<pb::JsonDoc>, Status> {
+        let (cmd, action) = match req.get_ref().action.as_str() {
+            "pause" => (Some(Control::Pause), Action::PauseRollout),
+            "resume" => (Some(Control::Resume), Action::ResumeRollout),
+            "abort" => (Some(Control::Abort), Action::AbortRollout),
+            // An unknown action is checked as the least a rollout control needs, then refused.
+            _ => (None, Action::PauseRollout),
+        };
+        let admin = self.caller(&req, action, &req.get_ref().id.clone()).await?;
+        let r = req.into_inner();
+        let Some(cmd) = cmd else {
+            return Err(Status::invalid_argument(format!("unknown rollout action {:?}", r.action)));
+        };
+        tracing::info!(%admin, rollout = %r.id, action = %r.action, "rollout control");
+        let action = format!("rollout.{}", r.action);
+        let result =
+            self.audited(&admin, &action, &r.id, serde_json::json!({}), self.0.control(&r.id, cmd)).await?;
+        result.map_err(to_status)?;
+        let view = self.0.rollout(Some(r.id)).await.map_err(to_status)?;
+        json_doc(&view)
+    }
+
+    async fn freeze(&self, req: Request<pb::FreezeRequest>) -> Result<Response<pb::JsonDoc>, Status> {
+        let action = match req.get_ref().action.as_str() {
+            "add" => Action::AddFreeze,
+            "rm" => Action::RemoveFreeze,
+            // Listing, and unknown actions (refused below), need the least a freeze call needs.
+            _ => Action::ListFreezes,
+        };
+        let admin = self.caller(&req, action, &req.get_ref().id.clone()).await?;
+        let r = req.into_inner();
+        match r.action.as_str() {
+            "add" => {
+                let f = FreezeWindow {
+                    id: String::new(),
+                    from: r.from_unix,
+                    to: r.to_unix,
+                    reason: r.reason,
+                    app: (!r.app.is_empty()).then_some(r.app),
+                    region: (!r.region.is_empty()).then_some(r.region),
+                    created_by: admin.to_string(),
+                };
+                let params = serde_json::to_value(&f).unwrap_or_default();
+                let result = self.audited(&admin, "freeze.add", "*", params, self.0.freeze_add(f)).await?;
+                json_doc(&result.map_err(to_status)?)
+            }
+            "list" => json_doc(&self.0.freezes().await.map_err(to_status)?),
+            "rm" => {
+                let run = self.0.freeze_rm(r.id.clone());
+                let result = self.audited(&admin, "freeze.rm", &r.id, serde_json::json!({}), run).await?;
+                result.map_err(to_status)?;
+                json_doc(&serde_json::json!({"removed": r.id}))
+            }
+            other => Err(Status::invalid_argument(format!("unknown freeze action {other:?}"))),
+        }
+    }
+
+    async fn issue_admin(
+        &self,
+        req: Request<pb::IssueAdminRequest>,
+    ) -> Result<Response<pb::IssueAdminResponse>, Status> {
+        let target = format!("admin/{}", req.get_ref().name);
+        let admin = self.caller(&req, Action::AddAdmin, &target).await?;
+        let r = req.into_inner();
+        let params = serde_json::json!({"role": r.role});
+        let (name, role, csr) = (r.name.clone(), r.role.clone(), r.csr_der);
+        let ctl = self.0.clone();
+        let caller = admin.clone();
+        let run = async move {
+            match role.parse::<Role>() {
+                Ok(role) => ctl.add_admin(name, role, csr, &caller).await,
+                Err(e) => Err(e),
+            }
+        };
+        let result = self.audited(&admin, Action::AddAdmin.audit_name(), &target, params, run).await?;
+        let issued = result.map_err(to_status)?;
+        Ok(Response::new(pb::IssueAdminResponse {
+            certificate_pem: issued.cert_pem,
+            ca_pem: self.0.ca_pem().to_owned(),
+            serial: issued.serial,
+        }))
+    }
+
+    async fn rekey_admin(
+        &self,
+        req: Request<pb::RekeyAdminRequest>,
+    ) -> Result<Response<pb::IssueAdminResponse>, Status> {
+        let asked = req.get_ref().name.clone();
+        let admin = self.authenticate(&req, Action::RekeySelf, &format!("admin/{asked}")).await?;
+        // Rekeying oneself needs no more than being a registered admin; another name needs the
+        // admin role.
+        let name = if asked.is_empty() { admin.name.clone() } else { asked };
+        let action = if name == admin.name { Action::RekeySelf } else { Action::RekeyOther };
+        let target = format!("admin/{name}");
+        self.check_role(&admin, action, &target).await?;
+        let run = self.0.rekey_admin(name, req.into_inner().csr_der, &admin);
+        let result = self.audited(&admin, action.audit_name(), &target, serde_json::json!({}), run).await?;
+        let issued = result.map_err(to_status)?;
+        Ok(Response::new(pb::IssueAdminResponse {
+            certificate_pem: issued.cert_pem,
+            ca_pem: self.0.ca_pem().to_owned(),
+            serial: issued.serial,
+        }))
+    }
+
+    async fn revoke_admin(
+        &self,
+        req: Request<pb::RevokeAdminRequest>,
+    ) -> Result<Response<pb::RevokeAdminResponse>, Status> {
+        let target = format!("admin/{}", req.get_ref().name);
+        let admin = self.caller(&req, Action::RevokeAdmin, &target).await?;
+        let r = req.into_inner();
+        let serial = (!r.serial.is_empty()).then_some(r.serial);
+        let params = serde_json::json!({"serial": serial});
+        let run = self.0.revoke_admin(r.name, serial.clone(), &admin);
+        let result = self.audited(&admin, Action::RevokeAdmin.audit_name(), &target, params, run).await?;
+        let revoked_serials = result.map_err(to_status)?;
+        Ok(Response::new(pb::RevokeAdminResponse { revoked_serials }))
+    }
+
+    async fn list_admins(
+        &self,
+        req: Request<pb::ListAdminsRequest>,
+    ) -> Result<Response<pb::ListAdminsResponse>, Status> {
+        self.caller(&req, Action::ListAdmins, "*").await?;
+        let admins = self.0.list_admins().await.map_err(to_status)?;
+        Ok(Response::new(pb::ListAdminsResponse { admins: admins.into_iter().map(admin_info).collect() }))
+    }
+
+    async fn audit(&self, req: Request<pb::AuditRequest>) -> Result<Response<pb::JsonDoc>, Status> {
+        self.caller(&req, Action::Audit, "*").await?;
+        let r = req.into_inner();
+        if r.export_checkpoint {
+            return json_doc(&self.0.audit_checkpoint().await.map_err(to_status)?);
+        }
+        if r.verify {
+            let given = if r.checkpoint.is_empty() {
+                None
+            } else {
+                Some(serde_json::from_str(&r.checkpoint).map_err(|e| {
+                    Status::invalid_argument(format!(
+                        "the checkpoint is not an exported audit checkpoint: {e}"
+                    ))
+                })?)
+            };
+            return match self.0.audit_verify_with(given).await.map_err(to_status)? {
+                Ok(v) => json_doc(
+                    &serde_json::json!({"ok": true, "entries": v.entries, "checkpoint": v.checkpoint.map(|c| c.seq)}),
+                ),
+                Err(problem) => json_doc(&serde_json::json!({"ok": false, "problem": problem})),
+            };
+        }
+        let app = (!r.app.is_empty()).then_some(r.app);
+        let since = (r.since_unix > 0).then_some(r.since_unix);
+        json_doc(&self.0.audit_log(app, since).await.map_err(to_status)?)
+    }
+
+    async fn status(&self, req: Request<pb::StatusRequest>) -> Result<Response<pb::JsonDoc>, Status> {
+        self.caller(&req, Action::Status, "*").await?;
+        json_doc(&self.0.fleet_status().await.map_err(to_status)?)
+    }
+
+    async fn logs(&self, req: Request<pb::LogsRequest>) -> Result<Response<pb::LogsResponse>, Status> {
+        let admin = self.caller(&req, Action::Logs, &req.get_ref().agent_id.clone()).await?;
+        let r = req.into_inner();
+        let lines = if r.lines == 0 { 100 } else { r.lines };
+        // Service logs can hold customer data: who read what is audited like any admin action.
+        let target = format!("{}/{}", r.agent_id, r.app);
+        let params = serde_json::json!({"agent": r.agent_id, "app": r.app, "lines": lines});
+        let kind = OrderKind::Logs { app: r.app, lines };
+        let run = self.0.send_order(&r.agent_id, kind, Duration::from_secs(30));
+        let o = self.audited(&admin, "logs.read", &target, params, run).await?.map_err(to_status)?;
+        if !o.is_done() {
+            return Err(Status::failed_precondition(o.problem()));
+        }
+        Ok(Response::new(pb::LogsResponse { text: o.output }))
+    }
+
+    async fn revoke_agent(
+        &self,
+        req: Request<pb::RevokeAgentRequest>,
+    ) -> Result<Response<pb::RevokeAgentResponse>, Status> {
+        let admin = self.caller(&req, Action::RevokeAgent, &req.get_ref().agent_id.clone()).await?;
+        let id = req.into_inner().agent_id;
+        let identity = admin.identity();
+        let run = self
+            .0
+            .revoke_agent(&id, &identity)
+            .instrument(tracing::info_span!("revoke_agent", %admin, agent_id = %id));
+        let result = self.audited(&admin, "agent.revoke", &id, serde_json::json!({}), run).await?;
+        let was_online = result.map_err(to_status)?;
+        Ok(Response::new(pb::RevokeAgentResponse { was_online }))
+    }
+}
