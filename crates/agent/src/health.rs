@@ -10,6 +10,7 @@ use tokio_util::sync::CancellationToken;
 use crate::process::RunAs;
 
 /// One probe, bounded by `timeout`. The error says what failed.
+#[tracing::instrument(level = "debug", skip_all)]
 pub async fn probe(
     check: &HealthCheck,
     timeout: Duration,
@@ -88,6 +89,7 @@ async fn http_get(url: &str) -> Result<(), String> {
 
 /// Probes every `interval` until `successes` consecutive passes (healthy) or until `deadline`
 /// (unhealthy, with the last error). Cancellation counts as a failure.
+#[tracing::instrument(level = "debug", skip_all)]
 pub async fn gate(
     check: &HealthCheck,
     h: &Health,

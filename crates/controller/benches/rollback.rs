@@ -4,6 +4,8 @@
 //!   starts in well under 50 ms (the demo HTTP service with a 10 ms health interval).
 //!
 //!     cargo bench -p convoy-controller --bench rollback
+//!
+//! With `BENCH_TRACE=1` it prints the agent's activation steps as spans with their durations.
 
 #![allow(clippy::unwrap_used)]
 
@@ -139,5 +141,11 @@ fn main() {
     let tmp = tempfile::tempdir().unwrap();
     switch_alone(&tmp.path().join("switch"));
     let rt = tokio::runtime::Runtime::new().unwrap();
+    if std::env::var_os("BENCH_TRACE").is_some() {
+        tracing_subscriber::fmt()
+            .with_env_filter("convoy_agent=debug")
+            .with_span_events(tracing_subscriber::fmt::format::FmtSpan::CLOSE)
+            .init();
+    }
     rt.block_on(end_to_end(tmp.path()));
 }

@@ -15,6 +15,7 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
 
 use crate::logic::admins::{AdminCaller, AdminRecord};
+use crate::logic::heartbeats::{self, Heartbeats, Verdict};
 use crate::logic::roles::{Action, Principal, Role};
 use crate::logic::rollouts::{Control, FreezeWindow, RolloutSpec, Threshold};
 use crate::logic::OrderKind;
@@ -345,6 +346,7 @@ impl pb::agent_service_server::AgentService for AgentSvc {
         let _ = out_tx.send(Ok(welcome)).await;
         // A session that misses three heartbeats is dead even if TCP has not noticed.
         let silence = ctl.heartbeat_interval() * 3;
+        let mut beats = Heartbeats::new(ctl.heartbeat_interval(), std::time::Instant::now());
         tokio::spawn(
             async move {
                 loop {
@@ -370,8 +372,22 @@ impl pb::agent_service_server::AgentService for AgentSvc {
                             Ok(Ok(Some(pb::AgentMessage { msg: Some(pb::agent_message::Msg::Heartbeat(hb)) }))) => {
                                 let apps = reported_apps(&handle.agent_id, hb.apps);
                                 let reported = releases(&handle.agent_id, hb.releases);
-                                if let Err(e) = ctl.heartbeat(&handle.agent_id, reported, apps).await {
-                                    tracing::warn!(error = %e, "heartbeat not recorded");
+                                match beats.judge(std::time::Instant::now(), &reported, &apps) {
+                                    Verdict::Dropped => continue,
+                                    Verdict::Flood => {
+                                        tracing::warn!("heartbeat flood, closing session");
+                                        let _ = out_tx.send(Err(Status::resource_exhausted(format!(
+                                            "more than {} heartbeats over the rate in a row; send one every {:?}",
+                                            heartbeats::FLOOD_AFTER,
+                                            ctl.heartbeat_interval()
+                                        )))).await;
+                                        break;
+                                    }
+                                    v @ (Verdict::Write | Verdict::Unchanged) => {
+                                        if let Err(e) = ctl.heartbeat(&handle, v, reported, apps).await {
+                                            tracing::warn!(error = %e, "heartbeat not recorded");
+                                        }
+                                    }
                                 }
                             }
                             Ok(Ok(Some(pb::AgentMessage { msg: Some(pb::agent_message::Msg::Result(r)) }))) => {

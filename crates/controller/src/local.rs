@@ -27,11 +27,18 @@ pub struct LocalOptions {
     pub heartbeat_interval: Duration,
     /// Reuse this gRPC address (a restart keeps the port agents know).
     pub grpc_addr: Option<SocketAddr>,
+    /// The gRPC listener's connection limits.
+    pub conn_limits: convoy_transport::ConnLimits,
 }
 
 impl Default for LocalOptions {
     fn default() -> Self {
-        Self { agent_cert_lifetime: None, heartbeat_interval: Duration::from_secs(1), grpc_addr: None }
+        Self {
+            agent_cert_lifetime: None,
+            heartbeat_interval: Duration::from_secs(1),
+            grpc_addr: None,
+            conn_limits: convoy_transport::ConnLimits::default(),
+        }
     }
 }
 
@@ -73,7 +80,8 @@ impl LocalController {
         if let Some(l) = opts.agent_cert_lifetime {
             config.agent_cert_lifetime = l;
         }
-        let prepared = Prepared::open(&config)?;
+        let mut prepared = Prepared::open(&config)?;
+        prepared.conn_limits = opts.conn_limits;
         let controller = prepared.controller.clone();
         let stop = CancellationToken::new();
         let task = tokio::spawn(prepared.serve(grpc, http, stop.clone().cancelled_owned()));

@@ -54,6 +54,8 @@ pub struct Prepared {
     tls: std::sync::Arc<rustls::ServerConfig>,
     td: convoy_pki::TrustDomain,
     hooks: crate::hooks::HookConfig,
+    /// The gRPC listener's connection limits.
+    pub conn_limits: convoy_transport::ConnLimits,
 }
 
 impl Prepared {
@@ -94,7 +96,13 @@ impl Prepared {
         let controller = Controller::new(ca, store, settings);
         controller.prepare_blob_dir()?;
         let hooks = crate::hooks::HookConfig::from_config(&config.hooks)?;
-        Ok(Self { controller, tls, td: config.trust_domain.clone(), hooks })
+        Ok(Self {
+            controller,
+            tls,
+            td: config.trust_domain.clone(),
+            hooks,
+            conn_limits: convoy_transport::ConnLimits::default(),
+        })
     }
 
     /// Serves until `shutdown` completes, then closes agent sessions and drains.
@@ -118,7 +126,7 @@ impl Prepared {
                 stop.cancel();
             });
         }
-        let incoming = convoy_transport::incoming(grpc, self.tls, self.td);
+        let incoming = convoy_transport::incoming(grpc, self.tls, self.td, self.conn_limits);
         let ctl = self.controller;
         // Unfinished rollouts carry on where they stopped.
         ctl.resume_rollouts().await?;

@@ -95,3 +95,209 @@ async fn oversized_unauthenticated_messages_are_refused_before_decoding() {
     assert!(common::agents(&ctl).await.is_empty());
     ctl.stop().await.unwrap();
 }
+
+/// The size of everything under `dir`.
+fn dir_bytes(dir: &std::path::Path) -> u64 {
+    let mut total = 0;
+    for e in std::fs::read_dir(dir).unwrap() {
+        let e = e.unwrap();
+        let meta = e.metadata().unwrap();
+        total += if meta.is_dir() { dir_bytes(&e.path()) } else { meta.len() };
+    }
+    total
+}
+
+fn heartbeat(i: usize) -> pb::AgentMessage {
+    pb::AgentMessage {
+        msg: Some(pb::agent_message::Msg::Heartbeat(pb::Heartbeat {
+            seq: i as u64,
+            releases: vec![],
+            // Every heartbeat different and about 1 KiB, so each one would be a store write.
+            apps: vec![pb::AppStatus {
+                app: "web".into(),
+                last_error: format!("{i:08} {}", "x".repeat(1000)),
+                ..Default::default()
+            }],
+            last_order_seq: 0,
+        })),
+    }
+}
+
+/// An agent that sends heartbeats as fast as it can gets a few written, the rest dropped
+/// unwritten, and then loses its session; the controller's state directory barely grows.
+#[tokio::test]
+async fn a_heartbeat_flood_is_throttled_and_the_state_directory_stays_bounded() {
+    use convoy_controller::logic::heartbeats::{BURST, FLOOD_AFTER};
+    let tmp = tempfile::tempdir().unwrap();
+    let ctl = LocalController::start(&tmp.path().join("ctl"), LocalOptions::default()).await.unwrap();
+    ctl.enroll(&tmp.path().join("a1"), "a1", "eu-west").await.unwrap();
+    let id = common::agent_identity(&tmp.path().join("a1"));
+    let ch = common::dial(&ctl.grpc_addr.to_string(), &ctl.ca_pem().unwrap(), Some(&id)).await.unwrap();
+    let mut client = pb::agent_service_client::AgentServiceClient::new(ch);
+    let state_dir = ctl.config.state_dir.clone();
+    let before = dir_bytes(&state_dir);
+
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    tx.send(common::hello("a1")).await.unwrap();
+    let mut inbound =
+        client.session(tokio_stream::wrappers::ReceiverStream::new(rx)).await.unwrap().into_inner();
+    const SENT: usize = 20_000;
+    let flood = tokio::spawn(async move {
+        let mut sent = 0;
+        for i in 0..SENT {
+            if tx.send(heartbeat(i)).await.is_err() {
+                break;
+            }
+            sent += 1;
+        }
+        sent
+    });
+    let status = loop {
+        match inbound.message().await {
+            Ok(Some(_)) => continue,
+            Ok(None) => panic!("session ended without a status"),
+            Err(s) => break s,
+        }
+    };
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert!(status.message().contains("heartbeats over the rate"), "{}", status.message());
+    let sent = flood.await.unwrap();
+    assert!(sent >= (BURST + FLOOD_AFTER) as usize, "only {sent} heartbeats sent");
+
+    // What was written is one of the first BURST heartbeats; nothing later reached the store.
+    let agent = common::agents(&ctl).await.into_iter().find(|a| a.id == "a1").unwrap();
+    let written: usize = agent.apps[0].last_error[..8].parse().unwrap();
+    assert!(written < BURST as usize, "heartbeat {written} was written");
+    let grown = dir_bytes(&state_dir).saturating_sub(before);
+    // A few records of 1 KiB, plus the session's own bookkeeping; 20,000 writes would be ~20 MB.
+    assert!(grown < 2 << 20, "state directory grew by {grown} bytes");
+
+    // The agent may come back at an honest rate.
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(common::hello("a1")).await.unwrap();
+    let mut inbound =
+        client.session(tokio_stream::wrappers::ReceiverStream::new(rx)).await.unwrap().into_inner();
+    assert!(inbound.message().await.unwrap().is_some(), "welcome");
+    tx.send(heartbeat(SENT)).await.unwrap();
+    common::eventually(Duration::from_secs(10), "the honest heartbeat recorded", || {
+        let ctl = &ctl;
+        async move {
+            let a = common::agents(ctl).await.into_iter().find(|a| a.id == "a1")?;
+            a.apps.first().filter(|s| s.last_error.starts_with(&format!("{SENT:08}"))).map(drop)
+        }
+    })
+    .await;
+    drop(tx);
+    ctl.stop().await.unwrap();
+}
+
+/// Opens a TCP connection from `source` to `addr` and sends nothing: a stalled TLS handshake.
+async fn stalled(source: [u8; 4], addr: std::net::SocketAddr) -> tokio::net::TcpStream {
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.bind(std::net::SocketAddr::from((source, 0))).unwrap();
+    sock.connect(addr).await.unwrap()
+}
+
+/// Whether the server closed `conn` (end of stream or reset) within a few seconds.
+async fn closed_by_server(conn: &mut tokio::net::TcpStream) -> bool {
+    use tokio::io::AsyncReadExt;
+    let mut buf = [0u8; 64];
+    matches!(tokio::time::timeout(Duration::from_secs(5), conn.read(&mut buf)).await, Ok(Ok(0)) | Ok(Err(_)))
+}
+
+/// Connections are capped per identity, per address while handshaking, and in total; over a
+/// cap a connection is closed at once and everyone else is still served.
+#[tokio::test]
+async fn connections_are_bounded_in_total_and_per_peer() {
+    let limits = convoy_transport::ConnLimits { total: 24, handshakes_per_ip: 6, per_peer: 3 };
+    let tmp = tempfile::tempdir().unwrap();
+    let opts = LocalOptions { conn_limits: limits, ..LocalOptions::default() };
+    let ctl = LocalController::start(&tmp.path().join("ctl"), opts).await.unwrap();
+    let addr = ctl.grpc_addr;
+    let ca = ctl.ca_pem().unwrap();
+    ctl.enroll(&tmp.path().join("a1"), "a1", "eu-west").await.unwrap();
+    let a1 = common::agent_identity(&tmp.path().join("a1"));
+    let (cert, key) = ctl.config.admin.clone().unwrap();
+    let admin = convoy_pki::ClientIdentity {
+        cert_pem: std::fs::read_to_string(cert).unwrap(),
+        key_pem: std::fs::read_to_string(key).unwrap(),
+    };
+    async fn list(ch: tonic::transport::Channel) -> Result<(), tonic::Status> {
+        pb::admin_service_client::AdminServiceClient::new(ch)
+            .list_agents(pb::ListAgentsRequest::default())
+            .await
+            .map(drop)
+    }
+
+    // Per identity: three connections of the admin's are served, a fourth is closed.
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        let ch = common::dial(&addr.to_string(), &ca, Some(&admin)).await.unwrap();
+        list(ch.clone()).await.unwrap();
+        held.push(ch);
+    }
+    let fourth = common::dial(&addr.to_string(), &ca, Some(&admin)).await;
+    if let Ok(ch) = fourth {
+        assert!(list(ch).await.is_err(), "a fourth connection of one identity was served");
+    }
+    // Another identity is a different peer.
+    let ch = common::dial(&addr.to_string(), &ca, Some(&a1)).await.unwrap();
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(common::hello("a1")).await.unwrap();
+    let mut session = pb::agent_service_client::AgentServiceClient::new(ch)
+        .session(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(session.message().await.unwrap().is_some(), "the agent's welcome");
+    drop((tx, session));
+    // Closing one of the admin's connections frees its place.
+    held.pop();
+    common::eventually(Duration::from_secs(10), "a freed per-identity place", || {
+        let (addr, ca, admin) = (addr.to_string(), ca.clone(), admin.clone());
+        async move {
+            let ch = common::dial(&addr, &ca, Some(&admin)).await.ok()?;
+            list(ch.clone()).await.ok().map(|()| ch)
+        }
+    })
+    .await;
+    drop(held);
+
+    // Handshakes per address: six stalled handshakes from 127.0.0.2 are held, a seventh from
+    // there is closed at once, while 127.0.0.1 still connects.
+    let mut from_2 = Vec::new();
+    for _ in 0..6 {
+        from_2.push(stalled([127, 0, 0, 2], addr).await);
+    }
+    let mut seventh = stalled([127, 0, 0, 2], addr).await;
+    assert!(closed_by_server(&mut seventh).await, "a seventh handshake from one address was held");
+    let ch = common::dial(&addr.to_string(), &ca, Some(&admin)).await.unwrap();
+    list(ch.clone()).await.unwrap();
+    drop(ch);
+
+    // In total: fill the listener with stalled handshakes from other addresses; then a new
+    // connection from anywhere is closed, until they go.
+    let mut others = Vec::new();
+    for host in 3..=5u8 {
+        for _ in 0..6 {
+            others.push(stalled([127, 0, 0, host], addr).await);
+        }
+    }
+    // 6 + 18 = 24 held: the listener is full (the dropped admin channel may take a moment).
+    common::eventually(Duration::from_secs(10), "the total cap refusing new connections", || async {
+        let mut c = stalled([127, 0, 0, 6], addr).await;
+        closed_by_server(&mut c).await.then_some(())
+    })
+    .await;
+    drop(from_2);
+    drop(others);
+    common::eventually(Duration::from_secs(10), "connections served again", || {
+        let (addr, ca, admin) = (addr.to_string(), ca.clone(), admin.clone());
+        async move {
+            let ch = common::dial(&addr, &ca, Some(&admin)).await.ok()?;
+            list(ch).await.ok()
+        }
+    })
+    .await;
+    ctl.stop().await.unwrap();
+}

@@ -10,10 +10,12 @@
 
 #![forbid(unsafe_code)]
 
+use std::collections::HashMap;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -55,6 +57,123 @@ pub struct PeerInfo {
 pub struct TlsConn {
     inner: server::TlsStream<TcpStream>,
     peer: PeerInfo,
+    /// Its place under the connection limits, given back when tonic drops the connection.
+    _slot: Slot,
+}
+
+/// How many connections the listener holds at once.
+///
+/// A peer is its certificate's identity once the handshake is done (agents behind one NAT
+/// address are different peers), and its IP address before that, or when it presents no
+/// certificate (enrollment). Connections over a limit are closed as soon as they are accepted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConnLimits {
+    /// Connections open at once, handshaking or established.
+    pub total: usize,
+    /// Connections from one IP address still in their TLS handshake.
+    pub handshakes_per_ip: usize,
+    /// Established connections of one identity; for clients without a certificate, of one IP
+    /// address.
+    pub per_peer: usize,
+}
+
+impl Default for ConnLimits {
+    fn default() -> Self {
+        // An agent needs one connection and an admin one per CLI call; a controller serves
+        // thousands of agents, each holding a few file descriptors' worth of buffers.
+        Self { total: 8192, handshakes_per_ip: 64, per_peer: 16 }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+enum PeerKey {
+    Handshaking(IpAddr),
+    Anonymous(IpAddr),
+    Identity(String),
+}
+
+/// The counts behind [`ConnLimits`], shared by the accept loop and every open connection.
+struct Counts {
+    limits: ConnLimits,
+    total: usize,
+    peers: HashMap<PeerKey, usize>,
+    refused: AtomicU64,
+    last_warning: Mutex<Option<std::time::Instant>>,
+}
+
+/// One connection's place under the limits: the total, plus one peer key.
+struct Slot {
+    counts: Arc<Mutex<Counts>>,
+    key: Option<PeerKey>,
+}
+
+impl Slot {
+    /// Takes a place in the total count, or `None` at the limit.
+    fn take(counts: &Arc<Mutex<Counts>>) -> Option<Self> {
+        let mut c = lock(counts);
+        if c.total >= c.limits.total {
+            return None;
+        }
+        c.total += 1;
+        Some(Self { counts: counts.clone(), key: None })
+    }
+
+    /// Moves this connection under `key` (leaving its previous key), or refuses at that key's
+    /// limit.
+    fn enter(&mut self, key: PeerKey) -> bool {
+        let mut c = lock(&self.counts);
+        let max = match key {
+            PeerKey::Handshaking(_) => c.limits.handshakes_per_ip,
+            PeerKey::Anonymous(_) | PeerKey::Identity(_) => c.limits.per_peer,
+        };
+        let n = c.peers.get(&key).copied().unwrap_or(0);
+        if n >= max {
+            return false;
+        }
+        if let Some(old) = self.key.take() {
+            leave(&mut c, &old);
+        }
+        c.peers.insert(key.clone(), n + 1);
+        self.key = Some(key);
+        true
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut c = lock(&self.counts);
+        c.total -= 1;
+        if let Some(k) = self.key.take() {
+            leave(&mut c, &k);
+        }
+    }
+}
+
+fn leave(c: &mut Counts, key: &PeerKey) {
+    if let Some(n) = c.peers.get_mut(key) {
+        *n -= 1;
+        if *n == 0 {
+            c.peers.remove(key);
+        }
+    }
+}
+
+fn lock(counts: &Mutex<Counts>) -> std::sync::MutexGuard<'_, Counts> {
+    // Every critical section leaves the counts consistent; a panic cannot interrupt one midway.
+    counts.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Logs a refused connection, at most once a second with the count since the last warning:
+/// a flood must not become a log flood.
+fn refused(counts: &Mutex<Counts>, remote: SocketAddr, why: &str) {
+    let c = lock(counts);
+    let n = c.refused.fetch_add(1, Ordering::Relaxed) + 1;
+    let mut last = c.last_warning.lock().unwrap_or_else(|p| p.into_inner());
+    let now = std::time::Instant::now();
+    if last.is_none_or(|t| now.duration_since(t) >= Duration::from_secs(1)) {
+        *last = Some(now);
+        tracing::warn!(%remote, reason = why, refused_so_far = n, "connection refused: limit reached");
+    }
 }
 
 impl Connected for TlsConn {
@@ -109,9 +228,17 @@ pub fn incoming(
     listener: TcpListener,
     tls: Arc<rustls::ServerConfig>,
     td: TrustDomain,
+    limits: ConnLimits,
 ) -> impl Stream<Item = Result<TlsConn, io::Error>> {
     let (tx, rx) = tokio::sync::mpsc::channel(64);
     let acceptor = TlsAcceptor::from(tls);
+    let counts = Arc::new(Mutex::new(Counts {
+        limits,
+        total: 0,
+        peers: HashMap::new(),
+        refused: AtomicU64::new(0),
+        last_warning: Mutex::new(None),
+    }));
     tokio::spawn(async move {
         loop {
             let (tcp, remote) = tokio::select! {
@@ -125,16 +252,39 @@ pub fn incoming(
                 },
                 () = tx.closed() => return,
             };
+            // Over a limit, the connection is dropped (closed) right here, before any work.
+            let Some(mut slot) = Slot::take(&counts) else {
+                refused(&counts, remote, "too many connections in total");
+                continue;
+            };
+            if !slot.enter(PeerKey::Handshaking(remote.ip())) {
+                refused(&counts, remote, "too many handshakes from this address");
+                continue;
+            }
             // Without TCP_NODELAY every small HTTP/2 frame waits on Nagle's algorithm.
-            let _ = tcp.set_nodelay(true);
+            if let Err(e) = tcp.set_nodelay(true) {
+                tracing::debug!(%remote, error = %e, "cannot set TCP_NODELAY");
+            }
             let acceptor = acceptor.clone();
             let tx = tx.clone();
             let td = td.clone();
+            let counts = counts.clone();
             tokio::spawn(async move {
                 match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                     Ok(Ok(stream)) => match peer_info(&stream, remote, &td) {
                         Ok(peer) => {
-                            let _ = tx.send(Ok(TlsConn { inner: stream, peer })).await;
+                            let key = match &peer.identity {
+                                Some(id) => PeerKey::Identity(id.to_string()),
+                                None => PeerKey::Anonymous(remote.ip()),
+                            };
+                            if !slot.enter(key) {
+                                refused(&counts, remote, "too many connections from this peer");
+                                return;
+                            }
+                            // The receiver is gone only when the server is shutting down.
+                            if tx.send(Ok(TlsConn { inner: stream, peer, _slot: slot })).await.is_err() {
+                                tracing::debug!(%remote, "connection dropped: the server is shutting down");
+                            }
                         }
                         Err(reason) => {
                             tracing::warn!(%remote, %reason, "connection refused: unusable client certificate");

@@ -150,11 +150,13 @@ impl Activator {
         r
     }
 
+    #[tracing::instrument(level = "debug", skip_all)]
     async fn record(&self, app: &str) -> Result<AppRecord, ExecError> {
         let a = app.to_owned();
         self.core.blocking(move |c| Ok(c.state.app(&a)?)).await
     }
 
+    #[tracing::instrument(level = "debug", skip_all)]
     async fn update(
         &self,
         app: &str,
@@ -170,10 +172,12 @@ impl Activator {
             .await
     }
 
+    #[tracing::instrument(level = "debug", skip_all)]
     async fn journal(&self, a: Activation) -> Result<(), ExecError> {
         self.core.blocking(move |c| Ok(c.state.put_activation(&a)?)).await
     }
 
+    #[tracing::instrument(level = "debug", skip_all)]
     async fn clear_journal(&self, app: &str) -> Result<(), ExecError> {
         let a = app.to_owned();
         self.core.blocking(move |c| Ok(c.state.clear_activation(&a)?)).await
@@ -181,6 +185,7 @@ impl Activator {
 
     /// Verifies a kept release (its signatures against the trust set in force now, every file
     /// against its manifest) and prepares what its children start with.
+    #[tracing::instrument(level = "debug", skip_all)]
     async fn prepare(&self, app: &str, version: &str, previous: Option<String>) -> Result<Launch, ExecError> {
         let (a, v) = (app.to_owned(), version.to_owned());
         self.core
@@ -193,29 +198,39 @@ impl Activator {
 
     /// One activation, fresh or resumed, to its end: committed, or reverted.
     async fn run(&self, app: &str, start: Start) -> Result<(), ExecError> {
-        let a = match start {
-            Start::Fresh { to, kind, deadline } => self.switch(app, &to, kind, deadline).await?,
-            Start::Resume(a) => a,
+        let (a, launch) = match start {
+            Start::Fresh { to, kind, deadline } => {
+                let (a, launch) = self.switch(app, &to, kind, deadline).await?;
+                (a, Some(launch))
+            }
+            Start::Resume(a) => (a, None),
         };
-        self.confirm_and_settle(app, a).await
+        self.confirm_and_settle(app, a, launch).await
     }
 
     /// The fresh part: verify, journal, hooks, switch.
+    #[tracing::instrument(level = "debug", skip_all)]
     async fn switch(
         &self,
         app: &str,
         to: &str,
         kind: ActivationKind,
         deadline: Option<Duration>,
-    ) -> Result<Activation, ExecError> {
+    ) -> Result<(Activation, Launch), ExecError> {
         let layout = &self.core.layout;
-        let a = app.to_owned();
-        let t = to.to_owned();
-        if self.core.blocking(move |c| Ok(c.state.installed(&a, &t)?)).await?.is_none() {
-            return Err(ExecError::NotInstalled { app: app.into(), version: to.into() });
-        }
         let from = layout.read_current(app);
-        let launch = self.prepare(app, to, from.clone()).await?;
+        let (a, t, f) = (app.to_owned(), to.to_owned(), from.clone());
+        // One trip to a blocking thread: installed, verified, prepared.
+        let launch = self
+            .core
+            .blocking(move |c| {
+                if c.state.installed(&a, &t)?.is_none() {
+                    return Err(ExecError::NotInstalled { app: a, version: t });
+                }
+                let manifest = verify_release(c, &a, &t)?;
+                Launch::new(c, &a, &t, &manifest.config, f.as_deref())
+            })
+            .await?;
         let deadline =
             deadline.or(launch.config.health.as_ref().map(|h| h.deadline)).unwrap_or(DEFAULT_DEADLINE);
         let mut journal = Activation {
@@ -277,10 +292,11 @@ impl Activator {
         .await?;
         self.core.set_live(app, |l| l.health = HealthState::Checking);
         self.core.failpoint(&format!("{step}:after-journal"));
-        Ok(journal)
+        Ok((journal, launch))
     }
 
     /// Runs the current release's `pre_rollback` hook; a failure is logged, the rollback goes on.
+    #[tracing::instrument(level = "debug", skip_all)]
     async fn pre_rollback(&self, app: &str, from: Option<&str>, timeout: Duration) {
         let Some(cur) = from else { return };
         // Most releases have no pre_rollback hook: a glance at the stored header says so
@@ -327,9 +343,23 @@ impl Activator {
     }
 
     /// Starts the switched-to release, gates it, and commits or reverts.
-    async fn confirm_and_settle(&self, app: &str, a: Activation) -> Result<(), ExecError> {
-        let rec = self.record(app).await?;
-        let launch = match self.prepare(app, &a.to, rec.previous.clone()).await {
+    #[tracing::instrument(level = "debug", skip_all)]
+    /// `verified` is the launch [`Self::switch`] prepared from the release it verified just
+    /// before; a resumed activation verifies again.
+    async fn confirm_and_settle(
+        &self,
+        app: &str,
+        a: Activation,
+        verified: Option<Launch>,
+    ) -> Result<(), ExecError> {
+        let prepared = match verified {
+            Some(l) => Ok(l),
+            None => {
+                let rec = self.record(app).await?;
+                self.prepare(app, &a.to, rec.previous.clone()).await
+            }
+        };
+        let launch = match prepared {
             Ok(l) => l,
             Err(e) => return self.settle_failure(app, &a, e.to_string()).await,
         };
@@ -345,8 +375,17 @@ impl Activator {
     }
 
     /// Service, `post_activate`, health gate.
+    #[tracing::instrument(level = "debug", skip_all)]
     async fn confirm(&self, launch: &Launch, deadline: Duration) -> Result<(), String> {
-        self.services.start(launch).await.map_err(|e| e.to_string())?;
+        let stamp = self.services.start(launch).await.map_err(|e| e.to_string())?;
+        let verdict = self.gate(launch, deadline).await;
+        // Whatever the verdict, the service's process group is on record before it is acted on.
+        stamp.recorded().await.map_err(|e| e.to_string())?;
+        verdict
+    }
+
+    /// `post_activate`, then the health gate.
+    async fn gate(&self, launch: &Launch, deadline: Duration) -> Result<(), String> {
         let dir = launch.dir(&self.core);
         if let Some(hooks) = &launch.config.hooks {
             if let Some(h) = &hooks.post_activate {
@@ -382,6 +421,7 @@ impl Activator {
 
     /// Marks the release known-good, records the activation and the bad marks, ends the journal
     /// entry, keeps monitoring, prunes.
+    #[tracing::instrument(level = "debug", skip_all)]
     async fn commit(&self, app: &str, a: &Activation, launch: &Launch) -> Result<(), ExecError> {
         let health = if launch.config.health.is_some() { HealthState::Healthy } else { HealthState::None };
         let (to, from, kind) = (a.to.clone(), a.from.clone(), a.kind);
@@ -557,7 +597,7 @@ impl Activator {
         let r = async {
             let rec = self.record(app).await?;
             let launch = self.prepare(app, &cur, rec.previous.clone()).await?;
-            self.services.start(&launch).await?;
+            self.services.start(&launch).await?.recorded().await?;
             self.core.set_live(app, |l| l.health = rec.health);
             self.services.monitor(&launch);
             Ok::<(), ExecError>(())

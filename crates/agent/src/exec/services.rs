@@ -97,6 +97,22 @@ fn resolve_run_as(user: Option<&str>, group: Option<&str>) -> crate::Result<Opti
     Ok(Some(run_as))
 }
 
+/// The pending write of a started service's process-group stamp.
+#[must_use = "a started service's stamp must be recorded before the activation is acknowledged"]
+pub(crate) struct StampRecord(Option<tokio::task::JoinHandle<Result<(), ExecError>>>);
+
+impl StampRecord {
+    /// Waits until the stamp is in the flushed state store.
+    pub async fn recorded(self) -> Result<(), ExecError> {
+        match self.0 {
+            None => Ok(()),
+            Some(h) => h
+                .await
+                .map_err(|e| ExecError::Internal(format!("recording the service's process group: {e}")))?,
+        }
+    }
+}
+
 #[derive(Clone)]
 pub(crate) struct Services {
     core: Arc<Core>,
@@ -110,9 +126,11 @@ impl Services {
     }
 
     /// Starts the release's service, if it declares one, and records its process group so a
-    /// restarted agent can stop an orphan.
-    pub async fn start(&self, launch: &Launch) -> Result<(), ExecError> {
-        let Some(service) = &launch.config.service else { return Ok(()) };
+    /// restarted agent can stop an orphan. The record is written alongside whatever the caller
+    /// does next (the health gate): the caller awaits [`StampRecord::recorded`] before it
+    /// acknowledges anything.
+    pub async fn start(&self, launch: &Launch) -> Result<StampRecord, ExecError> {
+        let Some(service) = &launch.config.service else { return Ok(StampRecord(None)) };
         let spec = ServiceSpec {
             argv: service.command.clone(),
             cwd: launch.dir(&self.core),
@@ -125,23 +143,25 @@ impl Services {
         // Record proof of the process group (boot id and start time), so a restarted agent
         // stops the orphan only if it is still ours.
         let mut stamp = sup.stamp.clone();
-        if tokio::time::timeout(Duration::from_secs(2), stamp.wait_for(|s| s.is_some())).await.is_err() {
-            tracing::warn!(app = %launch.app, "service did not start within 2s; supervising anyway");
-        }
-        let stamp = stamp.borrow().clone();
-        let app = launch.app.clone();
-        self.core
-            .blocking(move |c| {
+        let (core, app) = (self.core.clone(), launch.app.clone());
+        let record = tokio::spawn(async move {
+            if tokio::time::timeout(Duration::from_secs(2), stamp.wait_for(|s| s.is_some())).await.is_err() {
+                tracing::warn!(%app, "service did not start within 2s; supervising anyway");
+            }
+            let stamp = stamp.borrow().clone();
+            core.blocking(move |c| {
                 let mut rec = c.state.app(&app)?;
                 rec.service = stamp;
                 Ok(c.state.put_app(&app, &rec)?)
             })
-            .await?;
+            .await
+        });
         self.running.lock().await.insert(launch.app.clone(), sup);
-        Ok(())
+        Ok(StampRecord(Some(record)))
     }
 
     /// Stops an app's service and its monitor.
+    #[tracing::instrument(level = "debug", skip_all)]
     pub async fn stop(&self, app: &str) -> Result<(), ExecError> {
         if let Some(token) = lock(&self.monitors).remove(app) {
             token.cancel();

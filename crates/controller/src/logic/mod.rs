@@ -2,6 +2,7 @@
 //! Nothing here knows about gRPC; [`crate::grpc`] translates to and from the wire.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::AtomicI64;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -120,6 +121,7 @@ fn validate_labels(labels: &BTreeMap<String, String>) -> Result<()> {
 
 pub mod admins;
 pub mod audit;
+pub mod heartbeats;
 mod orders;
 pub mod roles;
 pub mod rollouts;
@@ -133,6 +135,9 @@ struct Session {
     id: u64,
     cancel: CancellationToken,
     tx: SessionTx,
+    /// Unix time of the last heartbeat accepted, newer than the stored one while the
+    /// agent's reports are unchanged.
+    last_seen: Arc<AtomicI64>,
 }
 
 /// What the controller runs on: its CA, its store and the live sessions. Cheap to clone.
@@ -212,6 +217,7 @@ pub struct SessionHandle {
     pub agent_id: String,
     pub session_id: u64,
     pub cancel: CancellationToken,
+    last_seen: Arc<AtomicI64>,
 }
 
 impl Controller {
@@ -493,14 +499,16 @@ impl Controller {
         .await?;
         let session_id = self.inner.next_session.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let cancel = CancellationToken::new();
-        let old = self
-            .lock_sessions()
-            .insert(agent_id.to_owned(), Session { id: session_id, cancel: cancel.clone(), tx });
+        let last_seen = Arc::new(AtomicI64::new(now()));
+        let old = self.lock_sessions().insert(
+            agent_id.to_owned(),
+            Session { id: session_id, cancel: cancel.clone(), tx, last_seen: last_seen.clone() },
+        );
         if let Some(old) = old {
             old.cancel.cancel();
         }
         tracing::info!(agent_id, session_id, "agent online");
-        Ok(SessionHandle { agent_id: agent_id.to_owned(), session_id, cancel })
+        Ok(SessionHandle { agent_id: agent_id.to_owned(), session_id, cancel, last_seen })
     }
 
     fn lock_sessions(&self) -> std::sync::MutexGuard<'_, HashMap<String, Session>> {
@@ -509,14 +517,21 @@ impl Controller {
         self.inner.sessions.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Records a heartbeat. Not flushed: last-seen times are advisory, sled flushes them soon.
+    /// Records a heartbeat the session's [`heartbeats::Heartbeats`] judged: last-seen in memory
+    /// always, the agent's record only for [`heartbeats::Verdict::Write`]. Not flushed:
+    /// last-seen times are advisory, sled flushes them soon.
     pub async fn heartbeat(
         &self,
-        agent_id: &str,
+        handle: &SessionHandle,
+        verdict: heartbeats::Verdict,
         releases: Vec<ReportedRelease>,
         apps: Vec<crate::store::AppStatusRecord>,
     ) -> Result<()> {
-        let id = agent_id.to_owned();
+        handle.last_seen.store(now(), std::sync::atomic::Ordering::Relaxed);
+        if verdict != heartbeats::Verdict::Write {
+            return Ok(());
+        }
+        let id = handle.agent_id.clone();
         self.blocking(move |c| {
             c.inner.store.update_agent(&id, false, |r| {
                 r.last_seen = now();
@@ -588,7 +603,14 @@ impl Controller {
         Ok(records
             .into_iter()
             .filter(|r| region.as_deref().is_none_or(|want| r.region == want))
-            .map(|record| AgentView { online: sessions.contains_key(&record.id), record })
+            .map(|mut record| match sessions.get(&record.id) {
+                Some(s) => {
+                    record.last_seen =
+                        record.last_seen.max(s.last_seen.load(std::sync::atomic::Ordering::Relaxed));
+                    AgentView { online: true, record }
+                }
+                None => AgentView { online: false, record },
+            })
             .collect())
     }
 
