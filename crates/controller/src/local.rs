@@ -27,11 +27,13 @@ pub struct LocalOptions {
     pub heartbeat_interval: Duration,
     /// Reuse this gRPC address (a restart keeps the port agents know).
     pub grpc_addr: Option<SocketAddr>,
+    /// The HTTP listener's settings instead of the config file's `[http]` section.
+    pub http: Option<crate::config::HttpConfig>,
 }
 
 impl Default for LocalOptions {
     fn default() -> Self {
-        Self { agent_cert_lifetime: None, heartbeat_interval: Duration::from_secs(1), grpc_addr: None }
+        Self { agent_cert_lifetime: None, heartbeat_interval: Duration::from_secs(1), grpc_addr: None, http: None }
     }
 }
 
@@ -73,7 +75,14 @@ impl LocalController {
         if let Some(l) = opts.agent_cert_lifetime {
             config.agent_cert_lifetime = l;
         }
-        let prepared = Prepared::open(&config)?;
+        if let Some(http) = opts.http {
+            http.check().map_err(|(field, why)| anyhow::anyhow!("{field}: {why}"))?;
+            config.http = http;
+        }
+        let prepared = {
+            let config = config.clone();
+            tokio::task::spawn_blocking(move || Prepared::open(&config)).await.context("opening the controller")??
+        };
         let controller = prepared.controller.clone();
         let stop = CancellationToken::new();
         let task = tokio::spawn(prepared.serve(grpc, http, stop.clone().cancelled_owned()));

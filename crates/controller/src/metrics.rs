@@ -1,12 +1,34 @@
-//! Prometheus metrics: counters kept as atomics, gauges computed at scrape time, rendered in the
-//! text exposition format.
+//! Prometheus metrics, rendered in the text exposition format. Everything is kept in memory:
+//! counters as atomics, and the gauges (agents by region and connection state, rollouts by
+//! state) as counts the controller moves where agents enroll, connect, disconnect and are revoked
+//! and where a rollout's state is saved, loaded once from the store at start-up
+//! ([`Metrics::load_gauges`]). A scrape reads no store record: its cost does not grow with the
+//! fleet or the rollout history.
 
+use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
+
+use crate::logic::rollouts::RolloutState;
 
 /// Upper bounds (seconds) of the rollback duration histogram.
 const BUCKETS: [f64; 9] = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0];
+
+/// Every rollout state with its exposition name.
+const ROLLOUT_STATES: [(RolloutState, &str); 7] = [
+    (RolloutState::Staging, "staging"),
+    (RolloutState::Running, "running"),
+    (RolloutState::Paused, "paused"),
+    (RolloutState::Completed, "completed"),
+    (RolloutState::RolledBack, "rolled_back"),
+    (RolloutState::Aborted, "aborted"),
+    (RolloutState::Superseded, "superseded"),
+];
+
+fn state_index(s: RolloutState) -> usize {
+    ROLLOUT_STATES.iter().position(|(x, _)| *x == s).unwrap_or_default()
+}
 
 #[derive(Default)]
 pub struct Metrics {
@@ -14,6 +36,9 @@ pub struct Metrics {
     pub bundle_bytes_served: AtomicU64,
     rollbacks: Mutex<Histogram>,
     hooks: Mutex<std::collections::BTreeMap<(String, String), u64>>,
+    gauges: Mutex<Gauges>,
+    /// The HTTP listener's connection and timeout counters.
+    pub(crate) http: Arc<crate::http::Counters>,
 }
 
 #[derive(Default)]
@@ -23,7 +48,109 @@ struct Histogram {
     sum: f64,
 }
 
+/// The gauges' counts.
+#[derive(Default)]
+struct Gauges {
+    /// Per region: unrevoked agents, and how many of them have a live session.
+    regions: BTreeMap<String, RegionCount>,
+    /// Rollouts per state, indexed like [`ROLLOUT_STATES`].
+    rollouts: [u64; ROLLOUT_STATES.len()],
+    /// The state of every unfinished rollout, to move it between counts when it changes. A
+    /// finished rollout never changes state again, so it is dropped from here.
+    unfinished: HashMap<String, RolloutState>,
+}
+
+#[derive(Clone, Copy, Default)]
+struct RegionCount {
+    enrolled: u64,
+    online: u64,
+}
+
 impl Metrics {
+    fn gauges(&self) -> std::sync::MutexGuard<'_, Gauges> {
+        // Every critical section leaves the counts consistent, so a poisoned lock is usable.
+        self.gauges.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Sets the gauges from the store's records: `agents` is (region, revoked) per agent record,
+    /// `rollouts` (id, state) per rollout record. No agent is online at start-up.
+    pub fn load_gauges(
+        &self,
+        agents: impl IntoIterator<Item = (String, bool)>,
+        rollouts: impl IntoIterator<Item = (String, RolloutState)>,
+    ) {
+        let mut g = Gauges::default();
+        for (region, revoked) in agents {
+            if !revoked {
+                g.regions.entry(region).or_default().enrolled += 1;
+            }
+        }
+        for (id, state) in rollouts {
+            g.rollouts[state_index(state)] += 1;
+            if !state.is_final() {
+                g.unfinished.insert(id, state);
+            }
+        }
+        *self.gauges() = g;
+    }
+
+    /// An agent enrolled in `region`.
+    pub fn agent_enrolled(&self, region: &str) {
+        self.gauges().regions.entry(region.to_owned()).or_default().enrolled += 1;
+    }
+
+    /// An agent of `region` opened a session (not one that replaced its own older session).
+    pub fn agent_online(&self, region: &str) {
+        self.gauges().regions.entry(region.to_owned()).or_default().online += 1;
+    }
+
+    /// An agent of `region` lost its session.
+    pub fn agent_offline(&self, region: &str) {
+        let mut g = self.gauges();
+        if let Some(c) = g.regions.get_mut(region) {
+            c.online = c.online.saturating_sub(1);
+        }
+        g.forget_if_empty(region);
+    }
+
+    /// An agent of `region` was revoked: `newly` unless it already was; `was_online` when its
+    /// session was closed by the revocation.
+    pub fn agent_revoked(&self, region: &str, newly: bool, was_online: bool) {
+        let mut g = self.gauges();
+        if let Some(c) = g.regions.get_mut(region) {
+            if newly {
+                c.enrolled = c.enrolled.saturating_sub(1);
+            }
+            if was_online {
+                c.online = c.online.saturating_sub(1);
+            }
+        }
+        g.forget_if_empty(region);
+    }
+
+    /// A rollout's record was saved with `state`: counts it when it is new and moves it when its
+    /// state changed. Only a rollout's first save may be unknown here, and a new rollout is never
+    /// saved finished, so a finished rollout not among the unfinished ones was counted already.
+    pub fn rollout_saved(&self, id: &str, state: RolloutState) {
+        let mut g = self.gauges();
+        match g.unfinished.get(id).copied() {
+            Some(old) => {
+                g.rollouts[state_index(old)] = g.rollouts[state_index(old)].saturating_sub(1);
+                g.rollouts[state_index(state)] += 1;
+                if state.is_final() {
+                    g.unfinished.remove(id);
+                } else {
+                    g.unfinished.insert(id.to_owned(), state);
+                }
+            }
+            None if !state.is_final() => {
+                g.rollouts[state_index(state)] += 1;
+                g.unfinished.insert(id.to_owned(), state);
+            }
+            None => {}
+        }
+    }
+
     pub fn observe_rollback(&self, secs: f64) {
         let mut h = self.rollbacks.lock().unwrap_or_else(|p| p.into_inner());
         for (i, b) in BUCKETS.iter().enumerate() {
@@ -52,30 +179,24 @@ impl Metrics {
         self.bundle_bytes_served.fetch_add(n, Ordering::Relaxed);
     }
 
-    /// Renders everything; `agents` is (region, online) per agent, `rollouts` each rollout's
-    /// state name.
-    pub fn render(&self, agents: &[(String, bool)], rollouts: &[String]) -> String {
+    /// Renders everything, from memory only.
+    pub fn render(&self) -> String {
         let mut out = String::new();
-        let mut by_region: std::collections::BTreeMap<(String, &str), u64> = Default::default();
-        for (region, online) in agents {
-            *by_region.entry((region.clone(), if *online { "online" } else { "offline" })).or_default() += 1;
-            by_region.entry((region.clone(), if *online { "offline" } else { "online" })).or_default();
-        }
+        let (regions, rollouts) = {
+            let g = self.gauges();
+            (g.regions.clone(), g.rollouts)
+        };
         let _ = writeln!(out, "# HELP convoy_agents Enrolled agents by region and connection state.");
         let _ = writeln!(out, "# TYPE convoy_agents gauge");
-        for ((region, state), n) in &by_region {
-            let _ = writeln!(out, "convoy_agents{{region=\"{}\",state=\"{state}\"}} {n}", escape(region));
+        for (region, c) in regions.iter().filter(|(_, c)| c.enrolled > 0) {
+            // A session that slipped in while its agent was being revoked is not counted.
+            let online = c.online.min(c.enrolled);
+            let region = escape(region);
+            let _ = writeln!(out, "convoy_agents{{region=\"{region}\",state=\"offline\"}} {}", c.enrolled - online);
+            let _ = writeln!(out, "convoy_agents{{region=\"{region}\",state=\"online\"}} {online}");
         }
-        let mut states: std::collections::BTreeMap<&str, u64> =
-            ["staging", "running", "paused", "completed", "rolled_back", "aborted", "superseded"]
-                .iter()
-                .map(|s| (*s, 0))
-                .collect();
-        for s in rollouts {
-            if let Some(n) = states.get_mut(s.as_str()) {
-                *n += 1;
-            }
-        }
+        let states: BTreeMap<&str, u64> =
+            ROLLOUT_STATES.iter().enumerate().map(|(i, (_, name))| (*name, rollouts[i])).collect();
         let _ = writeln!(out, "# HELP convoy_rollouts Rollouts by state.");
         let _ = writeln!(out, "# TYPE convoy_rollouts gauge");
         for (state, n) in states {
@@ -112,7 +233,17 @@ impl Metrics {
                 escape(outcome)
             );
         }
+        self.http.render(&mut out);
         out
+    }
+}
+
+impl Gauges {
+    /// A region without agents is not shown, as before any agent enrolled there.
+    fn forget_if_empty(&mut self, region: &str) {
+        if self.regions.get(region).is_some_and(|c| c.enrolled == 0 && c.online == 0) {
+            self.regions.remove(region);
+        }
     }
 }
 

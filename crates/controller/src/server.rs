@@ -15,7 +15,7 @@ use crate::grpc::{AdminSvc, AgentSvc, EnrollmentSvc};
 use crate::logic::{Controller, Settings};
 use crate::store::Store;
 
-/// How long shutdown waits for in-flight RPCs before giving up on them.
+/// How long shutdown waits for in-flight RPCs and HTTP requests before giving up on them.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often the audit log is checkpointed (when it grew) besides every 100 entries.
 const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(60);
@@ -54,10 +54,14 @@ pub struct Prepared {
     tls: std::sync::Arc<rustls::ServerConfig>,
     td: convoy_pki::TrustDomain,
     hooks: crate::hooks::HookConfig,
+    http: crate::config::HttpConfig,
+    /// Set when the HTTP listener speaks HTTPS (`[http] tls = true`).
+    http_tls: Option<std::sync::Arc<rustls::ServerConfig>>,
 }
 
 impl Prepared {
-    /// Loads the CA, server certificate and state store named by `config`.
+    /// Loads the CA, server certificate and state store named by `config`, and sets the metrics'
+    /// gauges from the store. Blocking: async callers run it on the blocking pool.
     pub fn open(config: &Config) -> Result<Self, Error> {
         let path = config.path.display().to_string();
         let need = |p: &Option<std::path::PathBuf>, what| {
@@ -74,6 +78,7 @@ impl Prepared {
             cert_pem: cert.clone(),
         };
         let tls = convoy_pki::server_config(&ca_pem, &cert, &key)?;
+        let http_tls = if config.http.tls { Some(convoy_pki::http_server_config(&cert, &key)?) } else { None };
         let store = Store::open(&config.state_dir)?;
         migrate_admins(config, &store)?;
         let release_trust = if config.release_trust.is_empty() {
@@ -93,8 +98,16 @@ impl Prepared {
         };
         let controller = Controller::new(ca, store, settings);
         controller.prepare_blob_dir()?;
+        controller.load_gauges()?;
         let hooks = crate::hooks::HookConfig::from_config(&config.hooks)?;
-        Ok(Self { controller, tls, td: config.trust_domain.clone(), hooks })
+        Ok(Self {
+            controller,
+            tls,
+            td: config.trust_domain.clone(),
+            hooks,
+            http: config.http.clone(),
+            http_tls,
+        })
     }
 
     /// Serves until `shutdown` completes, then closes agent sessions and drains.
@@ -158,15 +171,21 @@ impl Prepared {
             .add_service(pb::admin_service_server::AdminServiceServer::new(AdminSvc(ctl.clone())))
             .serve_with_incoming_shutdown(incoming, stop.clone().cancelled_owned());
         let app = crate::hooks::router(crate::logic::roles::HookActor::new(ctl.clone()), self.hooks);
-        let http_server = axum::serve(http, app).with_graceful_shutdown(stop.clone().cancelled_owned());
-        let http_task = tokio::spawn(async move { http_server.await.map_err(Error::Http) });
+        // The HTTP listener drains on its own within DRAIN_TIMEOUT of `stop`, then drops what is
+        // left, so this task always ends.
+        let http_task = tokio::spawn(crate::http::serve(
+            http,
+            app,
+            self.http,
+            self.http_tls,
+            ctl.metrics().http.clone(),
+            stop.clone(),
+            DRAIN_TIMEOUT,
+        ));
         let grpc_result = grpc_server.await;
-        // Once shutdown begins, give in-flight HTTP requests a bounded time.
-        let http_result = match tokio::time::timeout(DRAIN_TIMEOUT, http_task).await {
-            Ok(Ok(r)) => r,
-            Ok(Err(e)) => Err(Error::Http(std::io::Error::other(e))),
-            Err(_) => Ok(()),
-        };
+        // The gRPC server also ends when it fails: the HTTP listener stops with it.
+        stop.cancel();
+        let http_result = http_task.await.map_err(|e| Error::Http(std::io::Error::other(e)));
         if let Err(e) = checkpoints.await {
             tracing::error!(error = %e, "audit checkpoint task failed");
         }
