@@ -250,3 +250,121 @@ impl Gauges {
 fn escape(s: &str) -> String {
     s.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The gauge part of the exposition as it was rendered from store records before the gauges
+    /// were kept in memory: `agents` is (region, online) per unrevoked agent.
+    fn from_records(agents: &[(&str, bool)], rollouts: &[RolloutState]) -> String {
+        let mut out = String::new();
+        let mut by_region: BTreeMap<(String, &str), u64> = Default::default();
+        for (region, online) in agents {
+            *by_region.entry((region.to_string(), if *online { "online" } else { "offline" })).or_default() += 1;
+            by_region.entry((region.to_string(), if *online { "offline" } else { "online" })).or_default();
+        }
+        out.push_str("# HELP convoy_agents Enrolled agents by region and connection state.\n");
+        out.push_str("# TYPE convoy_agents gauge\n");
+        for ((region, state), n) in &by_region {
+            out.push_str(&format!("convoy_agents{{region=\"{}\",state=\"{state}\"}} {n}\n", escape(region)));
+        }
+        let mut states: BTreeMap<&str, u64> = ROLLOUT_STATES.iter().map(|(_, s)| (*s, 0)).collect();
+        for s in rollouts {
+            *states.entry(ROLLOUT_STATES[state_index(*s)].1).or_default() += 1;
+        }
+        out.push_str("# HELP convoy_rollouts Rollouts by state.\n# TYPE convoy_rollouts gauge\n");
+        for (state, n) in states {
+            out.push_str(&format!("convoy_rollouts{{state=\"{state}\"}} {n}\n"));
+        }
+        out
+    }
+
+    fn gauges_part(m: &Metrics) -> String {
+        let text = m.render();
+        let end = text.find("# HELP convoy_orders_sent_total").unwrap();
+        text[..end].to_string()
+    }
+
+    #[test]
+    fn gauges_moved_by_events_render_as_the_records_did() {
+        let m = Metrics::default();
+        // Start-up: eu has a1, a2 and a revoked a0; us has u1; two rollouts, one unfinished.
+        m.load_gauges(
+            [("eu".into(), false), ("eu".into(), false), ("eu".into(), true), ("us".into(), false)],
+            [("ro-1".into(), RolloutState::Completed), ("ro-2".into(), RolloutState::Running)],
+        );
+        assert_eq!(
+            gauges_part(&m),
+            from_records(
+                &[("eu", false), ("eu", false), ("us", false)],
+                &[RolloutState::Completed, RolloutState::Running]
+            )
+        );
+        m.agent_online("eu");
+        m.agent_online("us");
+        m.agent_enrolled("ap \"south\"");
+        m.rollout_saved("ro-2", RolloutState::Paused);
+        m.rollout_saved("ro-3", RolloutState::Staging);
+        assert_eq!(
+            gauges_part(&m),
+            from_records(
+                &[("eu", true), ("eu", false), ("us", true), ("ap \"south\"", false)],
+                &[RolloutState::Completed, RolloutState::Paused, RolloutState::Staging]
+            )
+        );
+        // us-1 revoked while online, an eu agent goes offline, ro-2 is aborted and saved twice,
+        // ro-3 runs and completes.
+        m.agent_revoked("us", true, true);
+        m.agent_offline("eu");
+        m.rollout_saved("ro-2", RolloutState::Aborted);
+        m.rollout_saved("ro-2", RolloutState::Aborted);
+        m.rollout_saved("ro-3", RolloutState::Running);
+        m.rollout_saved("ro-3", RolloutState::Completed);
+        assert_eq!(
+            gauges_part(&m),
+            from_records(
+                &[("eu", false), ("eu", false), ("ap \"south\"", false)],
+                &[RolloutState::Completed, RolloutState::Aborted, RolloutState::Completed]
+            )
+        );
+        // Revoking an agent already revoked changes nothing; the last eu agents go.
+        m.agent_revoked("eu", false, false);
+        m.agent_revoked("eu", true, false);
+        m.agent_revoked("eu", true, false);
+        assert_eq!(
+            gauges_part(&m),
+            from_records(
+                &[("ap \"south\"", false)],
+                &[RolloutState::Completed, RolloutState::Aborted, RolloutState::Completed]
+            )
+        );
+        // Only unfinished rollouts are remembered.
+        assert!(m.gauges().unfinished.is_empty());
+    }
+
+    #[test]
+    fn a_session_of_an_agent_revoked_meanwhile_is_not_shown() {
+        let m = Metrics::default();
+        m.agent_enrolled("eu");
+        m.agent_revoked("eu", true, false);
+        // Its session opened just after the revocation removed none.
+        m.agent_online("eu");
+        assert_eq!(gauges_part(&m), from_records(&[], &[]));
+        m.agent_offline("eu");
+        assert!(m.gauges().regions.is_empty());
+    }
+
+    #[test]
+    fn the_listener_counters_are_rendered() {
+        let text = Metrics::default().render();
+        for line in [
+            "convoy_http_connections 0",
+            "convoy_http_connections_refused_total{limit=\"per_peer\"} 0",
+            "convoy_http_connections_refused_total{limit=\"total\"} 0",
+            "convoy_http_timeouts_total{phase=\"request_head\"} 0",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} missing:\n{text}");
+        }
+    }
+}
