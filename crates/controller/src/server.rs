@@ -245,3 +245,144 @@ pub async fn bind(
         .map_err(|e| std::io::Error::new(e.kind(), format!("cannot bind HTTP address {http_addr}: {e}")))?;
     Ok((grpc, http))
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use crate::logic::rollouts::{Rollout, RolloutSpec, RolloutState};
+    use crate::store::{AgentRecord, Tree};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    async fn scrape(addr: SocketAddr) -> String {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await.unwrap();
+        let mut resp = String::new();
+        s.read_to_string(&mut resp).await.unwrap();
+        assert!(resp.starts_with("HTTP/1.1 200 "), "{resp}");
+        resp
+    }
+
+    fn gauges(text: &str) -> Vec<String> {
+        let mut lines: Vec<String> = text
+            .lines()
+            .filter(|l| l.starts_with("convoy_agents{") || l.starts_with("convoy_rollouts{"))
+            .map(String::from)
+            .collect();
+        lines.sort();
+        lines
+    }
+
+    /// A store of thousands of agents and hundreds of rollouts: the gauges are counted once at
+    /// start-up, and a scrape after every record has become unreadable answers the same, so the
+    /// scrape reads no record.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_metrics_scrape_reads_no_store_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = crate::init::InitOptions {
+            data_dir: dir.path().to_path_buf(),
+            trust_domain: "convoy.test".into(),
+            ..Default::default()
+        };
+        let config = Config::load(&crate::init::init(&opts).unwrap()).unwrap();
+        let regions = ["ap-south", "eu-west", "us-east"];
+        // Paused is the only unfinished state here: a paused rollout's driver waits for a command
+        // and writes nothing, so the counts stay put while the test looks.
+        let states = [
+            RolloutState::Completed,
+            RolloutState::RolledBack,
+            RolloutState::Aborted,
+            RolloutState::Superseded,
+            RolloutState::Paused,
+        ];
+        {
+            let store = Store::open(&config.state_dir).unwrap();
+            for i in 0..3000 {
+                store
+                    .put_agent_for_test(&AgentRecord {
+                        id: format!("agent-{i}"),
+                        region: regions[i % 3].into(),
+                        labels: Default::default(),
+                        first_seen: 0,
+                        last_seen: 0,
+                        cert_serial: format!("{i:x}"),
+                        cert_not_after: 0,
+                        agent_version: String::new(),
+                        releases: vec![],
+                        revoked: i % 10 == 0,
+                        apps: vec![],
+                        previous_serial: None,
+                        previous_serial_until: 0,
+                    })
+                    .unwrap();
+            }
+            for i in 0..300 {
+                let r = Rollout {
+                    id: format!("ro-{i}"),
+                    spec: RolloutSpec::new("shop-api", "1.0.0"),
+                    digest: String::new(),
+                    state: states[i % states.len()],
+                    created_at: 0,
+                    created_by: "admin/test".into(),
+                    finished_at: None,
+                    waves: vec![],
+                    wave: 0,
+                    agents: Default::default(),
+                    events: vec![],
+                    failure: None,
+                    converging: vec![],
+                };
+                store.put(Tree::Rollouts, &r.id, &r, false).unwrap();
+            }
+            store.flush().unwrap();
+        }
+        let prepared = {
+            let config = config.clone();
+            tokio::task::spawn_blocking(move || Prepared::open(&config)).await.unwrap().unwrap()
+        };
+        let ctl = prepared.controller.clone();
+        let grpc = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let http = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = http.local_addr().unwrap();
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(prepared.serve(grpc, http, stop.clone().cancelled_owned()));
+
+        let before = gauges(&scrape(addr).await);
+        // Each region has 1,000 agents, of which 100 (i % 30 fixed) are revoked.
+        let mut want = vec![];
+        for r in regions {
+            want.push(format!("convoy_agents{{region=\"{r}\",state=\"offline\"}} 900"));
+            want.push(format!("convoy_agents{{region=\"{r}\",state=\"online\"}} 0"));
+        }
+        for (s, n) in [
+            ("aborted", 60),
+            ("completed", 60),
+            ("paused", 60),
+            ("rolled_back", 60),
+            ("running", 0),
+            ("staging", 0),
+            ("superseded", 60),
+        ] {
+            want.push(format!("convoy_rollouts{{state=\"{s}\"}} {n}"));
+        }
+        want.sort();
+        assert_eq!(before, want);
+
+        // Every listing of agents or rollouts now fails to decode...
+        let store = ctl.store().clone();
+        tokio::task::spawn_blocking(move || {
+            store.put_garbage_for_test("agents", "agent-garbage").unwrap();
+            store.put_garbage_for_test("rollouts", "ro-garbage").unwrap();
+        })
+        .await
+        .unwrap();
+        assert!(ctl.list_agents(None).await.is_err());
+        assert!(ctl.rollouts(None).await.is_err());
+        // ...and the scrape, which lists none, answers as before.
+        assert_eq!(gauges(&scrape(addr).await), before);
+
+        stop.cancel();
+        task.await.unwrap().unwrap();
+    }
+}
