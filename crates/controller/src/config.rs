@@ -490,7 +490,11 @@ mod tests {
             ("max_connections = 0", "http.max_connections", "at least 1"),
             ("max_connections = -1", "max_connections", "invalid value"),
             ("max_connections_per_peer = 0", "http.max_connections_per_peer", "at least 1"),
-            ("max_connections_per_peer = 513", "http.max_connections_per_peer", "more than http.max_connections (512)"),
+            (
+                "max_connections_per_peer = 513",
+                "http.max_connections_per_peer",
+                "more than http.max_connections (512)",
+            ),
             ("tls = \"yes\"", "tls", "invalid type"),
             ("tls = true", "http.tls", "needs tls.server_cert"),
             ("timeout = \"1s\"", "timeout", "unknown field"),

@@ -33,7 +33,12 @@ pub struct LocalOptions {
 
 impl Default for LocalOptions {
     fn default() -> Self {
-        Self { agent_cert_lifetime: None, heartbeat_interval: Duration::from_secs(1), grpc_addr: None, http: None }
+        Self {
+            agent_cert_lifetime: None,
+            heartbeat_interval: Duration::from_secs(1),
+            grpc_addr: None,
+            http: None,
+        }
     }
 }
 
@@ -81,7 +86,9 @@ impl LocalController {
         }
         let prepared = {
             let config = config.clone();
-            tokio::task::spawn_blocking(move || Prepared::open(&config)).await.context("opening the controller")??
+            tokio::task::spawn_blocking(move || Prepared::open(&config))
+                .await
+                .context("opening the controller")??
         };
         let controller = prepared.controller.clone();
         let stop = CancellationToken::new();

@@ -192,7 +192,11 @@ impl Metrics {
             // A session that slipped in while its agent was being revoked is not counted.
             let online = c.online.min(c.enrolled);
             let region = escape(region);
-            let _ = writeln!(out, "convoy_agents{{region=\"{region}\",state=\"offline\"}} {}", c.enrolled - online);
+            let _ = writeln!(
+                out,
+                "convoy_agents{{region=\"{region}\",state=\"offline\"}} {}",
+                c.enrolled - online
+            );
             let _ = writeln!(out, "convoy_agents{{region=\"{region}\",state=\"online\"}} {online}");
         }
         let states: BTreeMap<&str, u64> =
@@ -261,7 +265,9 @@ mod tests {
         let mut out = String::new();
         let mut by_region: BTreeMap<(String, &str), u64> = Default::default();
         for (region, online) in agents {
-            *by_region.entry((region.to_string(), if *online { "online" } else { "offline" })).or_default() += 1;
+            *by_region
+                .entry((region.to_string(), if *online { "online" } else { "offline" }))
+                .or_default() += 1;
             by_region.entry((region.to_string(), if *online { "offline" } else { "online" })).or_default();
         }
         out.push_str("# HELP convoy_agents Enrolled agents by region and connection state.\n");

@@ -78,7 +78,8 @@ impl Prepared {
             cert_pem: cert.clone(),
         };
         let tls = convoy_pki::server_config(&ca_pem, &cert, &key)?;
-        let http_tls = if config.http.tls { Some(convoy_pki::http_server_config(&cert, &key)?) } else { None };
+        let http_tls =
+            if config.http.tls { Some(convoy_pki::http_server_config(&cert, &key)?) } else { None };
         let store = Store::open(&config.state_dir)?;
         migrate_admins(config, &store)?;
         let release_trust = if config.release_trust.is_empty() {

@@ -44,7 +44,8 @@ fn raise_fd_limit(need: u64) {
 /// One HTTP/1.1 request on a fresh connection from 127.0.0.1; the status and the body.
 async fn request(addr: SocketAddr, head: &str, body: &str) -> (u16, String) {
     let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let req = format!("{head}\r\nHost: x\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}", body.len());
+    let req =
+        format!("{head}\r\nHost: x\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}", body.len());
     s.write_all(req.as_bytes()).await.unwrap();
     let mut resp = String::new();
     s.read_to_string(&mut resp).await.unwrap();
@@ -69,9 +70,12 @@ async fn two_thousand_half_sent_requests_are_closed_within_the_header_timeout() 
         max_connections_per_peer: PER_PEER,
         ..HttpConfig::default()
     };
-    let ctl = LocalController::start(&tmp.path().join("ctl"), LocalOptions { http: Some(http), ..Default::default() })
-        .await
-        .unwrap();
+    let ctl = LocalController::start(
+        &tmp.path().join("ctl"),
+        LocalOptions { http: Some(http), ..Default::default() },
+    )
+    .await
+    .unwrap();
     let addr = ctl.http_addr;
     let token = ctl.config.hooks.alertmanager_token.clone().unwrap();
     // One request first, so that whatever the listener opens lazily is open before counting.

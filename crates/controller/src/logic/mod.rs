@@ -511,8 +511,10 @@ impl Controller {
         let cancel = CancellationToken::new();
         let old = {
             let mut sessions = self.lock_sessions();
-            let old =
-                sessions.insert(agent_id.to_owned(), Session { id: session_id, region: region.clone(), cancel: cancel.clone(), tx });
+            let old = sessions.insert(
+                agent_id.to_owned(),
+                Session { id: session_id, region: region.clone(), cancel: cancel.clone(), tx },
+            );
             // A session that replaces the agent's own older one changes no count.
             if old.is_none() {
                 self.metrics().agent_online(&region);
