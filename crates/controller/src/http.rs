@@ -376,6 +376,26 @@ mod tests {
         assert_eq!(s.lock().per_peer.get(&a), Some(&2));
     }
 
+    /// The body bound in front of a handler that reports the length it got.
+    #[tokio::test]
+    async fn bodies_are_read_whole_up_to_the_size_bound() {
+        use tower::ServiceExt;
+        let app = axum::Router::new()
+            .route("/", axum::routing::post(|body: axum::body::Bytes| async move { body.len().to_string() }))
+            .layer(axum::middleware::from_fn_with_state(
+                BodyLimits { timeout: Duration::from_secs(5), counters: Default::default() },
+                read_body,
+            ));
+        let post = |n: usize| Request::post("/").body(Body::from(vec![b'x'; n])).unwrap();
+        let resp = app.clone().oneshot(post(MAX_BODY_BYTES)).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        let got = axum::body::to_bytes(resp.into_body(), 64).await.unwrap();
+        assert_eq!(got, MAX_BODY_BYTES.to_string().as_bytes());
+        let resp = app.oneshot(post(MAX_BODY_BYTES + 1)).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::PAYLOAD_TOO_LARGE);
+        assert_eq!(resp.headers().get("connection").unwrap(), "close");
+    }
+
     #[test]
     fn a_peer_with_no_connections_left_is_forgotten() {
         let s = slots(10, 10);

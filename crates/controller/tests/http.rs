@@ -181,6 +181,16 @@ async fn idle_keep_alive_connections_and_slow_bodies_time_out() {
     assert!(resp.contains("did not arrive within 1s"), "{resp}");
     assert!(sent.elapsed() >= timeout - Duration::from_millis(100));
 
+    // A request head that reaches the size bound unfinished gets 431 without waiting for its
+    // end. (Exactly the bound, so that the server reads all of it: closing with unread bytes
+    // would reset the connection and could discard the answer.)
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    let mut long = b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Padding: ".to_vec();
+    long.resize(convoy_controller::http::MAX_HEAD_BYTES, b'p');
+    s.write_all(&long).await.unwrap();
+    let resp = until_closed(&mut s, SLACK).await.expect("an oversized head is answered and closed");
+    assert!(resp.starts_with(b"HTTP/1.1 431 "), "{}", String::from_utf8_lossy(&resp));
+
     let (_, text) = get(addr, "/metrics").await;
     assert_eq!(sample(&text, "convoy_http_timeouts_total{phase=\"request_body\"}"), 1, "{text}");
     assert!(sample(&text, "convoy_http_timeouts_total{phase=\"request_head\"}") >= 1, "{text}");
