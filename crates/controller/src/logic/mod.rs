@@ -265,7 +265,7 @@ impl Controller {
     /// Sets the metrics' gauges from the store: call once, before the controller serves (it
     /// blocks on the store). From then on they move with the changes, and a scrape reads only
     /// them.
-    pub fn load_gauges(&self) -> Result<()> {
+    pub(crate) fn load_gauges(&self) -> Result<()> {
         let agents = self.inner.store.agents()?;
         let rollouts: Vec<(String, rollouts::Rollout)> = self.inner.store.list(store::Tree::Rollouts)?;
         self.metrics().load_gauges(
