@@ -19,6 +19,22 @@ pub const DEFAULT_GRPC_ADDR: &str = "0.0.0.0:7443";
 /// exposing it is a deliberate `http_addr` choice.
 pub const DEFAULT_HTTP_ADDR: &str = "127.0.0.1:7480";
 
+/// How long a client of the HTTP listener has to send a complete request head (request line and
+/// headers). The same clock runs while a keep-alive connection waits for its next request, so it
+/// is also the idle timeout.
+pub const DEFAULT_HTTP_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a client of the HTTP listener has to send a whole request body, from the end of its
+/// head. The hooks' bodies are small JSON documents.
+pub const DEFAULT_HTTP_BODY_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a TLS handshake on the HTTP listener (`[http] tls = true`) may take.
+pub const DEFAULT_HTTP_TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Connections the HTTP listener holds open at once; more are closed as soon as they are accepted.
+pub const DEFAULT_HTTP_MAX_CONNECTIONS: usize = 512;
+/// Connections one client IP address may hold open on the HTTP listener at once.
+pub const DEFAULT_HTTP_MAX_CONNECTIONS_PER_PEER: usize = 64;
+/// The longest timeout the `[http]` section accepts: beyond it a timeout no longer bounds much.
+pub const MAX_HTTP_TIMEOUT: Duration = Duration::from_secs(3600);
+
 /// The shortest HMAC key the generic hook accepts.
 pub const MIN_HMAC_KEY_LEN: usize = 32;
 
@@ -66,6 +82,102 @@ pub struct RawConfig {
     pub hooks: HooksConfig,
     #[serde(default)]
     pub notify: NotifyConfig,
+    #[serde(default)]
+    pub http: HttpConfig,
+}
+
+/// The HTTP listener (`/healthz`, `/metrics`, the alert hooks): whether it speaks TLS, and the
+/// bounds on what its clients can make the controller hold.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpConfig {
+    /// Serve HTTPS with the controller's own certificate and key (the gRPC listener's); clients
+    /// are not asked for certificates.
+    #[serde(default)]
+    pub tls: bool,
+    /// See [`DEFAULT_HTTP_HEADER_READ_TIMEOUT`]; also the keep-alive idle timeout.
+    #[serde(default = "default_header_read_timeout", with = "humantime_serde")]
+    pub header_read_timeout: Duration,
+    /// See [`DEFAULT_HTTP_BODY_READ_TIMEOUT`].
+    #[serde(default = "default_body_read_timeout", with = "humantime_serde")]
+    pub body_read_timeout: Duration,
+    /// See [`DEFAULT_HTTP_TLS_HANDSHAKE_TIMEOUT`].
+    #[serde(default = "default_tls_handshake_timeout", with = "humantime_serde")]
+    pub tls_handshake_timeout: Duration,
+    /// See [`DEFAULT_HTTP_MAX_CONNECTIONS`].
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// See [`DEFAULT_HTTP_MAX_CONNECTIONS_PER_PEER`].
+    #[serde(default = "default_max_connections_per_peer")]
+    pub max_connections_per_peer: usize,
+}
+
+fn default_header_read_timeout() -> Duration {
+    DEFAULT_HTTP_HEADER_READ_TIMEOUT
+}
+fn default_body_read_timeout() -> Duration {
+    DEFAULT_HTTP_BODY_READ_TIMEOUT
+}
+fn default_tls_handshake_timeout() -> Duration {
+    DEFAULT_HTTP_TLS_HANDSHAKE_TIMEOUT
+}
+fn default_max_connections() -> usize {
+    DEFAULT_HTTP_MAX_CONNECTIONS
+}
+fn default_max_connections_per_peer() -> usize {
+    DEFAULT_HTTP_MAX_CONNECTIONS_PER_PEER
+}
+
+// By hand, not derived: the defaults must agree with the serde defaults (see NotifyConfig).
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            tls: false,
+            header_read_timeout: DEFAULT_HTTP_HEADER_READ_TIMEOUT,
+            body_read_timeout: DEFAULT_HTTP_BODY_READ_TIMEOUT,
+            tls_handshake_timeout: DEFAULT_HTTP_TLS_HANDSHAKE_TIMEOUT,
+            max_connections: DEFAULT_HTTP_MAX_CONNECTIONS,
+            max_connections_per_peer: DEFAULT_HTTP_MAX_CONNECTIONS_PER_PEER,
+        }
+    }
+}
+
+impl HttpConfig {
+    /// Checks the values; on error, the field (under `http.`) and why.
+    pub fn check(&self) -> Result<(), (&'static str, String)> {
+        for (name, d) in [
+            ("http.header_read_timeout", self.header_read_timeout),
+            ("http.body_read_timeout", self.body_read_timeout),
+            ("http.tls_handshake_timeout", self.tls_handshake_timeout),
+        ] {
+            if d < Duration::from_millis(100) || d > MAX_HTTP_TIMEOUT {
+                return Err((
+                    name,
+                    format!(
+                        "{} is out of range: use between 100ms and {}",
+                        humantime::format_duration(d),
+                        humantime::format_duration(MAX_HTTP_TIMEOUT)
+                    ),
+                ));
+            }
+        }
+        if self.max_connections == 0 {
+            return Err(("http.max_connections", "must be at least 1".into()));
+        }
+        if self.max_connections_per_peer == 0 {
+            return Err(("http.max_connections_per_peer", "must be at least 1".into()));
+        }
+        if self.max_connections_per_peer > self.max_connections {
+            return Err((
+                "http.max_connections_per_peer",
+                format!(
+                    "{} is more than http.max_connections ({}); one peer cannot hold more than all",
+                    self.max_connections_per_peer, self.max_connections
+                ),
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// Alert hooks: `POST /v1/hooks/alertmanager` (bearer token) and `POST /v1/hooks/rollback`
@@ -189,6 +301,7 @@ pub struct Config {
     pub admin: Option<(PathBuf, PathBuf)>,
     pub hooks: HooksConfig,
     pub notify: NotifyConfig,
+    pub http: HttpConfig,
 }
 
 impl Config {
@@ -253,6 +366,14 @@ impl Config {
         if raw.heartbeat_interval.is_zero() {
             return Err(field("heartbeat_interval", "must be more than zero".into()));
         }
+        raw.http.check().map_err(|(name, message)| field(name, message))?;
+        if raw.http.tls && (raw.tls.server_cert.is_none() || raw.tls.server_key.is_none()) {
+            return Err(field(
+                "http.tls",
+                "needs tls.server_cert and tls.server_key: the HTTP listener uses the controller's certificate"
+                    .into(),
+            ));
+        }
         Ok(Self {
             path: path.to_path_buf(),
             trust_domain,
@@ -272,6 +393,7 @@ impl Config {
             admin: raw.admin.map(|a| (abs(&a.cert), abs(&a.key))),
             hooks: raw.hooks,
             notify: raw.notify,
+            http: raw.http,
         })
     }
 
@@ -321,5 +443,65 @@ mod tests {
         check(&format!("{OK}[notify]\nurls = [\"ftp://x\"]\n"), Some("notify.urls"));
         check(&format!("{OK}[hooks.hmac_keys]\nops = \"too-short\"\n"), Some("hooks.hmac_keys"));
         check(&format!("{OK}[hooks.hmac_keys]\nops = \"{}\"\n", "k".repeat(MIN_HMAC_KEY_LEN)), None);
+    }
+
+    #[test]
+    fn http_section_defaults_and_errors_name_the_field() {
+        let load = |body: &str| {
+            let dir = tempfile::tempdir().unwrap();
+            let p = dir.path().join("convoy.toml");
+            std::fs::write(&p, body).unwrap();
+            Config::load(&p)
+        };
+        // Absent: plain HTTP with the documented bounds.
+        assert_eq!(load(OK).unwrap().http, HttpConfig::default());
+        let d = HttpConfig::default();
+        assert!(!d.tls);
+        assert_eq!(d.header_read_timeout, Duration::from_secs(10));
+        assert_eq!((d.max_connections, d.max_connections_per_peer), (512, 64));
+        let with_certs = OK.replace(
+            "ca_cert = \"ca.pem\"\n",
+            "ca_cert = \"ca.pem\"\nserver_cert = \"c.pem\"\nserver_key = \"c.key\"\n",
+        );
+        let c = load(&format!(
+            "{with_certs}[http]\ntls = true\nheader_read_timeout = \"2s\"\nbody_read_timeout = \"500ms\"\n\
+             tls_handshake_timeout = \"3s\"\nmax_connections = 4000\nmax_connections_per_peer = 3000\n"
+        ))
+        .unwrap();
+        assert_eq!(
+            c.http,
+            HttpConfig {
+                tls: true,
+                header_read_timeout: Duration::from_secs(2),
+                body_read_timeout: Duration::from_millis(500),
+                tls_handshake_timeout: Duration::from_secs(3),
+                max_connections: 4000,
+                max_connections_per_peer: 3000,
+            }
+        );
+        // Each bad value: the field named, and why.
+        let table: &[(&str, &str, &str)] = &[
+            ("header_read_timeout = \"0s\"", "http.header_read_timeout", "out of range"),
+            ("header_read_timeout = \"2h\"", "http.header_read_timeout", "out of range"),
+            ("header_read_timeout = \"soon\"", "header_read_timeout", "invalid"),
+            ("header_read_timeout = 10", "header_read_timeout", "invalid type"),
+            ("body_read_timeout = \"10ms\"", "http.body_read_timeout", "between 100ms and 1h"),
+            ("tls_handshake_timeout = \"0s\"", "http.tls_handshake_timeout", "out of range"),
+            ("max_connections = 0", "http.max_connections", "at least 1"),
+            ("max_connections = -1", "max_connections", "invalid value"),
+            ("max_connections_per_peer = 0", "http.max_connections_per_peer", "at least 1"),
+            (
+                "max_connections_per_peer = 513",
+                "http.max_connections_per_peer",
+                "more than http.max_connections (512)",
+            ),
+            ("tls = \"yes\"", "tls", "invalid type"),
+            ("tls = true", "http.tls", "needs tls.server_cert"),
+            ("timeout = \"1s\"", "timeout", "unknown field"),
+        ];
+        for (line, field, why) in table {
+            let e = load(&format!("{OK}[http]\n{line}\n")).unwrap_err().to_string();
+            assert!(e.contains(field) && e.contains(why), "{line}: {e} should name {field} and say {why}");
+        }
     }
 }

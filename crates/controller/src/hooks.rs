@@ -110,26 +110,10 @@ fn same_secret(a: &str, b: &str) -> bool {
     Sha256::digest(a.as_bytes()) == Sha256::digest(b.as_bytes())
 }
 
+/// The scrape: rendered from in-memory counts only, never from store records (see
+/// [`crate::metrics`]).
 async fn metrics(State(st): State<AppState>) -> Response {
-    let agents = match st.ctl.list_agents(None).await {
-        Ok(a) => a
-            .into_iter()
-            .filter(|a| !a.record.revoked)
-            .map(|a| (a.record.region, a.online))
-            .collect::<Vec<_>>(),
-        Err(e) => return (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
-    };
-    let rollouts: Vec<String> = st
-        .ctl
-        .rollouts(None)
-        .await
-        .unwrap_or_default()
-        .iter()
-        .map(|r| {
-            serde_json::to_value(r.state).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default()
-        })
-        .collect();
-    let body = st.ctl.metrics().render(&agents, &rollouts);
+    let body = st.ctl.metrics().render();
     ([("content-type", "text/plain; version=0.0.4")], body).into_response()
 }
 

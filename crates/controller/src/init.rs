@@ -108,6 +108,7 @@ pub fn init(opts: &InitOptions) -> Result<PathBuf, Error> {
                 .collect(),
         },
         notify: Default::default(),
+        http: Default::default(),
     };
     let config = format!(
         "# Convoy controller configuration, written by `convoy init`.\n\

@@ -13,6 +13,7 @@ pub mod client;
 pub mod config;
 pub mod grpc;
 pub mod hooks;
+pub mod http;
 pub mod init;
 pub mod local;
 pub mod logic;

@@ -29,6 +29,8 @@ pub struct LocalOptions {
     pub grpc_addr: Option<SocketAddr>,
     /// The gRPC listener's connection limits.
     pub conn_limits: convoy_transport::ConnLimits,
+    /// The HTTP listener's settings instead of the config file's `[http]` section.
+    pub http: Option<crate::config::HttpConfig>,
 }
 
 impl Default for LocalOptions {
@@ -38,6 +40,7 @@ impl Default for LocalOptions {
             heartbeat_interval: Duration::from_secs(1),
             grpc_addr: None,
             conn_limits: convoy_transport::ConnLimits::default(),
+            http: None,
         }
     }
 }
@@ -80,7 +83,16 @@ impl LocalController {
         if let Some(l) = opts.agent_cert_lifetime {
             config.agent_cert_lifetime = l;
         }
-        let mut prepared = Prepared::open(&config)?;
+        if let Some(http) = opts.http {
+            http.check().map_err(|(field, why)| anyhow::anyhow!("{field}: {why}"))?;
+            config.http = http;
+        }
+        let mut prepared = {
+            let config = config.clone();
+            tokio::task::spawn_blocking(move || Prepared::open(&config))
+                .await
+                .context("opening the controller")??
+        };
         prepared.conn_limits = opts.conn_limits;
         let controller = prepared.controller.clone();
         let stop = CancellationToken::new();

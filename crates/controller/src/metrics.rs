@@ -1,12 +1,34 @@
-//! Prometheus metrics: counters kept as atomics, gauges computed at scrape time, rendered in the
-//! text exposition format.
+//! Prometheus metrics, rendered in the text exposition format. Everything is kept in memory:
+//! counters as atomics, and the gauges (agents by region and connection state, rollouts by
+//! state) as counts the controller moves where agents enroll, connect, disconnect and are revoked
+//! and where a rollout's state is saved, loaded once from the store at start-up
+//! ([`Metrics::load_gauges`]). A scrape reads no store record: its cost does not grow with the
+//! fleet or the rollout history.
 
+use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
+
+use crate::logic::rollouts::RolloutState;
 
 /// Upper bounds (seconds) of the rollback duration histogram.
 const BUCKETS: [f64; 9] = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0];
+
+/// Every rollout state with its exposition name.
+const ROLLOUT_STATES: [(RolloutState, &str); 7] = [
+    (RolloutState::Staging, "staging"),
+    (RolloutState::Running, "running"),
+    (RolloutState::Paused, "paused"),
+    (RolloutState::Completed, "completed"),
+    (RolloutState::RolledBack, "rolled_back"),
+    (RolloutState::Aborted, "aborted"),
+    (RolloutState::Superseded, "superseded"),
+];
+
+fn state_index(s: RolloutState) -> usize {
+    ROLLOUT_STATES.iter().position(|(x, _)| *x == s).unwrap_or_default()
+}
 
 #[derive(Default)]
 pub struct Metrics {
@@ -14,6 +36,9 @@ pub struct Metrics {
     pub bundle_bytes_served: AtomicU64,
     rollbacks: Mutex<Histogram>,
     hooks: Mutex<std::collections::BTreeMap<(String, String), u64>>,
+    gauges: Mutex<Gauges>,
+    /// The HTTP listener's connection and timeout counters.
+    pub(crate) http: Arc<crate::http::Counters>,
 }
 
 #[derive(Default)]
@@ -23,7 +48,109 @@ struct Histogram {
     sum: f64,
 }
 
+/// The gauges' counts.
+#[derive(Default)]
+struct Gauges {
+    /// Per region: unrevoked agents, and how many of them have a live session.
+    regions: BTreeMap<String, RegionCount>,
+    /// Rollouts per state, indexed like [`ROLLOUT_STATES`].
+    rollouts: [u64; ROLLOUT_STATES.len()],
+    /// The state of every unfinished rollout, to move it between counts when it changes. A
+    /// finished rollout never changes state again, so it is dropped from here.
+    unfinished: HashMap<String, RolloutState>,
+}
+
+#[derive(Clone, Copy, Default)]
+struct RegionCount {
+    enrolled: u64,
+    online: u64,
+}
+
 impl Metrics {
+    fn gauges(&self) -> std::sync::MutexGuard<'_, Gauges> {
+        // Every critical section leaves the counts consistent, so a poisoned lock is usable.
+        self.gauges.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Sets the gauges from the store's records: `agents` is (region, revoked) per agent record,
+    /// `rollouts` (id, state) per rollout record. No agent is online at start-up.
+    pub fn load_gauges(
+        &self,
+        agents: impl IntoIterator<Item = (String, bool)>,
+        rollouts: impl IntoIterator<Item = (String, RolloutState)>,
+    ) {
+        let mut g = Gauges::default();
+        for (region, revoked) in agents {
+            if !revoked {
+                g.regions.entry(region).or_default().enrolled += 1;
+            }
+        }
+        for (id, state) in rollouts {
+            g.rollouts[state_index(state)] += 1;
+            if !state.is_final() {
+                g.unfinished.insert(id, state);
+            }
+        }
+        *self.gauges() = g;
+    }
+
+    /// An agent enrolled in `region`.
+    pub fn agent_enrolled(&self, region: &str) {
+        self.gauges().regions.entry(region.to_owned()).or_default().enrolled += 1;
+    }
+
+    /// An agent of `region` opened a session (not one that replaced its own older session).
+    pub fn agent_online(&self, region: &str) {
+        self.gauges().regions.entry(region.to_owned()).or_default().online += 1;
+    }
+
+    /// An agent of `region` lost its session.
+    pub fn agent_offline(&self, region: &str) {
+        let mut g = self.gauges();
+        if let Some(c) = g.regions.get_mut(region) {
+            c.online = c.online.saturating_sub(1);
+        }
+        g.forget_if_empty(region);
+    }
+
+    /// An agent of `region` was revoked: `newly` unless it already was; `was_online` when its
+    /// session was closed by the revocation.
+    pub fn agent_revoked(&self, region: &str, newly: bool, was_online: bool) {
+        let mut g = self.gauges();
+        if let Some(c) = g.regions.get_mut(region) {
+            if newly {
+                c.enrolled = c.enrolled.saturating_sub(1);
+            }
+            if was_online {
+                c.online = c.online.saturating_sub(1);
+            }
+        }
+        g.forget_if_empty(region);
+    }
+
+    /// A rollout's record was saved with `state`: counts it when it is new and moves it when its
+    /// state changed. Only a rollout's first save may be unknown here, and a new rollout is never
+    /// saved finished, so a finished rollout not among the unfinished ones was counted already.
+    pub fn rollout_saved(&self, id: &str, state: RolloutState) {
+        let mut g = self.gauges();
+        match g.unfinished.get(id).copied() {
+            Some(old) => {
+                g.rollouts[state_index(old)] = g.rollouts[state_index(old)].saturating_sub(1);
+                g.rollouts[state_index(state)] += 1;
+                if state.is_final() {
+                    g.unfinished.remove(id);
+                } else {
+                    g.unfinished.insert(id.to_owned(), state);
+                }
+            }
+            None if !state.is_final() => {
+                g.rollouts[state_index(state)] += 1;
+                g.unfinished.insert(id.to_owned(), state);
+            }
+            None => {}
+        }
+    }
+
     pub fn observe_rollback(&self, secs: f64) {
         let mut h = self.rollbacks.lock().unwrap_or_else(|p| p.into_inner());
         for (i, b) in BUCKETS.iter().enumerate() {
@@ -52,30 +179,28 @@ impl Metrics {
         self.bundle_bytes_served.fetch_add(n, Ordering::Relaxed);
     }
 
-    /// Renders everything; `agents` is (region, online) per agent, `rollouts` each rollout's
-    /// state name.
-    pub fn render(&self, agents: &[(String, bool)], rollouts: &[String]) -> String {
+    /// Renders everything, from memory only.
+    pub fn render(&self) -> String {
         let mut out = String::new();
-        let mut by_region: std::collections::BTreeMap<(String, &str), u64> = Default::default();
-        for (region, online) in agents {
-            *by_region.entry((region.clone(), if *online { "online" } else { "offline" })).or_default() += 1;
-            by_region.entry((region.clone(), if *online { "offline" } else { "online" })).or_default();
-        }
+        let (regions, rollouts) = {
+            let g = self.gauges();
+            (g.regions.clone(), g.rollouts)
+        };
         let _ = writeln!(out, "# HELP convoy_agents Enrolled agents by region and connection state.");
         let _ = writeln!(out, "# TYPE convoy_agents gauge");
-        for ((region, state), n) in &by_region {
-            let _ = writeln!(out, "convoy_agents{{region=\"{}\",state=\"{state}\"}} {n}", escape(region));
+        for (region, c) in regions.iter().filter(|(_, c)| c.enrolled > 0) {
+            // A session that slipped in while its agent was being revoked is not counted.
+            let online = c.online.min(c.enrolled);
+            let region = escape(region);
+            let _ = writeln!(
+                out,
+                "convoy_agents{{region=\"{region}\",state=\"offline\"}} {}",
+                c.enrolled - online
+            );
+            let _ = writeln!(out, "convoy_agents{{region=\"{region}\",state=\"online\"}} {online}");
         }
-        let mut states: std::collections::BTreeMap<&str, u64> =
-            ["staging", "running", "paused", "completed", "rolled_back", "aborted", "superseded"]
-                .iter()
-                .map(|s| (*s, 0))
-                .collect();
-        for s in rollouts {
-            if let Some(n) = states.get_mut(s.as_str()) {
-                *n += 1;
-            }
-        }
+        let states: BTreeMap<&str, u64> =
+            ROLLOUT_STATES.iter().enumerate().map(|(i, (_, name))| (*name, rollouts[i])).collect();
         let _ = writeln!(out, "# HELP convoy_rollouts Rollouts by state.");
         let _ = writeln!(out, "# TYPE convoy_rollouts gauge");
         for (state, n) in states {
@@ -112,10 +237,140 @@ impl Metrics {
                 escape(outcome)
             );
         }
+        self.http.render(&mut out);
         out
+    }
+}
+
+impl Gauges {
+    /// A region without agents is not shown, as before any agent enrolled there.
+    fn forget_if_empty(&mut self, region: &str) {
+        if self.regions.get(region).is_some_and(|c| c.enrolled == 0 && c.online == 0) {
+            self.regions.remove(region);
+        }
     }
 }
 
 fn escape(s: &str) -> String {
     s.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The gauge part of the exposition as it was rendered from store records before the gauges
+    /// were kept in memory: `agents` is (region, online) per unrevoked agent.
+    fn from_records(agents: &[(&str, bool)], rollouts: &[RolloutState]) -> String {
+        let mut out = String::new();
+        let mut by_region: BTreeMap<(String, &str), u64> = Default::default();
+        for (region, online) in agents {
+            *by_region
+                .entry((region.to_string(), if *online { "online" } else { "offline" }))
+                .or_default() += 1;
+            by_region.entry((region.to_string(), if *online { "offline" } else { "online" })).or_default();
+        }
+        out.push_str("# HELP convoy_agents Enrolled agents by region and connection state.\n");
+        out.push_str("# TYPE convoy_agents gauge\n");
+        for ((region, state), n) in &by_region {
+            out.push_str(&format!("convoy_agents{{region=\"{}\",state=\"{state}\"}} {n}\n", escape(region)));
+        }
+        let mut states: BTreeMap<&str, u64> = ROLLOUT_STATES.iter().map(|(_, s)| (*s, 0)).collect();
+        for s in rollouts {
+            *states.entry(ROLLOUT_STATES[state_index(*s)].1).or_default() += 1;
+        }
+        out.push_str("# HELP convoy_rollouts Rollouts by state.\n# TYPE convoy_rollouts gauge\n");
+        for (state, n) in states {
+            out.push_str(&format!("convoy_rollouts{{state=\"{state}\"}} {n}\n"));
+        }
+        out
+    }
+
+    fn gauges_part(m: &Metrics) -> String {
+        let text = m.render();
+        let end = text.find("# HELP convoy_orders_sent_total").unwrap();
+        text[..end].to_string()
+    }
+
+    #[test]
+    fn gauges_moved_by_events_render_as_the_records_did() {
+        let m = Metrics::default();
+        // Start-up: eu has a1, a2 and a revoked a0; us has u1; two rollouts, one unfinished.
+        m.load_gauges(
+            [("eu".into(), false), ("eu".into(), false), ("eu".into(), true), ("us".into(), false)],
+            [("ro-1".into(), RolloutState::Completed), ("ro-2".into(), RolloutState::Running)],
+        );
+        assert_eq!(
+            gauges_part(&m),
+            from_records(
+                &[("eu", false), ("eu", false), ("us", false)],
+                &[RolloutState::Completed, RolloutState::Running]
+            )
+        );
+        m.agent_online("eu");
+        m.agent_online("us");
+        m.agent_enrolled("ap \"south\"");
+        m.rollout_saved("ro-2", RolloutState::Paused);
+        m.rollout_saved("ro-3", RolloutState::Staging);
+        assert_eq!(
+            gauges_part(&m),
+            from_records(
+                &[("eu", true), ("eu", false), ("us", true), ("ap \"south\"", false)],
+                &[RolloutState::Completed, RolloutState::Paused, RolloutState::Staging]
+            )
+        );
+        // us-1 revoked while online, an eu agent goes offline, ro-2 is aborted and saved twice,
+        // ro-3 runs and completes.
+        m.agent_revoked("us", true, true);
+        m.agent_offline("eu");
+        m.rollout_saved("ro-2", RolloutState::Aborted);
+        m.rollout_saved("ro-2", RolloutState::Aborted);
+        m.rollout_saved("ro-3", RolloutState::Running);
+        m.rollout_saved("ro-3", RolloutState::Completed);
+        assert_eq!(
+            gauges_part(&m),
+            from_records(
+                &[("eu", false), ("eu", false), ("ap \"south\"", false)],
+                &[RolloutState::Completed, RolloutState::Aborted, RolloutState::Completed]
+            )
+        );
+        // Revoking an agent already revoked changes nothing; the last eu agents go.
+        m.agent_revoked("eu", false, false);
+        m.agent_revoked("eu", true, false);
+        m.agent_revoked("eu", true, false);
+        assert_eq!(
+            gauges_part(&m),
+            from_records(
+                &[("ap \"south\"", false)],
+                &[RolloutState::Completed, RolloutState::Aborted, RolloutState::Completed]
+            )
+        );
+        // Only unfinished rollouts are remembered.
+        assert!(m.gauges().unfinished.is_empty());
+    }
+
+    #[test]
+    fn a_session_of_an_agent_revoked_meanwhile_is_not_shown() {
+        let m = Metrics::default();
+        m.agent_enrolled("eu");
+        m.agent_revoked("eu", true, false);
+        // Its session opened just after the revocation removed none.
+        m.agent_online("eu");
+        assert_eq!(gauges_part(&m), from_records(&[], &[]));
+        m.agent_offline("eu");
+        assert!(m.gauges().regions.is_empty());
+    }
+
+    #[test]
+    fn the_listener_counters_are_rendered() {
+        let text = Metrics::default().render();
+        for line in [
+            "convoy_http_connections 0",
+            "convoy_http_connections_refused_total{limit=\"per_peer\"} 0",
+            "convoy_http_connections_refused_total{limit=\"total\"} 0",
+            "convoy_http_timeouts_total{phase=\"request_head\"} 0",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} missing:\n{text}");
+        }
+    }
 }

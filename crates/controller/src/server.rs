@@ -15,7 +15,7 @@ use crate::grpc::{AdminSvc, AgentSvc, EnrollmentSvc};
 use crate::logic::{Controller, Settings};
 use crate::store::Store;
 
-/// How long shutdown waits for in-flight RPCs before giving up on them.
+/// How long shutdown waits for in-flight RPCs and HTTP requests before giving up on them.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often the audit log is checkpointed (when it grew) besides every 100 entries.
 const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(60);
@@ -56,10 +56,14 @@ pub struct Prepared {
     hooks: crate::hooks::HookConfig,
     /// The gRPC listener's connection limits.
     pub conn_limits: convoy_transport::ConnLimits,
+    http: crate::config::HttpConfig,
+    /// Set when the HTTP listener speaks HTTPS (`[http] tls = true`).
+    http_tls: Option<std::sync::Arc<rustls::ServerConfig>>,
 }
 
 impl Prepared {
-    /// Loads the CA, server certificate and state store named by `config`.
+    /// Loads the CA, server certificate and state store named by `config`, and sets the metrics'
+    /// gauges from the store. Blocking: async callers run it on the blocking pool.
     pub fn open(config: &Config) -> Result<Self, Error> {
         let path = config.path.display().to_string();
         let need = |p: &Option<std::path::PathBuf>, what| {
@@ -76,6 +80,8 @@ impl Prepared {
             cert_pem: cert.clone(),
         };
         let tls = convoy_pki::server_config(&ca_pem, &cert, &key)?;
+        let http_tls =
+            if config.http.tls { Some(convoy_pki::http_server_config(&cert, &key)?) } else { None };
         let store = Store::open(&config.state_dir)?;
         migrate_admins(config, &store)?;
         let release_trust = if config.release_trust.is_empty() {
@@ -95,6 +101,7 @@ impl Prepared {
         };
         let controller = Controller::new(ca, store, settings);
         controller.prepare_blob_dir()?;
+        controller.load_gauges()?;
         let hooks = crate::hooks::HookConfig::from_config(&config.hooks)?;
         Ok(Self {
             controller,
@@ -102,6 +109,8 @@ impl Prepared {
             td: config.trust_domain.clone(),
             hooks,
             conn_limits: convoy_transport::ConnLimits::default(),
+            http: config.http.clone(),
+            http_tls,
         })
     }
 
@@ -166,15 +175,21 @@ impl Prepared {
             .add_service(pb::admin_service_server::AdminServiceServer::new(AdminSvc(ctl.clone())))
             .serve_with_incoming_shutdown(incoming, stop.clone().cancelled_owned());
         let app = crate::hooks::router(crate::logic::roles::HookActor::new(ctl.clone()), self.hooks);
-        let http_server = axum::serve(http, app).with_graceful_shutdown(stop.clone().cancelled_owned());
-        let http_task = tokio::spawn(async move { http_server.await.map_err(Error::Http) });
+        // The HTTP listener drains on its own within DRAIN_TIMEOUT of `stop`, then drops what is
+        // left, so this task always ends.
+        let http_task = tokio::spawn(crate::http::serve(
+            http,
+            app,
+            self.http,
+            self.http_tls,
+            ctl.metrics().http.clone(),
+            stop.clone(),
+            DRAIN_TIMEOUT,
+        ));
         let grpc_result = grpc_server.await;
-        // Once shutdown begins, give in-flight HTTP requests a bounded time.
-        let http_result = match tokio::time::timeout(DRAIN_TIMEOUT, http_task).await {
-            Ok(Ok(r)) => r,
-            Ok(Err(e)) => Err(Error::Http(std::io::Error::other(e))),
-            Err(_) => Ok(()),
-        };
+        // The gRPC server also ends when it fails: the HTTP listener stops with it.
+        stop.cancel();
+        let http_result = http_task.await.map_err(|e| Error::Http(std::io::Error::other(e)));
         if let Err(e) = checkpoints.await {
             tracing::error!(error = %e, "audit checkpoint task failed");
         }
@@ -233,4 +248,145 @@ pub async fn bind(
         .await
         .map_err(|e| std::io::Error::new(e.kind(), format!("cannot bind HTTP address {http_addr}: {e}")))?;
     Ok((grpc, http))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use crate::logic::rollouts::{Rollout, RolloutSpec, RolloutState};
+    use crate::store::{AgentRecord, Tree};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    async fn scrape(addr: SocketAddr) -> String {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await.unwrap();
+        let mut resp = String::new();
+        s.read_to_string(&mut resp).await.unwrap();
+        assert!(resp.starts_with("HTTP/1.1 200 "), "{resp}");
+        resp
+    }
+
+    fn gauges(text: &str) -> Vec<String> {
+        let mut lines: Vec<String> = text
+            .lines()
+            .filter(|l| l.starts_with("convoy_agents{") || l.starts_with("convoy_rollouts{"))
+            .map(String::from)
+            .collect();
+        lines.sort();
+        lines
+    }
+
+    /// A store of thousands of agents and hundreds of rollouts: the gauges are counted once at
+    /// start-up, and a scrape after every record has become unreadable answers the same, so the
+    /// scrape reads no record.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_metrics_scrape_reads_no_store_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = crate::init::InitOptions {
+            data_dir: dir.path().to_path_buf(),
+            trust_domain: "convoy.test".into(),
+            ..Default::default()
+        };
+        let config = Config::load(&crate::init::init(&opts).unwrap()).unwrap();
+        let regions = ["ap-south", "eu-west", "us-east"];
+        // Paused is the only unfinished state here: a paused rollout's driver waits for a command
+        // and writes nothing, so the counts stay put while the test looks.
+        let states = [
+            RolloutState::Completed,
+            RolloutState::RolledBack,
+            RolloutState::Aborted,
+            RolloutState::Superseded,
+            RolloutState::Paused,
+        ];
+        {
+            let store = Store::open(&config.state_dir).unwrap();
+            for i in 0..3000 {
+                store
+                    .put_agent_for_test(&AgentRecord {
+                        id: format!("agent-{i}"),
+                        region: regions[i % 3].into(),
+                        labels: Default::default(),
+                        first_seen: 0,
+                        last_seen: 0,
+                        cert_serial: format!("{i:x}"),
+                        cert_not_after: 0,
+                        agent_version: String::new(),
+                        releases: vec![],
+                        revoked: i % 10 == 0,
+                        apps: vec![],
+                        previous_serial: None,
+                        previous_serial_until: 0,
+                    })
+                    .unwrap();
+            }
+            for i in 0..300 {
+                let r = Rollout {
+                    id: format!("ro-{i}"),
+                    spec: RolloutSpec::new("shop-api", "1.0.0"),
+                    digest: String::new(),
+                    state: states[i % states.len()],
+                    created_at: 0,
+                    created_by: "admin/test".into(),
+                    finished_at: None,
+                    waves: vec![],
+                    wave: 0,
+                    agents: Default::default(),
+                    events: vec![],
+                    failure: None,
+                    converging: vec![],
+                };
+                store.put(Tree::Rollouts, &r.id, &r, false).unwrap();
+            }
+            store.flush().unwrap();
+        }
+        let prepared = {
+            let config = config.clone();
+            tokio::task::spawn_blocking(move || Prepared::open(&config)).await.unwrap().unwrap()
+        };
+        let ctl = prepared.controller.clone();
+        let grpc = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let http = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = http.local_addr().unwrap();
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(prepared.serve(grpc, http, stop.clone().cancelled_owned()));
+
+        let before = gauges(&scrape(addr).await);
+        // Each region has 1,000 agents, of which 100 (i % 30 fixed) are revoked.
+        let mut want = vec![];
+        for r in regions {
+            want.push(format!("convoy_agents{{region=\"{r}\",state=\"offline\"}} 900"));
+            want.push(format!("convoy_agents{{region=\"{r}\",state=\"online\"}} 0"));
+        }
+        for (s, n) in [
+            ("aborted", 60),
+            ("completed", 60),
+            ("paused", 60),
+            ("rolled_back", 60),
+            ("running", 0),
+            ("staging", 0),
+            ("superseded", 60),
+        ] {
+            want.push(format!("convoy_rollouts{{state=\"{s}\"}} {n}"));
+        }
+        want.sort();
+        assert_eq!(before, want);
+
+        // Every listing of agents or rollouts now fails to decode...
+        let store = ctl.store().clone();
+        tokio::task::spawn_blocking(move || {
+            store.put_garbage_for_test("agents", "agent-garbage").unwrap();
+            store.put_garbage_for_test("rollouts", "ro-garbage").unwrap();
+        })
+        .await
+        .unwrap();
+        assert!(ctl.list_agents(None).await.is_err());
+        assert!(ctl.rollouts(None).await.is_err());
+        // ...and the scrape, which lists none, answers as before.
+        assert_eq!(gauges(&scrape(addr).await), before);
+
+        stop.cancel();
+        task.await.unwrap().unwrap();
+    }
 }

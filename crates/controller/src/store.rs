@@ -415,6 +415,21 @@ impl Store {
             .collect()
     }
 
+    /// Writes an agent record as it is, unflushed: tests build large stores with it.
+    #[cfg(test)]
+    pub(crate) fn put_agent_for_test(&self, rec: &AgentRecord) -> Result<()> {
+        self.agents.insert(rec.id.as_bytes(), encode(rec))?;
+        Ok(())
+    }
+
+    /// Writes bytes that are no record into `tree` (`"agents"` or a [`Tree`]'s name): reading
+    /// them fails, which shows a test whether a path reads records.
+    #[cfg(test)]
+    pub(crate) fn put_garbage_for_test(&self, tree: &str, key: &str) -> Result<()> {
+        self.db.open_tree(tree)?.insert(key.as_bytes(), b"not a record".to_vec())?;
+        self.flush()
+    }
+
     /// Applies `f` to an agent's record atomically. Returns the new record, or `None` when the
     /// agent does not exist. `durable` flushes before returning.
     pub fn update_agent(

@@ -53,9 +53,10 @@ async fn unread_download_streams_are_bounded_per_agent() {
     let ch = common::dial(&ctl.grpc_addr.to_string(), &ctl.ca_pem().unwrap(), Some(&id)).await.unwrap();
     let mut client = pb::agent_service_client::AgentServiceClient::new(ch);
     let before = open_fds();
+    const STREAMS: usize = 5_000;
     let mut held = Vec::new();
     let mut refused = 0;
-    for _ in 0..200 {
+    for _ in 0..STREAMS {
         match client.download(pb::DownloadRequest { digest: info.digest.clone(), offset: 0 }).await {
             // Opened, and deliberately never read.
             Ok(stream) => held.push(stream.into_inner()),
@@ -67,9 +68,9 @@ async fn unread_download_streams_are_bounded_per_agent() {
         }
     }
     assert_eq!(held.len(), MAX_DOWNLOADS_PER_AGENT);
-    assert_eq!(refused, 200 - MAX_DOWNLOADS_PER_AGENT);
+    assert_eq!(refused, STREAMS - MAX_DOWNLOADS_PER_AGENT);
     let grown = open_fds().saturating_sub(before);
-    assert!(grown <= MAX_DOWNLOADS_PER_AGENT + 4, "{grown} more file descriptors for 200 streams");
+    assert!(grown <= MAX_DOWNLOADS_PER_AGENT + 4, "{grown} more file descriptors for {STREAMS} streams");
     // Dropping the streams gives the permits back.
     drop(held);
     common::eventually(Duration::from_secs(10), "permits returned", || {

@@ -1,4 +1,5 @@
-//! rustls configurations: TLS 1.3 only, ALPN h2, the Convoy CA as the only root.
+//! rustls configurations: TLS 1.3 only, the Convoy CA as the only root; ALPN h2 for gRPC,
+//! http/1.1 for the controller's HTTP listener.
 
 use std::sync::Arc;
 
@@ -62,6 +63,19 @@ pub fn server_config(ca_pem: &str, cert_pem: &str, key_pem: &str) -> Result<Arc<
         .with_client_cert_verifier(verifier)
         .with_single_cert(certs(cert_pem, "server certificate")?, key(key_pem, "server key")?)?;
     config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// The server config of the controller's HTTP listener when it speaks HTTPS: the same
+/// certificate and key as [`server_config`], TLS 1.3, ALPN `http/1.1`, and no client
+/// certificates asked for (its clients, Prometheus and Alertmanager, authenticate with bearer
+/// tokens and HMAC signatures, or not at all).
+pub fn http_server_config(cert_pem: &str, key_pem: &str) -> Result<Arc<ServerConfig>> {
+    let mut config = ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_no_client_auth()
+        .with_single_cert(certs(cert_pem, "server certificate")?, key(key_pem, "server key")?)?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(Arc::new(config))
 }
 

@@ -220,6 +220,7 @@ fn write_admin_dir(
         admin: Some(RawAdmin { cert: format!("{name}.pem").into(), key: format!("{name}.key").into() }),
         hooks: Default::default(),
         notify: Default::default(),
+        http: Default::default(),
     };
     files::write_new(&cfg_path, toml::to_string(&raw)?.as_bytes(), true)?;
     Ok(cfg_path)

@@ -14,7 +14,10 @@ pub struct Args {
 
 pub async fn run(config: &super::Globals, args: Args) -> anyhow::Result<()> {
     let config = config.load_config()?;
-    let prepared = Prepared::open(&config)?;
+    let prepared = {
+        let config = config.clone();
+        tokio::task::spawn_blocking(move || Prepared::open(&config)).await??
+    };
     let (grpc, http) = bind(&config, args.grpc_addr, args.http_addr).await?;
     // Scripts and tests that pass port 0 learn the real ports from this line.
     eprintln!("convoy listening grpc={} http={}", grpc.local_addr()?, http.local_addr()?);

@@ -133,6 +133,8 @@ pub type SessionTx = mpsc::Sender<Order>;
 
 struct Session {
     id: u64,
+    /// The agent's region, for the online gauge.
+    region: String,
     cancel: CancellationToken,
     tx: SessionTx,
     /// Unix time of the last heartbeat accepted, newer than the stored one while the
@@ -264,6 +266,19 @@ impl Controller {
 
     pub(crate) fn metrics(&self) -> &crate::metrics::Metrics {
         &self.inner.metrics
+    }
+
+    /// Sets the metrics' gauges from the store: call once, before the controller serves (it
+    /// blocks on the store). From then on they move with the changes, and a scrape reads only
+    /// them.
+    pub(crate) fn load_gauges(&self) -> Result<()> {
+        let agents = self.inner.store.agents()?;
+        let rollouts: Vec<(String, rollouts::Rollout)> = self.inner.store.list(store::Tree::Rollouts)?;
+        self.metrics().load_gauges(
+            agents.into_iter().map(|a| (a.region, a.revoked)),
+            rollouts.into_iter().map(|(id, r)| (id, r.state)),
+        );
+        Ok(())
     }
 
     pub(crate) fn store(&self) -> &Store {
@@ -417,6 +432,7 @@ impl Controller {
             Err(EnrollConflict::TokenUsed) => return Err(Error::TokenUsed("another agent".into())),
             Err(EnrollConflict::AgentExists) => return Err(Error::AgentExists(id)),
         }
+        self.metrics().agent_enrolled(&region);
         tracing::info!(agent_id = %id, %region, serial = %issued.info.serial, "agent enrolled");
         Ok(Enrolled { agent_id: id, cert_pem: issued.cert_pem, region, labels })
     }
@@ -485,7 +501,7 @@ impl Controller {
         apps: Vec<crate::store::AppStatusRecord>,
         tx: SessionTx,
     ) -> Result<SessionHandle> {
-        self.check_agent(agent_id).await?;
+        let region = self.check_agent(agent_id).await?.region;
         let id = agent_id.to_owned();
         self.blocking(move |c| {
             c.inner.store.update_agent(&id, true, |r| {
@@ -500,10 +516,24 @@ impl Controller {
         let session_id = self.inner.next_session.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let cancel = CancellationToken::new();
         let last_seen = Arc::new(AtomicI64::new(now()));
-        let old = self.lock_sessions().insert(
-            agent_id.to_owned(),
-            Session { id: session_id, cancel: cancel.clone(), tx, last_seen: last_seen.clone() },
-        );
+        let old = {
+            let mut sessions = self.lock_sessions();
+            let old = sessions.insert(
+                agent_id.to_owned(),
+                Session {
+                    id: session_id,
+                    region: region.clone(),
+                    cancel: cancel.clone(),
+                    tx,
+                    last_seen: last_seen.clone(),
+                },
+            );
+            // A session that replaces the agent's own older one changes no count.
+            if old.is_none() {
+                self.metrics().agent_online(&region);
+            }
+            old
+        };
         if let Some(old) = old {
             old.cancel.cancel();
         }
@@ -547,10 +577,14 @@ impl Controller {
     pub async fn end_session(&self, handle: &SessionHandle) {
         let removed = {
             let mut sessions = self.lock_sessions();
-            match sessions.get(&handle.agent_id) {
-                Some(s) if s.id == handle.session_id => sessions.remove(&handle.agent_id).is_some(),
-                _ => false,
+            let removed = match sessions.get(&handle.agent_id) {
+                Some(s) if s.id == handle.session_id => sessions.remove(&handle.agent_id),
+                _ => None,
+            };
+            if let Some(s) = &removed {
+                self.metrics().agent_offline(&s.region);
             }
+            removed.is_some()
         };
         if removed {
             // Orders in flight on this session will not be answered: fail them now.
@@ -588,6 +622,7 @@ impl Controller {
     pub fn close_all_sessions(&self) {
         self.inner.shutdown.cancel();
         for (_, s) in self.lock_sessions().drain() {
+            self.metrics().agent_offline(&s.region);
             s.cancel.cancel();
         }
     }
@@ -617,12 +652,27 @@ impl Controller {
     /// Revokes an agent: it is refused from now on, and its live session is closed.
     pub async fn revoke_agent(&self, agent_id: &str, by: &Identity) -> Result<bool> {
         let id = agent_id.to_owned();
-        let updated =
-            self.blocking(move |c| Ok(c.inner.store.update_agent(&id, true, |r| r.revoked = true)?)).await?;
-        if updated.is_none() {
+        let (updated, newly) = self
+            .blocking(move |c| {
+                // The closure may run more than once (a concurrent update retries it); the value
+                // of its last run is the one written.
+                let mut newly = false;
+                let updated = c.inner.store.update_agent(&id, true, |r| {
+                    newly = !r.revoked;
+                    r.revoked = true;
+                })?;
+                Ok((updated, newly))
+            })
+            .await?;
+        let Some(record) = updated else {
             return Err(Error::UnknownAgent(agent_id.to_owned()));
-        }
-        let live = self.lock_sessions().remove(agent_id);
+        };
+        let live = {
+            let mut sessions = self.lock_sessions();
+            let live = sessions.remove(agent_id);
+            self.metrics().agent_revoked(&record.region, newly, live.is_some());
+            live
+        };
         let was_online = live.is_some();
         if let Some(s) = live {
             s.cancel.cancel();

@@ -292,6 +292,7 @@ pub fn plan_waves(spec: &RolloutSpec, mut agents: Vec<(String, String)>) -> Vec<
 impl Controller {
     fn save_rollout(&self, r: &Rollout) -> Result<()> {
         self.inner.store.put(Tree::Rollouts, &r.id, r, true)?;
+        self.metrics().rollout_saved(&r.id, r.state);
         Ok(())
     }
 
