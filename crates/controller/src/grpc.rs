@@ -48,11 +48,16 @@ pub fn to_status(err: logic::Error) -> Status {
         E::AuditTampered(_) => Status::data_loss(msg),
         E::NoAnswer(_) => Status::deadline_exceeded(msg),
         E::Busy(_) => Status::resource_exhausted(msg),
-        E::Store(_) | E::Internal(_) => {
-            tracing::error!(error = %msg, "internal error");
-            Status::internal(msg)
-        }
+        E::Store(_) | E::Internal(_) => internal(msg),
     }
+}
+
+/// An internal failure: logged in full, answered with a generic message and an id that finds
+/// the log line. Clients never see file paths or store errors.
+pub(crate) fn internal(what: impl std::fmt::Display) -> Status {
+    let id: u32 = rand::random();
+    tracing::error!(error_id = format_args!("{id:08x}"), error = %what, "internal error");
+    Status::internal(format!("internal error {id:08x}; the controller's log has the details"))
 }
 
 fn peer_identity<T>(req: &Request<T>) -> Option<&Identity> {
@@ -225,7 +230,7 @@ fn releases(agent_id: &str, list: Vec<pb::ReleaseRef>) -> Vec<ReportedRelease> {
 }
 
 fn json_doc<T: serde::Serialize>(v: &T) -> Result<Response<pb::JsonDoc>, Status> {
-    let json = serde_json::to_string(v).map_err(|e| Status::internal(e.to_string()))?;
+    let json = serde_json::to_string(v).map_err(|e| internal(format!("encoding a reply: {e}")))?;
     Ok(Response::new(pb::JsonDoc { json }))
 }
 
@@ -425,15 +430,20 @@ impl pb::agent_service_server::AgentService for AgentSvc {
         let r = req.into_inner();
         let permit = self.0.download_permit(&agent_id).map_err(to_status)?;
         let path = self.0.blob_path(&r.digest).map_err(to_status)?;
-        let mut file = tokio::fs::File::open(&path).await.map_err(|e| Status::internal(e.to_string()))?;
-        let total = file.metadata().await.map_err(|e| Status::internal(e.to_string()))?.len();
+        let mut file = tokio::fs::File::open(&path)
+            .await
+            .map_err(|e| internal(format!("bundle {}: {e}", path.display())))?;
+        let total =
+            file.metadata().await.map_err(|e| internal(format!("bundle {}: {e}", path.display())))?.len();
         if r.offset > total {
             return Err(Status::out_of_range(format!(
                 "offset {} is past the bundle's {total} bytes",
                 r.offset
             )));
         }
-        file.seek(std::io::SeekFrom::Start(r.offset)).await.map_err(|e| Status::internal(e.to_string()))?;
+        file.seek(std::io::SeekFrom::Start(r.offset))
+            .await
+            .map_err(|e| internal(format!("bundle {}: {e}", path.display())))?;
         tracing::info!(%agent_id, digest = %r.digest, offset = r.offset, total, "download started");
         let (tx, rx) = mpsc::channel(4);
         let ctl = self.0.clone();
@@ -445,7 +455,8 @@ impl pb::agent_service_server::AgentService for AgentSvc {
                     Ok(0) => break,
                     Ok(n) => n,
                     Err(e) => {
-                        let _ = tx.send(Err(Status::internal(format!("reading bundle: {e}")))).await;
+                        let _ =
+                            tx.send(Err(internal(format!("reading bundle {}: {e}", path.display())))).await;
                         return;
                     }
                 };

@@ -164,6 +164,8 @@ impl Prepared {
             .http2_keepalive_interval(Some(Duration::from_secs(5)))
             .http2_keepalive_timeout(Some(Duration::from_secs(5)))
             .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
+            // Every RPC runs in a span naming it, so each log line says which call it belongs to.
+            .trace_fn(|req| tracing::info_span!("rpc", method = %req.uri().path()))
             .add_service(
                 pb::enrollment_server::EnrollmentServer::new(EnrollmentSvc(ctl.clone()))
                     .max_decoding_message_size(MAX_ENROLL_MESSAGE),

@@ -289,3 +289,40 @@ async fn admins_cannot_download_and_agents_cannot_push() {
     assert_eq!(status.code(), Code::Unauthenticated);
     ctl.stop().await.unwrap();
 }
+
+/// An internal failure reaches the client as a generic message with an id, never a path.
+#[tokio::test]
+async fn internal_errors_do_not_leak_controller_paths() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ctl = LocalController::start(&tmp.path().join("ctl"), LocalOptions::default()).await.unwrap();
+    let key = SecretKey::generate();
+    let bundle = build_release(tmp.path(), &key, "1.0.0", b"payload");
+    let info = push(&ctl, &bundle).await.unwrap().release.unwrap();
+    // Sabotage the stored blob: a directory where the file was, so reading it fails.
+    let blob = ctl.controller.blob_path(&info.digest).unwrap();
+    std::fs::remove_file(&blob).unwrap();
+    std::fs::create_dir(&blob).unwrap();
+    ctl.enroll(&tmp.path().join("a1"), "a1", "eu-west").await.unwrap();
+    let id = agent_identity(&tmp.path().join("a1"));
+    let ch = dial(&ctl.grpc_addr.to_string(), &ctl.ca_pem().unwrap(), Some(&id)).await.unwrap();
+    let mut client = pb::agent_service_client::AgentServiceClient::new(ch);
+    let status = match client.download(pb::DownloadRequest { digest: info.digest.clone(), offset: 0 }).await {
+        Err(s) => s,
+        Ok(stream) => {
+            let mut stream = stream.into_inner();
+            loop {
+                match stream.message().await {
+                    Ok(Some(_)) => continue,
+                    Ok(None) => panic!("a blob that cannot be read was streamed to its end"),
+                    Err(s) => break s,
+                }
+            }
+        }
+    };
+    assert_eq!(status.code(), Code::Internal, "{status:?}");
+    assert!(status.message().starts_with("internal error "), "{}", status.message());
+    let dir = ctl.dir.display().to_string();
+    assert!(!status.message().contains(&dir), "{} leaks {dir}", status.message());
+    assert!(!status.message().contains("sha256"), "{}", status.message());
+    ctl.stop().await.unwrap();
+}

@@ -169,7 +169,9 @@ impl pb::admin_service_server::AdminService for AdminSvc {
         let upload = self.0.incoming_path();
         let max = self.0.max_bundle_bytes();
         let received: Result<u64, Status> = async {
-            let file = tokio::fs::File::create(&upload).await.map_err(|e| Status::internal(e.to_string()))?;
+            let file = tokio::fs::File::create(&upload)
+                .await
+                .map_err(|e| internal(format!("upload {}: {e}", upload.display())))?;
             let mut w = tokio::io::BufWriter::with_capacity(logic::BUNDLE_CHUNK, file);
             let mut size = 0u64;
             while let Some(chunk) = inbound.message().await? {
@@ -179,10 +181,15 @@ impl pb::admin_service_server::AdminService for AdminSvc {
                         "bundle is larger than the {max}-byte limit"
                     )));
                 }
-                w.write_all(&chunk.data).await.map_err(|e| Status::internal(e.to_string()))?;
+                w.write_all(&chunk.data)
+                    .await
+                    .map_err(|e| internal(format!("upload {}: {e}", upload.display())))?;
             }
-            w.flush().await.map_err(|e| Status::internal(e.to_string()))?;
-            w.get_ref().sync_all().await.map_err(|e| Status::internal(e.to_string()))?;
+            w.flush().await.map_err(|e| internal(format!("upload {}: {e}", upload.display())))?;
+            w.get_ref()
+                .sync_all()
+                .await
+                .map_err(|e| internal(format!("upload {}: {e}", upload.display())))?;
             Ok(size)
         }
         .instrument(span.clone())
