@@ -504,15 +504,45 @@ fn rollout_with_real_binaries_deploy_watch_rollback() {
     assert_eq!(out.lines().filter(|l| l.contains("rolled back")).count(), 3, "{out}");
     assert!(serving("1.0.0"));
     let status = run_ok(&mut admin(&["status"]));
-    assert!(status.lines().filter(|l| l.starts_with("shop-api")).all(|l| l.contains("1.0.0×1")), "{status}");
+    let rows: Vec<&str> = status.lines().filter(|l| l.starts_with("shop-api")).collect();
+    assert!(!rows.is_empty() && rows.iter().all(|l| l.contains("1.0.0×1")), "{status}");
     let audit: serde_json::Value =
         serde_json::from_str(&run_ok(&mut admin(&["audit", "-o", "json"]))).unwrap();
-    let actions: Vec<&str> =
-        audit.as_array().unwrap().iter().map(|e| e["action"].as_str().unwrap()).collect();
-    for want in ["release.push", "deploy", "freeze.add", "freeze.rm", "rollback"] {
-        assert!(actions.contains(&want), "{want} not audited: {actions:?}");
+    let entries = audit.as_array().unwrap();
+    // Each action has an intent written before it and an outcome naming that intent, both by
+    // the admin who ran it; outcomes about the app name it.
+    for (want, target) in [
+        ("release.push", Some("shop-api")),
+        ("deploy", Some("shop-api")),
+        ("freeze.add", None),
+        ("freeze.rm", None),
+        ("rollback", Some("shop-api")),
+    ] {
+        let outcome = entries
+            .iter()
+            .find(|e| {
+                e["action"] == want && e["phase"].as_str().is_some_and(|p| p.eq_ignore_ascii_case("outcome"))
+            })
+            .unwrap_or_else(|| panic!("no outcome of {want} audited: {audit:#}"));
+        let intent = entries
+            .iter()
+            .find(|e| e["seq"] == outcome["intent"])
+            .unwrap_or_else(|| panic!("the intent of {want} is missing: {outcome:#}"));
+        assert_eq!(intent["action"], want, "{intent:#}");
+        assert!(intent["seq"].as_u64() < outcome["seq"].as_u64(), "{intent:#} {outcome:#}");
+        for e in [intent, outcome] {
+            assert!(e["actor"].as_str().unwrap().starts_with("admin/"), "{e:#}");
+        }
+        // (A push's intent names only the upload: which release it is is known afterwards.)
+        if let Some(t) = target {
+            assert!(outcome["target"].as_str().unwrap().contains(t), "{outcome:#}");
+        }
     }
-    assert!(run_ok(&mut admin(&["audit", "--app", "shop-api", "--since", "1h"])).contains("rollback"));
+    let filtered = run_ok(&mut admin(&["audit", "--app", "shop-api", "--since", "1h", "-o", "json"]));
+    let filtered: serde_json::Value = serde_json::from_str(&filtered).unwrap();
+    let filtered = filtered.as_array().unwrap();
+    assert!(filtered.iter().any(|e| e["action"] == "rollback"), "{filtered:?}");
+    assert!(filtered.iter().all(|e| e["target"].as_str().unwrap().contains("shop-api")), "{filtered:?}");
     assert!(run_ok(&mut admin(&["audit", "verify"])).contains("hash chain verified"));
 
     for mut a in agents {
