@@ -47,7 +47,8 @@ pub fn to_status(err: logic::Error) -> Status {
         E::Offline(_) | E::AuditUnavailable(_) => Status::unavailable(msg),
         E::AuditTampered(_) => Status::data_loss(msg),
         E::NoAnswer(_) => Status::deadline_exceeded(msg),
-        E::Busy(_) => Status::resource_exhausted(msg),
+        E::Busy(_) | E::TooLarge(_) => Status::resource_exhausted(msg),
+        E::OutOfRange(_) => Status::out_of_range(msg),
         E::Store(_) | E::Internal(_) => internal(msg),
     }
 }
@@ -424,53 +425,20 @@ impl pb::agent_service_server::AgentService for AgentSvc {
         &self,
         req: Request<pb::DownloadRequest>,
     ) -> Result<Response<Self::DownloadStream>, Status> {
-        use tokio::io::{AsyncReadExt, AsyncSeekExt};
         let (agent_id, serial) = require_agent(&req)?;
         self.0.check_agent_cert(&agent_id, &serial).await.map_err(to_status)?;
         let r = req.into_inner();
         let permit = self.0.download_permit(&agent_id).map_err(to_status)?;
-        let path = self.0.blob_path(&r.digest).map_err(to_status)?;
-        let mut file = tokio::fs::File::open(&path)
-            .await
-            .map_err(|e| internal(format!("bundle {}: {e}", path.display())))?;
-        let total =
-            file.metadata().await.map_err(|e| internal(format!("bundle {}: {e}", path.display())))?.len();
-        if r.offset > total {
-            return Err(Status::out_of_range(format!(
-                "offset {} is past the bundle's {total} bytes",
-                r.offset
-            )));
-        }
-        file.seek(std::io::SeekFrom::Start(r.offset))
-            .await
-            .map_err(|e| internal(format!("bundle {}: {e}", path.display())))?;
-        tracing::info!(%agent_id, digest = %r.digest, offset = r.offset, total, "download started");
-        let (tx, rx) = mpsc::channel(4);
-        let ctl = self.0.clone();
-        tokio::spawn(async move {
-            let mut offset = r.offset;
-            let mut buf = vec![0u8; logic::BUNDLE_CHUNK];
-            while offset < total {
-                let n = match file.read(&mut buf).await {
-                    Ok(0) => break,
-                    Ok(n) => n,
-                    Err(e) => {
-                        let _ =
-                            tx.send(Err(internal(format!("reading bundle {}: {e}", path.display())))).await;
-                        return;
-                    }
-                };
-                let chunk = pb::DownloadChunk { offset, data: buf[..n].to_vec(), total_size: total };
-                if tx.send(Ok(chunk)).await.is_err() {
-                    return;
-                }
-                ctl.metrics().bytes_served(n as u64);
-                offset += n as u64;
-            }
+        let rx = self.0.stream_blob(&r.digest, r.offset).await.map_err(to_status)?;
+        tracing::info!(%agent_id, digest = %r.digest, offset = r.offset, "download started");
+        let rx = tokio_stream::StreamExt::map(ReceiverStream::new(rx), |chunk| {
+            chunk
+                .map(|c| pb::DownloadChunk { offset: c.offset, data: c.data, total_size: c.total })
+                .map_err(to_status)
         });
         // The permit lives as long as the response stream: until the agent has read it all or
         // dropped it, however much of the bundle is already buffered.
-        let stream = tokio_stream::StreamExt::map(ReceiverStream::new(rx), move |chunk| {
+        let stream = tokio_stream::StreamExt::map(rx, move |chunk| {
             let _held = &permit;
             chunk
         });

@@ -162,46 +162,22 @@ impl pb::admin_service_server::AdminService for AdminSvc {
         &self,
         req: Request<Streaming<pb::PushChunk>>,
     ) -> Result<Response<pb::PushReleaseResponse>, Status> {
-        use tokio::io::AsyncWriteExt;
         let admin = self.caller(&req, Action::PushRelease, "*").await?;
         let span = tracing::info_span!("push_release", %admin);
-        let mut inbound = req.into_inner();
-        let upload = self.0.incoming_path();
-        let max = self.0.max_bundle_bytes();
-        let received: Result<u64, Status> = async {
-            let file = tokio::fs::File::create(&upload)
-                .await
-                .map_err(|e| internal(format!("upload {}: {e}", upload.display())))?;
-            let mut w = tokio::io::BufWriter::with_capacity(logic::BUNDLE_CHUNK, file);
-            let mut size = 0u64;
-            while let Some(chunk) = inbound.message().await? {
-                size += chunk.data.len() as u64;
-                if size > max {
-                    return Err(Status::resource_exhausted(format!(
-                        "bundle is larger than the {max}-byte limit"
-                    )));
-                }
-                w.write_all(&chunk.data)
-                    .await
-                    .map_err(|e| internal(format!("upload {}: {e}", upload.display())))?;
-            }
-            w.flush().await.map_err(|e| internal(format!("upload {}: {e}", upload.display())))?;
-            w.get_ref()
-                .sync_all()
-                .await
-                .map_err(|e| internal(format!("upload {}: {e}", upload.display())))?;
-            Ok(size)
-        }
-        .instrument(span.clone())
-        .await;
-        let size = match received {
-            Ok(n) => n,
-            Err(status) => {
-                let _ = tokio::fs::remove_file(&upload).await;
+        let chunks = tokio_stream::StreamExt::map(req.into_inner(), |c| c.map(|c| c.data));
+        let received = self.0.receive_upload(chunks).instrument(span.clone()).await;
+        let upload = match received {
+            Ok(u) => u,
+            Err(e) => {
+                let status = match e {
+                    logic::UploadError::Stream(s) => s,
+                    logic::UploadError::Controller(e) => to_status(e),
+                };
                 span.in_scope(|| tracing::warn!(error = %status.message(), "push failed"));
                 return Err(status);
             }
         };
+        let size = upload.size();
         // Which release this is is only known once the bundle is read, so the intent names the
         // upload and the outcome names the release.
         let actor = admin.to_string();
@@ -211,12 +187,8 @@ impl pb::admin_service_server::AdminService for AdminSvc {
             .await
         {
             Ok(seq) => seq,
-            Err(e) => {
-                if let Err(rm) = tokio::fs::remove_file(&upload).await {
-                    tracing::warn!(error = %rm, "refused upload not removed");
-                }
-                return Err(to_status(e));
-            }
+            // Dropping the upload removes it.
+            Err(e) => return Err(to_status(e)),
         };
         let result = self.0.ingest(upload, actor.clone()).instrument(span.clone()).await;
         let target =

@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 
 mod releases;
 
-pub use releases::BUNDLE_CHUNK;
+pub use releases::{BlobChunk, Upload, UploadError, BUNDLE_CHUNK};
 
 use crate::store::{self, AgentRecord, EnrollConflict, ReportedRelease, Store, TokenRecord};
 
@@ -67,6 +67,12 @@ pub enum Error {
     NoAnswer(String),
     #[error("release {0} not found")]
     UnknownRelease(String),
+    /// More than a limit allows (a bundle over the size limit).
+    #[error("{0}")]
+    TooLarge(String),
+    /// A position past the end (a download offset past the bundle's size).
+    #[error("{0}")]
+    OutOfRange(String),
     #[error("{0}")]
     Conflict(String),
     #[error("{0}")]

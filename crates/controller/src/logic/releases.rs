@@ -6,10 +6,54 @@
 use std::path::{Path, PathBuf};
 
 use super::{now, Controller, Error, Result};
+
+/// Why receiving an upload failed: the client's stream, or the controller.
+#[derive(Debug)]
+pub enum UploadError<E> {
+    Stream(E),
+    Controller(Error),
+}
 use crate::store::ReleaseRecord;
 
 /// Size of the chunks bundles travel in, both ways.
 pub const BUNDLE_CHUNK: usize = 256 * 1024;
+
+/// One chunk of a stored bundle on its way to an agent.
+#[derive(Debug)]
+pub struct BlobChunk {
+    pub offset: u64,
+    pub data: Vec<u8>,
+    /// The whole bundle's size.
+    pub total: u64,
+}
+
+/// A pushed bundle being received: a file under `incoming/`, removed when dropped unless
+/// [`Controller::ingest`] took it.
+#[derive(Debug)]
+pub struct Upload {
+    path: PathBuf,
+    size: u64,
+}
+
+impl Upload {
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+}
+
+impl Drop for Upload {
+    fn drop(&mut self) {
+        if self.path.as_os_str().is_empty() {
+            return;
+        }
+        // Runs wherever the upload is dropped; a small unlink, never waited on.
+        if let Err(e) = std::fs::remove_file(&self.path) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                tracing::warn!(path = %self.path.display(), error = %e, "refused upload not removed");
+            }
+        }
+    }
+}
 
 fn io_err(path: &Path, e: std::io::Error) -> Error {
     Error::Internal(format!("{}: {e}", path.display()))
@@ -47,8 +91,82 @@ impl Controller {
     }
 
     /// Where a push writes before the bundle is checked.
-    pub fn incoming_path(&self) -> PathBuf {
+    fn incoming_path(&self) -> PathBuf {
         self.blob_root().join("incoming").join(format!("{}.upload", hex::encode(rand::random::<[u8; 8]>())))
+    }
+
+    /// Receives a pushed bundle's chunks into a new file under `incoming/`, refusing more than
+    /// the size limit, and makes it durable.
+    pub async fn receive_upload<E>(
+        &self,
+        mut chunks: impl tokio_stream::Stream<Item = std::result::Result<Vec<u8>, E>> + Unpin,
+    ) -> std::result::Result<Upload, UploadError<E>> {
+        use tokio::io::AsyncWriteExt;
+        use tokio_stream::StreamExt;
+        let path = self.incoming_path();
+        let max = self.max_bundle_bytes();
+        let io = |e: std::io::Error| UploadError::Controller(Error::Internal(format!("upload: {e}")));
+        let file = tokio::fs::File::create(&path).await.map_err(io)?;
+        // From here on, dropping the upload removes the file.
+        let mut upload = Upload { path, size: 0 };
+        let mut w = tokio::io::BufWriter::with_capacity(BUNDLE_CHUNK, file);
+        while let Some(chunk) = chunks.next().await.transpose().map_err(UploadError::Stream)? {
+            upload.size += chunk.len() as u64;
+            if upload.size > max {
+                return Err(UploadError::Controller(Error::TooLarge(format!(
+                    "bundle is larger than the {max}-byte limit"
+                ))));
+            }
+            w.write_all(&chunk).await.map_err(io)?;
+        }
+        w.flush().await.map_err(io)?;
+        w.get_ref().sync_all().await.map_err(io)?;
+        Ok(upload)
+    }
+
+    /// Streams the stored bundle with `digest` from `offset`, read on a task of its own through
+    /// a small channel, so an agent that reads slowly holds one file and a few chunks.
+    pub async fn stream_blob(
+        &self,
+        digest: &str,
+        offset: u64,
+    ) -> Result<tokio::sync::mpsc::Receiver<Result<BlobChunk>>> {
+        use tokio::io::{AsyncReadExt, AsyncSeekExt};
+        let path = self.blob_path(digest)?;
+        let io = |e: std::io::Error| Error::Internal(format!("bundle {}: {e}", path.display()));
+        let mut file = tokio::fs::File::open(&path).await.map_err(io)?;
+        let total = file.metadata().await.map_err(io)?.len();
+        if offset > total {
+            return Err(Error::OutOfRange(format!("offset {offset} is past the bundle's {total} bytes")));
+        }
+        file.seek(std::io::SeekFrom::Start(offset)).await.map_err(io)?;
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        let ctl = self.clone();
+        tokio::spawn(async move {
+            let mut offset = offset;
+            let mut buf = vec![0u8; BUNDLE_CHUNK];
+            while offset < total {
+                let n = match file.read(&mut buf).await {
+                    Ok(0) => break,
+                    Ok(n) => n,
+                    Err(e) => {
+                        let e = Error::Internal(format!("reading bundle {}: {e}", path.display()));
+                        // The agent may be gone already; then nobody is left to tell.
+                        if tx.send(Err(e)).await.is_err() {
+                            tracing::debug!("download ended by the agent");
+                        }
+                        return;
+                    }
+                };
+                let chunk = BlobChunk { offset, data: buf[..n].to_vec(), total };
+                if tx.send(Ok(chunk)).await.is_err() {
+                    return;
+                }
+                ctl.metrics().bytes_served(n as u64);
+                offset += n as u64;
+            }
+        });
+        Ok(rx)
     }
 
     pub fn max_bundle_bytes(&self) -> u64 {
@@ -67,11 +185,11 @@ impl Controller {
     }
 
     /// Checks an uploaded bundle and stores it. Returns the record and whether it was already
-    /// present. The upload is consumed either way.
-    pub async fn ingest(&self, upload: PathBuf, pushed_by: String) -> Result<(ReleaseRecord, bool)> {
+    /// present. The upload is consumed either way (moved into the store, or removed).
+    pub async fn ingest(&self, upload: Upload, pushed_by: String) -> Result<(ReleaseRecord, bool)> {
         self.blocking(move |c| {
-            let result = c.ingest_blocking(&upload, pushed_by);
-            let _ = std::fs::remove_file(&upload);
+            let result = c.ingest_blocking(&upload.path, pushed_by);
+            drop(upload);
             result
         })
         .await
