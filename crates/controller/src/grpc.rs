@@ -20,7 +20,7 @@ use crate::logic::roles::{Action, Principal, Role};
 use crate::logic::rollouts::{Control, FreezeWindow, RolloutSpec, Threshold};
 use crate::logic::OrderKind;
 use crate::logic::{self, Controller};
-use crate::store::{AppStatusRecord, ReportedRelease};
+use crate::store::{self, AppStatusRecord, ReportedRelease};
 
 /// How long a new session may take to send its hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -106,12 +106,19 @@ fn version_ok(v: &str) -> bool {
 }
 
 /// An agent's per-app reports, with entries that name an invalid app or version dropped: what an
-/// agent says is data about itself, and only well-formed names may reach the store.
+/// agent says is data about itself, and only well-formed names may reach the store. Bounded:
+/// at most [`store::MAX_REPORTED_APPS`] apps, each with its error cut to
+/// [`store::MAX_REPORTED_ERROR`] bytes and at most [`store::MAX_REPORTED_RELEASES`] installed.
 fn reported_apps(agent_id: &str, list: Vec<pb::AppStatus>) -> Vec<AppStatusRecord> {
+    if list.len() > store::MAX_REPORTED_APPS {
+        tracing::warn!(agent_id, apps = list.len(), "too many apps reported; the rest are dropped");
+    }
     list.into_iter()
+        .take(store::MAX_REPORTED_APPS)
         .filter_map(|s| {
             let ok = convoy_bundle::check_app_name(&s.app).is_ok()
                 && [&s.current, &s.known_good, &s.previous].iter().all(|v| version_ok(v))
+                && s.installed.len() <= store::MAX_REPORTED_RELEASES
                 && s.installed.iter().all(|v| version_ok(v) && !v.is_empty());
             if !ok {
                 tracing::warn!(agent_id, app = %s.app.escape_debug(), "dropping a malformed app report");
@@ -135,10 +142,23 @@ fn app_status(s: pb::AppStatus) -> AppStatusRecord {
         known_good: s.known_good,
         previous: s.previous,
         health: health.into(),
-        last_error: s.last_error,
+        last_error: cut(s.last_error, store::MAX_REPORTED_ERROR),
         installed: s.installed,
         busy: s.busy,
     }
+}
+
+/// `s` cut to at most `max` bytes, at a character boundary.
+fn cut(mut s: String, max: usize) -> String {
+    if s.len() > max {
+        let mut end = max;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        s.truncate(end);
+        s.push('…');
+    }
+    s
 }
 
 fn app_status_pb(s: AppStatusRecord) -> pb::AppStatus {
@@ -155,7 +175,7 @@ fn app_status_pb(s: AppStatusRecord) -> pb::AppStatus {
         known_good: s.known_good,
         previous: s.previous,
         health: health as i32,
-        last_error: s.last_error,
+        last_error: cut(s.last_error, store::MAX_REPORTED_ERROR),
         installed: s.installed,
         busy: s.busy,
     }
@@ -217,7 +237,11 @@ fn outcome_pb(a: &logic::Answer) -> pb::OrderOutcome {
 }
 
 fn releases(agent_id: &str, list: Vec<pb::ReleaseRef>) -> Vec<ReportedRelease> {
+    if list.len() > store::MAX_REPORTED_RELEASES {
+        tracing::warn!(agent_id, releases = list.len(), "too many releases reported; the rest are dropped");
+    }
     list.into_iter()
+        .take(store::MAX_REPORTED_RELEASES)
         .filter(|r| {
             let ok = convoy_bundle::check_app_name(&r.app).is_ok()
                 && convoy_bundle::check_version(&r.version).is_ok();
@@ -353,6 +377,10 @@ impl pb::agent_service_server::AgentService for AgentSvc {
         // A session that misses three heartbeats is dead even if TCP has not noticed.
         let silence = ctl.heartbeat_interval() * 3;
         let mut beats = Heartbeats::new(ctl.heartbeat_interval(), std::time::Instant::now());
+        // Only accepted heartbeats keep a session alive, and messages nobody asked for (results
+        // of no order in flight, unknown kinds) are bounded between two heartbeats.
+        let mut alive_until = tokio::time::Instant::now() + silence;
+        let mut unasked = 0u32;
         tokio::spawn(
             async move {
                 loop {
@@ -374,7 +402,7 @@ impl pb::agent_service_server::AgentService for AgentSvc {
                                 break;
                             }
                         },
-                        msg = tokio::time::timeout(silence, inbound.message()) => match msg {
+                        msg = tokio::time::timeout_at(alive_until, inbound.message()) => match msg {
                             Ok(Ok(Some(pb::AgentMessage { msg: Some(pb::agent_message::Msg::Heartbeat(hb)) }))) => {
                                 let apps = reported_apps(&handle.agent_id, hb.apps);
                                 let reported = releases(&handle.agent_id, hb.releases);
@@ -390,16 +418,31 @@ impl pb::agent_service_server::AgentService for AgentSvc {
                                         break;
                                     }
                                     v @ (Verdict::Write | Verdict::Unchanged) => {
+                                        alive_until = tokio::time::Instant::now() + silence;
+                                        unasked = 0;
                                         if let Err(e) = ctl.heartbeat(&handle, v, reported, apps).await {
                                             tracing::warn!(error = %e, "heartbeat not recorded");
                                         }
                                     }
                                 }
                             }
-                            Ok(Ok(Some(pb::AgentMessage { msg: Some(pb::agent_message::Msg::Result(r)) }))) => {
-                                ctl.order_result(&handle.agent_id, outcome(r)).await;
+                            Ok(Ok(Some(m))) => {
+                                let receipt = match m.msg {
+                                    Some(pb::agent_message::Msg::Result(r)) => ctl.order_result(&handle.agent_id, outcome(r)).await,
+                                    _ => logic::ResultReceipt::Unsolicited,
+                                };
+                                if receipt == logic::ResultReceipt::Unsolicited {
+                                    unasked += 1;
+                                    if unasked > heartbeats::FLOOD_AFTER {
+                                        tracing::warn!("flood of unsolicited messages, closing session");
+                                        let _ = out_tx.send(Err(Status::resource_exhausted(format!(
+                                            "more than {} messages answering no order in flight",
+                                            heartbeats::FLOOD_AFTER
+                                        )))).await;
+                                        break;
+                                    }
+                                }
                             }
-                            Ok(Ok(Some(_))) => tracing::debug!("unexpected message ignored"),
                             Ok(Ok(None)) => break,
                             Ok(Err(e)) => {
                                 tracing::info!(error = %e, "session stream failed");

@@ -102,6 +102,13 @@ pub struct AgentRecord {
     pub previous_serial_until: i64,
 }
 
+/// Apps one agent's record holds at most; reports beyond are dropped.
+pub const MAX_REPORTED_APPS: usize = 64;
+/// Releases one agent's record holds at most (in total, and installed per app).
+pub const MAX_REPORTED_RELEASES: usize = 256;
+/// Bytes of an app's last error kept; longer ones are cut.
+pub const MAX_REPORTED_ERROR: usize = 2048;
+
 /// What an agent reported about one app.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AppStatusRecord {

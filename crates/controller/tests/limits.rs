@@ -302,3 +302,54 @@ async fn connections_are_bounded_in_total_and_per_peer() {
     .await;
     ctl.stop().await.unwrap();
 }
+
+/// Order results answering no order in flight write nothing, and a stream of them (which would
+/// otherwise keep a session alive without heartbeats) closes the session.
+#[tokio::test]
+async fn unsolicited_order_results_write_nothing_and_a_flood_closes_the_session() {
+    use convoy_controller::logic::heartbeats::FLOOD_AFTER;
+    let tmp = tempfile::tempdir().unwrap();
+    let ctl = LocalController::start(&tmp.path().join("ctl"), LocalOptions::default()).await.unwrap();
+    ctl.enroll(&tmp.path().join("a1"), "a1", "eu-west").await.unwrap();
+    let id = common::agent_identity(&tmp.path().join("a1"));
+    let ch = common::dial(&ctl.grpc_addr.to_string(), &ctl.ca_pem().unwrap(), Some(&id)).await.unwrap();
+    let mut client = pb::agent_service_client::AgentServiceClient::new(ch);
+    let state_dir = ctl.config.state_dir.clone();
+    let before = dir_bytes(&state_dir);
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    tx.send(common::hello("a1")).await.unwrap();
+    let mut inbound = client.session(tokio_stream::wrappers::ReceiverStream::new(rx)).await.unwrap().into_inner();
+    let flood = tokio::spawn(async move {
+        for i in 0..5_000u64 {
+            let result = pb::OrderResult {
+                seq: i,
+                outcome: pb::OrderOutcome::Applied as i32,
+                status: Some(pb::AppStatus {
+                    app: format!("app{i}"),
+                    last_error: "x".repeat(100_000),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            };
+            let m = pb::AgentMessage { msg: Some(pb::agent_message::Msg::Result(result)) };
+            if tx.send(m).await.is_err() {
+                break;
+            }
+        }
+    });
+    let status = loop {
+        match inbound.message().await {
+            Ok(Some(_)) => continue,
+            Ok(None) => panic!("session ended without a status"),
+            Err(s) => break s,
+        }
+    };
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert!(status.message().contains(&format!("more than {FLOOD_AFTER} messages")), "{}", status.message());
+    flood.await.unwrap();
+    let agent = common::agents(&ctl).await.into_iter().find(|a| a.id == "a1").unwrap();
+    assert!(agent.apps.is_empty(), "unsolicited results were recorded: {:?}", agent.apps.len());
+    let grown = dir_bytes(&state_dir).saturating_sub(before);
+    assert!(grown < 2 << 20, "state directory grew by {grown} bytes");
+    ctl.stop().await.unwrap();
+}

@@ -132,7 +132,10 @@ mod orders;
 pub mod roles;
 pub mod rollouts;
 
-pub use orders::{Answer, Order, OrderKind, OrderOutcome, Target};
+pub use orders::{Answer, Order, OrderKind, OrderOutcome, ResultReceipt, Target};
+
+/// Orders in flight: (agent, seq) → the order's app and who waits for the answer.
+pub(crate) type PendingOrders = HashMap<(String, u64), (String, tokio::sync::oneshot::Sender<OrderOutcome>)>;
 
 /// The sending half of an agent's live session.
 pub type SessionTx = mpsc::Sender<Order>;
@@ -187,7 +190,8 @@ struct Inner {
     settings: Settings,
     sessions: Mutex<HashMap<String, Session>>,
     next_session: std::sync::atomic::AtomicU64,
-    pending: Mutex<HashMap<(String, u64), tokio::sync::oneshot::Sender<OrderOutcome>>>,
+    /// Orders in flight: (agent, seq) → the order's app and who waits for the answer.
+    pending: Mutex<PendingOrders>,
     seq: Mutex<(u64, u64)>,
     drivers: Mutex<HashMap<String, rollouts::ControlTx>>,
     converging: Mutex<std::collections::HashSet<String>>,

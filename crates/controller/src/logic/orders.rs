@@ -35,6 +35,28 @@ pub enum OrderKind {
     },
 }
 
+impl OrderKind {
+    /// The app every order is about.
+    pub fn app(&self) -> &str {
+        match self {
+            Self::Install { app, .. }
+            | Self::Activate { app, .. }
+            | Self::Rollback { app, .. }
+            | Self::Logs { app, .. } => app,
+        }
+    }
+}
+
+/// What became of an agent's order result.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ResultReceipt {
+    /// It answered an order in flight, and was delivered (its app status recorded).
+    Delivered,
+    /// No order with that number is in flight for this agent (never sent, already answered or
+    /// timed out): ignored, nothing written.
+    Unsolicited,
+}
+
 /// An order with its sequence number.
 #[derive(Clone, Debug)]
 pub struct Order {
@@ -205,7 +227,7 @@ impl Controller {
         }
         .ok_or_else(|| Error::Offline(agent_id.to_owned()))?;
         let (done_tx, done_rx) = oneshot::channel();
-        self.lock_pending().insert((agent_id.to_owned(), seq), done_tx);
+        self.lock_pending().insert((agent_id.to_owned(), seq), (kind.app().to_owned(), done_tx));
         tracing::info!(agent_id, seq, ?kind, "order sent");
         self.metrics().order_sent();
         if tx.send(Order { seq, kind }).await.is_err() {
@@ -224,33 +246,46 @@ impl Controller {
         }
     }
 
-    fn lock_pending(
-        &self,
-    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<(String, u64), oneshot::Sender<OrderOutcome>>>
-    {
+    fn lock_pending(&self) -> std::sync::MutexGuard<'_, super::PendingOrders> {
         self.inner.pending.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Delivers an agent's answer to whoever waits for it, and records the app's new state.
-    pub async fn order_result(&self, agent_id: &str, outcome: OrderOutcome) {
+    /// Delivers an agent's answer to whoever waits for it, and records the app's new state. Only
+    /// an answer to an order in flight counts, and only the status of the app that order named
+    /// is recorded: an agent cannot write into its record by sending results nobody asked for.
+    pub async fn order_result(&self, agent_id: &str, mut outcome: OrderOutcome) -> ResultReceipt {
+        let Some((app, waiter)) = self.lock_pending().remove(&(agent_id.to_owned(), outcome.seq)) else {
+            tracing::debug!(agent_id, seq = outcome.seq, "unsolicited order result ignored");
+            return ResultReceipt::Unsolicited;
+        };
+        if outcome.status.as_ref().is_some_and(|s| s.app != app) {
+            tracing::warn!(agent_id, seq = outcome.seq, %app, "order result reports another app; status ignored");
+            outcome.status = None;
+        }
         if let Some(status) = outcome.status.clone() {
             let id = agent_id.to_owned();
-            let _ = self
+            let written = self
                 .blocking(move |c| {
                     c.inner.store.update_agent(&id, false, |r| {
                         r.last_seen = now();
+                        let full = r.apps.len() >= crate::store::MAX_REPORTED_APPS;
                         match r.apps.iter_mut().find(|a| a.app == status.app) {
                             Some(a) => *a = status.clone(),
-                            None => r.apps.push(status.clone()),
+                            None if !full => r.apps.push(status.clone()),
+                            None => tracing::warn!(agent_id = %r.id, "too many apps reported; status not recorded"),
                         }
                     })?;
                     Ok(())
                 })
                 .await;
+            if let Err(e) = written {
+                tracing::warn!(agent_id, error = %e, "order result's app status not recorded");
+            }
         }
-        if let Some(waiter) = self.lock_pending().remove(&(agent_id.to_owned(), outcome.seq)) {
-            let _ = waiter.send(outcome);
+        if waiter.send(outcome).is_err() {
+            tracing::debug!(agent_id, "order answered after its sender stopped waiting");
         }
+        ResultReceipt::Delivered
     }
 
     /// Agents an admin action targets.
