@@ -46,6 +46,8 @@ pub enum Error {
 pub const MAX_STREAMS_PER_CONNECTION: u32 = 256;
 /// The largest enrollment request decoded (a token and a CSR).
 pub const MAX_ENROLL_MESSAGE: usize = 64 << 10;
+/// The largest message an admin may send (a push chunk is 256 KiB).
+pub const MAX_ADMIN_MESSAGE: usize = 1 << 20;
 /// The largest message an agent may send (hello, heartbeat, order result with up to 1 MiB of log).
 pub const MAX_AGENT_MESSAGE: usize = 2 << 20;
 
@@ -174,7 +176,10 @@ impl Prepared {
                 pb::agent_service_server::AgentServiceServer::new(AgentSvc(ctl.clone()))
                     .max_decoding_message_size(MAX_AGENT_MESSAGE),
             )
-            .add_service(pb::admin_service_server::AdminServiceServer::new(AdminSvc(ctl.clone())))
+            .add_service(
+                pb::admin_service_server::AdminServiceServer::new(AdminSvc(ctl.clone()))
+                    .max_decoding_message_size(MAX_ADMIN_MESSAGE),
+            )
             .serve_with_incoming_shutdown(incoming, stop.clone().cancelled_owned());
         let app = crate::hooks::router(crate::logic::roles::HookActor::new(ctl.clone()), self.hooks);
         // The HTTP listener drains on its own within DRAIN_TIMEOUT of `stop`, then drops what is

@@ -573,3 +573,60 @@ async fn a_store_from_before_the_registry_is_migrated_once() {
     assert_eq!(again.iter().find(|a| a.name == "admin").unwrap().certs, a.certs);
     ctl.stop().await.unwrap();
 }
+
+/// A caller hammering refused calls with huge arguments cannot grow the audit log without
+/// bound: entries are size-capped, refusals past a burst are counted rather than written, and
+/// oversized messages are refused before they are decoded.
+#[tokio::test]
+async fn refused_calls_cannot_flood_the_audit_log() {
+    use convoy_controller::logic::audit::{MAX_FIELD_CHARS, REFUSALS_BURST};
+    let tmp = tempfile::tempdir().unwrap();
+    let ctl = controller(tmp.path()).await;
+    let viewer = add_admin(&ctl, "peeker", "viewer").await;
+    let mut c = client(&ctl, &viewer).await;
+    let huge = "A".repeat(500_000);
+    for _ in 0..200 {
+        let s = c
+            .remove_release(pb::RemoveReleaseRequest { app: huge.clone(), version: "1.0.0".into() })
+            .await
+            .unwrap_err();
+        assert_eq!(s.code(), tonic::Code::PermissionDenied, "{s:?}");
+    }
+    let mine = |log: &[serde_json::Value]| -> Vec<serde_json::Value> {
+        log.iter().filter(|e| e["actor"] == "admin/peeker").cloned().collect()
+    };
+    let recorded = mine(&audit(&ctl).await);
+    // One second may pass during the loop on a slow machine, topping the allowance up once.
+    assert!(
+        (REFUSALS_BURST as usize..=REFUSALS_BURST as usize + 2).contains(&recorded.len()),
+        "{} refusals recorded of 200",
+        recorded.len()
+    );
+    for e in &recorded {
+        let target = e["target"].as_str().unwrap();
+        assert!(target.chars().count() < MAX_FIELD_CHARS + 32, "a {}-character target", target.len());
+        assert!(target.ends_with("bytes]"), "{target:.40}");
+    }
+    // Once the rate allows again, the next refusal is recorded with the count it stood for.
+    let counted = common::eventually(std::time::Duration::from_secs(10), "a refusal recorded again", || {
+        let (ctl, mut c) = (&ctl, c.clone());
+        async move {
+            let s =
+                c.remove_release(pb::RemoveReleaseRequest { app: "x".into(), version: "1.0.0".into() }).await;
+            assert_eq!(s.unwrap_err().code(), tonic::Code::PermissionDenied);
+            let log = mine(&audit(ctl).await);
+            log.iter().find_map(|e| e["params"]["refusals_not_recorded_before"].as_u64())
+        }
+    })
+    .await;
+    assert!(counted >= 200 - (REFUSALS_BURST as u64 + 2), "{counted}");
+    // A message past the admin limit is refused before it is decoded, and not recorded.
+    let before = audit(&ctl).await.len();
+    let s = c
+        .remove_release(pb::RemoveReleaseRequest { app: "A".repeat(2 << 20), version: "1.0.0".into() })
+        .await
+        .unwrap_err();
+    assert_eq!(s.code(), tonic::Code::OutOfRange, "{s:?}");
+    assert_eq!(audit(&ctl).await.len(), before);
+    ctl.stop().await.unwrap();
+}

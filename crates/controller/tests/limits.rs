@@ -318,7 +318,8 @@ async fn unsolicited_order_results_write_nothing_and_a_flood_closes_the_session(
     let before = dir_bytes(&state_dir);
     let (tx, rx) = tokio::sync::mpsc::channel(64);
     tx.send(common::hello("a1")).await.unwrap();
-    let mut inbound = client.session(tokio_stream::wrappers::ReceiverStream::new(rx)).await.unwrap().into_inner();
+    let mut inbound =
+        client.session(tokio_stream::wrappers::ReceiverStream::new(rx)).await.unwrap().into_inner();
     let flood = tokio::spawn(async move {
         for i in 0..5_000u64 {
             let result = pb::OrderResult {

@@ -33,7 +33,7 @@ impl AdminSvc {
                 tracing::warn!(admin = %name, %serial, action = action.audit_name(), error = %e, "admin refused");
                 let params = serde_json::json!({"serial": serial});
                 self.0
-                    .audit(
+                    .audit_refusal(
                         &format!("admin/{name}"),
                         action.audit_name(),
                         target,
@@ -52,7 +52,7 @@ impl AdminSvc {
         if let Err(e) = Principal::Admin(caller.role).authorize(&who, action) {
             tracing::warn!(admin = %who, role = %caller.role, action = action.audit_name(), "admin action refused by role");
             let params = serde_json::json!({"serial": caller.serial, "role": caller.role});
-            self.0.audit(&who, action.audit_name(), target, params, &format!("refused: {e}")).await;
+            self.0.audit_refusal(&who, action.audit_name(), target, params, &format!("refused: {e}")).await;
             return Err(to_status(e));
         }
         Ok(())

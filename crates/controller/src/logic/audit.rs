@@ -21,6 +21,13 @@ use sha2::{Digest, Sha256};
 use super::{now, Controller, Error, Result};
 use crate::store::Tree;
 
+/// Refused calls recorded per actor back to back before the rate of one a second applies.
+pub const REFUSALS_BURST: u32 = 20;
+
+/// Per actor: refusals that may still be recorded now, when that was last topped up, and how
+/// many went unrecorded since the last recorded one.
+pub(crate) type RefusalLimits = std::collections::HashMap<String, (u32, std::time::Instant, u64)>;
+
 /// A checkpoint is signed whenever the log reaches a multiple of this many entries.
 pub const CHECKPOINT_EVERY: u64 = 100;
 
@@ -31,6 +38,21 @@ pub const CHECKPOINT_EVERY: u64 = 100;
 pub enum Phase {
     Intent,
     Outcome,
+}
+
+/// Characters kept of an entry's actor, action and target.
+pub const MAX_FIELD_CHARS: usize = 256;
+/// Characters kept of an entry's outcome.
+pub const MAX_OUTCOME_CHARS: usize = 2048;
+/// Bytes of an entry's parameters (as JSON) kept; larger ones are replaced by their size.
+pub const MAX_PARAMS_BYTES: usize = 4096;
+
+/// `s` cut to `max` characters, with a marker saying so.
+fn bounded(s: &str, max: usize) -> String {
+    match s.char_indices().nth(max) {
+        None => s.to_owned(),
+        Some((i, _)) => format!("{}…[{} bytes]", &s[..i], s.len()),
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -53,16 +75,23 @@ pub struct AuditEntry {
 }
 
 impl AuditEntry {
-    /// An entry's content; sequence, time and hashes are set when it is appended.
+    /// An entry's content; sequence, time and hashes are set when it is appended. Fields that
+    /// may carry what a caller sent are bounded, so no request can make an entry large.
     fn draft(actor: &str, action: &str, target: &str, params: serde_json::Value, outcome: &str) -> Self {
+        let params_len = params.to_string().len();
+        let params = if params_len > MAX_PARAMS_BYTES {
+            serde_json::json!({"truncated": true, "bytes": params_len})
+        } else {
+            params
+        };
         Self {
             seq: 0,
             at: 0,
-            actor: actor.to_owned(),
-            action: action.to_owned(),
-            target: target.to_owned(),
+            actor: bounded(actor, MAX_FIELD_CHARS),
+            action: bounded(action, MAX_FIELD_CHARS),
+            target: bounded(target, MAX_FIELD_CHARS),
             params,
-            outcome: outcome.to_owned(),
+            outcome: bounded(outcome, MAX_OUTCOME_CHARS),
             prev_hash: String::new(),
             hash: String::new(),
             phase: None,
@@ -221,6 +250,45 @@ impl Controller {
 
     /// Appends a single entry for an automatic decision (flushed before returning). Failures to
     /// audit are logged loudly; they do not undo the decision that already happened.
+    /// Records a refused call, at most [`REFUSALS_BURST`] per actor back to back and one a
+    /// second after that: past the rate, refusals are counted and the next one recorded says how
+    /// many were not (a caller hammering refused calls must not grow the log without bound).
+    pub async fn audit_refusal(
+        &self,
+        actor: &str,
+        action: &str,
+        target: &str,
+        mut params: serde_json::Value,
+        outcome: &str,
+    ) {
+        let suppressed = {
+            let mut limits = self.inner.refusals.lock().unwrap_or_else(|p| p.into_inner());
+            if limits.len() > 10_000 {
+                limits.clear();
+            }
+            let now = std::time::Instant::now();
+            let l = limits.entry(actor.to_owned()).or_insert((REFUSALS_BURST, now, 0));
+            let earned = now.saturating_duration_since(l.1).as_secs();
+            if earned > 0 {
+                l.0 = (l.0 + earned.min(u64::from(REFUSALS_BURST)) as u32).min(REFUSALS_BURST);
+                l.1 = now;
+            }
+            if l.0 == 0 {
+                l.2 += 1;
+                tracing::debug!(actor, action, "refusal over the audit rate: counted, not recorded");
+                return;
+            }
+            l.0 -= 1;
+            std::mem::take(&mut l.2)
+        };
+        if suppressed > 0 {
+            if let Some(o) = params.as_object_mut() {
+                o.insert("refusals_not_recorded_before".into(), suppressed.into());
+            }
+        }
+        self.audit(actor, action, target, params, outcome).await;
+    }
+
     pub async fn audit(
         &self,
         actor: &str,

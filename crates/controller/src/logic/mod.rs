@@ -192,6 +192,8 @@ struct Inner {
     next_session: std::sync::atomic::AtomicU64,
     /// Orders in flight: (agent, seq) → the order's app and who waits for the answer.
     pending: Mutex<PendingOrders>,
+    /// The audit rate of refused calls, per actor.
+    refusals: Mutex<audit::RefusalLimits>,
     seq: Mutex<(u64, u64)>,
     drivers: Mutex<HashMap<String, rollouts::ControlTx>>,
     converging: Mutex<std::collections::HashSet<String>>,
@@ -243,6 +245,7 @@ impl Controller {
                 sessions: Mutex::new(HashMap::new()),
                 next_session: 1.into(),
                 pending: Mutex::new(HashMap::new()),
+                refusals: Mutex::new(HashMap::new()),
                 seq: Mutex::new((0, 0)),
                 drivers: Mutex::new(HashMap::new()),
                 converging: Mutex::new(Default::default()),
