@@ -25,6 +25,7 @@ use sha2::{Digest, Sha256};
 
 use crate::config::HooksConfig;
 use crate::logic::roles::HookActor;
+use crate::logic::rollouts::RolloutState;
 use crate::logic::{now, Controller, Target};
 use crate::store::Tree;
 
@@ -201,7 +202,15 @@ async fn alertmanager(State(st): State<AppState>, headers: HeaderMap, body: Byte
             skipped.push(json!({"alert": name, "outcome": format!("no {} label", rule.app_label)}));
             continue;
         };
-        let key = format!("am:{}:{}:{}", alert.fingerprint, alert.starts_at, rule.action);
+        // Alertmanager always sends a fingerprint; a sender that does not is identified by the
+        // alert's labels, so distinct alerts never share one delivery record.
+        let fingerprint = if alert.fingerprint.is_empty() {
+            let labels = serde_json::to_string(&alert.labels).unwrap_or_default();
+            format!("labels-{}", hex::encode(Sha256::digest(labels.as_bytes())))
+        } else {
+            alert.fingerprint.clone()
+        };
+        let key = format!("am:{fingerprint}:{}:{}", alert.starts_at, rule.action);
         requests.push((
             key,
             Request {
@@ -243,7 +252,11 @@ async fn alertmanager(State(st): State<AppState>, headers: HeaderMap, body: Byte
         }
         let outcome = match act(ctl, &r).await {
             Ok(o) => o,
-            Err(e) => return unavailable(ctl, "alertmanager", e),
+            Err(e) => {
+                // Nothing was done for this alert: give the delivery back so the retry acts.
+                release(ctl, &key).await;
+                return unavailable(ctl, "alertmanager", e);
+            }
         };
         actions.push(json!({"alert": r.actor, "app": r.app, "region": r.region, "action": r.action, "outcome": outcome}));
     }
@@ -341,7 +354,11 @@ async fn generic(State(st): State<AppState>, headers: HeaderMap, body: Bytes) ->
     };
     let outcome = match act(ctl, &r).await {
         Ok(o) => o,
-        Err(e) => return unavailable(ctl, "rollback", e),
+        Err(e) => {
+            // Nothing was done: the same signed request may be retried.
+            release(ctl, &replay_key).await;
+            return unavailable(ctl, "rollback", e);
+        }
     };
     ctl.metrics().hook("rollback", "ok");
     (StatusCode::OK, axum::Json(json!({"app": r.app, "region": r.region, "outcome": outcome})))
@@ -402,12 +419,19 @@ async fn act(ctl: &HookActor, r: &Request) -> Result<String, Unavailable> {
     result
 }
 
+/// Gives back a once-only record for an action that did not happen.
+async fn release(ctl: &HookActor, key: &str) {
+    if let Err(e) = ctl.unclaim(key).await {
+        tracing::error!(%key, error = %e, "could not release a once-only record: the same delivery will be answered as a duplicate");
+    }
+}
+
 async fn decide_and_act(ctl: &HookActor, r: &Request, target: &str) -> Result<String, Unavailable> {
     let rollouts = match ctl.rollouts(Some(r.app.clone())).await {
         Ok(list) => list,
         Err(e) => {
             tracing::error!(app = %r.app, error = %e, "cannot read rollouts: the hook does not act");
-            return Ok(format!("not acted: cannot read rollouts: {e}"));
+            return Err(Unavailable(format!("cannot read rollouts: {e}")));
         }
     };
     let active = rollouts.iter().find(|x| !x.state.is_final());
@@ -422,12 +446,15 @@ async fn decide_and_act(ctl: &HookActor, r: &Request, target: &str) -> Result<St
         },
         (None, "pause") => "no active rollout to pause".to_string(),
         (None, _) => {
-            let from = match rollouts.last() {
+            // The release the incident is about: the last one a rollout completed (a rollout that
+            // was rolled back, aborted or superseded left the fleet elsewhere), else what most
+            // targeted agents run.
+            let completed = rollouts.iter().rev().find(|ro| ro.state == RolloutState::Completed);
+            let from = match completed {
                 Some(ro) => ro.spec.version.clone(),
-                None => match running_version(ctl, &r.app, r.region.as_deref()).await {
-                    Ok(v) => v,
-                    Err(e) => return Ok(format!("not acted: cannot read agents: {e}")),
-                },
+                None => running_version(ctl, &r.app, r.region.as_deref())
+                    .await
+                    .map_err(|e| Unavailable(format!("cannot read agents: {e}")))?,
             };
             if from.is_empty() {
                 return Ok(format!("no agent runs {}: nothing to roll back", r.app));
@@ -445,12 +472,10 @@ async fn decide_and_act(ctl: &HookActor, r: &Request, target: &str) -> Result<St
                     let applied = count(|a| *a == crate::logic::Answer::Applied);
                     let already = count(|a| *a == crate::logic::Answer::AlreadyInState);
                     let not_done = results.len() - applied - already;
-                    if applied + already == 0 {
-                        // Nothing happened (every agent unreachable or failing): the incident is
-                        // given back so a later alert can try again.
-                        if let Err(release) = ctl.unclaim(&once).await {
-                            tracing::error!(key = %once, error = %release, "could not release the once-only record");
-                        }
+                    if applied == 0 {
+                        // Nothing moved (every agent unreachable, failing or already off it):
+                        // the incident is given back so a later alert can try again.
+                        release(ctl, &once).await;
                     }
                     format!(
                         "rolled back {applied} of {} agent(s) from {}@{from} in {} ms; {already} already off it; {not_done} not done",
@@ -462,9 +487,7 @@ async fn decide_and_act(ctl: &HookActor, r: &Request, target: &str) -> Result<St
                 Err(e) => {
                     // The rollback was refused before any agent was ordered: give the incident
                     // back so a later alert can try again.
-                    if let Err(release) = ctl.unclaim(&once).await {
-                        tracing::error!(key = %once, error = %release, "could not release the once-only record");
-                    }
+                    release(ctl, &once).await;
                     format!("rollback failed: {e}")
                 }
             }

@@ -228,6 +228,23 @@ async fn alertmanager_hook_auth_errors_dedupe_and_actions() {
     let r = c.rollout(Some(id)).await.unwrap();
     assert_eq!(r.state, RolloutState::Aborted);
     assert!(f.serving("eu-1").as_deref() != Some("1.2.0") && f.serving("us-1").as_deref() != Some("1.2.0"));
+    // After an aborted rollout the incident is about the release the last completed rollout
+    // left (1.1.0, still on us-1), not the aborted one nobody runs: the alert moves us-1.
+    let later = alert("Errors", "firing", json!({"app": "shop-api", "convoy_action": "rollback"}), "fp4");
+    let (code, body) = post(http, path, &bearer, &later);
+    assert_eq!(code, 200, "{body}");
+    let outcome = body["actions"][0]["outcome"].as_str().unwrap();
+    assert!(outcome.contains("rolled back 1 of 2") && outcome.contains("@1.1.0"), "{body}");
+    assert_eq!(f.serving("us-1").as_deref(), Some("1.0.0"));
+    assert_eq!(f.serving("eu-1").as_deref(), Some("1.0.0"));
+    // Another alert about the same incident does not roll the fleet a step further.
+    let again = alert("Errors", "firing", json!({"app": "shop-api", "convoy_action": "rollback"}), "fp5");
+    let (_, body) = post(http, path, &bearer, &again);
+    assert!(
+        body["actions"][0]["outcome"].as_str().unwrap().contains("already rolled back from shop-api@1.1.0"),
+        "{body}"
+    );
+    assert_eq!(f.serving("us-1").as_deref(), Some("1.0.0"));
     f.shutdown().await;
 }
 
