@@ -381,7 +381,8 @@ impl pb::agent_service_server::AgentService for AgentSvc {
         // of no order in flight, unknown kinds) are bounded between two heartbeats.
         let mut alive_until = tokio::time::Instant::now() + silence;
         let mut unasked = 0u32;
-        tokio::spawn(
+        let tracked = ctl.clone();
+        tracked.spawn_tracked(
             async move {
                 loop {
                     tokio::select! {

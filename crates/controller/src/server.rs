@@ -101,7 +101,7 @@ impl Prepared {
             offline_after: config.notify.offline_after,
             audit_key,
         };
-        let controller = Controller::new(ca, store, settings);
+        let controller = Controller::new(ca, store, settings)?;
         controller.prepare_blob_dir()?;
         controller.load_gauges()?;
         let hooks = crate::hooks::HookConfig::from_config(&config.hooks)?;
@@ -194,6 +194,8 @@ impl Prepared {
             DRAIN_TIMEOUT,
         ));
         let grpc_result = grpc_server.await;
+        // Session loops end once their sessions are closed; the store is free after them.
+        ctl.wait_for_tasks(DRAIN_TIMEOUT).await;
         // The gRPC server also ends when it fails: the HTTP listener stops with it.
         stop.cancel();
         let http_result = http_task.await.map_err(|e| Error::Http(std::io::Error::other(e)));

@@ -309,6 +309,15 @@ impl Store {
 
     /// Reserves order sequence numbers up to `upto` (exclusive) durably; returns the previous
     /// reservation, from which numbering continues.
+    /// The first order sequence number not yet reserved (1 for a new store).
+    pub fn seq_reserved(&self) -> Result<u64> {
+        Ok(self
+            .meta
+            .get("seq_reserved")?
+            .and_then(|v| v.as_ref().try_into().ok().map(u64::from_be_bytes))
+            .unwrap_or(1))
+    }
+
     pub fn reserve_seq(&self, block: u64) -> Result<(u64, u64)> {
         let old = self
             .meta

@@ -603,3 +603,50 @@ async fn an_agent_cannot_push_the_order_sequence_to_its_end() {
     assert!(after > before && after < before + 2048, "the sequence moved from {before} to {after}");
     ctl.stop().await.unwrap();
 }
+
+/// After a restart, agents' sequence reports are judged against the numbering the controller
+/// stored, not against zero: an honest agent that applied orders numbered past 2^32 (after an
+/// earlier legitimate jump) is not locked out.
+#[tokio::test]
+async fn a_restarted_controller_judges_agent_sequences_against_its_stored_numbering() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("ctl");
+    let ctl = LocalController::start(&dir, LocalOptions::default()).await.unwrap();
+    ctl.enroll(&tmp.path().join("a1"), "a1", "eu-west").await.unwrap();
+    let id = common::agent_identity(&tmp.path().join("a1"));
+    let hello_with = |seq: u64| {
+        let mut hello = common::hello("a1");
+        if let Some(convoy_proto::v1::agent_message::Msg::Hello(h)) = &mut hello.msg {
+            h.last_order_seq = seq;
+        }
+        hello
+    };
+    // A legitimate jump (a controller restored from a backup): the numbering moves past it.
+    let jump = (1u64 << 32) - 10;
+    let ch = common::dial(&ctl.grpc_addr.to_string(), &ctl.ca_pem().unwrap(), Some(&id)).await.unwrap();
+    let mut s = convoy_proto::v1::agent_service_client::AgentServiceClient::new(ch)
+        .session(tokio_stream::iter(vec![hello_with(jump)]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(s.message().await.unwrap().is_some(), "welcome");
+    drop(s);
+    let next = ctl.controller.next_seq().await.unwrap();
+    assert!(next > jump, "{next}");
+    let grpc_addr = ctl.grpc_addr;
+    ctl.stop().await.unwrap();
+    let ctl =
+        LocalController::start(&dir, LocalOptions { grpc_addr: Some(grpc_addr), ..LocalOptions::default() })
+            .await
+            .unwrap();
+    // The agent has since applied orders a little past 2^32: within reach of the stored
+    // numbering, though more than 2^32 past zero.
+    let ch = common::dial(&ctl.grpc_addr.to_string(), &ctl.ca_pem().unwrap(), Some(&id)).await.unwrap();
+    let mut s = convoy_proto::v1::agent_service_client::AgentServiceClient::new(ch)
+        .session(tokio_stream::iter(vec![hello_with(next + 20)]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(s.message().await.unwrap().is_some(), "welcome after the restart");
+    ctl.stop().await.unwrap();
+}

@@ -199,6 +199,9 @@ struct Inner {
     converging: Mutex<std::collections::HashSet<String>>,
     /// Cancelled when the controller shuts down: background drivers stop with it.
     shutdown: CancellationToken,
+    /// Session tasks, which hold the controller (and so its store): a stopping controller
+    /// waits for them, so the next one can open the store.
+    tasks: tokio_util::task::TaskTracker,
     audit_lock: Mutex<()>,
     /// Download streams in progress per agent: each holds an open file and buffers, and an agent
     /// that opens streams without reading them must not exhaust the controller.
@@ -235,9 +238,13 @@ pub struct SessionHandle {
 }
 
 impl Controller {
-    pub fn new(ca: Ca, store: Store, settings: Settings) -> Self {
+    /// Reads the store, so it runs on a blocking thread.
+    pub fn new(ca: Ca, store: Store, settings: Settings) -> Result<Self> {
         let notifier = crate::notify::Notifier::new(settings.notify_urls.clone());
-        Self {
+        // Orders continue after every number reserved before: agents' sequence reports are
+        // judged against that from the first hello on, not against zero.
+        let reserved = store.seq_reserved()?;
+        Ok(Self {
             inner: Arc::new(Inner {
                 ca,
                 store,
@@ -246,17 +253,18 @@ impl Controller {
                 next_session: 1.into(),
                 pending: Mutex::new(HashMap::new()),
                 refusals: Mutex::new(HashMap::new()),
-                seq: Mutex::new((0, 0)),
+                seq: Mutex::new((reserved, reserved)),
                 drivers: Mutex::new(HashMap::new()),
                 converging: Mutex::new(Default::default()),
                 shutdown: CancellationToken::new(),
+                tasks: tokio_util::task::TaskTracker::new(),
                 audit_lock: Mutex::new(()),
                 downloads: Mutex::new(HashMap::new()),
                 admins_lock: Mutex::new(()),
                 metrics: Default::default(),
                 notifier,
             }),
-        }
+        })
     }
 
     /// A permit for one download stream of `agent_id`, or `Busy` when it already has
@@ -627,6 +635,22 @@ impl Controller {
                 });
             }
             tracing::info!(agent_id = %handle.agent_id, session_id = handle.session_id, "agent offline");
+        }
+    }
+
+    /// Runs a task that holds the controller and ends at shutdown (a session's loop).
+    pub fn spawn_tracked<F>(&self, task: F)
+    where
+        F: std::future::Future<Output = ()> + Send + 'static,
+    {
+        self.inner.tasks.spawn(task);
+    }
+
+    /// Waits up to `limit` for tracked tasks to end, after sessions were closed.
+    pub async fn wait_for_tasks(&self, limit: Duration) {
+        self.inner.tasks.close();
+        if tokio::time::timeout(limit, self.inner.tasks.wait()).await.is_err() {
+            tracing::warn!(left = self.inner.tasks.len(), "session tasks still running at shutdown");
         }
     }
 
