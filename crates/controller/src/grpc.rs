@@ -494,7 +494,7 @@ impl pb::agent_service_server::AgentService for AgentSvc {
         let span = tracing::info_span!("renew", %agent_id);
         // A superseded certificate cannot renew itself back into validity.
         self.0.check_agent_cert(&agent_id, &serial).instrument(span.clone()).await.map_err(to_status)?;
-        match self.0.renew(agent_id, req.into_inner().csr_der).instrument(span.clone()).await {
+        match self.0.renew(agent_id, serial, req.into_inner().csr_der).instrument(span.clone()).await {
             Ok(pem) => Ok(Response::new(pb::RenewResponse { certificate_pem: pem })),
             Err(e) => {
                 span.in_scope(|| tracing::warn!(error = %e, "renewal refused"));

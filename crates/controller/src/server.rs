@@ -327,6 +327,7 @@ mod tests {
                         apps: vec![],
                         previous_serial: None,
                         previous_serial_until: 0,
+                        cert_serial_used: false,
                     })
                     .unwrap();
             }

@@ -100,6 +100,10 @@ pub struct AgentRecord {
     pub previous_serial: Option<String>,
     #[serde(default)]
     pub previous_serial_until: i64,
+    /// Whether the newest certificate has been presented since it was issued. Until it has,
+    /// the one it replaced may renew again (the answer to its renewal may have been lost).
+    #[serde(default)]
+    pub cert_serial_used: bool,
 }
 
 /// Apps one agent's record holds at most; reports beyond are dropped.

@@ -492,3 +492,54 @@ async fn a_superseded_agent_certificate_is_refused_after_the_overlap() {
     assert_eq!(ok.code(), Code::NotFound, "{ok:?}");
     ctl.stop().await.unwrap();
 }
+
+/// Within the overlap, the certificate a renewal replaced may renew again only while the new
+/// one has never been presented (its answer may have been lost); once the new one is in use, a
+/// copy of the old key cannot mint a successor and lock the agent out.
+#[tokio::test]
+async fn only_the_newest_agent_certificate_in_use_may_renew() {
+    let tmp = tempfile::tempdir().unwrap();
+    let opts = LocalOptions { agent_cert_lifetime: Some(Duration::from_secs(600)), ..Default::default() };
+    let ctl = LocalController::start(&tmp.path().join("ctl"), opts).await.unwrap();
+    ctl.enroll(&tmp.path().join("a1"), "a1", "eu-west").await.unwrap();
+    let old = agent_identity(&tmp.path().join("a1"));
+    let (addr, ca) = (ctl.grpc_addr.to_string(), ctl.ca_pem().unwrap());
+    let renew = |id: ClientIdentity| {
+        let (addr, ca) = (addr.clone(), ca.clone());
+        async move {
+            let csr = convoy_pki::generate_csr().unwrap();
+            let ch = dial(&addr, &ca, Some(&id)).await.unwrap();
+            pb::agent_service_client::AgentServiceClient::new(ch)
+                .renew(pb::RenewRequest { csr_der: csr.csr_der })
+                .await
+                .map(|r| ClientIdentity { cert_pem: r.into_inner().certificate_pem, key_pem: csr.key_pem })
+        }
+    };
+    let download = |id: ClientIdentity| {
+        let (addr, ca) = (addr.clone(), ca.clone());
+        async move {
+            let ch = dial(&addr, &ca, Some(&id)).await.unwrap();
+            pb::agent_service_client::AgentServiceClient::new(ch)
+                .download(pb::DownloadRequest { digest: "0".repeat(64), offset: 0 })
+                .await
+                .map(|_| ())
+                .unwrap_err()
+                .code()
+        }
+    };
+    let lost = renew(old.clone()).await.unwrap();
+    // The answer never arrived: the old certificate renews again.
+    let kept = renew(old.clone()).await.unwrap();
+    // The certificate whose answer was lost was replaced: it is refused.
+    assert_eq!(download(lost).await, Code::PermissionDenied);
+    // The new certificate is presented: from now on only it may renew.
+    assert_eq!(download(kept.clone()).await, Code::NotFound);
+    let stolen = renew(old.clone()).await.unwrap_err();
+    assert_eq!(stolen.code(), Code::PermissionDenied, "{stolen:?}");
+    assert!(stolen.message().contains("superseded"), "{}", stolen.message());
+    // The old certificate still works for calls in flight during the overlap, and the newest
+    // renews.
+    assert_eq!(download(old).await, Code::NotFound);
+    renew(kept).await.unwrap();
+    ctl.stop().await.unwrap();
+}

@@ -446,6 +446,7 @@ impl Controller {
             apps: vec![],
             previous_serial: None,
             previous_serial_until: 0,
+            cert_serial_used: false,
         };
         match self.inner.store.commit_enrollment(&hash, &rec)? {
             Ok(()) => {}
@@ -459,11 +460,29 @@ impl Controller {
     }
 
     /// Issues a new certificate for an enrolled, unrevoked agent from a CSR made with a new key.
-    pub async fn renew(&self, agent_id: String, csr_der: Vec<u8>) -> Result<String> {
+    /// Only the agent's newest certificate (`serial`) may renew: a superseded one, still
+    /// accepted for a short overlap, cannot mint a successor and lock the agent out.
+    pub async fn renew(&self, agent_id: String, serial: String, csr_der: Vec<u8>) -> Result<String> {
         self.blocking(move |c| {
             let rec = c.inner.store.agent(&agent_id)?.ok_or_else(|| Error::UnknownAgent(agent_id.clone()))?;
             if rec.revoked {
                 return Err(Error::Revoked(format!("agent {agent_id:?}")));
+            }
+            let superseded = || {
+                Error::PermissionDenied(format!(
+                    "certificate {serial} of agent {agent_id:?} has been superseded; only the newest may renew"
+                ))
+            };
+            // The newest certificate renews; the one it replaced may too while the newest has
+            // never been presented (the answer to its renewal was lost), within the overlap.
+            let may_renew = |r: &AgentRecord| {
+                r.cert_serial == serial
+                    || (!r.cert_serial_used
+                        && r.previous_serial.as_deref() == Some(serial.as_str())
+                        && now() < r.previous_serial_until)
+            };
+            if !may_renew(&rec) {
+                return Err(superseded());
             }
             let identity = Identity::agent(&agent_id).map_err(|e| Error::InvalidArgument(e.to_string()))?;
             let issued = c
@@ -472,11 +491,27 @@ impl Controller {
                 .sign_csr(&csr_der, &identity, c.inner.settings.agent_cert_lifetime)
                 .map_err(|e| Error::Csr(e.to_string()))?;
             let overlap = renewal_overlap(c.inner.settings.agent_cert_lifetime);
+            // Checked again in the same atomic update: two renewals racing with one certificate
+            // cannot both win.
+            let mut raced = false;
             c.inner.store.update_agent(&agent_id, true, |r| {
-                r.previous_serial = Some(std::mem::replace(&mut r.cert_serial, issued.info.serial.clone()));
-                r.previous_serial_until = now() + overlap.as_secs() as i64;
+                raced = !may_renew(r);
+                if raced {
+                    return;
+                }
+                // A lost answer's certificate is dropped: the serial that renewed stays the
+                // previous one, within the overlap it already had.
+                let replaced = std::mem::replace(&mut r.cert_serial, issued.info.serial.clone());
+                if replaced == serial {
+                    r.previous_serial = Some(replaced);
+                    r.previous_serial_until = now() + overlap.as_secs() as i64;
+                }
+                r.cert_serial_used = false;
                 r.cert_not_after = issued.info.not_after;
             })?;
+            if raced {
+                return Err(superseded());
+            }
             tracing::info!(%agent_id, serial = %issued.info.serial, not_after = issued.info.not_after, "agent certificate renewed");
             Ok(issued.cert_pem)
         })
@@ -490,6 +525,15 @@ impl Controller {
         let rec = self.check_agent(agent_id).await?;
         let current = rec.cert_serial == serial;
         let overlap = rec.previous_serial.as_deref() == Some(serial) && now() < rec.previous_serial_until;
+        if current && !rec.cert_serial_used {
+            // The renewed certificate is in use: from now on only it may renew.
+            let (id, s) = (agent_id.to_owned(), serial.to_owned());
+            self.blocking(move |c| {
+                c.inner.store.update_agent(&id, true, |r| r.cert_serial_used |= r.cert_serial == s)?;
+                Ok(())
+            })
+            .await?;
+        }
         if current || overlap {
             return Ok(rec);
         }
