@@ -602,8 +602,15 @@ impl Controller {
         if let Some(old) = old {
             old.cancel.cancel();
         }
+        let handle = SessionHandle { agent_id: agent_id.to_owned(), session_id, cancel, last_seen };
+        // A revocation that landed between the check above and the insert found no session to
+        // close: look again now that the session is visible to it.
+        if let Err(e) = self.check_agent(agent_id).await {
+            self.end_session(&handle).await;
+            return Err(e);
+        }
         tracing::info!(agent_id, session_id, "agent online");
-        Ok(SessionHandle { agent_id: agent_id.to_owned(), session_id, cancel, last_seen })
+        Ok(handle)
     }
 
     fn lock_sessions(&self) -> std::sync::MutexGuard<'_, HashMap<String, Session>> {

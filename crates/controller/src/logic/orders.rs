@@ -300,11 +300,16 @@ impl Controller {
                 .collect(),
             Target::Agents(ids) => {
                 for id in ids {
-                    if !all.iter().any(|a| &a.record.id == id) {
-                        return Err(Error::UnknownAgent(id.clone()));
+                    match all.iter().find(|a| &a.record.id == id) {
+                        None => return Err(Error::UnknownAgent(id.clone())),
+                        Some(a) if a.record.revoked => return Err(Error::Revoked(format!("agent {id:?}"))),
+                        Some(_) => {}
                     }
                 }
-                ids.clone()
+                let mut ids = ids.clone();
+                ids.sort();
+                ids.dedup();
+                ids
             }
         };
         Ok(ids)
