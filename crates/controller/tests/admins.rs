@@ -630,3 +630,27 @@ async fn refused_calls_cannot_flood_the_audit_log() {
     assert_eq!(audit(&ctl).await.len(), before);
     ctl.stop().await.unwrap();
 }
+
+/// A viewer's certificate can rekey its own name, but only up to a few active certificates:
+/// a stolen one cannot mint successors without bound. Revoking one makes room again.
+#[tokio::test]
+async fn an_admin_holds_at_most_a_few_active_certificates() {
+    use convoy_controller::logic::admins::MAX_ACTIVE_CERTS;
+    let tmp = tempfile::tempdir().unwrap();
+    let ctl = controller(tmp.path()).await;
+    let viewer = add_admin(&ctl, "ops", "viewer").await;
+    let mut minted = vec![viewer.clone()];
+    while minted.len() < MAX_ACTIVE_CERTS {
+        minted.push(rekey(&ctl, &viewer, "").await.unwrap());
+    }
+    let refused = rekey(&ctl, &viewer, "").await.unwrap_err();
+    assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+    assert!(refused.message().contains("active certificates"), "{}", refused.message());
+    client(&ctl, &init_admin(&ctl))
+        .await
+        .revoke_admin(pb::RevokeAdminRequest { name: "ops".into(), serial: serial_of(&minted[1]) })
+        .await
+        .unwrap();
+    rekey(&ctl, &viewer, "").await.unwrap();
+    ctl.stop().await.unwrap();
+}

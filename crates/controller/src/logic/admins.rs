@@ -29,6 +29,10 @@ pub struct AdminRecord {
     pub created_at: i64,
 }
 
+/// Unrevoked, unexpired certificates one admin may hold at once: a stolen certificate cannot
+/// mint an unbounded number of successors, and the record stays small.
+pub const MAX_ACTIVE_CERTS: usize = 4;
+
 /// A certificate issued to an admin.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AdminCert {
@@ -247,6 +251,16 @@ impl Controller {
                 .store
                 .get::<AdminRecord>(Tree::Admins, &name)?
                 .ok_or_else(|| Error::UnknownAdmin(name.clone()))?;
+            // Expired certificates cannot be used any more; they leave the record.
+            let t = super::now();
+            rec.certs.retain(|cert| cert.not_after > t);
+            let active = rec.certs.iter().filter(|cert| !cert.revoked).count();
+            if active >= MAX_ACTIVE_CERTS {
+                return Err(Error::FailedPrecondition(format!(
+                    "admin {name:?} already has {active} active certificates (at most {MAX_ACTIVE_CERTS}); \
+                     revoke one of its serials first"
+                )));
+            }
             let issued = c.inner.ca.sign_admin_csr(&csr_der, &name).map_err(|e| Error::Csr(e.to_string()))?;
             rec.certs.push(AdminCert::new(&issued.info, &by));
             c.inner.store.put(Tree::Admins, &name, &rec, true)?;
