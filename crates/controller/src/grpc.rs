@@ -190,7 +190,9 @@ fn order_pb(o: logic::Order) -> pb::ControllerMessage {
         OrderKind::Activate { app, version, health_deadline } => Kind::Activate(pb::ActivateOrder {
             app,
             version,
-            health_deadline_secs: health_deadline.map(|d| d.as_secs().max(1) as u32).unwrap_or(0),
+            health_deadline_secs: health_deadline
+                .map(|d| u32::try_from(d.as_secs().max(1)).unwrap_or(u32::MAX))
+                .unwrap_or(0),
         }),
         OrderKind::Rollback { app, from, to, reason } => Kind::Rollback(pb::RollbackOrder {
             app,

@@ -654,3 +654,36 @@ async fn an_admin_holds_at_most_a_few_active_certificates() {
     rekey(&ctl, &viewer, "").await.unwrap();
     ctl.stop().await.unwrap();
 }
+
+/// Stepping over a freeze is the admins' (who own freezes), not a deployer's; durations an agent
+/// would refuse are refused before a rollout starts.
+#[tokio::test]
+async fn deploy_arguments_beyond_a_deployers_reach_are_refused_up_front() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ctl = controller(tmp.path()).await;
+    let deployer = add_admin(&ctl, "dep", "deployer").await;
+    let mut c = client(&ctl, &deployer).await;
+    let base = pb::DeployRequest { app: "shop-api".into(), version: "1.0.0".into(), ..Default::default() };
+    let s = c
+        .deploy(pb::DeployRequest { override_freeze: true, reason: "sale".into(), ..base.clone() })
+        .await
+        .unwrap_err();
+    assert_eq!(s.code(), Code::PermissionDenied, "{s:?}");
+    assert!(s.message().contains("needs role admin"), "{}", s.message());
+    for long in [
+        pb::DeployRequest { health_deadline_ms: 2 * 86_400_000, ..base.clone() },
+        pb::DeployRequest { bake_ms: u64::MAX, ..base.clone() },
+    ] {
+        let s = c.deploy(long).await.unwrap_err();
+        assert_eq!(s.code(), Code::InvalidArgument, "{s:?}");
+        assert!(s.message().contains("longer than 1day"), "{}", s.message());
+    }
+    let log = audit(&ctl).await;
+    assert!(
+        log.iter().any(
+            |e| e["action"] == "freeze.override" && e["outcome"].as_str().unwrap().starts_with("refused")
+        ),
+        "the refusal is audited"
+    );
+    ctl.stop().await.unwrap();
+}

@@ -5,6 +5,10 @@ use std::time::Duration;
 
 use super::*;
 
+/// The longest health deadline or bake time a deploy may ask for (agents refuse longer
+/// health deadlines).
+const MAX_DEPLOY_DURATION: Duration = Duration::from_secs(24 * 3600);
+
 /// The admin service.
 #[derive(Clone)]
 pub struct AdminSvc(pub Controller);
@@ -290,7 +294,21 @@ impl pb::admin_service_server::AdminService for AdminSvc {
     async fn deploy(&self, req: Request<pb::DeployRequest>) -> Result<Response<pb::DeployResponse>, Status> {
         let target = format!("{}@{}", req.get_ref().app, req.get_ref().version);
         let admin = self.caller(&req, Action::Deploy, &target).await?;
+        if req.get_ref().override_freeze {
+            self.check_role(&admin, Action::OverrideFreeze, &target).await?;
+        }
         let r = req.into_inner();
+        // What an agent would refuse, refused here before anything starts: a rollout must not
+        // fail (and mark its release bad) on an argument.
+        for (what, ms) in [("health deadline", r.health_deadline_ms), ("bake time", r.bake_ms)] {
+            if Duration::from_millis(ms) > MAX_DEPLOY_DURATION {
+                return Err(to_status(logic::Error::InvalidArgument(format!(
+                    "the {what} of {} is longer than {}",
+                    humantime::format_duration(Duration::from_millis(ms)),
+                    humantime::format_duration(MAX_DEPLOY_DURATION)
+                ))));
+            }
+        }
         let mut spec = RolloutSpec::new(&r.app, &r.version);
         spec.regions = r.regions;
         spec.selector = r.selector.into_iter().collect();

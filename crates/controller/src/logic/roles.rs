@@ -80,6 +80,9 @@ pub enum Action {
     RemoveRelease,
     AddFreeze,
     RemoveFreeze,
+    /// Deploying through a freeze window (`override_freeze` on a deploy): freezes are the
+    /// admins', so is stepping over one.
+    OverrideFreeze,
     AddAdmin,
     /// A new certificate for the caller's own name.
     RekeySelf,
@@ -115,6 +118,7 @@ impl Action {
             | A::RemoveRelease
             | A::AddFreeze
             | A::RemoveFreeze
+            | A::OverrideFreeze
             | A::AddAdmin
             | A::RekeyOther
             | A::RevokeAdmin
@@ -146,6 +150,7 @@ impl Action {
             A::RemoveRelease => "release.rm",
             A::AddFreeze => "freeze.add",
             A::RemoveFreeze => "freeze.rm",
+            A::OverrideFreeze => "freeze.override",
             A::AddAdmin => "admin.add",
             A::RekeySelf | A::RekeyOther => "admin.rekey",
             A::RevokeAdmin => "admin.revoke",
