@@ -549,16 +549,33 @@ async fn admin_and_hook_actions_write_intent_then_outcome_and_log_reads_are_audi
         .await
         .unwrap();
     admin.logs(pb::LogsRequest { agent_id: "eu-1".into(), app: "shop-api".into(), lines: 5 }).await.unwrap();
+    // The same rollback again moves nobody, and the log says so instead of "ok".
+    admin
+        .rollback(pb::RollbackRequest {
+            app: "shop-api".into(),
+            region: "eu-west".into(),
+            from_version: "1.1.0".into(),
+            reason: "errors".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
     let log = c.audit_log(None, None).await.unwrap();
+
     let actor = log.iter().find(|e| e.action == "deploy").unwrap().actor.clone();
     assert!(actor.starts_with("admin/"), "{actor}");
     let (intent, outcome) = pair(&log, &actor, "deploy");
     assert_eq!(intent.target, "shop-api@1.1.0");
     assert_eq!(outcome.outcome, "ok");
+    // The latest rollback moved nobody; the one before moved eu-1.
     let (_, outcome) = pair(&log, &actor, "rollback");
-    assert_eq!(outcome.outcome, "ok");
-    let (intent, _) = pair(&log, &actor, "logs.read");
+    assert_eq!(outcome.outcome, "nothing rolled back: 0 of 1 rolled back, 1 already off it, 0 not done");
+    let first =
+        log.iter().filter(|e| e.action == "rollback" && e.phase == Some(Phase::Outcome)).next().unwrap();
+    assert_eq!(first.outcome, "ok: 1 of 1 rolled back, 0 already off it, 0 not done");
+    let (intent, outcome) = pair(&log, &actor, "logs.read");
     assert_eq!(intent.target, "eu-1/shop-api");
+    assert_eq!(outcome.outcome, "ok");
     // A hook rollback has the same shape, with the alert as the actor.
     let bearer = vec![("Authorization", format!("Bearer {}", f.token()))];
     let firing = alert(

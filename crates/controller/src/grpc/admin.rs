@@ -73,11 +73,26 @@ impl AdminSvc {
         params: serde_json::Value,
         run: impl std::future::Future<Output = Result<T, logic::Error>>,
     ) -> Result<Result<T, logic::Error>, Status> {
+        self.audited_with(admin, action, target, params, run, |_| "ok".to_string()).await
+    }
+
+    /// [`Self::audited`] for actions whose success says nothing yet: `describe` words the
+    /// outcome from the result (how many agents did it, or whether the agent answered), so the
+    /// log never says "ok" where nothing happened.
+    async fn audited_with<T>(
+        &self,
+        admin: &AdminCaller,
+        action: &str,
+        target: &str,
+        params: serde_json::Value,
+        run: impl std::future::Future<Output = Result<T, logic::Error>>,
+        describe: impl FnOnce(&T) -> String,
+    ) -> Result<Result<T, logic::Error>, Status> {
         let actor = admin.to_string();
         let intent = self.0.audit_intent(&actor, action, target, params).await.map_err(to_status)?;
         let result = run.await;
         let outcome = match &result {
-            Ok(_) => "ok".to_string(),
+            Ok(v) => describe(v),
             Err(e) => format!("refused: {e}"),
         };
         self.0.audit_outcome(intent, &actor, action, target, serde_json::json!({}), &outcome).await;
@@ -265,7 +280,20 @@ impl pb::admin_service_server::AdminService for AdminSvc {
             .0
             .rollback(&r.app, &target, from.clone(), to.clone(), &r.reason, &by)
             .instrument(tracing::info_span!("rollback", %admin, app = %r.app));
-        let result = self.audited(&admin, "rollback", &r.app, params, run).await?;
+        let result = self
+            .audited_with(&admin, "rollback", &r.app, params, run, |(results, _)| {
+                let done = |want: logic::Answer| {
+                    results.iter().filter(|(_, res, _)| res.as_ref().is_ok_and(|o| o.answer == want)).count()
+                };
+                let (applied, already) = (done(logic::Answer::Applied), done(logic::Answer::AlreadyInState));
+                let rest = results.len() - applied - already;
+                let verdict = if applied > 0 { "ok" } else { "nothing rolled back" };
+                format!(
+                    "{verdict}: {applied} of {} rolled back, {already} already off it, {rest} not done",
+                    results.len()
+                )
+            })
+            .await?;
         let (results, elapsed) = result.map_err(to_status)?;
         let outcomes = results
             .into_iter()
@@ -532,7 +560,16 @@ impl pb::admin_service_server::AdminService for AdminSvc {
         let params = serde_json::json!({"agent": r.agent_id, "app": r.app, "lines": lines});
         let kind = OrderKind::Logs { app: r.app, lines };
         let run = self.0.send_order(&r.agent_id, kind, Duration::from_secs(30));
-        let o = self.audited(&admin, "logs.read", &target, params, run).await?.map_err(to_status)?;
+        let o = self
+            .audited_with(&admin, "logs.read", &target, params, run, |o| {
+                if o.is_done() {
+                    "ok".to_string()
+                } else {
+                    format!("not read: {}", o.problem())
+                }
+            })
+            .await?
+            .map_err(to_status)?;
         if !o.is_done() {
             return Err(Status::failed_precondition(o.problem()));
         }
