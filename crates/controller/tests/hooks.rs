@@ -570,8 +570,7 @@ async fn admin_and_hook_actions_write_intent_then_outcome_and_log_reads_are_audi
     // The latest rollback moved nobody; the one before moved eu-1.
     let (_, outcome) = pair(&log, &actor, "rollback");
     assert_eq!(outcome.outcome, "nothing rolled back: 0 of 1 rolled back, 1 already off it, 0 not done");
-    let first =
-        log.iter().filter(|e| e.action == "rollback" && e.phase == Some(Phase::Outcome)).next().unwrap();
+    let first = log.iter().find(|e| e.action == "rollback" && e.phase == Some(Phase::Outcome)).unwrap();
     assert_eq!(first.outcome, "ok: 1 of 1 rolled back, 0 already off it, 0 not done");
     let (intent, outcome) = pair(&log, &actor, "logs.read");
     assert_eq!(intent.target, "eu-1/shop-api");
