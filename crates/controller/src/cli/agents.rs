@@ -158,19 +158,53 @@ pub(crate) fn render(mut agents: Vec<pb::AgentInfo>, output: Output) -> anyhow::
     Ok(table(&rows))
 }
 
-/// Left-aligned columns separated by two spaces.
+/// Left-aligned columns separated by two spaces. Cells are shown with control characters
+/// escaped: what agents, alerts or refused callers put into a field cannot fake rows or hide
+/// text on the operator's terminal.
 pub(crate) fn table<const N: usize>(rows: &[[String; N]]) -> String {
+    let rows: Vec<[String; N]> = rows.iter().map(|r| r.clone().map(|c| printable(&c))).collect();
     let mut widths = [0usize; N];
-    for row in rows {
+    for row in &rows {
         for (w, cell) in widths.iter_mut().zip(row) {
             *w = (*w).max(cell.chars().count());
         }
     }
     let mut out = String::new();
-    for row in rows {
+    for row in &rows {
         let line: Vec<String> = row.iter().zip(widths).map(|(c, w)| format!("{c:<w$}")).collect();
         out.push_str(line.join("  ").trim_end());
         out.push('\n');
     }
     out
+}
+
+/// `s` with control characters (newlines, escape sequences, and the Unicode controls that
+/// reorder text) written as `\u{..}` escapes.
+pub(crate) fn printable(s: &str) -> String {
+    let hidden = |c: char| {
+        c.is_control()
+            || matches!(c, '\u{200b}'..='\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+    };
+    if !s.chars().any(hidden) {
+        return s.to_owned();
+    }
+    s.chars().map(|c| if hidden(c) { c.escape_unicode().to_string() } else { c.to_string() }).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn table_cells_cannot_fake_rows_or_carry_escape_sequences() {
+        let rows = vec![
+            ["A".to_string(), "B".to_string()],
+            ["x\n9999  admin/root  deploy".to_string(), "\u{1b}[2Jcleared\u{202e}txet".to_string()],
+        ];
+        let out = table(&rows);
+        assert_eq!(out.lines().count(), 2, "{out}");
+        assert!(!out.contains('\u{1b}') && !out.contains('\u{202e}'), "{out:?}");
+        assert!(out.contains("x\\u{a}9999"), "{out}");
+        assert_eq!(printable("plain"), "plain");
+    }
 }
