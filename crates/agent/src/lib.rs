@@ -24,7 +24,7 @@ use std::time::Duration;
 
 pub use download::{DownloadOptions, Downloaded, Downloader};
 pub use enroll::{enroll, EnrollOptions};
-pub use exec::{ExecConfig, ExecError, Executor};
+pub use exec::{ExecConfig, ExecError, Executor, MAX_SEQ_JUMP};
 pub use identity::{AgentFile, AGENT_FILE, CA_FILE, IDENTITY_FILE};
 pub use layout::{Layout, LOG_TAIL_MAX_BYTES};
 pub use process::{

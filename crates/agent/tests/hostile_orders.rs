@@ -106,6 +106,14 @@ async fn hostile_orders_are_refused_with_the_field_and_change_nothing() {
     case("rollback reason of 1 MiB", Some(rollback("shop", "1.0.0", "", &huge)), "reason");
     // Sequence number zero, with an otherwise valid order.
     cases.push(("seq 0".into(), Some(activate("shop", "1.0.0", 0)), 0, "seq"));
+    // Numbers that would make every later order stale: the top half, and a jump past the bound.
+    for seq in [u64::MAX, u64::MAX / 2] {
+        cases.push((format!("seq {seq}"), Some(activate("shop", "1.0.0", 0)), seq, "seq"));
+    }
+    let applied = exec.last_seq();
+    assert!(applied > 0, "the fixture applied orders before the hostile ones");
+    let far = applied + convoy_agent::MAX_SEQ_JUMP + 1;
+    cases.push(("seq past the jump bound".into(), Some(activate("shop", "1.0.0", 0)), far, "seq"));
 
     let last_seq = exec.last_seq();
     for (name, kind, seq, field) in cases {

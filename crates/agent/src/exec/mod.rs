@@ -27,7 +27,7 @@ pub use error::ExecError;
 
 use crate::download::{DownloadOptions, Downloader};
 use crate::layout::Layout;
-use crate::order::{AppName, Order, OrderKind, Outcome};
+use crate::order::{AppName, Order, OrderKind, Outcome, Refusal};
 use crate::state::{HealthState, State};
 use crate::Result;
 
@@ -130,6 +130,11 @@ impl Core {
     }
 }
 
+/// How far past the last applied order a new order's number may be (the controller's own bound
+/// on the sequence jumps it makes); numbers from 2^63 on are never admitted (a controller
+/// refuses an agent that reports them).
+pub const MAX_SEQ_JUMP: u64 = 1 << 32;
+
 /// Applies orders and supervises services. Cheap to clone.
 #[derive(Clone)]
 pub struct Executor {
@@ -228,6 +233,24 @@ impl Executor {
                 drop(admitted);
                 tracing::info!(seq = order.seq, "stale order ignored");
                 self.answer(order.seq, Some(app), outcome, String::new(), reply);
+                return;
+            }
+            // An order numbered far past anything applied would make every later order stale
+            // and lock this agent out of a controller that did not send it. (A new agent's
+            // first order may carry any number the controller has reached.)
+            let too_far =
+                (*admitted > 0 && order.seq - *admitted > MAX_SEQ_JUMP) || order.seq >= u64::MAX / 2;
+            if too_far {
+                let refusal = Refusal::new(
+                    "seq",
+                    format!(
+                        "order {} is more than {MAX_SEQ_JUMP} past the last applied order {}",
+                        order.seq, *admitted
+                    ),
+                );
+                drop(admitted);
+                tracing::warn!(seq = order.seq, "order numbered far past the last applied one refused");
+                self.answer(order.seq, Some(app), Outcome::Refused(refusal), String::new(), reply);
                 return;
             }
             *admitted = order.seq;
