@@ -130,10 +130,10 @@ impl LocalController {
     /// Pushes a bundle file through the admin API, as `convoy release push` does.
     pub async fn push_file(&self, path: &Path) -> anyhow::Result<pb::ReleaseInfo> {
         let data = tokio::fs::read(path).await.with_context(|| format!("reading {}", path.display()))?;
-        let (tx, rx) = tokio::sync::mpsc::channel(1);
-        tx.send(pb::PushChunk { data }).await?;
-        drop(tx);
-        let resp = self.admin().await?.push_release(tokio_stream::wrappers::ReceiverStream::new(rx)).await?;
+        // In chunks, as the CLI sends them: one message may not exceed the admin message limit.
+        let chunks: Vec<pb::PushChunk> =
+            data.chunks(crate::logic::BUNDLE_CHUNK).map(|c| pb::PushChunk { data: c.to_vec() }).collect();
+        let resp = self.admin().await?.push_release(tokio_stream::iter(chunks)).await?;
         resp.into_inner().release.context("the controller returned no release")
     }
 

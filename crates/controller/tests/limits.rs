@@ -210,7 +210,8 @@ async fn closed_by_server(conn: &mut tokio::net::TcpStream) -> bool {
 /// cap a connection is closed at once and everyone else is still served.
 #[tokio::test]
 async fn connections_are_bounded_in_total_and_per_peer() {
-    let limits = convoy_transport::ConnLimits { total: 24, handshakes_per_ip: 6, per_peer: 3 };
+    let limits =
+        convoy_transport::ConnLimits { total: 24, handshakes_per_ip: 6, per_peer: 3, ..Default::default() };
     let tmp = tempfile::tempdir().unwrap();
     let opts = LocalOptions { conn_limits: limits, ..LocalOptions::default() };
     let ctl = LocalController::start(&tmp.path().join("ctl"), opts).await.unwrap();
@@ -352,5 +353,63 @@ async fn unsolicited_order_results_write_nothing_and_a_flood_closes_the_session(
     assert!(agent.apps.is_empty(), "unsolicited results were recorded: {:?}", agent.apps.len());
     let grown = dir_bytes(&state_dir).saturating_sub(before);
     assert!(grown < 2 << 20, "state directory grew by {grown} bytes");
+    ctl.stop().await.unwrap();
+}
+
+/// A TLS connection without a client certificate, as an enrolling agent opens.
+async fn anonymous_tls(
+    addr: std::net::SocketAddr,
+    ca: &str,
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    let tls = convoy_pki::client_config(ca, None).unwrap();
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+    tokio_rustls::TlsConnector::from(tls).connect(name, tcp).await.unwrap()
+}
+
+/// Connections without a client certificate (enrollment) get a short life and a small share of
+/// the listener, so they can never crowd out agents and admins.
+#[tokio::test]
+async fn anonymous_connections_are_short_lived_and_capped_in_total() {
+    use tokio::io::AsyncReadExt;
+    let limits = convoy_transport::ConnLimits {
+        total: 16,
+        anonymous_lifetime: Duration::from_secs(1),
+        ..Default::default()
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let ctl = LocalController::start(
+        &tmp.path().join("ctl"),
+        LocalOptions { conn_limits: limits, ..Default::default() },
+    )
+    .await
+    .unwrap();
+    let ca = ctl.ca_pem().unwrap();
+    let addr = ctl.grpc_addr;
+    // An eighth of 16: two anonymous connections are held, a third is closed at once.
+    let started = std::time::Instant::now();
+    let mut held = vec![anonymous_tls(addr, &ca).await, anonymous_tls(addr, &ca).await];
+    let mut third = anonymous_tls(addr, &ca).await;
+    let mut buf = [0u8; 64];
+    let r = tokio::time::timeout(Duration::from_secs(5), third.read(&mut buf)).await;
+    assert!(matches!(r, Ok(Ok(0)) | Ok(Err(_))), "a third anonymous connection was held: {r:?}");
+    // The held ones end by themselves after their lifetime, though the client never closes them.
+    for conn in &mut held {
+        let r = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                match conn.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    // The server's HTTP/2 settings frame.
+                    Ok(_) => continue,
+                }
+            }
+        })
+        .await;
+        assert!(r.is_ok(), "an anonymous connection outlived its lifetime");
+    }
+    assert!(started.elapsed() >= Duration::from_secs(1), "closed before its lifetime");
+    // Agents and admins are served throughout.
+    let mut admin = ctl.admin().await.unwrap();
+    admin.list_agents(pb::ListAgentsRequest::default()).await.unwrap();
     ctl.stop().await.unwrap();
 }

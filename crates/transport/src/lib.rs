@@ -11,6 +11,7 @@
 #![forbid(unsafe_code)]
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
@@ -59,6 +60,9 @@ pub struct TlsConn {
     peer: PeerInfo,
     /// Its place under the connection limits, given back when tonic drops the connection.
     _slot: Slot,
+    /// For a client without a certificate (enrollment): when the connection ends, whatever it
+    /// is doing, so anonymous clients cannot hold connections.
+    expires: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 /// How many connections the listener holds at once.
@@ -75,13 +79,16 @@ pub struct ConnLimits {
     /// Established connections of one identity; for clients without a certificate, of one IP
     /// address.
     pub per_peer: usize,
+    /// How long a connection without a client certificate may stay open: enough to enroll.
+    /// Such connections also share at most an eighth of `total`.
+    pub anonymous_lifetime: Duration,
 }
 
 impl Default for ConnLimits {
     fn default() -> Self {
         // An agent needs one connection and an admin one per CLI call; a controller serves
         // thousands of agents, each holding a few file descriptors' worth of buffers.
-        Self { total: 8192, handshakes_per_ip: 64, per_peer: 16 }
+        Self { total: 8192, handshakes_per_ip: 64, per_peer: 16, anonymous_lifetime: Duration::from_secs(30) }
     }
 }
 
@@ -96,6 +103,8 @@ enum PeerKey {
 struct Counts {
     limits: ConnLimits,
     total: usize,
+    /// Established connections without a client certificate.
+    anonymous: usize,
     peers: HashMap<PeerKey, usize>,
     refused: AtomicU64,
     last_warning: Mutex<Option<std::time::Instant>>,
@@ -130,8 +139,16 @@ impl Slot {
         if n >= max {
             return false;
         }
+        // Clients without a certificate get an eighth of the total between them, so they can
+        // never crowd out agents and admins.
+        if matches!(key, PeerKey::Anonymous(_)) && c.anonymous >= (c.limits.total / 8).max(1) {
+            return false;
+        }
         if let Some(old) = self.key.take() {
             leave(&mut c, &old);
+        }
+        if matches!(key, PeerKey::Anonymous(_)) {
+            c.anonymous += 1;
         }
         c.peers.insert(key.clone(), n + 1);
         self.key = Some(key);
@@ -150,6 +167,9 @@ impl Drop for Slot {
 }
 
 fn leave(c: &mut Counts, key: &PeerKey) {
+    if matches!(key, PeerKey::Anonymous(_)) {
+        c.anonymous -= 1;
+    }
     if let Some(n) = c.peers.get_mut(key) {
         *n -= 1;
         if *n == 0 {
@@ -184,18 +204,34 @@ impl Connected for TlsConn {
     }
 }
 
+impl TlsConn {
+    /// An error once an anonymous connection's lifetime is over; registers for the wake-up.
+    fn expired(&mut self, cx: &mut Context<'_>) -> Option<io::Error> {
+        let sleep = self.expires.as_mut()?;
+        sleep.as_mut().poll(cx).is_ready().then(|| {
+            io::Error::new(io::ErrorKind::TimedOut, "connection without a client certificate open too long")
+        })
+    }
+}
+
 impl AsyncRead for TlsConn {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
+        if let Some(e) = self.expired(cx) {
+            return Poll::Ready(Err(e));
+        }
         Pin::new(&mut self.inner).poll_read(cx, buf)
     }
 }
 
 impl AsyncWrite for TlsConn {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        if let Some(e) = self.expired(cx) {
+            return Poll::Ready(Err(e));
+        }
         Pin::new(&mut self.inner).poll_write(cx, buf)
     }
 
@@ -235,6 +271,7 @@ pub fn incoming(
     let counts = Arc::new(Mutex::new(Counts {
         limits,
         total: 0,
+        anonymous: 0,
         peers: HashMap::new(),
         refused: AtomicU64::new(0),
         last_warning: Mutex::new(None),
@@ -282,7 +319,12 @@ pub fn incoming(
                                 return;
                             }
                             // The receiver is gone only when the server is shutting down.
-                            if tx.send(Ok(TlsConn { inner: stream, peer, _slot: slot })).await.is_err() {
+                            let expires = peer
+                                .identity
+                                .is_none()
+                                .then(|| Box::pin(tokio::time::sleep(limits.anonymous_lifetime)));
+                            let conn = TlsConn { inner: stream, peer, _slot: slot, expires };
+                            if tx.send(Ok(conn)).await.is_err() {
                                 tracing::debug!(%remote, "connection dropped: the server is shutting down");
                             }
                         }
