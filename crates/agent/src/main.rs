@@ -95,7 +95,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Enroll { controller, ca, token, region, id, labels, data_dir, server_name } => {
             let ca_pem = std::fs::read_to_string(&ca)
                 .map_err(|e| anyhow::anyhow!("cannot read CA certificate {}: {e}", ca.display()))?;
-            let labels = convoy_agent::parse_pairs("label", &labels)?;
+            let labels = convoy_base::pairs::parse_pairs("label", &labels)?;
             let file = convoy_agent::enroll(EnrollOptions {
                 controller,
                 ca_pem,
@@ -116,7 +116,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 config.trust.push(convoy_bundle::PublicKey::load(p)?);
             }
             config.require_signatures = require_signatures;
-            config.vars = convoy_agent::parse_pairs("variable", &vars)?;
+            config.vars = convoy_base::pairs::parse_pairs("variable", &vars)?;
             config.keep_releases = keep_releases;
             // Crash-safety tests make the agent abort at a named step; only test builds (the
             // `failpoints` feature) read the variable.

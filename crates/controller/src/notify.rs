@@ -44,7 +44,7 @@ impl Notifier {
         if let Some(tx) = &self.tx {
             if let Some(m) = event.as_object_mut() {
                 m.insert("event".into(), kind.into());
-                m.insert("at".into(), crate::logic::now().into());
+                m.insert("at".into(), crate::time::now().into());
             }
             let _ = tx.send(event);
         }

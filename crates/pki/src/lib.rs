@@ -11,7 +11,6 @@
 #![forbid(unsafe_code)]
 
 mod ca;
-pub mod files;
 mod identity;
 mod sign;
 mod tls;
@@ -44,8 +43,6 @@ pub enum Error {
     BadKey(String),
     #[error("the signature does not verify with this certificate's public key")]
     BadSignature,
-    #[error("{path}: {source}")]
-    Io { path: String, source: std::io::Error },
 }
 
 /// Result alias for this crate.

@@ -77,7 +77,7 @@ pub async fn run(config: &super::Globals, args: Args) -> anyhow::Result<()> {
 }
 
 /// Renders agents as a table or JSON.
-pub(crate) fn render(mut agents: Vec<pb::AgentInfo>, output: Output) -> anyhow::Result<String> {
+pub fn render(mut agents: Vec<pb::AgentInfo>, output: Output) -> anyhow::Result<String> {
     agents.sort_by(|a, b| (&a.region, &a.id).cmp(&(&b.region, &b.id)));
     if output == Output::Json {
         let list: Vec<AgentJson> = agents
@@ -159,7 +159,7 @@ pub(crate) fn render(mut agents: Vec<pb::AgentInfo>, output: Output) -> anyhow::
 }
 
 /// Left-aligned columns separated by two spaces.
-pub(crate) fn table<const N: usize>(rows: &[[String; N]]) -> String {
+pub fn table<const N: usize>(rows: &[[String; N]]) -> String {
     let mut widths = [0usize; N];
     for row in rows {
         for (w, cell) in widths.iter_mut().zip(row) {

@@ -1,6 +1,14 @@
 //! A controller and agents in one process, on loopback: what `convoy demo` runs and what the
-//! integration tests build on. Everything is real (PKI, TLS, gRPC over sockets, sled on disk);
-//! only the process boundary is missing.
+//! integration tests and benchmarks build on. Everything is real (PKI, TLS, gRPC over sockets,
+//! sled on disk); only the process boundary is missing.
+//!
+//! The one crate besides the binaries that depends on both the controller and the agent
+//! libraries: neither library depends on the other. [`support`] holds the helpers the
+//! integration tests share.
+
+#![forbid(unsafe_code)]
+
+pub mod support;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -15,10 +23,10 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 
-use crate::config::Config;
-use crate::init::{init, InitOptions};
-use crate::logic::Controller;
-use crate::server::Prepared;
+use convoy_controller::config::{self, Config};
+use convoy_controller::init::{init, InitOptions};
+use convoy_controller::logic::Controller;
+use convoy_controller::server::{self, Prepared};
 
 /// Timings for a local fleet; tests shorten them.
 #[derive(Clone, Debug)]
@@ -30,7 +38,7 @@ pub struct LocalOptions {
     /// The gRPC listener's connection limits.
     pub conn_limits: convoy_transport::ConnLimits,
     /// The HTTP listener's settings instead of the config file's `[http]` section.
-    pub http: Option<crate::config::HttpConfig>,
+    pub http: Option<config::HttpConfig>,
 }
 
 impl Default for LocalOptions {
@@ -53,7 +61,7 @@ pub struct LocalController {
     pub http_addr: SocketAddr,
     pub controller: Controller,
     stop: CancellationToken,
-    task: JoinHandle<Result<(), crate::server::Error>>,
+    task: JoinHandle<Result<(), server::Error>>,
 }
 
 impl LocalController {
@@ -66,7 +74,7 @@ impl LocalController {
         let http = TcpListener::bind("127.0.0.1:0").await.context("binding the HTTP listener")?;
         let grpc_addr = grpc.local_addr()?;
         let http_addr = http.local_addr()?;
-        let config_path = dir.join(crate::config::CONFIG_FILE);
+        let config_path = dir.join(config::CONFIG_FILE);
         if !config_path.exists() {
             init(&InitOptions {
                 data_dir: dir.to_path_buf(),
@@ -109,7 +117,7 @@ impl LocalController {
 
     /// An admin client using the admin certificate `convoy init` made.
     pub async fn admin(&self) -> anyhow::Result<pb::admin_service_client::AdminServiceClient<Channel>> {
-        crate::client::admin_client(&self.config).await
+        convoy_controller::client::admin_client(&self.config).await
     }
 
     /// A one-time join token, optionally bound to a region.

@@ -2,7 +2,7 @@
 
 #![allow(clippy::unwrap_used)]
 
-mod common;
+use convoy_testkit::support as common;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
@@ -412,14 +412,8 @@ fn rollout_with_real_binaries_deploy_watch_rollback() {
     };
     for v in ["1.0.0", "1.1.0"] {
         let src = t.join(format!("src-{v}"));
-        convoy_controller::local::write_demo_release(
-            &src,
-            Path::new(env!("CARGO_BIN_EXE_convoy")),
-            v,
-            "healthy",
-            "",
-        )
-        .unwrap();
+        convoy_testkit::write_demo_release(&src, Path::new(env!("CARGO_BIN_EXE_convoy")), v, "healthy", "")
+            .unwrap();
         let out = format!("{v}.bundle");
         run_ok(convoy().current_dir(t).args([
             "release",

@@ -10,8 +10,9 @@ use convoy_bundle::{BuildOptions, SecretKey};
 use convoy_proto::v1 as pb;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::local::{http_get_root, write_demo_release, LocalAgent, LocalController, LocalOptions};
-use crate::logic::rollouts::Rollout;
+use convoy_controller::cli::{render_agents, table, Output};
+use convoy_controller::logic::rollouts::Rollout;
+use convoy_testkit::{http_get_root, write_demo_release, LocalAgent, LocalController, LocalOptions};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -159,13 +160,13 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             e.outcome.clone(),
         ]);
     }
-    print!("{}", super::agents::table(&rows));
+    print!("{}", table(&rows));
     match ctl.controller.audit_verify().await? {
         Ok(count) => println!("audit log: {count} entries, hash chain intact"),
         Err(problem) => anyhow::bail!("audit log does not verify: {problem}"),
     }
     let listed = ctl.admin().await?.list_agents(pb::ListAgentsRequest::default()).await?.into_inner();
-    println!("\n$ convoy agents\n{}", super::agents::render(listed.agents, super::Output::Table)?);
+    println!("\n$ convoy agents\n{}", render_agents(listed.agents, Output::Table)?);
 
     if args.keep {
         println!(
