@@ -18,7 +18,9 @@ mod tls;
 pub use ca::{generate_csr, Ca, CertInfo, IssuedCert, KeyAndCsr, DEFAULT_AGENT_CERT_LIFETIME};
 pub use identity::{Identity, TrustDomain};
 pub use sign::{verify_statement, StatementSigner};
-pub use tls::{client_config, http_server_config, server_config, ClientIdentity};
+pub use tls::{
+    client_config, http_server_config, server_config, web_client_config, ClientIdentity, WebTrust,
+};
 
 /// Everything that can go wrong in the PKI.
 #[derive(Debug, thiserror::Error)]

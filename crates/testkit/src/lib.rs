@@ -12,11 +12,13 @@ pub mod support;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use anyhow::Context;
 use convoy_agent::{Agent, AgentConfig, AgentStatus, EnrollOptions};
 use convoy_proto::v1 as pb;
+use convoy_transport::http::HttpClient;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -282,14 +284,20 @@ impl<'a> DemoRelease<'a> {
     }
 }
 
+/// The HTTP client the demo and the tests use: the workspace's one client, plain `http://`.
+pub fn http_client() -> anyhow::Result<&'static HttpClient> {
+    static CLIENT: OnceLock<HttpClient> = OnceLock::new();
+    if let Some(c) = CLIENT.get() {
+        return Ok(c);
+    }
+    let c = HttpClient::plain("convoy-testkit")?;
+    Ok(CLIENT.get_or_init(|| c))
+}
+
 /// `GET /` on a local HTTP service (the demo app): the last line of the body, or `None` when
-/// nothing answers.
-pub fn http_get_root(port: u16) -> Option<String> {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").ok()?;
-    let mut body = String::new();
-    s.read_to_string(&mut body).ok()?;
-    body.lines().last().map(|l| l.trim().to_string())
+/// nothing answers within two seconds.
+pub async fn http_get_root(port: u16) -> Option<String> {
+    let reply =
+        http_client().ok()?.get(&format!("http://127.0.0.1:{port}/"), Duration::from_secs(2)).await.ok()?;
+    reply.body.lines().last().map(|l| l.trim().to_string())
 }

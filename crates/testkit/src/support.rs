@@ -75,7 +75,16 @@ pub fn free_port() -> u16 {
         .port()
 }
 
-/// `GET /` on the demo service, or None if nothing answers.
+/// `GET /` on the demo service, or None if nothing answers, for tests written synchronously:
+/// [`crate::http_get_root`] on a thread of its own with its own runtime, so it works from
+/// inside a test's runtime as well as outside one.
 pub fn get(port: u16) -> Option<String> {
-    crate::http_get_root(port)
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a runtime");
+            rt.block_on(crate::http_get_root(port))
+        })
+        .join()
+        .expect("the GET thread panicked")
+    })
 }
