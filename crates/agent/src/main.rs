@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use convoy_agent::{Agent, AgentConfig, EnrollOptions};
+use convoy_base::logging::{self, LogFormat};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
@@ -14,6 +15,10 @@ use tokio_util::sync::CancellationToken;
     about = "The Convoy agent: installs and runs the releases its controller orders"
 )]
 struct Cli {
+    /// How logs on stderr are written: text (coloured only on a terminal) or one JSON object
+    /// per line.
+    #[arg(long, global = true, value_enum, default_value_t, env = "CONVOY_LOG_FORMAT")]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
 }
@@ -67,24 +72,23 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let cli = Cli::parse();
+    let log_format = cli.log_format;
+    if let Err(e) = logging::init(log_format, "info") {
+        eprintln!("error: {e}");
+        return ExitCode::FAILURE;
+    }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
+            logging::report_fatal(log_format, &format!("cannot start the async runtime: {e}"));
             return ExitCode::FAILURE;
         }
     };
     match runtime.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            logging::report_fatal(log_format, &format!("{e:#}"));
             ExitCode::FAILURE
         }
     }

@@ -4,9 +4,12 @@
 //! - [`files`]: crash-safe file writes (temporary sibling, fsync, rename, fsync the directory).
 //! - [`record`]: the versioned JSON envelope every stored record is wrapped in.
 //! - [`pairs`]: `KEY=VALUE` arguments (labels, variables, selectors) into a map.
+//! - `logging` (feature `logging`, for the binaries): how `convoy` and `convoy-agent` log.
 
 #![forbid(unsafe_code)]
 
 pub mod files;
+#[cfg(feature = "logging")]
+pub mod logging;
 pub mod pairs;
 pub mod record;

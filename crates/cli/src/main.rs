@@ -7,6 +7,7 @@
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use convoy_base::logging;
 use convoy_controller::cli::{self, Globals};
 
 mod demo;
@@ -39,16 +40,15 @@ fn main() -> ExitCode {
         Command::Demo(_) => "error",
         Command::Controller(_) => "warn",
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| default_filter.into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    let log_format = cli.globals.log_format;
+    if let Err(e) = logging::init(log_format, default_filter) {
+        eprintln!("error: {e}");
+        return ExitCode::FAILURE;
+    }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
+            logging::report_fatal(log_format, &format!("cannot start the async runtime: {e}"));
             return ExitCode::FAILURE;
         }
     };
@@ -61,7 +61,7 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            logging::report_fatal(log_format, &format!("{e:#}"));
             ExitCode::from(cli::exit_code(&e))
         }
     }

@@ -26,6 +26,8 @@ use std::path::PathBuf;
 
 use clap::{Args, Subcommand, ValueEnum};
 
+use convoy_base::logging::LogFormat;
+
 use crate::config::Config;
 
 #[derive(Subcommand, Debug)]
@@ -87,6 +89,10 @@ pub struct Globals {
     /// The controller to talk to, HOST:PORT; overrides the config's `controller`.
     #[arg(long, global = true, env = "CONVOY_CONTROLLER")]
     pub controller: Option<String>,
+    /// How logs on stderr are written: text (coloured only on a terminal) or one JSON object
+    /// per line.
+    #[arg(long, global = true, value_enum, default_value_t, env = "CONVOY_LOG_FORMAT")]
+    pub log_format: LogFormat,
 }
 
 impl Globals {
