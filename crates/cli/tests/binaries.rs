@@ -15,13 +15,8 @@ fn convoy() -> Command {
     Command::new(env!("CARGO_BIN_EXE_convoy"))
 }
 
-/// `convoy-agent` is built by `cargo test --workspace` (the agent crate has its own binary
-/// tests); it sits next to `convoy`.
 fn agent_bin() -> PathBuf {
-    let p = Path::new(env!("CARGO_BIN_EXE_convoy"))
-        .with_file_name(format!("convoy-agent{}", std::env::consts::EXE_SUFFIX));
-    assert!(p.exists(), "{} is missing: run the suite with `cargo test --workspace`", p.display());
-    p
+    common::agent_bin(env!("CARGO_BIN_EXE_convoy"))
 }
 
 /// `convoy-agent enroll` with the usual flags.

@@ -53,10 +53,7 @@ async fn died(agent: AgentProc, what: &str, failpoint: &str) {
 }
 
 fn agent_bin() -> PathBuf {
-    let p = Path::new(env!("CARGO_BIN_EXE_convoy"))
-        .with_file_name(format!("convoy-agent{}", std::env::consts::EXE_SUFFIX));
-    assert!(p.exists(), "{} is missing: run the suite with `cargo test --workspace`", p.display());
-    p
+    common::agent_bin(env!("CARGO_BIN_EXE_convoy"))
 }
 
 /// A running agent process. Dropping it stops it gracefully (SIGTERM: it stops its services

@@ -4,6 +4,7 @@
 
 #![allow(clippy::unwrap_used)]
 
+use convoy_testkit::support as common;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStderr, Command, Stdio};
@@ -16,12 +17,8 @@ fn convoy() -> Command {
     Command::new(env!("CARGO_BIN_EXE_convoy"))
 }
 
-/// `convoy-agent` is built by `cargo test --workspace`; it sits next to `convoy`.
 fn agent_bin() -> PathBuf {
-    let p = Path::new(env!("CARGO_BIN_EXE_convoy"))
-        .with_file_name(format!("convoy-agent{}", std::env::consts::EXE_SUFFIX));
-    assert!(p.exists(), "{} is missing: run the suite with `cargo test --workspace`", p.display());
-    p
+    common::agent_bin(env!("CARGO_BIN_EXE_convoy"))
 }
 
 /// A child process stopped (SIGTERM, then SIGKILL) when dropped, so no test leaves one behind.

@@ -88,3 +88,12 @@ pub fn get(port: u16) -> Option<String> {
         .expect("the GET thread panicked")
     })
 }
+
+/// The `convoy-agent` binary next to `convoy` (pass `env!("CARGO_BIN_EXE_convoy")`). A test can
+/// name only its own package's binaries; `cargo test --workspace` builds the agent's too.
+pub fn agent_bin(convoy_exe: &str) -> std::path::PathBuf {
+    let p = std::path::Path::new(convoy_exe)
+        .with_file_name(format!("convoy-agent{}", std::env::consts::EXE_SUFFIX));
+    assert!(p.exists(), "{} is missing: run the suite with `cargo test --workspace`", p.display());
+    p
+}

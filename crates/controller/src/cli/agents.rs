@@ -102,11 +102,7 @@ pub fn render(mut agents: Vec<pb::AgentInfo>, output: Output) -> anyhow::Result<
                     .apps
                     .into_iter()
                     .map(|s| AppJson {
-                        health: pb::Health::try_from(s.health)
-                            .unwrap_or(pb::Health::Unknown)
-                            .as_str_name()
-                            .trim_start_matches("HEALTH_")
-                            .to_lowercase(),
+                        health: pb::Health::from_wire(s.health).name().to_owned(),
                         app: s.app,
                         current: s.current,
                         known_good: s.known_good,
@@ -128,12 +124,10 @@ pub fn render(mut agents: Vec<pb::AgentInfo>, output: Output) -> anyhow::Result<
             .apps
             .iter()
             .map(|s| {
-                let health = match pb::Health::try_from(s.health).unwrap_or(pb::Health::Unknown) {
-                    pb::Health::Healthy => "healthy",
+                let health = match pb::Health::from_wire(s.health) {
+                    // Shouted, so it stands out in the table.
                     pb::Health::Unhealthy => "UNHEALTHY",
-                    pb::Health::Checking => "checking",
-                    pb::Health::None => "no-check",
-                    pb::Health::Unknown => "?",
+                    h => h.name(),
                 };
                 format!("{}@{} ({health})", s.app, if s.current.is_empty() { "-" } else { &s.current })
             })
