@@ -80,14 +80,7 @@ fn header_cap(max_manifest: u64) -> u64 {
 }
 
 fn check_digest(digest: &str) -> Result<()> {
-    if convoy_bundle::is_sha256_hex(digest) {
-        Ok(())
-    } else {
-        Err(Error::Invalid {
-            what: "digest",
-            message: format!("{digest:?} is not a lowercase SHA-256 hex digest"),
-        })
-    }
+    convoy_bundle::check_digest(digest).map_err(|e| Error::Invalid { what: "digest", message: e.to_string() })
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
@@ -271,7 +264,7 @@ impl Downloader {
         }
         let done = self.cache.join(format!("{digest}.bundle"));
         tokio::fs::rename(partial, &done).await.map_err(|e| Failure::Keep(io(&done)(e)))?;
-        convoy_pki::files::sync_dir(&self.cache).map_err(|e| Failure::Keep(e.into()))?;
+        convoy_base::files::sync_dir(&self.cache).map_err(|e| Failure::Keep(e.into()))?;
         let Progress { offsets, received, .. } = progress;
         tracing::info!(%digest, attempts = offsets.len(), received, "download complete");
         Ok(Downloaded { path: done, attempts: offsets.len() as u32, offsets, received })

@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-use convoy_pki::files;
+use convoy_base::files;
 use convoy_proto::v1 as pb;
 use convoy_transport::DialOptions;
 

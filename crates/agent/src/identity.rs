@@ -5,7 +5,8 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use convoy_pki::{files, CertInfo, ClientIdentity};
+use convoy_base::files;
+use convoy_pki::{CertInfo, ClientIdentity};
 use serde::{Deserialize, Serialize};
 
 use crate::{Error, Result};

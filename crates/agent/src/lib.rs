@@ -18,7 +18,6 @@ mod process;
 mod session;
 pub mod state;
 
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -67,24 +66,13 @@ pub enum Error {
     Download { digest: String, message: String },
 }
 
-pub type Result<T, E = Error> = std::result::Result<T, E>;
-
-/// Parses `k=v` pairs (labels, variables) into a map, refusing duplicates and empty keys.
-pub fn parse_pairs(what: &'static str, pairs: &[String]) -> Result<BTreeMap<String, String>> {
-    let mut map = BTreeMap::new();
-    for p in pairs {
-        let (k, v) = p
-            .split_once('=')
-            .ok_or_else(|| Error::Invalid { what, message: format!("{p:?} is not KEY=VALUE") })?;
-        if k.is_empty() {
-            return Err(Error::Invalid { what, message: format!("{p:?} has an empty key") });
-        }
-        if map.insert(k.to_owned(), v.to_owned()).is_some() {
-            return Err(Error::Invalid { what, message: format!("{k:?} is given twice") });
-        }
+impl From<convoy_base::files::Error> for Error {
+    fn from(e: convoy_base::files::Error) -> Self {
+        Error::Io { path: e.path, source: e.source }
     }
-    Ok(map)
 }
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// Reconnection backoff: exponential with full jitter between half and all of the step,
 /// capped at `max`.
@@ -128,14 +116,5 @@ mod tests {
         assert!(b.next_delay() >= Duration::from_secs(15));
         b.reset();
         assert!(b.next_delay() <= Duration::from_millis(100));
-    }
-
-    #[test]
-    fn pairs_are_checked() {
-        assert_eq!(parse_pairs("label", &["a=b".into()]).unwrap()["a"], "b");
-        for bad in ["ab", "=x"] {
-            assert!(parse_pairs("label", &[bad.into()]).is_err());
-        }
-        assert!(parse_pairs("label", &["a=1".into(), "a=2".into()]).is_err());
     }
 }

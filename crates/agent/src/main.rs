@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use convoy_agent::{Agent, AgentConfig, EnrollOptions};
+use convoy_base::logging::{self, LogFormat};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
@@ -14,6 +15,10 @@ use tokio_util::sync::CancellationToken;
     about = "The Convoy agent: installs and runs the releases its controller orders"
 )]
 struct Cli {
+    /// How logs on stderr are written: text (coloured only on a terminal) or one JSON object
+    /// per line.
+    #[arg(long, global = true, value_enum, default_value_t, env = "CONVOY_LOG_FORMAT")]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
 }
@@ -67,24 +72,23 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let cli = Cli::parse();
+    let log_format = cli.log_format;
+    if let Err(e) = logging::init(log_format, "info") {
+        eprintln!("error: {e}");
+        return ExitCode::FAILURE;
+    }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
+            logging::report_fatal(log_format, &format!("cannot start the async runtime: {e}"));
             return ExitCode::FAILURE;
         }
     };
     match runtime.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            logging::report_fatal(log_format, &format!("{e:#}"));
             ExitCode::FAILURE
         }
     }
@@ -95,7 +99,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Enroll { controller, ca, token, region, id, labels, data_dir, server_name } => {
             let ca_pem = std::fs::read_to_string(&ca)
                 .map_err(|e| anyhow::anyhow!("cannot read CA certificate {}: {e}", ca.display()))?;
-            let labels = convoy_agent::parse_pairs("label", &labels)?;
+            let labels = convoy_base::pairs::parse_pairs("label", &labels)?;
             let file = convoy_agent::enroll(EnrollOptions {
                 controller,
                 ca_pem,
@@ -116,7 +120,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 config.trust.push(convoy_bundle::PublicKey::load(p)?);
             }
             config.require_signatures = require_signatures;
-            config.vars = convoy_agent::parse_pairs("variable", &vars)?;
+            config.vars = convoy_base::pairs::parse_pairs("variable", &vars)?;
             config.keep_releases = keep_releases;
             // Crash-safety tests make the agent abort at a named step; only test builds (the
             // `failpoints` feature) read the variable.

@@ -69,11 +69,8 @@ impl Version {
 
 impl Digest {
     pub fn parse(s: &str) -> Result<Self, Refusal> {
-        if convoy_bundle::is_sha256_hex(s) {
-            Ok(Self(s.to_owned()))
-        } else {
-            Err(Refusal::new("digest", format!("{:?} is not a lowercase SHA-256 hex digest", truncate(s))))
-        }
+        convoy_bundle::check_digest(s).map_err(|e| Refusal::new("digest", e.to_string()))?;
+        Ok(Self(s.to_owned()))
     }
     pub fn as_str(&self) -> &str {
         &self.0

@@ -10,13 +10,6 @@ use crate::{Error, Result};
 
 const FORMAT: u32 = 1;
 
-#[derive(Serialize, Deserialize)]
-struct Envelope<T> {
-    v: u32,
-    #[serde(flatten)]
-    body: T,
-}
-
 /// Health as the agent last saw it.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -142,16 +135,11 @@ pub struct State {
 }
 
 fn enc<T: Serialize>(body: &T) -> Result<Vec<u8>> {
-    serde_json::to_vec(&Envelope { v: FORMAT, body }).map_err(|e| Error::State(format!("encode: {e}")))
+    convoy_base::record::encode(FORMAT, body).map_err(|e| Error::State(format!("encode: {e}")))
 }
 
 fn dec<T: DeserializeOwned>(what: &str, bytes: &[u8]) -> Result<T> {
-    let env: Envelope<serde_json::Value> =
-        serde_json::from_slice(bytes).map_err(|e| Error::State(format!("{what}: {e}")))?;
-    if env.v != FORMAT {
-        return Err(Error::State(format!("{what}: format version {} (this build reads {FORMAT})", env.v)));
-    }
-    serde_json::from_value(env.body).map_err(|e| Error::State(format!("{what}: {e}")))
+    convoy_base::record::decode(FORMAT, bytes).map_err(|e| Error::State(format!("{what}: {e}")))
 }
 
 fn sled_err(e: sled::Error) -> Error {

@@ -4,6 +4,7 @@ use std::fs;
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 
+use convoy_base::files;
 use sha2::{Digest, Sha256};
 
 use crate::format::{write_header, Signature};
@@ -61,10 +62,6 @@ impl<T: Write> Write for Hashing<T> {
     fn flush(&mut self) -> io::Result<()> {
         self.inner.flush()
     }
-}
-
-pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
-    fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io_err(dir))
 }
 
 struct Source {
@@ -218,16 +215,12 @@ pub fn build(dir: &Path, opts: &BuildOptions, key: &SecretKey, out: &Path) -> Re
     let bytes = manifest.to_canonical();
     let sig = Signature { key_id: key.public().id(), sig: key.sign(&bytes) };
 
-    let mut tmp = tempfile::NamedTempFile::new_in(out_dir).map_err(io_err(out_dir))?;
-    {
-        let mut w = io::BufWriter::new(tmp.as_file_mut());
-        write_header(&mut w, &bytes, &[sig]).map_err(io_err(out))?;
-        io::Seek::seek(&mut payload_file, io::SeekFrom::Start(0)).map_err(io_err(out))?;
-        io::copy(&mut payload_file, &mut w).map_err(io_err(out))?;
-        w.flush().map_err(io_err(out))?;
-    }
-    tmp.as_file().sync_all().map_err(io_err(out))?;
-    tmp.persist(out).map_err(|e| Error::Io { path: out.into(), source: e.error })?;
-    sync_dir(out_dir)?;
+    files::replace_with(out, false, |f| {
+        let mut w = io::BufWriter::new(f);
+        write_header(&mut w, &bytes, &[sig])?;
+        io::Seek::seek(&mut payload_file, io::SeekFrom::Start(0))?;
+        io::copy(&mut payload_file, &mut w)?;
+        w.flush()
+    })?;
     Ok(manifest)
 }

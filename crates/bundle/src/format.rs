@@ -106,11 +106,9 @@ pub fn add_signature(path: &Path, key: &SecretKey) -> Result<()> {
     }
     let mut signatures = header.signatures.clone();
     signatures.push(Signature { key_id: id, sig: key.sign(&header.manifest_bytes) });
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(io_err(dir))?;
-    write_header(tmp.as_file_mut(), &header.manifest_bytes, &signatures).map_err(io_err(tmp.path()))?;
-    std::io::copy(&mut f, tmp.as_file_mut()).map_err(io_err(path))?;
-    tmp.as_file().sync_all().map_err(io_err(tmp.path()))?;
-    tmp.persist(path).map_err(|e| Error::Io { path: path.into(), source: e.error })?;
-    crate::build::sync_dir(dir)
+    convoy_base::files::replace_with(path, false, |tmp| {
+        write_header(tmp, &header.manifest_bytes, &signatures)?;
+        std::io::copy(&mut f, tmp).map(drop)
+    })?;
+    Ok(())
 }

@@ -128,6 +128,32 @@ pub fn is_sha256_hex(s: &str) -> bool {
     s.len() == 64 && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
+/// A string offered as a digest that is not SHA-256 in lowercase hex. It holds at most the
+/// first 80 bytes of what was offered, since that may be anything a peer sent.
+#[derive(Debug, thiserror::Error)]
+#[error("{0:?} is not a SHA-256 digest in lowercase hex")]
+pub struct BadDigest(pub String);
+
+/// Checks that `digest` is SHA-256 in lowercase hex ([`is_sha256_hex`]), so it is safe as a file
+/// name: the one check every crate applies to digests it is given.
+pub fn check_digest(digest: &str) -> std::result::Result<(), BadDigest> {
+    if is_sha256_hex(digest) {
+        return Ok(());
+    }
+    let mut end = digest.len().min(80);
+    while !digest.is_char_boundary(end) {
+        end -= 1;
+    }
+    let shown = if end < digest.len() { format!("{}…", &digest[..end]) } else { digest.to_owned() };
+    Err(BadDigest(shown))
+}
+
+impl From<convoy_base::files::Error> for Error {
+    fn from(e: convoy_base::files::Error) -> Self {
+        Error::Io { path: e.path, source: e.source }
+    }
+}
+
 /// SHA-256 of a file, streamed.
 pub fn sha256_file(path: &std::path::Path) -> Result<String> {
     let f = std::fs::File::open(path).map_err(io_err(path))?;

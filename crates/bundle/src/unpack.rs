@@ -7,13 +7,13 @@ use std::fs;
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 
-#[cfg(not(target_os = "linux"))]
-use crate::build::sync_dir;
 use crate::build::Hashing;
 use crate::format::read_header;
 use crate::keys::KeyId;
 use crate::manifest::path_problem;
 use crate::{io_err, EntryKind, Error, Manifest, Result, TrustStore};
+#[cfg(not(target_os = "linux"))]
+use convoy_base::files::sync_dir;
 
 /// Caps that bound the work and disk a bundle can demand.
 #[derive(Clone, Debug)]

@@ -1,6 +1,7 @@
 //! The admin's mutual-TLS connection to a controller.
 
-use convoy_pki::{files, ClientIdentity};
+use convoy_base::files;
+use convoy_pki::ClientIdentity;
 use convoy_proto::v1::admin_service_client::AdminServiceClient;
 use convoy_transport::DialOptions;
 use tonic::transport::Channel;

@@ -348,8 +348,11 @@ impl Config {
             }
         }
         for u in &raw.notify.urls {
-            if !u.starts_with("http://") {
-                return Err(field("notify.urls", format!("{u:?}: only http:// URLs are supported")));
+            if !u.starts_with("http://") && !u.starts_with("https://") {
+                return Err(field(
+                    "notify.urls",
+                    format!("{u:?}: only http:// and https:// URLs are supported"),
+                ));
             }
         }
         for (id, key) in &raw.hooks.hmac_keys {

@@ -129,13 +129,7 @@ fn reported_apps(agent_id: &str, list: Vec<pb::AppStatus>) -> Vec<AppStatusRecor
 }
 
 fn app_status(s: pb::AppStatus) -> AppStatusRecord {
-    let health = match pb::Health::try_from(s.health).unwrap_or(pb::Health::Unknown) {
-        pb::Health::Unknown => "unknown",
-        pb::Health::Checking => "checking",
-        pb::Health::Healthy => "healthy",
-        pb::Health::Unhealthy => "unhealthy",
-        pb::Health::None => "no-check",
-    };
+    let health = pb::Health::from_wire(s.health).name();
     AppStatusRecord {
         app: s.app,
         current: s.current,
@@ -162,13 +156,7 @@ fn cut(mut s: String, max: usize) -> String {
 }
 
 fn app_status_pb(s: AppStatusRecord) -> pb::AppStatus {
-    let health = match s.health.as_str() {
-        "checking" => pb::Health::Checking,
-        "healthy" => pb::Health::Healthy,
-        "unhealthy" => pb::Health::Unhealthy,
-        "no-check" => pb::Health::None,
-        _ => pb::Health::Unknown,
-    };
+    let health = pb::Health::from_name(&s.health);
     pb::AppStatus {
         app: s.app,
         current: s.current,

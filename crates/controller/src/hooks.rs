@@ -26,8 +26,9 @@ use sha2::{Digest, Sha256};
 use crate::config::HooksConfig;
 use crate::logic::roles::HookActor;
 use crate::logic::rollouts::RolloutState;
-use crate::logic::{now, Controller, Target};
+use crate::logic::{Controller, Target};
 use crate::store::Tree;
+use crate::time::now;
 
 /// How old a signed request may be.
 const MAX_SKEW_SECS: i64 = 300;
@@ -49,14 +50,23 @@ struct Rule {
     region_label: String,
 }
 
+/// A hook rule that cannot be compiled: a `labels_regex` that is not a valid regex.
+#[derive(Debug, thiserror::Error)]
+#[error("label {label:?}: {source}")]
+pub struct ConfigError {
+    label: String,
+    #[source]
+    source: regex::Error,
+}
+
 impl HookConfig {
-    pub fn from_config(c: &HooksConfig) -> Result<Self, crate::server::Error> {
+    pub fn from_config(c: &HooksConfig) -> Result<Self, ConfigError> {
         let mut rules = Vec::new();
         for r in &c.rules {
             let mut regex = Vec::new();
             for (k, re) in &r.labels_regex {
                 let compiled = regex::Regex::new(&format!("^(?:{re})$"))
-                    .map_err(|e| crate::server::Error::Hooks(e.to_string()))?;
+                    .map_err(|source| ConfigError { label: k.clone(), source })?;
                 regex.push((k.clone(), compiled));
             }
             rules.push(Rule {

@@ -3,7 +3,8 @@
 
 use std::path::{Path, PathBuf};
 
-use convoy_pki::{files, Ca, TrustDomain};
+use convoy_base::files;
+use convoy_pki::{Ca, TrustDomain};
 
 use crate::config::{
     HookRule, HooksConfig, RawAdmin, RawConfig, RawTls, CONFIG_FILE, DEFAULT_GRPC_ADDR, DEFAULT_HTTP_ADDR,
@@ -51,6 +52,8 @@ pub enum Error {
     Dir { path: PathBuf, source: std::io::Error },
     #[error(transparent)]
     Pki(#[from] convoy_pki::Error),
+    #[error(transparent)]
+    File(#[from] convoy_base::files::Error),
     #[error("recording the first admin in the state store: {0}")]
     Store(#[from] crate::store::Error),
     #[error("recording the first admin in the admin registry: {0}")]

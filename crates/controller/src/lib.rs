@@ -15,14 +15,14 @@ pub mod grpc;
 pub mod hooks;
 pub mod http;
 pub mod init;
-pub mod local;
 pub mod logic;
 pub mod metrics;
 pub mod notify;
 pub mod server;
 pub mod store;
+pub mod time;
 
-/// Formats a Unix time for messages: `2026-11-29 14:31:39Z`.
+/// Formats a Unix time for messages: `2026-11-29 14:31:39Z` (see [`time::fmt_time`]).
 pub(crate) fn cli_time(unix: i64) -> String {
-    cli::fmt_time(unix)
+    time::fmt_time(unix)
 }

@@ -5,7 +5,8 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use convoy_pki::{files, Ca};
+use convoy_base::files;
+use convoy_pki::Ca;
 use convoy_proto::v1 as pb;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -28,6 +29,8 @@ pub enum Error {
     #[error(transparent)]
     Pki(#[from] convoy_pki::Error),
     #[error(transparent)]
+    File(#[from] convoy_base::files::Error),
+    #[error(transparent)]
     Store(#[from] crate::store::Error),
     #[error("release trust keys: {0}")]
     Trust(#[from] convoy_bundle::Error),
@@ -38,7 +41,7 @@ pub enum Error {
     #[error("HTTP server: {0}")]
     Http(std::io::Error),
     #[error("hooks config: {0}")]
-    Hooks(String),
+    Hooks(#[from] crate::hooks::ConfigError),
 }
 
 /// A controller ready to serve: its logic plus the TLS config its listener uses.
@@ -218,7 +221,8 @@ fn migrate_admins(config: &Config, store: &Store) -> Result<(), Error> {
         None => None,
         Some((cert_path, _)) => {
             let parsed = files::read_to_string(cert_path)
-                .and_then(|pem| convoy_pki::CertInfo::from_pem(&pem))
+                .map_err(Error::from)
+                .and_then(|pem| Ok(convoy_pki::CertInfo::from_pem(&pem)?))
                 .and_then(|info| Ok((info.identity(&config.trust_domain)?, info)));
             match parsed {
                 Ok((convoy_pki::Identity::Admin(name), info)) => Some((name, info)),

@@ -28,30 +28,20 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 /// The format version of every record this build writes.
 const FORMAT: u32 = 1;
 
-#[derive(Serialize, Deserialize)]
-struct Envelope<T> {
-    v: u32,
-    #[serde(flatten)]
-    body: T,
-}
-
 fn encode<T: Serialize>(body: &T) -> Vec<u8> {
     // Records are structs with string keys, which always serialize; a non-struct record is a
     // programming error caught by the tests.
-    serde_json::to_vec(&Envelope { v: FORMAT, body }).expect("records are structs")
+    convoy_base::record::encode(FORMAT, body).expect("records are structs")
 }
 
 fn decode<T: DeserializeOwned>(tree: &'static str, key: &[u8], bytes: &[u8]) -> Result<T> {
     let key = String::from_utf8_lossy(key).into_owned();
-    let env: Envelope<serde_json::Value> = serde_json::from_slice(bytes).map_err(|e| Error::Corrupt {
-        tree,
-        key: key.clone(),
-        reason: e.to_string(),
-    })?;
-    if env.v != FORMAT {
-        return Err(Error::Version { tree, key, found: env.v, expected: FORMAT });
-    }
-    serde_json::from_value(env.body).map_err(|e| Error::Corrupt { tree, key, reason: e.to_string() })
+    convoy_base::record::decode(FORMAT, bytes).map_err(|e| match e {
+        convoy_base::record::Error::Version { found, expected } => {
+            Error::Version { tree, key, found, expected }
+        }
+        convoy_base::record::Error::Malformed(reason) => Error::Corrupt { tree, key, reason },
+    })
 }
 
 /// A join token as stored: only its hash is the key, never the token itself.

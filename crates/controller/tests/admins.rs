@@ -4,15 +4,15 @@
 
 #![allow(clippy::unwrap_used)]
 
-mod common;
+use convoy_testkit::support as common;
 
 use std::collections::BTreeSet;
 
 use common::dial;
-use convoy_controller::local::{LocalController, LocalOptions};
 use convoy_controller::store::{Store, Tree};
 use convoy_pki::{Ca, CertInfo, ClientIdentity, TrustDomain};
 use convoy_proto::v1 as pb;
+use convoy_testkit::{LocalController, LocalOptions};
 use pb::admin_service_client::AdminServiceClient;
 use tonic::transport::Channel;
 use tonic::Code;

@@ -3,15 +3,15 @@
 
 #![allow(clippy::unwrap_used)]
 
-mod common;
+use convoy_testkit::support as common;
 
 use std::time::Duration;
 
 use common::{agent_identity, agents, dial, eventually, hello};
 use convoy_agent::EnrollOptions;
-use convoy_controller::local::{LocalAgent, LocalController, LocalOptions};
 use convoy_pki::{Ca, ClientIdentity, TrustDomain};
 use convoy_proto::v1 as pb;
+use convoy_testkit::{LocalAgent, LocalController, LocalOptions};
 use tonic::Code;
 
 const WAIT: Duration = Duration::from_secs(20);

@@ -5,14 +5,14 @@
 
 #![allow(clippy::unwrap_used)]
 
-mod common;
+use convoy_testkit::support as common;
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use common::eventually;
 use convoy_controller::config::HttpConfig;
-use convoy_controller::local::{LocalController, LocalOptions};
+use convoy_testkit::{LocalController, LocalOptions};
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpSocket;

@@ -2,14 +2,14 @@
 
 #![allow(clippy::unwrap_used)]
 
-mod common;
+use convoy_testkit::support as common;
 
 use std::time::Duration;
 
 use convoy_bundle::SecretKey;
-use convoy_controller::local::{LocalController, LocalOptions};
 use convoy_controller::logic::MAX_DOWNLOADS_PER_AGENT;
 use convoy_proto::v1 as pb;
+use convoy_testkit::{LocalController, LocalOptions};
 use tonic::Code;
 
 fn open_fds() -> usize {

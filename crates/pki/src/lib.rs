@@ -11,7 +11,6 @@
 #![forbid(unsafe_code)]
 
 mod ca;
-pub mod files;
 mod identity;
 mod sign;
 mod tls;
@@ -19,7 +18,9 @@ mod tls;
 pub use ca::{generate_csr, Ca, CertInfo, IssuedCert, KeyAndCsr, DEFAULT_AGENT_CERT_LIFETIME};
 pub use identity::{Identity, TrustDomain};
 pub use sign::{verify_statement, StatementSigner};
-pub use tls::{client_config, http_server_config, server_config, ClientIdentity};
+pub use tls::{
+    client_config, http_server_config, server_config, web_client_config, ClientIdentity, WebTrust,
+};
 
 /// Everything that can go wrong in the PKI.
 #[derive(Debug, thiserror::Error)]
@@ -44,8 +45,6 @@ pub enum Error {
     BadKey(String),
     #[error("the signature does not verify with this certificate's public key")]
     BadSignature,
-    #[error("{path}: {source}")]
-    Io { path: String, source: std::io::Error },
 }
 
 /// Result alias for this crate.

@@ -94,3 +94,32 @@ pub fn client_config(ca_pem: &str, identity: Option<&ClientIdentity>) -> Result<
     config.alpn_protocols = vec![b"h2".to_vec()];
     Ok(Arc::new(config))
 }
+
+/// Which servers an outbound HTTP client ([`web_client_config`]) trusts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WebTrust {
+    /// None: the client speaks plain `http://` only (health probes of local services).
+    Nothing,
+    /// The operating system's root certificates, for `https://` webhooks.
+    System,
+}
+
+/// The client config of the one outbound HTTP client (`convoy_transport::http`): TLS 1.3, the
+/// same explicit `ring` provider as every config here, ALPN `http/1.1`, no client certificate,
+/// and the servers `trust` says.
+pub fn web_client_config(trust: WebTrust) -> Result<ClientConfig> {
+    let builder =
+        ClientConfig::builder_with_provider(provider()).with_protocol_versions(&[&rustls::version::TLS13])?;
+    let mut config = match trust {
+        WebTrust::Nothing => builder.with_root_certificates(RootCertStore::empty()).with_no_client_auth(),
+        WebTrust::System => {
+            let verifier = rustls_platform_verifier::Verifier::new(provider())
+                .map_err(|e| Error::Verifier(format!("the system's root certificates: {e}")))?;
+            // `dangerous()` is only rustls's door for a custom verifier: this one verifies fully
+            // (WebPKI chains to the system's roots, names, validity).
+            builder.dangerous().with_custom_certificate_verifier(Arc::new(verifier)).with_no_client_auth()
+        }
+    };
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(config)
+}

@@ -1,4 +1,4 @@
-//! The one place where TLS meets gRPC.
+//! The one place where TLS meets gRPC, and ([`http`]) the one outbound HTTP client.
 //!
 //! The controller accepts TCP connections, completes a TLS 1.3 handshake with rustls, reads the
 //! verified client certificate's identity and hands the stream to tonic as [`TlsConn`], whose
@@ -9,6 +9,8 @@
 //! handshake, required by every RPC but enrollment", and it would hide the peer's parsed identity.
 
 #![forbid(unsafe_code)]
+
+pub mod http;
 
 use std::collections::HashMap;
 use std::future::Future;

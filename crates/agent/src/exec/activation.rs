@@ -406,9 +406,17 @@ impl Activator {
         let cancel = CancellationToken::new();
         lock(&self.gates).insert(launch.app.clone(), (launch.version.clone(), cancel.clone()));
         self.core.failpoint("gate:started");
-        let verdict =
-            crate::health::gate(&check, health, deadline, &dir, &launch.env, &cancel, launch.run_as.as_ref())
-                .await;
+        let verdict = crate::health::gate(
+            &self.core.http,
+            &check,
+            health,
+            deadline,
+            &dir,
+            &launch.env,
+            &cancel,
+            launch.run_as.as_ref(),
+        )
+        .await;
         lock(&self.gates).remove(&launch.app);
         verdict.map_err(|e| {
             if cancel.is_cancelled() {

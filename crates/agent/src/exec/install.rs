@@ -5,8 +5,8 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use convoy_base::files;
 use convoy_bundle::Manifest;
-use convoy_pki::files;
 use tonic::transport::Channel;
 
 use super::{Core, ExecError};

@@ -84,6 +84,8 @@ pub(crate) struct Core {
     pub cfg: ExecConfig,
     pub layout: Layout,
     pub state: State,
+    /// The health probes' HTTP client (plain `http://`, no proxies, no redirects).
+    pub http: convoy_transport::http::HttpClient,
     live: StdMutex<HashMap<String, Live>>,
     app_locks: StdMutex<HashMap<String, Arc<Mutex<()>>>>,
 }
@@ -170,10 +172,12 @@ impl Executor {
         let admitted = state.last_seq()?;
         let downloader =
             Downloader::new(layout.cache_dir(), cfg.max_downloads, cfg.download.clone(), cfg.trust.clone());
+        let http = crate::health::http_client()?;
         let core = Arc::new(Core {
             cfg,
             layout,
             state,
+            http,
             live: StdMutex::new(HashMap::new()),
             app_locks: StdMutex::new(HashMap::new()),
         });

@@ -211,7 +211,8 @@ impl Services {
                     () = tokio::time::sleep(health.interval) => {}
                     () = token.cancelled() => return,
                 }
-                let r = crate::health::probe(&check, health.timeout, &dir, &env, run_as.as_ref()).await;
+                let r = crate::health::probe(&core.http, &check, health.timeout, &dir, &env, run_as.as_ref())
+                    .await;
                 if token.is_cancelled() {
                     return;
                 }

@@ -77,7 +77,7 @@ pub async fn run(config: &super::Globals, args: Args) -> anyhow::Result<()> {
 }
 
 /// Renders agents as a table or JSON.
-pub(crate) fn render(mut agents: Vec<pb::AgentInfo>, output: Output) -> anyhow::Result<String> {
+pub fn render(mut agents: Vec<pb::AgentInfo>, output: Output) -> anyhow::Result<String> {
     agents.sort_by(|a, b| (&a.region, &a.id).cmp(&(&b.region, &b.id)));
     if output == Output::Json {
         let list: Vec<AgentJson> = agents
@@ -102,11 +102,7 @@ pub(crate) fn render(mut agents: Vec<pb::AgentInfo>, output: Output) -> anyhow::
                     .apps
                     .into_iter()
                     .map(|s| AppJson {
-                        health: pb::Health::try_from(s.health)
-                            .unwrap_or(pb::Health::Unknown)
-                            .as_str_name()
-                            .trim_start_matches("HEALTH_")
-                            .to_lowercase(),
+                        health: pb::Health::from_wire(s.health).name().to_owned(),
                         app: s.app,
                         current: s.current,
                         known_good: s.known_good,
@@ -128,12 +124,10 @@ pub(crate) fn render(mut agents: Vec<pb::AgentInfo>, output: Output) -> anyhow::
             .apps
             .iter()
             .map(|s| {
-                let health = match pb::Health::try_from(s.health).unwrap_or(pb::Health::Unknown) {
-                    pb::Health::Healthy => "healthy",
+                let health = match pb::Health::from_wire(s.health) {
+                    // Shouted, so it stands out in the table.
                     pb::Health::Unhealthy => "UNHEALTHY",
-                    pb::Health::Checking => "checking",
-                    pb::Health::None => "no-check",
-                    pb::Health::Unknown => "?",
+                    h => h.name(),
                 };
                 format!("{}@{} ({health})", s.app, if s.current.is_empty() { "-" } else { &s.current })
             })
@@ -161,7 +155,7 @@ pub(crate) fn render(mut agents: Vec<pb::AgentInfo>, output: Output) -> anyhow::
 /// Left-aligned columns separated by two spaces. Cells are shown with control characters
 /// escaped: what agents, alerts or refused callers put into a field cannot fake rows or hide
 /// text on the operator's terminal.
-pub(crate) fn table<const N: usize>(rows: &[[String; N]]) -> String {
+pub fn table<const N: usize>(rows: &[[String; N]]) -> String {
     let rows: Vec<[String; N]> = rows.iter().map(|r| r.clone().map(|c| printable(&c))).collect();
     let mut widths = [0usize; N];
     for row in &rows {

@@ -102,7 +102,7 @@ pub async fn run(config: &super::Globals, a: Args) -> anyhow::Result<()> {
         a.release.or(file.release).ok_or_else(|| anyhow::anyhow!("name the release: APP@VERSION"))?;
     let (app, version) = super::release::parse_release(&release)?;
     let mut selector = file.selector;
-    selector.extend(convoy_agent::parse_pairs("selector", &a.selectors)?);
+    selector.extend(convoy_base::pairs::parse_pairs("selector", &a.selectors)?);
     let waves = if a.waves.is_empty() { file.waves } else { a.waves };
     let waves = waves.iter().map(|w| percent(w)).collect::<anyhow::Result<Vec<_>>>()?;
     let canary = a.canary.or(file.canary);

@@ -1,7 +1,7 @@
 use std::path::PathBuf;
 
+use convoy_base::files;
 use convoy_bundle::SecretKey;
-use convoy_pki::files;
 
 #[derive(clap::Subcommand, Debug)]
 pub enum Command {

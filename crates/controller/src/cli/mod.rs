@@ -2,11 +2,13 @@
 //! admin CLI talking to a controller over mutual-TLS gRPC. One module per noun.
 //!
 //! Data goes to stdout, diagnostics to stderr; `-o json` gives machine-readable listings.
+//!
+//! The `convoy` binary (its own package, so this library never links the agent) parses these
+//! commands and adds `convoy demo`, which runs agents in process.
 
 mod admins;
 mod agents;
 mod audit;
-mod demo;
 pub mod demo_app;
 mod deploy;
 mod freeze;
@@ -22,22 +24,11 @@ mod token;
 
 use std::path::PathBuf;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Args, Subcommand, ValueEnum};
+
+use convoy_base::logging::LogFormat;
 
 use crate::config::Config;
-
-#[derive(Parser, Debug)]
-#[command(name = "convoy", version, about = "Convoy: signed releases to a fleet, with instant rollback")]
-pub struct Cli {
-    /// The controller config file [default: certs/convoy.toml].
-    #[arg(long, global = true, env = "CONVOY_CONFIG")]
-    pub config: Option<PathBuf>,
-    /// The controller to talk to, HOST:PORT; overrides the config's `controller`.
-    #[arg(long, global = true, env = "CONVOY_CONTROLLER")]
-    pub controller: Option<String>,
-    #[command(subcommand)]
-    pub command: Command,
-}
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
@@ -75,8 +66,6 @@ pub enum Command {
     Logs(logs::Args),
     /// Per app: releases running across the fleet, unhealthy and offline agents.
     Status(status::Args),
-    /// Run a self-contained local fleet and show it working.
-    Demo(demo::Args),
     /// The small HTTP service the demo deploys.
     #[command(hide = true)]
     DemoApp(demo_app::Args),
@@ -90,11 +79,20 @@ pub enum Output {
     Json,
 }
 
-/// Where the config comes from, and flags that override it.
-#[derive(Clone, Debug, Default)]
-pub(crate) struct Globals {
+/// Where the config comes from, and flags that override it: the options every subcommand takes.
+/// The `convoy` binary flattens them into its command line.
+#[derive(Args, Clone, Debug, Default)]
+pub struct Globals {
+    /// The controller config file [default: certs/convoy.toml].
+    #[arg(long, global = true, env = "CONVOY_CONFIG")]
     pub config: Option<PathBuf>,
+    /// The controller to talk to, HOST:PORT; overrides the config's `controller`.
+    #[arg(long, global = true, env = "CONVOY_CONTROLLER")]
     pub controller: Option<String>,
+    /// How logs on stderr are written: text (coloured only on a terminal) or one JSON object
+    /// per line.
+    #[arg(long, global = true, value_enum, default_value_t, env = "CONVOY_LOG_FORMAT")]
+    pub log_format: LogFormat,
 }
 
 impl Globals {
@@ -135,11 +133,9 @@ pub fn exit_code(err: &anyhow::Error) -> u8 {
     }
 }
 
-/// Runs a parsed command line.
-pub async fn run(cli: Cli) -> anyhow::Result<()> {
-    let config = Globals { config: cli.config, controller: cli.controller };
-    let config = &config;
-    match cli.command {
+/// Runs a parsed command.
+pub async fn run(config: &Globals, command: Command) -> anyhow::Result<()> {
+    match command {
         Command::Init(args) => init::run(args),
         Command::Serve(args) => serve::run(config, args).await,
         Command::Token(cmd) => token::run(config, cmd).await,
@@ -154,25 +150,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Rollback(args) => rollback::run(config, args).await,
         Command::Logs(args) => logs::run(config, args).await,
         Command::Status(args) => status::run(config, args).await,
-        Command::Demo(args) => demo::run(args).await,
         Command::DemoApp(args) => demo_app::run(args).await,
     }
 }
 
-/// Formats a Unix time as UTC, `2026-11-29 14:31:39Z`, or `-` for zero.
-pub(crate) fn fmt_time(unix: i64) -> String {
-    if unix <= 0 {
-        return "-".into();
-    }
-    let t = std::time::UNIX_EPOCH + std::time::Duration::from_secs(unix as u64);
-    humantime::format_rfc3339_seconds(t).to_string().replace('T', " ")
-}
-
-/// Formats how long ago a Unix time was, `12s ago`.
-pub(crate) fn fmt_ago(unix: i64) -> String {
-    if unix <= 0 {
-        return "never".into();
-    }
-    let secs = (crate::logic::now() - unix).max(0) as u64;
-    format!("{} ago", humantime::format_duration(std::time::Duration::from_secs(secs)))
-}
+pub(crate) use crate::time::{fmt_ago, fmt_time};
+pub use agents::{render as render_agents, table};

@@ -24,7 +24,7 @@ pub enum Command {
 
 pub async fn run(config: &super::Globals, cmd: Command) -> anyhow::Result<()> {
     let Command::Create { region, ttl, labels, allow_agent_labels } = cmd;
-    let labels = convoy_agent::parse_pairs("label", &labels)?;
+    let labels = convoy_base::pairs::parse_pairs("label", &labels)?;
     let config = config.load_config()?;
     let mut client = crate::client::admin_client(&config).await?;
     let resp = client

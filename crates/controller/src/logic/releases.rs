@@ -61,15 +61,11 @@ fn io_err(path: &Path, e: std::io::Error) -> Error {
 
 /// Checks that a digest is 64 lowercase hex characters, so it is safe as a file name.
 pub fn check_digest(digest: &str) -> Result<()> {
-    if convoy_bundle::is_sha256_hex(digest) {
-        Ok(())
-    } else {
-        Err(Error::InvalidArgument(format!("{digest:?} is not a SHA-256 digest in lowercase hex")))
-    }
+    convoy_bundle::check_digest(digest).map_err(|e| Error::InvalidArgument(e.to_string()))
 }
 
 fn sync_dir(dir: &Path) -> Result<()> {
-    convoy_pki::files::sync_dir(dir).map_err(|e| Error::Internal(e.to_string()))
+    convoy_base::files::sync_dir(dir).map_err(|e| Error::Internal(e.to_string()))
 }
 
 impl Controller {

@@ -35,7 +35,7 @@ pub struct Args {
 
 pub fn run(a: Args) -> anyhow::Result<()> {
     let key = SecretKey::load(&a.key)?;
-    let labels = convoy_agent::parse_pairs("target label", &a.target_labels)?;
+    let labels = convoy_base::pairs::parse_pairs("target label", &a.target_labels)?;
     let wanted = a.os.is_some() || a.arch.is_some() || !labels.is_empty();
     let target = wanted.then_some(Target { os: a.os, arch: a.arch, labels });
     let created_at = a.created_at.unwrap_or_else(crate::logic::now);

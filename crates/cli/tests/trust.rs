@@ -6,7 +6,7 @@
 
 #![allow(clippy::unwrap_used)]
 
-mod common;
+use convoy_testkit::support as common;
 
 use std::io::{Read, Write};
 use std::net::SocketAddr;
@@ -15,9 +15,9 @@ use std::time::Duration;
 
 use common::{eventually, free_port, get};
 use convoy_bundle::SecretKey;
-use convoy_controller::local::{DemoRelease, LocalAgent, LocalController, LocalOptions};
 use convoy_controller::logic::rollouts::{AgentStep, Rollout, RolloutSpec, RolloutState};
 use convoy_controller::logic::{Answer, OrderKind, OrderOutcome, Target};
+use convoy_testkit::{DemoRelease, LocalAgent, LocalController, LocalOptions};
 use serde_json::{json, Value};
 
 const WAIT: Duration = Duration::from_secs(60);

@@ -1,24 +1,34 @@
 //! A controller and agents in one process, on loopback: what `convoy demo` runs and what the
-//! integration tests build on. Everything is real (PKI, TLS, gRPC over sockets, sled on disk);
-//! only the process boundary is missing.
+//! integration tests and benchmarks build on. Everything is real (PKI, TLS, gRPC over sockets,
+//! sled on disk); only the process boundary is missing.
+//!
+//! The one crate besides the binaries that depends on both the controller and the agent
+//! libraries: neither library depends on the other. [`support`] holds the helpers the
+//! integration tests share.
+
+#![forbid(unsafe_code)]
+
+pub mod support;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use anyhow::Context;
 use convoy_agent::{Agent, AgentConfig, AgentStatus, EnrollOptions};
 use convoy_proto::v1 as pb;
+use convoy_transport::http::HttpClient;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 
-use crate::config::Config;
-use crate::init::{init, InitOptions};
-use crate::logic::Controller;
-use crate::server::Prepared;
+use convoy_controller::config::{self, Config};
+use convoy_controller::init::{init, InitOptions};
+use convoy_controller::logic::Controller;
+use convoy_controller::server::{self, Prepared};
 
 /// Timings for a local fleet; tests shorten them.
 #[derive(Clone, Debug)]
@@ -30,7 +40,7 @@ pub struct LocalOptions {
     /// The gRPC listener's connection limits.
     pub conn_limits: convoy_transport::ConnLimits,
     /// The HTTP listener's settings instead of the config file's `[http]` section.
-    pub http: Option<crate::config::HttpConfig>,
+    pub http: Option<config::HttpConfig>,
 }
 
 impl Default for LocalOptions {
@@ -53,7 +63,7 @@ pub struct LocalController {
     pub http_addr: SocketAddr,
     pub controller: Controller,
     stop: CancellationToken,
-    task: JoinHandle<Result<(), crate::server::Error>>,
+    task: JoinHandle<Result<(), server::Error>>,
 }
 
 impl LocalController {
@@ -66,7 +76,7 @@ impl LocalController {
         let http = TcpListener::bind("127.0.0.1:0").await.context("binding the HTTP listener")?;
         let grpc_addr = grpc.local_addr()?;
         let http_addr = http.local_addr()?;
-        let config_path = dir.join(crate::config::CONFIG_FILE);
+        let config_path = dir.join(config::CONFIG_FILE);
         if !config_path.exists() {
             init(&InitOptions {
                 data_dir: dir.to_path_buf(),
@@ -109,7 +119,7 @@ impl LocalController {
 
     /// An admin client using the admin certificate `convoy init` made.
     pub async fn admin(&self) -> anyhow::Result<pb::admin_service_client::AdminServiceClient<Channel>> {
-        crate::client::admin_client(&self.config).await
+        convoy_controller::client::admin_client(&self.config).await
     }
 
     /// A one-time join token, optionally bound to a region.
@@ -131,8 +141,10 @@ impl LocalController {
     pub async fn push_file(&self, path: &Path) -> anyhow::Result<pb::ReleaseInfo> {
         let data = tokio::fs::read(path).await.with_context(|| format!("reading {}", path.display()))?;
         // In chunks, as the CLI sends them: one message may not exceed the admin message limit.
-        let chunks: Vec<pb::PushChunk> =
-            data.chunks(crate::logic::BUNDLE_CHUNK).map(|c| pb::PushChunk { data: c.to_vec() }).collect();
+        let chunks: Vec<pb::PushChunk> = data
+            .chunks(convoy_controller::logic::BUNDLE_CHUNK)
+            .map(|c| pb::PushChunk { data: c.to_vec() })
+            .collect();
         let resp = self.admin().await?.push_release(tokio_stream::iter(chunks)).await?;
         resp.into_inner().release.context("the controller returned no release")
     }
@@ -274,14 +286,20 @@ impl<'a> DemoRelease<'a> {
     }
 }
 
+/// The HTTP client the demo and the tests use: the workspace's one client, plain `http://`.
+pub fn http_client() -> anyhow::Result<&'static HttpClient> {
+    static CLIENT: OnceLock<HttpClient> = OnceLock::new();
+    if let Some(c) = CLIENT.get() {
+        return Ok(c);
+    }
+    let c = HttpClient::plain("convoy-testkit")?;
+    Ok(CLIENT.get_or_init(|| c))
+}
+
 /// `GET /` on a local HTTP service (the demo app): the last line of the body, or `None` when
-/// nothing answers.
-pub fn http_get_root(port: u16) -> Option<String> {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").ok()?;
-    let mut body = String::new();
-    s.read_to_string(&mut body).ok()?;
-    body.lines().last().map(|l| l.trim().to_string())
+/// nothing answers within two seconds.
+pub async fn http_get_root(port: u16) -> Option<String> {
+    let reply =
+        http_client().ok()?.get(&format!("http://127.0.0.1:{port}/"), Duration::from_secs(2)).await.ok()?;
+    reply.body.lines().last().map(|l| l.trim().to_string())
 }

@@ -3,15 +3,15 @@
 
 #![allow(clippy::unwrap_used)]
 
-mod common;
+use convoy_testkit::support as common;
 
 use std::path::Path;
 use std::time::Duration;
 
 use common::{eventually, free_port, get};
 use convoy_bundle::SecretKey;
-use convoy_controller::local::{DemoRelease, LocalAgent, LocalController, LocalOptions};
 use convoy_controller::logic::rollouts::{AgentStep, Control, Rollout, RolloutSpec, RolloutState, Threshold};
+use convoy_testkit::{DemoRelease, LocalAgent, LocalController, LocalOptions};
 
 const WAIT: Duration = Duration::from_secs(60);
 const REGIONS: [&str; 3] = ["ap-south", "eu-west", "us-east"];

@@ -2,7 +2,7 @@
 
 #![allow(clippy::unwrap_used)]
 
-mod common;
+use convoy_testkit::support as common;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
@@ -15,13 +15,8 @@ fn convoy() -> Command {
     Command::new(env!("CARGO_BIN_EXE_convoy"))
 }
 
-/// `convoy-agent` is built by `cargo test --workspace` (the agent crate has its own binary
-/// tests); it sits next to `convoy`.
 fn agent_bin() -> PathBuf {
-    let p = Path::new(env!("CARGO_BIN_EXE_convoy"))
-        .with_file_name(format!("convoy-agent{}", std::env::consts::EXE_SUFFIX));
-    assert!(p.exists(), "{} is missing: run the suite with `cargo test --workspace`", p.display());
-    p
+    common::agent_bin(env!("CARGO_BIN_EXE_convoy"))
 }
 
 /// `convoy-agent enroll` with the usual flags.
@@ -412,14 +407,8 @@ fn rollout_with_real_binaries_deploy_watch_rollback() {
     };
     for v in ["1.0.0", "1.1.0"] {
         let src = t.join(format!("src-{v}"));
-        convoy_controller::local::write_demo_release(
-            &src,
-            Path::new(env!("CARGO_BIN_EXE_convoy")),
-            v,
-            "healthy",
-            "",
-        )
-        .unwrap();
+        convoy_testkit::write_demo_release(&src, Path::new(env!("CARGO_BIN_EXE_convoy")), v, "healthy", "")
+            .unwrap();
         let out = format!("{v}.bundle");
         run_ok(convoy().current_dir(t).args([
             "release",

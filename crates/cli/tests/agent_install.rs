@@ -3,15 +3,15 @@
 
 #![allow(clippy::unwrap_used)]
 
-mod common;
+use convoy_testkit::support as common;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use common::{eventually, free_port, get};
 use convoy_bundle::SecretKey;
-use convoy_controller::local::{DemoRelease, LocalAgent, LocalController, LocalOptions};
 use convoy_controller::logic::{Answer, OrderKind, OrderOutcome, Target};
+use convoy_testkit::{DemoRelease, LocalAgent, LocalController, LocalOptions};
 
 const WAIT: Duration = Duration::from_secs(30);
 const ORDER: Duration = Duration::from_secs(60);
@@ -462,7 +462,7 @@ async fn releases_for_another_platform_or_labels_are_refused() {
         ),
     ] {
         let src = f.tmp.path().join(format!("t-{version}"));
-        convoy_controller::local::write_demo_release(
+        convoy_testkit::write_demo_release(
             &src,
             Path::new(env!("CARGO_BIN_EXE_convoy")),
             version,

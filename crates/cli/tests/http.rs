@@ -4,7 +4,7 @@
 
 #![allow(clippy::unwrap_used)]
 
-mod common;
+use convoy_testkit::support as common;
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::Path;
@@ -14,9 +14,9 @@ use std::time::{Duration, Instant};
 use common::{eventually, free_port};
 use convoy_bundle::SecretKey;
 use convoy_controller::config::HttpConfig;
-use convoy_controller::local::{DemoRelease, LocalAgent, LocalController, LocalOptions};
 use convoy_controller::logic::rollouts::{RolloutSpec, RolloutState};
 use convoy_proto::v1 as pb;
+use convoy_testkit::{DemoRelease, LocalAgent, LocalController, LocalOptions};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 

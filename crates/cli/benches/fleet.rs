@@ -12,9 +12,9 @@
 use std::time::{Duration, Instant};
 
 use convoy_bundle::{BuildOptions, SecretKey};
-use convoy_controller::local::{LocalAgent, LocalController, LocalOptions};
 use convoy_controller::logic::rollouts::{RolloutSpec, RolloutState};
 use convoy_controller::logic::Target;
+use convoy_testkit::{LocalAgent, LocalController, LocalOptions};
 
 async fn run(n: usize) {
     let tmp = tempfile::tempdir().unwrap();

@@ -4,7 +4,7 @@
 
 #![allow(clippy::unwrap_used)]
 
-mod common;
+use convoy_testkit::support as common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -12,9 +12,9 @@ use std::time::Duration;
 
 use common::{eventually, free_port, get};
 use convoy_bundle::SecretKey;
-use convoy_controller::local::{DemoRelease, LocalController, LocalOptions};
 use convoy_controller::logic::OrderKind;
 use convoy_proto::v1 as pb;
+use convoy_testkit::{DemoRelease, LocalController, LocalOptions};
 
 const WAIT: Duration = Duration::from_secs(30);
 /// How long an agent may take to reach its failpoint. A failpoint that is never reached fails
@@ -53,10 +53,7 @@ async fn died(agent: AgentProc, what: &str, failpoint: &str) {
 }
 
 fn agent_bin() -> PathBuf {
-    let p = Path::new(env!("CARGO_BIN_EXE_convoy"))
-        .with_file_name(format!("convoy-agent{}", std::env::consts::EXE_SUFFIX));
-    assert!(p.exists(), "{} is missing: run the suite with `cargo test --workspace`", p.display());
-    p
+    common::agent_bin(env!("CARGO_BIN_EXE_convoy"))
 }
 
 /// A running agent process. Dropping it stops it gracefully (SIGTERM: it stops its services

@@ -3,7 +3,7 @@
 
 #![allow(clippy::unwrap_used)]
 
-mod common;
+use convoy_testkit::support as common;
 
 use std::io::{Read, Write};
 use std::path::Path;
@@ -12,10 +12,10 @@ use std::time::Duration;
 
 use common::{eventually, free_port, get};
 use convoy_bundle::SecretKey;
-use convoy_controller::local::{DemoRelease, LocalAgent, LocalController, LocalOptions};
 use convoy_controller::logic::audit::{AuditEntry, Phase};
 use convoy_controller::logic::rollouts::{AgentStep, RolloutSpec, RolloutState};
 use convoy_proto::v1 as pb;
+use convoy_testkit::{DemoRelease, LocalAgent, LocalController, LocalOptions};
 use hmac::Mac;
 use serde_json::{json, Value};
 

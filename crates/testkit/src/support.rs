@@ -1,5 +1,5 @@
-//! Helpers shared by the integration tests.
-#![allow(dead_code)]
+//! Helpers the integration tests share. They panic with a message on failure, as a test
+//! would.
 
 use std::future::Future;
 use std::time::Duration;
@@ -35,7 +35,8 @@ pub async fn dial(addr: &str, ca_pem: &str, identity: Option<&ClientIdentity>) -
 
 /// The identity stored in an enrolled agent's data directory.
 pub fn agent_identity(data_dir: &std::path::Path) -> ClientIdentity {
-    let pem = std::fs::read_to_string(data_dir.join(convoy_agent::IDENTITY_FILE)).unwrap();
+    let path = data_dir.join(convoy_agent::IDENTITY_FILE);
+    let pem = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
     ClientIdentity { cert_pem: pem.clone(), key_pem: pem }
 }
 
@@ -54,18 +55,45 @@ pub fn hello(agent_id: &str) -> pb::AgentMessage {
 }
 
 /// Lists agents through the admin API.
-pub async fn agents(ctl: &convoy_controller::local::LocalController) -> Vec<pb::AgentInfo> {
-    let mut admin = ctl.admin().await.unwrap();
-    let mut list = admin.list_agents(pb::ListAgentsRequest::default()).await.unwrap().into_inner().agents;
+pub async fn agents(ctl: &crate::LocalController) -> Vec<pb::AgentInfo> {
+    let mut admin = ctl.admin().await.expect("an admin client");
+    let mut list = admin
+        .list_agents(pb::ListAgentsRequest::default())
+        .await
+        .expect("listing agents")
+        .into_inner()
+        .agents;
     list.sort_by(|a, b| a.id.cmp(&b.id));
     list
 }
 
+/// A port on 127.0.0.1 that was free a moment ago.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("binding a free port on 127.0.0.1")
+        .port()
 }
 
-/// `GET /` on the demo service, or None if nothing answers.
+/// `GET /` on the demo service, or None if nothing answers, for tests written synchronously:
+/// [`crate::http_get_root`] on a thread of its own with its own runtime, so it works from
+/// inside a test's runtime as well as outside one.
 pub fn get(port: u16) -> Option<String> {
-    convoy_controller::local::http_get_root(port)
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a runtime");
+            rt.block_on(crate::http_get_root(port))
+        })
+        .join()
+        .expect("the GET thread panicked")
+    })
+}
+
+/// The `convoy-agent` binary next to `convoy` (pass `env!("CARGO_BIN_EXE_convoy")`). A test can
+/// name only its own package's binaries; `cargo test --workspace` builds the agent's too.
+pub fn agent_bin(convoy_exe: &str) -> std::path::PathBuf {
+    let p = std::path::Path::new(convoy_exe)
+        .with_file_name(format!("convoy-agent{}", std::env::consts::EXE_SUFFIX));
+    assert!(p.exists(), "{} is missing: run the suite with `cargo test --workspace`", p.display());
+    p
 }

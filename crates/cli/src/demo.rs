@@ -8,10 +8,10 @@ use std::time::{Duration, Instant};
 
 use convoy_bundle::{BuildOptions, SecretKey};
 use convoy_proto::v1 as pb;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::local::{http_get_root, write_demo_release, LocalAgent, LocalController, LocalOptions};
-use crate::logic::rollouts::Rollout;
+use convoy_controller::cli::{render_agents, table, Output};
+use convoy_controller::logic::rollouts::Rollout;
+use convoy_testkit::{http_get_root, write_demo_release, LocalAgent, LocalController, LocalOptions};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -97,10 +97,15 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     }
 
     let serving = |want: &str| {
-        ports
-            .iter()
-            .filter(|(_, p)| http_get_root(*p).as_deref() == Some(&format!("demo-app {want}")))
-            .count()
+        let want = format!("demo-app {want}");
+        let ports = ports.iter().map(|(_, p)| *p).collect::<Vec<_>>();
+        async move {
+            let mut n = 0;
+            for p in ports {
+                n += usize::from(http_get_root(p).await.as_deref() == Some(want.as_str()));
+            }
+            n
+        }
     };
 
     let base = pb::DeployRequest { app: "shop-api".into(), waves: vec![50, 100], ..Default::default() };
@@ -111,7 +116,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         r.id,
         r.state,
         r.waves.len(),
-        serving("1.0.0")
+        serving("1.0.0").await
     ));
 
     let spec = pb::DeployRequest { version: "2.0.0".into(), health_deadline_ms: 3000, ..base.clone() };
@@ -121,7 +126,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         r.id,
         r.state,
         r.failure.clone().unwrap_or_default(),
-        serving("1.0.0")
+        serving("1.0.0").await
     ));
 
     let spec = pb::DeployRequest {
@@ -135,7 +140,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         "rollout {} of 3.0.0 (ap, then eu, then us): {:?}; {}/6 agents serve 3.0.0",
         r.id,
         r.state,
-        serving("3.0.0")
+        serving("3.0.0").await
     ));
 
     let started = Instant::now();
@@ -144,7 +149,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     n.say(&format!(
         "Alertmanager alert CheckoutErrorRate (convoy_action=rollback) → HTTP {status}; fleet rolled back in {} ms: {}/6 agents serve 1.0.0 again",
         started.elapsed().as_millis(),
-        serving("1.0.0")
+        serving("1.0.0").await
     ));
 
     let log = ctl.controller.audit_log(None, None).await?;
@@ -159,13 +164,13 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             e.outcome.clone(),
         ]);
     }
-    print!("{}", super::agents::table(&rows));
+    print!("{}", table(&rows));
     match ctl.controller.audit_verify().await? {
         Ok(count) => println!("audit log: {count} entries, hash chain intact"),
         Err(problem) => anyhow::bail!("audit log does not verify: {problem}"),
     }
     let listed = ctl.admin().await?.list_agents(pb::ListAgentsRequest::default()).await?.into_inner();
-    println!("\n$ convoy agents\n{}", super::agents::render(listed.agents, super::Output::Table)?);
+    println!("\n$ convoy agents\n{}", render_agents(listed.agents, Output::Table)?);
 
     if args.keep {
         println!(
@@ -217,13 +222,10 @@ async fn alert(addr: std::net::SocketAddr, token: &str) -> anyhow::Result<u16> {
         }]
     })
     .to_string();
-    let mut s = tokio::net::TcpStream::connect(addr).await?;
-    let req = format!(
-        "POST /v1/hooks/alertmanager HTTP/1.1\r\nHost: convoy\r\nAuthorization: Bearer {token}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    s.write_all(req.as_bytes()).await?;
-    let mut resp = String::new();
-    s.read_to_string(&mut resp).await?;
-    Ok(resp.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0))
+    let url = format!("http://{addr}/v1/hooks/alertmanager");
+    let auth = format!("Bearer {token}");
+    let status = convoy_testkit::http_client()?
+        .post_json(&url, body, &[("authorization", auth.as_str())], Duration::from_secs(30))
+        .await?;
+    Ok(status)
 }

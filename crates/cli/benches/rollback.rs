@@ -15,8 +15,8 @@ use std::time::{Duration, Instant};
 use convoy_agent::state::{Activation, ActivationKind, State, Step};
 use convoy_agent::Layout;
 use convoy_bundle::{BuildOptions, SecretKey};
-use convoy_controller::local::{write_demo_release, LocalAgent, LocalController, LocalOptions};
 use convoy_controller::logic::OrderKind;
+use convoy_testkit::{write_demo_release, LocalAgent, LocalController, LocalOptions};
 
 fn summary(name: &str, mut v: Vec<Duration>) {
     v.sort();
