@@ -1337,6 +1337,33 @@ mod tests {
         assert_eq!(ids, ["ro-9", "ro-10", "ro-1000001"]);
     }
 
+    /// Records written by the build before the rollout state machine still load, unchanged.
+    #[test]
+    fn records_written_by_earlier_builds_load() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::store::Store::open(dir.path()).unwrap();
+        let running = include_bytes!("rollouts/testdata/rollout-running-v1.json");
+        let completed = include_bytes!("rollouts/testdata/rollout-completed-v1.json");
+        store.put_raw_for_test(Tree::Rollouts, "ro-42", running.trim_ascii_end()).unwrap();
+        store.put_raw_for_test(Tree::Rollouts, "ro-41", completed.trim_ascii_end()).unwrap();
+        let r: Rollout = store.get(Tree::Rollouts, "ro-42").unwrap().unwrap();
+        assert_eq!((r.state, r.wave, r.waves.len(), r.agents.len()), (RolloutState::Running, 2, 4, 6));
+        assert_eq!(r.spec.max_failures, Threshold::Percent(25));
+        assert_eq!(r.spec.bake, Duration::from_secs(120));
+        assert_eq!(r.spec.health_deadline, Some(Duration::from_secs(20)));
+        assert_eq!(r.spec.selector.get("tier").map(String::as_str), Some("web"));
+        assert_eq!(r.agents["eu-0"].step, AgentStep::Activating);
+        assert_eq!(r.agents["eu-0"].previous.as_deref(), Some("1.0.0"));
+        assert_eq!(r.agents["eu-3"].step, AgentStep::Offline);
+        assert_eq!(r.agents["us-0"].activated_at_ms, Some(1_767_225_605_120));
+        assert_eq!(r.events.len(), 11);
+        let c: Rollout = store.get(Tree::Rollouts, "ro-41").unwrap().unwrap();
+        assert_eq!(
+            (c.state, c.finished_at, c.converging.as_slice()),
+            (RolloutState::Completed, Some(1_767_226_000), &["eu-3".to_string()][..])
+        );
+    }
+
     #[test]
     fn thresholds() {
         assert!(Threshold::parse("0").unwrap().exceeded(1, 5));
