@@ -67,6 +67,9 @@ pub enum Error {
     NoAnswer(String),
     #[error("release {0} not found")]
     UnknownRelease(String),
+    /// A rollout spec that cannot run; the gRPC layer words it in the CLI's terms.
+    #[error("invalid rollout: {0}")]
+    Spec(#[from] rollouts::SpecError),
     #[error("{0}")]
     Conflict(String),
     #[error("{0}")]

@@ -1,16 +1,26 @@
-//! Desired state: the release each agent should run per app, and convergence to it.
+//! Desired state: the release each agent should run per app, and convergence to it — when an
+//! agent connects, and every [`RECONCILE_EVERY`] for online agents whose reported release
+//! differs from the desired one.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use super::fleet::{Fleet, Sessions};
+use super::machine::Reply;
+use super::Rollout;
 use crate::logic::orders::OrderKind;
-use crate::logic::{now, Controller, Result};
-use crate::store::Tree;
+use crate::logic::{now, Controller, Error, Result};
+use crate::store::{AgentRecord, Store, Tree};
+
+/// How often online agents are checked against their desired state.
+pub const RECONCILE_EVERY: Duration = Duration::from_secs(30);
+/// How long a convergence order may take.
+const CONVERGE_WAIT: Duration = Duration::from_secs(600);
 
 /// What an agent should run for an app, and why.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Desired {
     pub version: String,
     pub digest: String,
@@ -27,15 +37,107 @@ pub struct AppRule {
     pub selector: BTreeMap<String, String>,
 }
 
-pub(super) fn desired_key(app: &str, agent: &str) -> String {
+fn desired_key(app: &str, agent: &str) -> String {
     format!("{app}/{agent}")
 }
 
-pub(super) fn rule_key(app: &str) -> String {
+fn rule_key(app: &str) -> String {
     format!("rule:{app}")
 }
 
+/// The desired-state tree, read once: per agent and app, and per app for agents that match.
+#[derive(Default)]
+pub(super) struct DesiredTable {
+    explicit: BTreeMap<(String, String), Desired>,
+    rules: BTreeMap<String, AppRule>,
+}
+
+impl DesiredTable {
+    /// Reads the tree; records that do not parse are left out, as if absent.
+    pub(super) fn load(store: &Store) -> Result<Self> {
+        let mut table = Self::default();
+        for (key, value) in store.list::<serde_json::Value>(Tree::Desired)? {
+            if let Some(app) = key.strip_prefix("rule:") {
+                if let Ok(rule) = serde_json::from_value::<AppRule>(value) {
+                    table.rules.insert(app.to_owned(), rule);
+                }
+            } else if let Some((app, agent)) = key.split_once('/') {
+                if let Ok(d) = serde_json::from_value::<Desired>(value) {
+                    table.explicit.insert((app.to_owned(), agent.to_owned()), d);
+                }
+            }
+        }
+        Ok(table)
+    }
+
+    /// The desired release per app for one agent: its own, else the app's rule if it matches.
+    pub(super) fn wants(&self, agent: &AgentRecord) -> Vec<(String, Desired)> {
+        let apps: BTreeSet<&String> =
+            self.rules.keys().chain(self.explicit.keys().map(|(app, _)| app)).collect();
+        let mut out = Vec::new();
+        for app in apps {
+            if let Some(d) = self.explicit.get(&(app.clone(), agent.id.clone())) {
+                out.push((app.clone(), d.clone()));
+                continue;
+            }
+            let Some(rule) = self.rules.get(app) else { continue };
+            let matches = (rule.regions.is_empty() || rule.regions.contains(&agent.region))
+                && rule.selector.iter().all(|(k, v)| agent.labels.get(k) == Some(v));
+            if matches {
+                let d = Desired {
+                    version: rule.version.clone(),
+                    digest: rule.digest.clone(),
+                    set_by: "rule".into(),
+                    at: 0,
+                };
+                out.push((app.clone(), d));
+            }
+        }
+        out
+    }
+}
+
+/// The apps whose desired release `agent` does not report running.
+pub(super) fn drift(agent: &AgentRecord, wants: Vec<(String, Desired)>) -> Vec<(String, Desired)> {
+    wants
+        .into_iter()
+        .filter(|(app, want)| {
+            let actual =
+                agent.apps.iter().find(|a| a.app == *app).map(|a| a.current.as_str()).unwrap_or_default();
+            actual != want.version
+        })
+        .collect()
+}
+
 impl Controller {
+    /// A completed rollout's release becomes the desired one for every agent it targeted, and
+    /// for agents that join later and match its regions and selector.
+    pub(super) async fn record_completion(&self, r: &Rollout) -> Result<()> {
+        let desired = Desired {
+            version: r.spec.version.clone(),
+            digest: r.digest.clone(),
+            set_by: r.id.clone(),
+            at: now(),
+        };
+        let rule = AppRule {
+            version: r.spec.version.clone(),
+            digest: r.digest.clone(),
+            regions: r.spec.regions.clone(),
+            selector: r.spec.selector.clone(),
+        };
+        let app = r.spec.app.clone();
+        let ids: Vec<String> = r.agents.keys().cloned().collect();
+        self.blocking(move |c| {
+            for id in &ids {
+                c.inner.store.put(Tree::Desired, &desired_key(&app, id), &desired, false)?;
+            }
+            c.inner.store.put(Tree::Desired, &rule_key(&app), &rule, true)?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Records what a fleet rollback left each agent running (`(agent, version)` pairs), so
     /// convergence does not undo it. One flush for the whole batch.
     pub(crate) async fn record_desired(
         &self,
@@ -94,41 +196,25 @@ impl Controller {
         .await
     }
 
-    /// The desired release per app for one agent.
-    pub(super) fn desired_for(&self, agent: &crate::store::AgentRecord) -> Result<Vec<(String, Desired)>> {
-        let mut out = Vec::new();
-        for (key, value) in self.inner.store.list::<serde_json::Value>(Tree::Desired)? {
-            if let Some(app) = key.strip_prefix("rule:") {
-                if let Ok(explicit) =
-                    self.inner.store.get::<Desired>(Tree::Desired, &desired_key(app, &agent.id))
-                {
-                    if explicit.is_some() {
-                        continue;
-                    }
-                }
-                let Ok(rule) = serde_json::from_value::<AppRule>(value) else { continue };
-                let matches = (rule.regions.is_empty() || rule.regions.contains(&agent.region))
-                    && rule.selector.iter().all(|(k, v)| agent.labels.get(k) == Some(v));
-                if matches {
-                    out.push((
-                        app.to_owned(),
-                        Desired { version: rule.version, digest: rule.digest, set_by: "rule".into(), at: 0 },
-                    ));
-                }
-            } else if let Some((app, id)) = key.split_once('/') {
-                if id == agent.id {
-                    if let Ok(d) = serde_json::from_value::<Desired>(value) {
-                        out.push((app.to_owned(), d));
-                    }
-                }
-            }
-        }
-        Ok(out)
+    /// Apps with a rollout in progress: convergence leaves them to it.
+    async fn apps_rolling_out(&self) -> Result<BTreeSet<String>> {
+        Ok(self
+            .rollouts(None)
+            .await?
+            .into_iter()
+            .filter(|r| !r.state.is_final())
+            .map(|r| r.spec.app)
+            .collect())
     }
 
     /// Brings one agent to its desired releases, unless a rollout of that app is in progress.
     /// Runs in the background; duplicate requests for the same agent are merged.
     pub fn converge(&self, agent_id: &str) {
+        self.converge_with(Sessions(self.clone()), agent_id);
+    }
+
+    /// [`Self::converge`] over `fleet`.
+    pub(crate) fn converge_with<F: Fleet>(&self, fleet: F, agent_id: &str) {
         {
             let mut busy = self.inner.converging.lock().unwrap_or_else(|p| p.into_inner());
             if !busy.insert(agent_id.to_owned()) {
@@ -138,57 +224,91 @@ impl Controller {
         let this = self.clone();
         let id = agent_id.to_owned();
         tokio::spawn(async move {
-            if let Err(e) = this.converge_now(&id).await {
+            if let Err(e) = this.converge_now(&fleet, &id).await {
                 tracing::warn!(agent_id = %id, error = %e, "convergence failed");
             }
             this.inner.converging.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
         });
     }
 
-    async fn converge_now(&self, agent_id: &str) -> Result<()> {
+    async fn converge_now<F: Fleet>(&self, fleet: &F, agent_id: &str) -> Result<()> {
         let id = agent_id.to_owned();
         let (record, wants) = self
             .blocking(move |c| {
                 let Some(rec) = c.inner.store.agent(&id)? else { return Ok((None, vec![])) };
-                let wants = c.desired_for(&rec)?;
+                let wants = DesiredTable::load(&c.inner.store)?.wants(&rec);
                 Ok((Some(rec), wants))
             })
             .await?;
-        let Some(record) = record else { return Ok(()) };
-        if record.revoked {
+        let Some(record) = record.filter(|r| !r.revoked) else { return Ok(()) };
+        let drifted = drift(&record, wants);
+        if drifted.is_empty() {
             return Ok(());
         }
-        for (app, want) in wants {
+        let rolling_out = self.apps_rolling_out().await?;
+        for (app, want) in drifted {
+            if rolling_out.contains(&app) {
+                continue;
+            }
             let actual =
                 record.apps.iter().find(|a| a.app == app).map(|a| a.current.clone()).unwrap_or_default();
-            if actual == want.version {
-                continue;
-            }
-            let active = self.rollouts(Some(app.clone())).await?.into_iter().any(|r| !r.state.is_final());
-            if active {
-                continue;
-            }
             tracing::info!(agent_id, %app, from = %actual, to = %want.version, "converging to the desired release");
-            let install = OrderKind::Install {
-                app: app.clone(),
-                version: want.version.clone(),
-                digest: want.digest.clone(),
-            };
-            let o = self.send_order(agent_id, install, Duration::from_secs(600)).await?;
-            if !o.is_done() {
-                tracing::warn!(agent_id, %app, problem = %o.problem(), "convergence install did not apply");
-                continue;
-            }
-            let activate = OrderKind::Activate {
-                app: app.clone(),
-                version: want.version.clone(),
-                health_deadline: None,
-            };
-            let o = self.send_order(agent_id, activate, Duration::from_secs(600)).await?;
-            if !o.is_done() {
-                tracing::warn!(agent_id, %app, problem = %o.problem(), "convergence activation did not apply");
+            let install =
+                OrderKind::Install { app: app.clone(), version: want.version.clone(), digest: want.digest };
+            let activate =
+                OrderKind::Activate { app: app.clone(), version: want.version, health_deadline: None };
+            for (what, order) in [("install", install), ("activation", activate)] {
+                match fleet.send(agent_id, order, CONVERGE_WAIT).await {
+                    Reply::Done => {}
+                    Reply::NotDone(problem) => {
+                        tracing::warn!(agent_id, %app, %problem, "convergence {what} did not apply");
+                        break;
+                    }
+                    Reply::Offline => return Err(Error::Offline(agent_id.to_owned())),
+                    Reply::Error(e) => return Err(Error::NoAnswer(e)),
+                }
             }
         }
         Ok(())
+    }
+
+    /// Starts the periodic reconcile: every [`RECONCILE_EVERY`] until the controller stops.
+    pub(crate) fn start_reconcile(&self) {
+        let this = self.clone();
+        tokio::spawn(async move {
+            let mut tick =
+                tokio::time::interval_at(tokio::time::Instant::now() + RECONCILE_EVERY, RECONCILE_EVERY);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {
+                        if let Err(e) = this.reconcile(&Sessions(this.clone())).await {
+                            tracing::warn!(error = %e, "reconcile failed");
+                        }
+                    }
+                    () = this.inner.shutdown.cancelled() => return,
+                }
+            }
+        });
+    }
+
+    /// One reconcile pass: starts convergence for every online, unrevoked agent whose reported
+    /// release of an app differs from the desired one, unless a rollout of the app is in
+    /// progress or the agent is busy with the app. Returns the agents it started.
+    pub(crate) async fn reconcile<F: Fleet>(&self, fleet: &F) -> Result<Vec<String>> {
+        let (agents, table) =
+            self.blocking(|c| Ok((c.inner.store.agents()?, DesiredTable::load(&c.inner.store)?))).await?;
+        let rolling_out = self.apps_rolling_out().await?;
+        let mut started = Vec::new();
+        for agent in agents.iter().filter(|a| !a.revoked && fleet.online(&a.id)) {
+            let due = drift(agent, table.wants(agent)).into_iter().any(|(app, _)| {
+                !rolling_out.contains(&app) && !agent.apps.iter().any(|s| s.app == app && s.busy)
+            });
+            if due {
+                self.converge_with(fleet.clone(), &agent.id);
+                started.push(agent.id.clone());
+            }
+        }
+        Ok(started)
     }
 }

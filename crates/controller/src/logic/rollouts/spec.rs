@@ -1,11 +1,26 @@
 //! The rollout spec: what to deploy, where, and how carefully, and its validation.
+//!
+//! Errors here are domain errors ([`SpecError`]); the gRPC layer words them for the CLI.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::logic::{Error, Result};
+/// Why a rollout spec is refused.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum SpecError {
+    #[error("wave size {0}% is not a percentage between 1 and 100")]
+    WaveOutOfRange(u32),
+    #[error("wave sizes must increase ({0}% is not above the wave before it)")]
+    WavesNotIncreasing(u32),
+    #[error("at least one agent must be activated at a time")]
+    NoParallelism,
+    #[error("a freeze can only be overridden with a reason")]
+    OverrideWithoutReason,
+    #[error("failure threshold {0:?} is neither a count nor a percentage up to 100%")]
+    Threshold(String),
+}
 
 /// Failures tolerated per wave before the rollout stops.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -16,9 +31,9 @@ pub enum Threshold {
 }
 
 impl Threshold {
-    pub fn parse(s: &str) -> Result<Self> {
-        let bad =
-            || Error::InvalidArgument(format!("--max-failures {s:?}: use a count (2) or a percentage (10%)"));
+    /// A count (`2`) or a percentage (`10%`).
+    pub fn parse(s: &str) -> Result<Self, SpecError> {
+        let bad = || SpecError::Threshold(s.to_owned());
         match s.strip_suffix('%') {
             Some(p) => p.parse().ok().filter(|p| *p <= 100).map(Threshold::Percent).ok_or_else(bad),
             None => s.parse().map(Threshold::Count).map_err(|_| bad()),
@@ -84,6 +99,62 @@ impl RolloutSpec {
             supersede: false,
             override_freeze: None,
             require_all: false,
+        }
+    }
+}
+
+impl RolloutSpec {
+    /// Checks what the spec itself must satisfy (targets, releases and freezes are checked by
+    /// [`crate::logic::Controller::deploy`]).
+    pub fn validate(&self) -> Result<(), SpecError> {
+        if let Some(p) = self.waves.iter().find(|p| **p == 0 || **p > 100) {
+            return Err(SpecError::WaveOutOfRange(*p));
+        }
+        if let Some(w) = self.waves.windows(2).find(|w| w[0] >= w[1]) {
+            return Err(SpecError::WavesNotIncreasing(w[1]));
+        }
+        if self.max_parallel == 0 {
+            return Err(SpecError::NoParallelism);
+        }
+        if self.override_freeze.as_deref().is_some_and(|r| r.trim().is_empty()) {
+            return Err(SpecError::OverrideWithoutReason);
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn thresholds() {
+        assert!(Threshold::parse("0").unwrap().exceeded(1, 5));
+        assert!(!Threshold::parse("1").unwrap().exceeded(1, 5));
+        assert!(!Threshold::parse("20%").unwrap().exceeded(1, 5));
+        assert!(Threshold::parse("20%").unwrap().exceeded(2, 5));
+        assert_eq!(Threshold::parse("soon"), Err(SpecError::Threshold("soon".into())));
+        assert_eq!(Threshold::parse("120%"), Err(SpecError::Threshold("120%".into())));
+    }
+
+    #[test]
+    fn validation_names_what_is_wrong_without_cli_wording() {
+        let ok = RolloutSpec::new("a", "1.0.0");
+        assert_eq!(ok.validate(), Ok(()));
+        let cases = [
+            (RolloutSpec { waves: vec![10, 0], ..ok.clone() }, SpecError::WaveOutOfRange(0)),
+            (RolloutSpec { waves: vec![10, 101], ..ok.clone() }, SpecError::WaveOutOfRange(101)),
+            (RolloutSpec { waves: vec![50, 20], ..ok.clone() }, SpecError::WavesNotIncreasing(20)),
+            (RolloutSpec { max_parallel: 0, ..ok.clone() }, SpecError::NoParallelism),
+            (
+                RolloutSpec { override_freeze: Some(" ".into()), ..ok.clone() },
+                SpecError::OverrideWithoutReason,
+            ),
+        ];
+        for (spec, want) in cases {
+            let got = spec.validate().unwrap_err();
+            assert_eq!(got, want);
+            assert!(!got.to_string().contains("--"), "{got}");
         }
     }
 }
