@@ -312,3 +312,94 @@ impl Controller {
         Ok(started)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::logic::rollouts::testing::{
+        agent_record, controller, eventually, is_activate, FakeAgent, FakeFleet,
+    };
+    use crate::logic::rollouts::{plan, RolloutSpec};
+
+    fn rule(version: &str, regions: &[&str], selector: &[(&str, &str)]) -> AppRule {
+        AppRule {
+            version: version.into(),
+            digest: format!("sha256:{version}"),
+            regions: regions.iter().map(|r| r.to_string()).collect(),
+            selector: selector.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+        }
+    }
+
+    #[test]
+    fn an_agent_wants_its_own_release_else_the_rule_it_matches() {
+        let mut table = DesiredTable::default();
+        table.rules.insert("shop-api".into(), rule("1.1.0", &["eu-west"], &[("tier", "web")]));
+        let mut web = agent_record("eu-0", "eu-west", "shop-api", "1.0.0");
+        web.labels.insert("tier".into(), "web".into());
+        let db = agent_record("eu-1", "eu-west", "shop-api", "1.0.0");
+        let mut us = web.clone();
+        us.region = "us-east".into();
+        let version = |t: &DesiredTable, a: &AgentRecord| {
+            t.wants(a).into_iter().map(|(_, d)| d.version).collect::<Vec<_>>()
+        };
+        assert_eq!(version(&table, &web), ["1.1.0"]);
+        assert!(version(&table, &db).is_empty(), "the rule's selector does not match");
+        assert!(version(&table, &us).is_empty(), "nor its regions");
+        let rolled_back =
+            Desired { version: "1.0.0".into(), digest: "d".into(), set_by: "rollback".into(), at: 1 };
+        table.explicit.insert(("shop-api".into(), "eu-0".into()), rolled_back);
+        assert_eq!(version(&table, &web), ["1.0.0"], "its own desired release wins over the rule");
+        assert!(drift(&web, table.wants(&web)).is_empty());
+    }
+
+    #[tokio::test]
+    async fn the_reconcile_converges_online_agents_that_drift_and_no_others() {
+        let dir = tempfile::tempdir().unwrap();
+        let ctl = controller(dir.path()).await;
+        let mut busy = agent_record("eu-3", "eu-west", "shop-api", "1.0.0");
+        busy.apps[0].busy = true;
+        let records = vec![
+            agent_record("eu-0", "eu-west", "shop-api", "1.0.0"),
+            agent_record("eu-1", "eu-west", "shop-api", "1.1.0"),
+            agent_record("eu-2", "eu-west", "shop-api", "1.0.0"),
+            busy,
+            agent_record("us-0", "us-east", "shop-api", "1.0.0"),
+        ];
+        let store = ctl.store().clone();
+        tokio::task::spawn_blocking(move || {
+            for r in &records {
+                store.put_agent_for_test(r).unwrap();
+            }
+            store.put(Tree::Desired, &rule_key("shop-api"), &rule("1.1.0", &["eu-west"], &[]), true).unwrap();
+        })
+        .await
+        .unwrap();
+        let fleet = FakeFleet::new(&["eu-0", "eu-1", "eu-3", "us-0"], "1.0.0");
+        fleet.state().agents.insert("eu-2".into(), FakeAgent::default());
+        // eu-1 runs the desired release, eu-2 is offline, eu-3 is busy, us-0 is not in the rule.
+        assert_eq!(ctl.reconcile(&fleet).await.unwrap(), ["eu-0"]);
+        eventually("eu-0 converges", || async { (fleet.sent(is_activate) == ["eu-0"]).then_some(()) }).await;
+        let sent = fleet.state().sent.clone();
+        assert!(
+            matches!(&sent[..], [(a, OrderKind::Install { version: v1, digest, .. }), (b, OrderKind::Activate { version: v2, .. })]
+                if a == "eu-0" && b == "eu-0" && v1 == "1.1.0" && v2 == "1.1.0" && digest == "sha256:1.1.0"),
+            "{sent:?}"
+        );
+        // While a rollout of the app is in progress, the reconcile leaves it to the rollout.
+        let targets = [("eu-west".to_string(), "eu-0".to_string())];
+        let r = plan::new_rollout(
+            "ro-9".into(),
+            RolloutSpec::new("shop-api", "1.2.0"),
+            "d".into(),
+            "admin/a",
+            0,
+            &targets,
+        );
+        ctl.save(&r).await.unwrap();
+        eventually("eu-0's convergence over", || async {
+            (!ctl.inner.converging.lock().unwrap().contains("eu-0")).then_some(())
+        })
+        .await;
+        assert!(ctl.reconcile(&fleet).await.unwrap().is_empty());
+    }
+}

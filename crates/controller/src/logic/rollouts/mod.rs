@@ -31,6 +31,8 @@ pub mod machine;
 pub mod plan;
 pub mod spec;
 pub mod status;
+#[cfg(test)]
+pub(crate) mod testing;
 
 pub use desired::{AppRule, Desired};
 pub use freeze::FreezeWindow;
