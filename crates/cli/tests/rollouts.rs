@@ -117,11 +117,10 @@ impl Fleet {
         get(n.port).map(|s| s.trim_start_matches("demo-app ").to_string())
     }
 
+    /// Whether every running agent serves `version` (and at least one runs).
     fn all_serving(&self, version: &str) -> bool {
-        self.nodes
-            .iter()
-            .filter(|n| n.agent.is_some())
-            .all(|n| self.serving(&n.id).as_deref() == Some(version))
+        let running: Vec<&Node> = self.nodes.iter().filter(|n| n.agent.is_some()).collect();
+        !running.is_empty() && running.iter().all(|n| self.serving(&n.id).as_deref() == Some(version))
     }
 
     async fn shutdown(mut self) {
@@ -170,9 +169,12 @@ async fn healthy_rollout_across_regions_follows_region_order() {
             .map(|a| a.activated_at_ms.unwrap())
             .collect()
     };
+    for region in ["us", "eu", "ap"] {
+        assert_eq!(when(region).len(), 2, "{region}: {:?}", r.agents);
+    }
     assert!(when("us").iter().max() <= when("eu").iter().min(), "{:?}", r.agents);
     assert!(when("eu").iter().max() <= when("ap").iter().min(), "{:?}", r.agents);
-    assert!(r.waves[0].iter().all(|a| a.starts_with("us")));
+    assert_eq!(r.waves[0], ["us-0"], "the canary is the first us agent");
     // Desired state and status agree: no drift anywhere.
     let status = f.ctl().controller.fleet_status().await.unwrap();
     for region in REGIONS {
@@ -252,10 +254,9 @@ async fn pause_resume_and_abort() {
     c.control(&id, Control::Pause).await.unwrap();
     let paused = c.rollout(Some(id.clone())).await.unwrap();
     assert_eq!(paused.state, RolloutState::Paused);
-    // While paused nothing moves on.
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    let still = c.rollout(Some(id.clone())).await.unwrap();
-    assert_eq!(still.agents.values().filter(|a| a.step == AgentStep::Healthy).count(), 1);
+    // That the pause holds (nothing is sent while paused) is shown by state in the machine's
+    // and the driver's tests; here, the pause is stored when acknowledged.
+    assert_eq!(paused.agents.values().filter(|a| a.step == AgentStep::Healthy).count(), 1);
     c.control(&id, Control::Resume).await.unwrap();
     let r = f.wait_final(&id).await;
     assert_eq!(r.state, RolloutState::Completed);
@@ -399,6 +400,9 @@ async fn freezes_block_deploys_not_rollbacks_and_one_rollout_per_app() {
     let f = Fleet::new(1, &[]).await;
     baseline(&f).await;
     f.push("1.1.0", "healthy").await;
+    f.push("1.2.0", "healthy").await;
+    let id = f.deploy(RolloutSpec { waves: vec![100], ..spec("1.1.0") }).await.unwrap();
+    assert_eq!(f.wait_final(&id).await.state, RolloutState::Completed);
     let c = &f.ctl().controller;
     let now = convoy_controller::logic::now();
     let fz = c
@@ -413,9 +417,10 @@ async fn freezes_block_deploys_not_rollbacks_and_one_rollout_per_app() {
         })
         .await
         .unwrap();
-    let err = f.deploy(spec("1.1.0")).await.unwrap_err();
+    let err = f.deploy(spec("1.2.0")).await.unwrap_err();
     assert!(err.contains("frozen") && err.contains("black friday"), "{err}");
-    // Rollbacks are always allowed.
+    // Rollbacks are always allowed: the frozen region's agent really goes back, the others are
+    // not touched.
     let (results, _) = c
         .rollback(
             "shop-api",
@@ -427,44 +432,38 @@ async fn freezes_block_deploys_not_rollbacks_and_one_rollout_per_app() {
         )
         .await
         .unwrap();
-    // The freeze did not stop the rollback: every agent got the order and answered it itself
-    // (with nothing older than its only release, it refuses for lack of a target).
-    assert!(!results.is_empty());
-    for (id, r, _) in &results {
-        let o = r.as_ref().unwrap();
-        assert_eq!(
-            o.answer,
-            convoy_controller::logic::Answer::Refused { field: "from_version".into() },
-            "{id}: {}",
-            o.message
-        );
-        assert!(o.message.contains("no kept, known-good release"), "{id}: {}", o.message);
-    }
+    let ids: Vec<&str> = results.iter().map(|(id, _, _)| id.as_str()).collect();
+    assert_eq!(ids, ["eu-0"]);
+    let o = results[0].1.as_ref().unwrap();
+    assert_eq!(o.answer, convoy_controller::logic::Answer::Applied, "{}", o.message);
+    assert_eq!(f.serving("eu-0").as_deref(), Some("1.0.0"));
+    assert_eq!((f.serving("ap-0").as_deref(), f.serving("us-0").as_deref()), (Some("1.1.0"), Some("1.1.0")));
     let overridden = f
         .deploy(RolloutSpec {
             override_freeze: Some("hotfix for checkout".into()),
             waves: vec![100],
             bake: Duration::from_secs(30),
-            ..spec("1.1.0")
+            ..spec("1.2.0")
         })
         .await
         .unwrap();
     let r = c.rollout(Some(overridden.clone())).await.unwrap();
     assert!(r.events.iter().any(|e| e.message.contains("hotfix for checkout")));
     // One active rollout per app.
-    let err = f.deploy(spec("1.1.0")).await.unwrap_err();
+    let err = f.deploy(spec("1.2.0")).await.unwrap_err();
     assert!(err.contains("still") && err.contains("--supersede"), "{err}");
     let newer = f
         .deploy(RolloutSpec {
             supersede: true,
             override_freeze: Some("again".into()),
             waves: vec![100],
-            ..spec("1.1.0")
+            ..spec("1.2.0")
         })
         .await
         .unwrap();
     assert_eq!(c.rollout(Some(overridden)).await.unwrap().state, RolloutState::Superseded);
     assert_eq!(f.wait_final(&newer).await.state, RolloutState::Completed);
+    assert!(f.all_serving("1.2.0"));
     c.freeze_rm(fz.id).await.unwrap();
     assert!(c.freezes().await.unwrap().is_empty());
     f.shutdown().await;

@@ -17,7 +17,7 @@ use tracing::Instrument;
 use crate::logic::admins::{AdminCaller, AdminRecord};
 use crate::logic::heartbeats::{self, Heartbeats, Verdict};
 use crate::logic::roles::{Action, Principal, Role};
-use crate::logic::rollouts::{Control, FreezeWindow, RolloutSpec, Threshold};
+use crate::logic::rollouts::{Control, FreezeWindow, RolloutSpec, SpecError, Threshold};
 use crate::logic::OrderKind;
 use crate::logic::{self, Controller};
 use crate::store::{self, AppStatusRecord, ReportedRelease};
@@ -41,6 +41,7 @@ pub fn to_status(err: logic::Error) -> Status {
         E::AgentExists(_) | E::AdminExists(_) => Status::already_exists(msg),
         E::UnknownAgent(_) | E::UnknownAdmin(_) => Status::not_found(msg),
         E::InvalidArgument(_) | E::Csr(_) | E::Bundle(_) => Status::invalid_argument(msg),
+        E::Spec(e) => Status::invalid_argument(spec_message(&e)),
         E::UnknownRelease(_) => Status::not_found(msg),
         E::Conflict(_) => Status::already_exists(msg),
         E::FailedPrecondition(_) => Status::failed_precondition(msg),
@@ -59,6 +60,17 @@ pub(crate) fn internal(what: impl std::fmt::Display) -> Status {
     let id: u32 = rand::random();
     tracing::error!(error_id = format_args!("{id:08x}"), error = %what, "internal error");
     Status::internal(format!("internal error {id:08x}; the controller's log has the details"))
+}
+
+/// A refused rollout spec, worded as the `convoy deploy` flags that set it.
+fn spec_message(e: &SpecError) -> String {
+    match e {
+        SpecError::WaveOutOfRange(_) => "--waves are percentages between 1 and 100".into(),
+        SpecError::WavesNotIncreasing(_) => "--waves must increase, e.g. 10%,50%,100%".into(),
+        SpecError::NoParallelism => "--max-parallel must be at least 1".into(),
+        SpecError::OverrideWithoutReason => "--override-freeze needs a --reason".into(),
+        SpecError::Threshold(s) => format!("--max-failures {s:?}: use a count (2) or a percentage (10%)"),
+    }
 }
 
 fn peer_identity<T>(req: &Request<T>) -> Option<&Identity> {

@@ -144,6 +144,8 @@ impl Prepared {
         let ctl = self.controller;
         // Unfinished rollouts carry on where they stopped.
         ctl.resume_rollouts().await?;
+        // Online agents that drift from their desired state converge, not only on connect.
+        ctl.start_reconcile();
         // Awaited before returning: the task holds the controller (and so the store's lock),
         // and a stopped controller must release its store for the next one to open it.
         let checkpoints = {
@@ -350,6 +352,8 @@ mod tests {
                     events: vec![],
                     failure: None,
                     converging: vec![],
+                    stopping: None,
+                    run: Default::default(),
                 };
                 store.put(Tree::Rollouts, &r.id, &r, false).unwrap();
             }

@@ -440,6 +440,13 @@ impl Store {
         self.flush()
     }
 
+    /// Writes bytes as they are, flushed: tests load records written by earlier builds.
+    #[cfg(test)]
+    pub(crate) fn put_raw_for_test(&self, t: Tree, key: &str, bytes: &[u8]) -> Result<()> {
+        self.tree(t)?.insert(key.as_bytes(), bytes)?;
+        self.flush()
+    }
+
     /// Applies `f` to an agent's record atomically. Returns the new record, or `None` when the
     /// agent does not exist. `durable` flushes before returning.
     pub fn update_agent(

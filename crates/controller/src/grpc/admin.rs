@@ -352,7 +352,7 @@ impl pb::admin_service_server::AdminService for AdminSvc {
         }
         spec.bake = Duration::from_millis(r.bake_ms);
         if !r.max_failures.is_empty() {
-            spec.max_failures = Threshold::parse(&r.max_failures).map_err(to_status)?;
+            spec.max_failures = Threshold::parse(&r.max_failures).map_err(|e| to_status(e.into()))?;
         }
         spec.health_deadline =
             (r.health_deadline_ms > 0).then(|| Duration::from_millis(r.health_deadline_ms));

@@ -1,0 +1,160 @@
+//! The rollout spec: what to deploy, where, and how carefully, and its validation.
+//!
+//! Errors here are domain errors ([`SpecError`]); the gRPC layer words them for the CLI.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// Why a rollout spec is refused.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum SpecError {
+    #[error("wave size {0}% is not a percentage between 1 and 100")]
+    WaveOutOfRange(u32),
+    #[error("wave sizes must increase ({0}% is not above the wave before it)")]
+    WavesNotIncreasing(u32),
+    #[error("at least one agent must be activated at a time")]
+    NoParallelism,
+    #[error("a freeze can only be overridden with a reason")]
+    OverrideWithoutReason,
+    #[error("failure threshold {0:?} is neither a count nor a percentage up to 100%")]
+    Threshold(String),
+}
+
+/// Failures tolerated per wave before the rollout stops.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Threshold {
+    Count(u32),
+    Percent(u32),
+}
+
+impl Threshold {
+    /// A count (`2`) or a percentage (`10%`).
+    pub fn parse(s: &str) -> Result<Self, SpecError> {
+        let bad = || SpecError::Threshold(s.to_owned());
+        match s.strip_suffix('%') {
+            Some(p) => p.parse().ok().filter(|p| *p <= 100).map(Threshold::Percent).ok_or_else(bad),
+            None => s.parse().map(Threshold::Count).map_err(|_| bad()),
+        }
+    }
+
+    /// Whether `failures` among `wave_size` agents passes the threshold.
+    pub fn exceeded(self, failures: usize, wave_size: usize) -> bool {
+        match self {
+            Threshold::Count(n) => failures > n as usize,
+            Threshold::Percent(p) => failures * 100 > wave_size * p as usize,
+        }
+    }
+}
+
+/// What to deploy, where, and how carefully.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RolloutSpec {
+    pub app: String,
+    pub version: String,
+    pub regions: Vec<String>,
+    pub selector: BTreeMap<String, String>,
+    pub canary: u32,
+    /// Cumulative percentages of the targeted agents, e.g. [10, 50, 100].
+    pub waves: Vec<u32>,
+    /// Region prefixes in the order regions go; waves run inside each region.
+    pub region_order: Vec<String>,
+    pub max_parallel: u32,
+    #[serde(with = "humantime_serde")]
+    pub bake: Duration,
+    pub max_failures: Threshold,
+    #[serde(default, with = "humantime_serde")]
+    pub health_deadline: Option<Duration>,
+    pub force: bool,
+    #[serde(default)]
+    pub downgrade: bool,
+    pub supersede: bool,
+    /// Set when a freeze window is overridden: the reason.
+    pub override_freeze: Option<String>,
+    /// Every targeted agent must take the release: an offline one fails the rollout (rolling
+    /// back what it moved) instead of being left to converge when it reconnects.
+    #[serde(default)]
+    pub require_all: bool,
+}
+
+impl RolloutSpec {
+    /// The safe defaults: a canary of one, then 10%, 50%, 100%, stop at the first failure.
+    pub fn new(app: &str, version: &str) -> Self {
+        Self {
+            app: app.into(),
+            version: version.into(),
+            regions: vec![],
+            selector: BTreeMap::new(),
+            canary: 1,
+            waves: vec![10, 50, 100],
+            region_order: vec![],
+            max_parallel: 10,
+            bake: Duration::from_secs(0),
+            max_failures: Threshold::Count(0),
+            health_deadline: None,
+            force: false,
+            downgrade: false,
+            supersede: false,
+            override_freeze: None,
+            require_all: false,
+        }
+    }
+}
+
+impl RolloutSpec {
+    /// Checks what the spec itself must satisfy (targets, releases and freezes are checked by
+    /// [`crate::logic::Controller::deploy`]).
+    pub fn validate(&self) -> Result<(), SpecError> {
+        if let Some(p) = self.waves.iter().find(|p| **p == 0 || **p > 100) {
+            return Err(SpecError::WaveOutOfRange(*p));
+        }
+        if let Some(w) = self.waves.windows(2).find(|w| w[0] >= w[1]) {
+            return Err(SpecError::WavesNotIncreasing(w[1]));
+        }
+        if self.max_parallel == 0 {
+            return Err(SpecError::NoParallelism);
+        }
+        if self.override_freeze.as_deref().is_some_and(|r| r.trim().is_empty()) {
+            return Err(SpecError::OverrideWithoutReason);
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn thresholds() {
+        assert!(Threshold::parse("0").unwrap().exceeded(1, 5));
+        assert!(!Threshold::parse("1").unwrap().exceeded(1, 5));
+        assert!(!Threshold::parse("20%").unwrap().exceeded(1, 5));
+        assert!(Threshold::parse("20%").unwrap().exceeded(2, 5));
+        assert_eq!(Threshold::parse("soon"), Err(SpecError::Threshold("soon".into())));
+        assert_eq!(Threshold::parse("120%"), Err(SpecError::Threshold("120%".into())));
+    }
+
+    #[test]
+    fn validation_names_what_is_wrong_without_cli_wording() {
+        let ok = RolloutSpec::new("a", "1.0.0");
+        assert_eq!(ok.validate(), Ok(()));
+        let cases = [
+            (RolloutSpec { waves: vec![10, 0], ..ok.clone() }, SpecError::WaveOutOfRange(0)),
+            (RolloutSpec { waves: vec![10, 101], ..ok.clone() }, SpecError::WaveOutOfRange(101)),
+            (RolloutSpec { waves: vec![50, 20], ..ok.clone() }, SpecError::WavesNotIncreasing(20)),
+            (RolloutSpec { max_parallel: 0, ..ok.clone() }, SpecError::NoParallelism),
+            (
+                RolloutSpec { override_freeze: Some(" ".into()), ..ok.clone() },
+                SpecError::OverrideWithoutReason,
+            ),
+        ];
+        for (spec, want) in cases {
+            let got = spec.validate().unwrap_err();
+            assert_eq!(got, want);
+            assert!(!got.to_string().contains("--"), "{got}");
+        }
+    }
+}
