@@ -13,9 +13,17 @@ pub fn fmt_time(unix: i64) -> String {
     if unix <= 0 {
         return "-".into();
     }
+    // RFC 3339 has four-digit years: a later time (which only a hostile or mistyped input
+    // gives) is shown as its number instead of failing to format.
+    if unix > LAST_RFC3339_SECOND {
+        return format!("@{unix}");
+    }
     let t = UNIX_EPOCH + Duration::from_secs(unix as u64);
     humantime::format_rfc3339_seconds(t).to_string().replace('T', " ")
 }
+
+/// 9999-12-31 23:59:59 UTC.
+pub const LAST_RFC3339_SECOND: i64 = 253_402_300_799;
 
 /// Formats how long ago a Unix time was, `12s ago`.
 pub fn fmt_ago(unix: i64) -> String {
@@ -29,6 +37,13 @@ pub fn fmt_ago(unix: i64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn times_past_year_9999_format_without_panicking() {
+        assert_eq!(fmt_time(LAST_RFC3339_SECOND), "9999-12-31 23:59:59Z");
+        assert_eq!(fmt_time(LAST_RFC3339_SECOND + 1), format!("@{}", LAST_RFC3339_SECOND + 1));
+        assert_eq!(fmt_time(i64::MAX), format!("@{}", i64::MAX));
+    }
 
     #[test]
     fn times_format_for_people() {

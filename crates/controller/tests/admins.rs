@@ -687,3 +687,28 @@ async fn deploy_arguments_beyond_a_deployers_reach_are_refused_up_front() {
     );
     ctl.stop().await.unwrap();
 }
+
+/// A freeze past the year 9999 is refused, so nothing later fails to show it (a deploy
+/// refused by a freeze names its end).
+#[tokio::test]
+async fn freezes_past_the_year_9999_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ctl = controller(tmp.path()).await;
+    let mut c = client(&ctl, &init_admin(&ctl)).await;
+    let now = convoy_controller::time::now();
+    for (from, to) in [(now, i64::MAX), (now, 253_402_300_800), (-5, now)] {
+        let s = c
+            .freeze(pb::FreezeRequest {
+                action: "add".into(),
+                from_unix: from,
+                to_unix: to,
+                reason: "sale".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(s.code(), Code::InvalidArgument, "{from}..{to}: {s:?}");
+        assert!(s.message().contains("9999"), "{}", s.message());
+    }
+    ctl.stop().await.unwrap();
+}

@@ -407,7 +407,7 @@ impl Controller {
             }
             running.push((id.clone(), cur));
         }
-        self.record_desired(app, running, &format!("rollback by {by}")).await?;
+        self.record_desired(app, running, &format!("rollback by {by}"), target).await?;
         Ok((out, elapsed))
     }
 }

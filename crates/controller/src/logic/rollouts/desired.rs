@@ -144,8 +144,10 @@ impl Controller {
         app: &str,
         running: Vec<(String, String)>,
         set_by: &str,
+        target: &crate::logic::Target,
     ) -> Result<()> {
         let (app, set_by) = (app.to_owned(), set_by.to_owned());
+        let target = target.clone();
         self.blocking(move |c| {
             // Only releases the store holds enter desired state: what an agent reports running
             // is data about that agent, never a release to hand to others.
@@ -184,7 +186,14 @@ impl Controller {
             }
             if let Some((version, _)) = counts.into_iter().max_by_key(|(_, n)| *n) {
                 if let Some(mut rule) = c.inner.store.get::<AppRule>(Tree::Desired, &rule_key(&app))? {
-                    if rule.version != *version {
+                    // Only a rollback of everything the rule covers changes it: a rollback of a
+                    // few agents (or one agent's answer) speaks for those agents alone.
+                    let whole = match &target {
+                        crate::logic::Target::All => true,
+                        crate::logic::Target::Region(r) => rule.regions == [r.clone()],
+                        _ => false,
+                    };
+                    if whole && rule.version != *version {
                         rule.version = version.clone();
                         rule.digest = digests[version].clone();
                         c.inner.store.put(Tree::Desired, &rule_key(&app), &rule, true)?;
@@ -401,5 +410,52 @@ mod tests {
         })
         .await;
         assert!(ctl.reconcile(&fleet).await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn only_a_rollback_of_the_rules_whole_scope_changes_the_rule() {
+        use crate::logic::Target;
+        let dir = tempfile::tempdir().unwrap();
+        let ctl = controller(dir.path()).await;
+        let store = ctl.store().clone();
+        tokio::task::spawn_blocking(move || {
+            for v in ["1.0.0", "1.1.0"] {
+                let rec = crate::store::ReleaseRecord {
+                    app: "shop-api".into(),
+                    version: v.into(),
+                    digest: format!("sha256:{v}"),
+                    size: 1,
+                    created_at: 0,
+                    pushed_at: 0,
+                    pushed_by: "admin/a".into(),
+                    signers: vec![],
+                    unpacked_size: 1,
+                    files: 1,
+                };
+                store.insert_release(&rec).unwrap();
+            }
+            store.put(Tree::Desired, &rule_key("shop-api"), &rule("1.1.0", &["eu-west"], &[]), true).unwrap();
+        })
+        .await
+        .unwrap();
+        let rule_version = || async {
+            let store = ctl.store().clone();
+            tokio::task::spawn_blocking(move || {
+                store.get::<AppRule>(Tree::Desired, &rule_key("shop-api")).unwrap().unwrap().version
+            })
+            .await
+            .unwrap()
+        };
+        let back = vec![("eu-0".to_string(), "1.0.0".to_string())];
+        // One agent's rollback, or another region's, speaks for those agents only.
+        for target in [Target::Agents(vec!["eu-0".into()]), Target::Region("us-east".into())] {
+            ctl.record_desired("shop-api", back.clone(), "rollback", &target).await.unwrap();
+            assert_eq!(rule_version().await, "1.1.0", "{target:?} changed the rule");
+        }
+        // The rule's whole region, or everything, moves it.
+        ctl.record_desired("shop-api", back.clone(), "rollback", &Target::Region("eu-west".into()))
+            .await
+            .unwrap();
+        assert_eq!(rule_version().await, "1.0.0");
     }
 }

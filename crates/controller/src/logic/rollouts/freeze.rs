@@ -41,6 +41,11 @@ impl Controller {
         if f.to <= f.from {
             return Err(Error::InvalidArgument("a freeze must end after it starts".into()));
         }
+        if f.from < 0 || f.to > crate::time::LAST_RFC3339_SECOND {
+            return Err(Error::InvalidArgument(
+                "a freeze must lie between 1970 and the end of year 9999".into(),
+            ));
+        }
         if f.reason.trim().is_empty() {
             return Err(Error::InvalidArgument("a freeze needs a --reason".into()));
         }
