@@ -126,6 +126,7 @@ fn validate_labels(labels: &BTreeMap<String, String>) -> Result<()> {
 }
 
 pub mod admins;
+pub(crate) mod alerts;
 pub mod audit;
 pub mod heartbeats;
 mod orders;
