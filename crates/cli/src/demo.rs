@@ -121,8 +121,14 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
 
     let spec = pb::DeployRequest { version: "2.0.0".into(), health_deadline_ms: 3000, ..base.clone() };
     let r = rollout(&ctl, spec, &n).await?;
+    // What the controller recorded, not what the demo expects.
+    let verdict = if ctl.controller.is_marked_bad("shop-api", "2.0.0").await? {
+        "2.0.0 is marked bad"
+    } else {
+        "2.0.0 is NOT marked bad"
+    };
     n.say(&format!(
-        "rollout {} of 2.0.0: {:?} — {}; {}/6 agents still serve 1.0.0, 2.0.0 is marked bad",
+        "rollout {} of 2.0.0: {:?} — {}; {}/6 agents still serve 1.0.0, {verdict}",
         r.id,
         r.state,
         r.failure.clone().unwrap_or_default(),

@@ -160,7 +160,7 @@ impl Controller {
     }
 
     /// Whether the controller has marked `app@version` bad.
-    pub(crate) async fn is_marked_bad(&self, app: &str, version: &str) -> Result<bool> {
+    pub async fn is_marked_bad(&self, app: &str, version: &str) -> Result<bool> {
         let key = format!("{app}@{version}");
         self.blocking(move |c| {
             Ok(c.inner.store.get::<serde_json::Value>(crate::store::Tree::BadReleases, &key)?.is_some())
