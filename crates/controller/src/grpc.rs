@@ -42,6 +42,20 @@ pub fn to_status(err: logic::Error) -> Status {
         E::UnknownAgent(_) | E::UnknownAdmin(_) => Status::not_found(msg),
         E::InvalidArgument(_) | E::Csr(_) | E::Bundle(_) => Status::invalid_argument(msg),
         E::Spec(e) => Status::invalid_argument(spec_message(&e)),
+        E::Deploy(e) => {
+            use logic::rollouts::DeployRefusal as R;
+            let how = match &e {
+                R::Downgrade { .. } => "use `convoy rollback`, or deploy with --downgrade",
+                R::RolloutActive { .. } => "wait, abort it, or pass --supersede",
+                R::Frozen { .. } => "use --override-freeze --reason TEXT",
+                R::MarkedBad { .. } => "deploy it again only with --force",
+            };
+            let msg = format!("{msg}; {how}");
+            match e {
+                R::RolloutActive { .. } => Status::already_exists(msg),
+                _ => Status::failed_precondition(msg),
+            }
+        }
         E::UnknownRelease(_) => Status::not_found(msg),
         E::Conflict(_) => Status::already_exists(msg),
         E::FailedPrecondition(_) => Status::failed_precondition(msg),

@@ -73,6 +73,9 @@ pub enum Error {
     /// A position past the end (a download offset past the bundle's size).
     #[error("{0}")]
     OutOfRange(String),
+    /// A deploy refused before it started; the gRPC layer says how to proceed anyway.
+    #[error("{0}")]
+    Deploy(#[from] rollouts::DeployRefusal),
     /// A rollout spec that cannot run; the gRPC layer words it in the CLI's terms.
     #[error("invalid rollout: {0}")]
     Spec(#[from] rollouts::SpecError),

@@ -90,6 +90,23 @@ pub struct AgentProgress {
     pub activated_at_ms: Option<u128>,
 }
 
+/// Why a deploy was refused before it started; the gRPC layer adds how to proceed anyway.
+#[derive(Debug, thiserror::Error)]
+pub enum DeployRefusal {
+    /// Older than what targeted agents run: that is a rollback, or an explicit downgrade.
+    #[error("{release} is older than {running}, which targeted agents run")]
+    Downgrade { release: String, running: String },
+    /// Another rollout of the app has not ended.
+    #[error("rollout {id} of {app} is still {state}")]
+    RolloutActive { id: String, app: String, state: String },
+    /// A freeze window covers the targets.
+    #[error("deploys are frozen until {until} ({reason}, freeze {id})")]
+    Frozen { until: String, reason: String, id: String },
+    /// The release failed a rollout before.
+    #[error("{release} is marked bad ({reason}, rollout {rollout})")]
+    MarkedBad { release: String, reason: String, rollout: String },
+}
+
 /// One line of a rollout's history.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct LogEntry {
@@ -223,27 +240,27 @@ impl Controller {
         }
         // Going back to an older version is a rollback, or an explicit downgrade.
         if let Some(v) = plan::newer_running(&spec, &agents, &targets) {
-            return Err(Error::FailedPrecondition(format!(
-                "{}@{} is older than {v}, which targeted agents run; use `convoy rollback`, or deploy with --downgrade",
-                spec.app, spec.version
-            )));
+            return Err(DeployRefusal::Downgrade {
+                release: format!("{}@{}", spec.app, spec.version),
+                running: v.to_string(),
+            }
+            .into());
         }
         let active = self.rollouts(Some(spec.app.clone())).await?.into_iter().find(|r| !r.state.is_final());
         if let (Some(other), false) = (&active, spec.supersede) {
-            return Err(Error::Conflict(format!(
-                "rollout {} of {} is still {:?}; wait, abort it, or pass --supersede",
-                other.id, spec.app, other.state
-            )));
+            return Err(DeployRefusal::RolloutActive {
+                id: other.id.clone(),
+                app: spec.app.clone(),
+                state: format!("{:?}", other.state),
+            }
+            .into());
         }
         let (app, regions) = (spec.app.clone(), plan::regions(&targets));
         let freeze = self.blocking(move |c| c.active_freeze(&app, &regions)).await?;
         if let (Some(f), None) = (freeze, &spec.override_freeze) {
-            return Err(Error::FailedPrecondition(format!(
-                "deploys are frozen until {} ({}, freeze {}); use --override-freeze --reason TEXT",
-                crate::cli_time(f.to),
-                f.reason,
-                f.id
-            )));
+            return Err(
+                DeployRefusal::Frozen { until: crate::cli_time(f.to), reason: f.reason, id: f.id }.into()
+            );
         }
         if let (Some(other), true) = (&active, spec.supersede) {
             self.control(&other.id, Control::Supersede).await?;
@@ -281,10 +298,12 @@ impl Controller {
         let release = release
             .ok_or_else(|| Error::UnknownRelease(format!("{}@{} (push it first)", spec.app, spec.version)))?;
         if let (Some(b), false) = (&bad, spec.force) {
-            return Err(Error::FailedPrecondition(format!(
-                "{}@{} is marked bad ({}, rollout {}); deploy it again only with --force",
-                spec.app, spec.version, b.reason, b.rollout
-            )));
+            return Err(DeployRefusal::MarkedBad {
+                release: format!("{}@{}", spec.app, spec.version),
+                reason: b.reason.clone(),
+                rollout: b.rollout.clone(),
+            }
+            .into());
         }
         Ok(release)
     }
