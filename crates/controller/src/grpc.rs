@@ -346,10 +346,18 @@ impl pb::agent_service_server::AgentService for AgentSvc {
         let (agent_id, serial) = require_agent(&req)?;
         let span = tracing::info_span!("session", %agent_id);
         let ctl = self.0.clone();
-        if let Err(e) = ctl.check_agent_cert(&agent_id, &serial).instrument(span.clone()).await {
-            span.in_scope(|| tracing::warn!(error = %e, "session refused"));
-            return Err(to_status(e));
-        }
+        let rec = match ctl.check_agent_cert(&agent_id, &serial).instrument(span.clone()).await {
+            Ok(rec) => rec,
+            Err(e) => {
+                span.in_scope(|| tracing::warn!(error = %e, "session refused"));
+                return Err(to_status(e));
+            }
+        };
+        // A session on the certificate a renewal replaced ends with the overlap.
+        let superseded_at = (rec.cert_serial != serial).then(|| {
+            let left = rec.previous_serial_until.saturating_sub(crate::time::now()).max(0) as u64;
+            tokio::time::Instant::now() + Duration::from_secs(left)
+        });
         let mut inbound = req.into_inner();
         let hello = match tokio::time::timeout(HELLO_TIMEOUT, inbound.message()).await {
             Ok(Ok(Some(pb::AgentMessage { msg: Some(pb::agent_message::Msg::Hello(h)) }))) => h,
@@ -402,6 +410,18 @@ impl pb::agent_service_server::AgentService for AgentSvc {
             async move {
                 loop {
                     tokio::select! {
+                        () = async {
+                            match superseded_at {
+                                Some(t) => tokio::time::sleep_until(t).await,
+                                None => std::future::pending().await,
+                            }
+                        } => {
+                            tracing::warn!("session on a superseded certificate closed at the end of the overlap");
+                            let _ = out_tx.send(Err(Status::permission_denied(
+                                "this certificate has been superseded by a renewal; reconnect with the newest",
+                            ))).await;
+                            break;
+                        }
                         () = handle.cancel.cancelled() => {
                             let _ = out_tx.send(Err(closing_status(&ctl, &handle.agent_id).await)).await;
                             break;
@@ -436,7 +456,9 @@ impl pb::agent_service_server::AgentService for AgentSvc {
                                     }
                                     v @ (Verdict::Write | Verdict::Unchanged) => {
                                         alive_until = tokio::time::Instant::now() + silence;
-                                        unasked = 0;
+                                        // Late answers (to orders that timed out) are rare: the
+                                        // allowance grows back by one per heartbeat, no faster.
+                                        unasked = unasked.saturating_sub(1);
                                         if let Err(e) = ctl.heartbeat(&handle, v, reported, apps).await {
                                             tracing::warn!(error = %e, "heartbeat not recorded");
                                         }

@@ -325,18 +325,34 @@ impl Store {
     }
 
     /// Reserves a block of sequence numbers that starts after `floor` (and after anything
-    /// reserved before).
-    pub fn reserve_seq_after(&self, floor: u64, block: u64) -> Result<(u64, u64)> {
-        let stored = self
-            .meta
-            .get("seq_reserved")?
-            .and_then(|v| v.as_ref().try_into().ok().map(u64::from_be_bytes))
-            .unwrap_or(1);
+    /// reserved before), unless moving up to `floor` would bring the total of such moves past
+    /// `max_total_jump` (then `None`, and nothing changes).
+    pub fn reserve_seq_after(
+        &self,
+        floor: u64,
+        block: u64,
+        max_total_jump: u64,
+    ) -> Result<Option<(u64, u64)>> {
+        let read = |key: &str| -> Result<u64> {
+            Ok(self
+                .meta
+                .get(key)?
+                .and_then(|v| v.as_ref().try_into().ok().map(u64::from_be_bytes))
+                .unwrap_or(0))
+        };
+        let stored = read("seq_reserved")?.max(1);
+        let jumped = read("seq_jumped")?;
+        let jump = floor.saturating_add(1).saturating_sub(stored);
+        let total = jumped.saturating_add(jump);
+        if total > max_total_jump {
+            return Ok(None);
+        }
         let old = stored.max(floor.saturating_add(1));
         let new = old.saturating_add(block);
         self.meta.insert("seq_reserved", &new.to_be_bytes())?;
+        self.meta.insert("seq_jumped", &total.to_be_bytes())?;
         self.flush()?;
-        Ok((old, new))
+        Ok(Some((old, new)))
     }
 
     pub fn put_token(&self, hash: &[u8], rec: &TokenRecord) -> Result<()> {
@@ -482,6 +498,21 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn jumps_of_the_order_numbering_are_bounded_in_total() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let first = store.reserve_seq(16).unwrap();
+        assert_eq!(first, (1, 17));
+        // Reports below what is reserved move nothing and use none of the budget.
+        assert_eq!(store.reserve_seq_after(5, 16, 100).unwrap(), Some((17, 33)));
+        // Jumps count against the total: 60 + 40 fit in 100, one more does not.
+        assert_eq!(store.reserve_seq_after(92, 16, 100).unwrap(), Some((93, 109)));
+        assert_eq!(store.reserve_seq_after(148, 16, 100).unwrap(), Some((149, 165)));
+        assert_eq!(store.reserve_seq_after(166, 16, 100).unwrap(), None);
+        assert_eq!(store.seq_reserved().unwrap(), 165, "a refused jump changes nothing");
+    }
 
     #[derive(Debug, PartialEq, Serialize, Deserialize)]
     struct Rec {

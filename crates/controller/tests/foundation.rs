@@ -474,6 +474,31 @@ async fn a_superseded_agent_certificate_is_refused_after_the_overlap() {
     // During the overlap the old certificate still works (calls in flight finish).
     let during = download(old.clone()).await.unwrap_err();
     assert_eq!(during.code(), Code::NotFound, "{during:?}");
+    // A session opened on it now is closed when the overlap ends, not left running.
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(common::hello("a1")).await.unwrap();
+    let ch = dial(&addr, &ca, Some(&old)).await.unwrap();
+    let mut session = pb::agent_service_client::AgentServiceClient::new(ch)
+        .session(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let ended = loop {
+        match session.message().await {
+            Ok(Some(_)) => continue,
+            Ok(None) => panic!("the session ended without a status"),
+            Err(s) => break s,
+        }
+    };
+    assert_eq!(ended.code(), Code::PermissionDenied, "{ended:?}");
+    assert!(ended.message().contains("superseded"), "{}", ended.message());
+    let overlap_end = renewed_at + convoy_controller::logic::renewal_overlap(Duration::from_secs(20));
+    // Certificate times have one-second resolution.
+    assert!(
+        std::time::Instant::now() + Duration::from_secs(1) >= overlap_end,
+        "closed before the overlap ended"
+    );
+    drop(tx);
     // After it, only the newest serial is accepted.
     let overlap = convoy_controller::logic::renewal_overlap(Duration::from_secs(20));
     tokio::time::sleep_until((renewed_at + overlap + Duration::from_millis(500)).into()).await;

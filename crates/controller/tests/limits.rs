@@ -413,3 +413,46 @@ async fn anonymous_connections_are_short_lived_and_capped_in_total() {
     admin.list_agents(pb::ListAgentsRequest::default()).await.unwrap();
     ctl.stop().await.unwrap();
 }
+
+/// An agent reconnecting in a loop is refused past a burst (each session open writes its record
+/// and would reset the session's heartbeat budget), and an admin looping on an audited action
+/// is refused past a burst before anything is written.
+#[tokio::test]
+async fn session_opens_and_audited_actions_are_rate_limited() {
+    use convoy_controller::logic::{ACTIONS_BURST, SESSION_OPENS_BURST};
+    let tmp = tempfile::tempdir().unwrap();
+    let ctl = LocalController::start(&tmp.path().join("ctl"), LocalOptions::default()).await.unwrap();
+    ctl.enroll(&tmp.path().join("a1"), "a1", "eu-west").await.unwrap();
+    let id = common::agent_identity(&tmp.path().join("a1"));
+    let ch = common::dial(&ctl.grpc_addr.to_string(), &ctl.ca_pem().unwrap(), Some(&id)).await.unwrap();
+    let mut client = pb::agent_service_client::AgentServiceClient::new(ch);
+    let mut refused = 0;
+    for _ in 0..SESSION_OPENS_BURST + 5 {
+        match client.session(tokio_stream::iter(vec![common::hello("a1")])).await {
+            Ok(_) => {}
+            Err(s) => {
+                assert_eq!(s.code(), Code::ResourceExhausted, "{s:?}");
+                assert!(s.message().contains("reconnects too often"), "{}", s.message());
+                refused += 1;
+            }
+        }
+    }
+    // One a second is earned back; the loop above takes well under five.
+    assert!(refused >= 1, "no session open was refused");
+
+    let mut admin = ctl.admin().await.unwrap();
+    let before = ctl.controller.audit_log(None, None).await.unwrap().len();
+    let mut refused = 0;
+    for _ in 0..ACTIONS_BURST + 20 {
+        let r = admin.create_token(pb::CreateTokenRequest { ttl_secs: 60, ..Default::default() }).await;
+        if let Err(s) = r {
+            assert_eq!(s.code(), Code::ResourceExhausted, "{s:?}");
+            assert!(s.message().contains("acting too often"), "{}", s.message());
+            refused += 1;
+        }
+    }
+    assert!(refused >= 1, "no action was refused");
+    let written = ctl.controller.audit_log(None, None).await.unwrap().len() - before;
+    assert_eq!(written, 2 * (ACTIONS_BURST as usize + 20 - refused), "refused actions wrote nothing");
+    ctl.stop().await.unwrap();
+}

@@ -168,6 +168,21 @@ impl Drop for Slot {
     }
 }
 
+/// The address a per-address cap counts: an IPv4 address, or an IPv6 address's /64 (one host
+/// commonly holds a whole /64, so counting single addresses would give it millions of budgets).
+fn network_of(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let s = v6.segments();
+                IpAddr::V6(std::net::Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
+            }
+        },
+    }
+}
+
 fn leave(c: &mut Counts, key: &PeerKey) {
     if matches!(key, PeerKey::Anonymous(_)) {
         c.anonymous -= 1;
@@ -296,7 +311,7 @@ pub fn incoming(
                 refused(&counts, remote, "too many connections in total");
                 continue;
             };
-            if !slot.enter(PeerKey::Handshaking(remote.ip())) {
+            if !slot.enter(PeerKey::Handshaking(network_of(remote.ip()))) {
                 refused(&counts, remote, "too many handshakes from this address");
                 continue;
             }
@@ -314,7 +329,7 @@ pub fn incoming(
                         Ok(peer) => {
                             let key = match &peer.identity {
                                 Some(id) => PeerKey::Identity(id.to_string()),
-                                None => PeerKey::Anonymous(remote.ip()),
+                                None => PeerKey::Anonymous(network_of(remote.ip())),
                             };
                             if !slot.enter(key) {
                                 refused(&counts, remote, "too many connections from this peer");
@@ -451,4 +466,22 @@ pub fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
         source = s.source();
     }
     out
+}
+
+#[cfg(test)]
+mod network_tests {
+    use super::*;
+
+    #[test]
+    fn ipv6_addresses_count_by_their_64_and_mapped_ipv4_as_ipv4() {
+        let a: IpAddr = "2001:db8:1:2:aaaa::1".parse().unwrap_or(IpAddr::V4([0, 0, 0, 0].into()));
+        let b: IpAddr = "2001:db8:1:2:bbbb::9".parse().unwrap_or(IpAddr::V4([0, 0, 0, 0].into()));
+        let c: IpAddr = "2001:db8:1:3::1".parse().unwrap_or(IpAddr::V4([0, 0, 0, 0].into()));
+        assert_eq!(network_of(a), network_of(b));
+        assert_ne!(network_of(a), network_of(c));
+        let mapped: IpAddr = "::ffff:127.0.0.2".parse().unwrap_or(IpAddr::V4([0, 0, 0, 0].into()));
+        assert_eq!(network_of(mapped), IpAddr::V4([127, 0, 0, 2].into()));
+        let v4 = IpAddr::V4([127, 0, 0, 3].into());
+        assert_eq!(network_of(v4), v4);
+    }
 }

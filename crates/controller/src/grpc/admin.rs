@@ -89,6 +89,7 @@ impl AdminSvc {
         describe: impl FnOnce(&T) -> String,
     ) -> Result<Result<T, logic::Error>, Status> {
         let actor = admin.to_string();
+        self.0.admit_action(&actor).map_err(to_status)?;
         let intent = self.0.audit_intent(&actor, action, target, params).await.map_err(to_status)?;
         let result = run.await;
         let outcome = match &result {
@@ -200,6 +201,8 @@ impl pb::admin_service_server::AdminService for AdminSvc {
         // Which release this is is only known once the bundle is read, so the intent names the
         // upload and the outcome names the release.
         let actor = admin.to_string();
+        // Dropping the upload on a refusal removes it.
+        self.0.admit_action(&actor).map_err(to_status)?;
         let intent = match self
             .0
             .audit_intent(&actor, "release.push", "upload", serde_json::json!({"bytes": size}))

@@ -103,7 +103,15 @@ async fn decide_and_act(ctl: &HookActor, r: &Request, target: &str) -> Result<St
             // The release the incident is about: the last one a rollout completed (a rollout that
             // was rolled back, aborted or superseded left the fleet elsewhere), else what most
             // targeted agents run.
-            let completed = rollouts.iter().rev().find(|ro| ro.state == RolloutState::Completed);
+            // ... and one that covered the alert's whole scope: a rollout of a canary selector or
+            // of other regions says nothing about what the alerting agents run.
+            let covers = |ro: &&crate::logic::rollouts::Rollout| {
+                ro.spec.selector.is_empty()
+                    && (ro.spec.regions.is_empty()
+                        || r.region.as_ref().is_some_and(|want| ro.spec.regions.iter().any(|g| g == want)))
+            };
+            let completed =
+                rollouts.iter().rev().filter(covers).find(|ro| ro.state == RolloutState::Completed);
             let from = match completed {
                 Some(ro) => ro.spec.version.clone(),
                 None => running_version(ctl, &r.app, r.region.as_deref())

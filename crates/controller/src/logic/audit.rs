@@ -263,10 +263,13 @@ impl Controller {
     ) {
         let suppressed = {
             let mut limits = self.inner.refusals.lock().unwrap_or_else(|p| p.into_inner());
-            if limits.len() > 10_000 {
-                limits.clear();
-            }
             let now = std::time::Instant::now();
+            if limits.len() > 10_000 {
+                // Forget only actors whose allowance is full again: a caller being limited
+                // keeps its limit however many others there are.
+                let full = u64::from(REFUSALS_BURST);
+                limits.retain(|_, l| l.2 > 0 || now.duration_since(l.1).as_secs() < full);
+            }
             let l = limits.entry(actor.to_owned()).or_insert((REFUSALS_BURST, now, 0));
             let earned = now.saturating_duration_since(l.1).as_secs();
             if earned > 0 {

@@ -138,6 +138,35 @@ pub mod rollouts;
 
 pub use orders::{Answer, Order, OrderKind, OrderOutcome, ResultReceipt, Target};
 
+/// Sessions one agent may open back to back before the rate of one a second applies.
+pub const SESSION_OPENS_BURST: u32 = 10;
+/// Audited actions one admin may take back to back before the rate of one a second applies.
+pub const ACTIONS_BURST: u32 = 60;
+
+/// Per key: tokens left and when they were last topped up.
+type Buckets = Mutex<HashMap<String, (u32, std::time::Instant)>>;
+
+/// Takes one of `key`'s tokens (at most `burst`, one earned per second); false when none is
+/// left. The map forgets keys whose allowance is full again once it grows large.
+fn take_token(buckets: &Buckets, key: &str, burst: u32) -> bool {
+    let mut map = buckets.lock().unwrap_or_else(|p| p.into_inner());
+    let now = std::time::Instant::now();
+    if map.len() > 100_000 {
+        map.retain(|_, (_, at)| now.duration_since(*at).as_secs() < u64::from(burst));
+    }
+    let (tokens, at) = map.entry(key.to_owned()).or_insert((burst, now));
+    let earned = now.duration_since(*at).as_secs();
+    if earned > 0 {
+        *tokens = (*tokens + earned.min(u64::from(burst)) as u32).min(burst);
+        *at = now;
+    }
+    if *tokens == 0 {
+        return false;
+    }
+    *tokens -= 1;
+    true
+}
+
 /// Orders in flight: (agent, seq) → the order's app and who waits for the answer.
 pub(crate) type PendingOrders = HashMap<(String, u64), (String, tokio::sync::oneshot::Sender<OrderOutcome>)>;
 
@@ -198,6 +227,10 @@ struct Inner {
     pending: Mutex<PendingOrders>,
     /// The audit rate of refused calls, per actor.
     refusals: Mutex<audit::RefusalLimits>,
+    /// Per agent: session opens still allowed now, and when that was last topped up.
+    session_opens: Buckets,
+    /// Per admin: audited actions still allowed now.
+    action_rate: Buckets,
     seq: Mutex<(u64, u64)>,
     drivers: Mutex<HashMap<String, rollouts::ControlTx>>,
     converging: Mutex<std::collections::HashSet<String>>,
@@ -257,6 +290,8 @@ impl Controller {
                 next_session: 1.into(),
                 pending: Mutex::new(HashMap::new()),
                 refusals: Mutex::new(HashMap::new()),
+                session_opens: Mutex::new(HashMap::new()),
+                action_rate: Mutex::new(HashMap::new()),
                 seq: Mutex::new((reserved, reserved)),
                 drivers: Mutex::new(HashMap::new()),
                 converging: Mutex::new(Default::default()),
@@ -570,6 +605,7 @@ impl Controller {
         apps: Vec<crate::store::AppStatusRecord>,
         tx: SessionTx,
     ) -> Result<SessionHandle> {
+        self.admit_session_open(agent_id)?;
         let region = self.check_agent(agent_id).await?.region;
         let id = agent_id.to_owned();
         self.blocking(move |c| {
@@ -615,6 +651,28 @@ impl Controller {
         }
         tracing::info!(agent_id, session_id, "agent online");
         Ok(handle)
+    }
+
+    /// Refuses an agent that opens sessions faster than [`SESSION_OPENS_BURST`] back to back
+    /// and one a second after that: each open writes its record and starts its loop, and a
+    /// reconnect loop must not turn that into a flood (nor reset a session's heartbeat budget).
+    fn admit_session_open(&self, agent_id: &str) -> Result<()> {
+        if take_token(&self.inner.session_opens, agent_id, SESSION_OPENS_BURST) {
+            Ok(())
+        } else {
+            Err(Error::Busy(format!("agent {agent_id:?} reconnects too often: retry in a second")))
+        }
+    }
+
+    /// Admits one audited action of `actor`: at most [`ACTIONS_BURST`] back to back and one a
+    /// second after that. Each writes (and flushes) two audit entries, so a caller looping on
+    /// an action, even one that fails, must not grow the log without bound.
+    pub fn admit_action(&self, actor: &str) -> Result<()> {
+        if take_token(&self.inner.action_rate, actor, ACTIONS_BURST) {
+            Ok(())
+        } else {
+            Err(Error::Busy(format!("{actor} is acting too often: retry in a second")))
+        }
     }
 
     fn lock_sessions(&self) -> std::sync::MutexGuard<'_, HashMap<String, Session>> {

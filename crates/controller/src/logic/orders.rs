@@ -135,7 +135,11 @@ const SEQ_BLOCK: u64 = 1024;
 
 /// The furthest an agent's report may move the controller's order sequence at once: far more
 /// orders than a controller issues between two backups, far less than the sequence's range.
-const MAX_SEQ_JUMP: u64 = 1 << 32;
+const MAX_SEQ_JUMP: u64 = 1 << 20;
+/// How far agents' reports may move the numbering in all, over the store's life: well below
+/// the 2^32 an agent accepts past its last order, so no series of reports (one agent's, say)
+/// can number orders beyond what honest agents accept.
+pub const MAX_SEQ_JUMPS_TOTAL: u64 = 1 << 31;
 
 impl Controller {
     /// The next order sequence number.
@@ -179,16 +183,18 @@ impl Controller {
                 return Ok(());
             }
             if agent_seq > s.0.saturating_add(MAX_SEQ_JUMP) || agent_seq >= u64::MAX / 2 {
-                return Err(Error::PermissionDenied(format!(
-                    "the agent reports having applied order {agent_seq}, far beyond this controller's {}: \
-                     session refused (if the controller really was restored from a very old backup, reset \
-                     the agent's state)",
-                    s.0
-                )));
+                return Err(far_beyond(agent_seq));
             }
         }
-        let (from, to) =
-            self.blocking(move |c| Ok(c.inner.store.reserve_seq_after(agent_seq, SEQ_BLOCK)?)).await?;
+        let reserved = self
+            .blocking(move |c| {
+                Ok(c.inner.store.reserve_seq_after(agent_seq, SEQ_BLOCK, MAX_SEQ_JUMPS_TOTAL)?)
+            })
+            .await?;
+        let Some((from, to)) = reserved else {
+            tracing::error!(agent_seq, "agents' reports have moved the order numbering as far as it may go");
+            return Err(far_beyond(agent_seq));
+        };
         let mut s = self.inner.seq.lock().unwrap_or_else(|p| p.into_inner());
         if s.0 <= agent_seq {
             tracing::warn!(
@@ -343,6 +349,7 @@ impl Controller {
         if ids.is_empty() {
             return Err(Error::InvalidArgument("no agent matches the target".into()));
         }
+        let targeted = ids.len();
         let running: HashMap<String, String> = self
             .list_agents(None)
             .await?
@@ -407,7 +414,17 @@ impl Controller {
             }
             running.push((id.clone(), cur));
         }
-        self.record_desired(app, running, &format!("rollback by {by}"), target).await?;
+        self.record_desired(app, running, &format!("rollback by {by}"), target, targeted).await?;
         Ok((out, elapsed))
     }
+}
+
+/// An agent's sequence report the controller will not follow. The controller's own numbering is
+/// not disclosed to the agent.
+fn far_beyond(agent_seq: u64) -> Error {
+    Error::PermissionDenied(format!(
+        "the agent reports having applied order {agent_seq}, far beyond this controller's numbering: \
+         session refused (if the controller really was restored from a very old backup, reset the \
+         agent's state)"
+    ))
 }

@@ -145,6 +145,7 @@ impl Controller {
         running: Vec<(String, String)>,
         set_by: &str,
         target: &crate::logic::Target,
+        targeted: usize,
     ) -> Result<()> {
         let (app, set_by) = (app.to_owned(), set_by.to_owned());
         let target = target.clone();
@@ -184,7 +185,10 @@ impl Controller {
             for (_, v) in &running {
                 *counts.entry(v).or_default() += 1;
             }
-            if let Some((version, _)) = counts.into_iter().max_by_key(|(_, n)| *n) {
+            // And only when most of the targeted agents report the same release: answers are
+            // the agents' word, and a few of them must not choose the release for everyone.
+            let majority = counts.into_iter().max_by_key(|(_, n)| *n).filter(|(_, n)| n * 2 > targeted);
+            if let Some((version, _)) = majority {
                 if let Some(mut rule) = c.inner.store.get::<AppRule>(Tree::Desired, &rule_key(&app))? {
                     // Only a rollback of everything the rule covers changes it: a rollback of a
                     // few agents (or one agent's answer) speaks for those agents alone.
@@ -449,13 +453,14 @@ mod tests {
         let back = vec![("eu-0".to_string(), "1.0.0".to_string())];
         // One agent's rollback, or another region's, speaks for those agents only.
         for target in [Target::Agents(vec!["eu-0".into()]), Target::Region("us-east".into())] {
-            ctl.record_desired("shop-api", back.clone(), "rollback", &target).await.unwrap();
+            ctl.record_desired("shop-api", back.clone(), "rollback", &target, 1).await.unwrap();
             assert_eq!(rule_version().await, "1.1.0", "{target:?} changed the rule");
         }
-        // The rule's whole region, or everything, moves it.
-        ctl.record_desired("shop-api", back.clone(), "rollback", &Target::Region("eu-west".into()))
-            .await
-            .unwrap();
+        // A rollback of the rule's whole region moves it, when most targeted agents agree.
+        let eu = Target::Region("eu-west".into());
+        ctl.record_desired("shop-api", back.clone(), "rollback", &eu, 3).await.unwrap();
+        assert_eq!(rule_version().await, "1.1.0", "one answer of three targeted agents");
+        ctl.record_desired("shop-api", back.clone(), "rollback", &eu, 1).await.unwrap();
         assert_eq!(rule_version().await, "1.0.0");
     }
 }
