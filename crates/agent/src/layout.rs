@@ -83,7 +83,7 @@ impl Layout {
     pub fn swap_current(&self, app: &str, version: &str) -> Result<()> {
         let dir = self.app_dir(app);
         let tmp = dir.join(".current.tmp");
-        let _ = std::fs::remove_file(&tmp);
+        remove_if_present(&tmp)?;
         #[cfg(unix)]
         std::os::unix::fs::symlink(Path::new("releases").join(version), &tmp).map_err(io(&tmp))?;
         let link = self.current_link(app);
@@ -99,7 +99,10 @@ impl Layout {
 
     /// Removes what an interrupted install or switch left behind.
     pub fn clean_leftovers(&self, app: &str) {
-        let _ = std::fs::remove_file(self.app_dir(app).join(".current.tmp"));
+        let tmp = self.app_dir(app).join(".current.tmp");
+        if let Err(e) = remove_if_present(&tmp) {
+            tracing::warn!(error = %e, "an interrupted switch's link was not removed");
+        }
         if let Ok(entries) = std::fs::read_dir(self.releases_dir(app)) {
             for e in entries.flatten() {
                 if e.file_name().to_string_lossy().starts_with(".tmp-") {
@@ -141,7 +144,7 @@ impl Layout {
         if dir.exists() {
             std::fs::remove_dir_all(&dir).map_err(io(&dir))?;
         }
-        let _ = std::fs::remove_file(self.header_path(app, version));
+        remove_if_present(&self.header_path(app, version))?;
         files::sync_dir(&self.releases_dir(app))?;
         Ok(())
     }
@@ -315,6 +318,14 @@ fn count_lines(text: &[u8]) -> usize {
 fn make_writable(dir: &Path) {
     if let Err(e) = convoy_bundle::make_tree_writable(dir) {
         tracing::warn!(path = %dir.display(), error = %e, "cannot make a directory tree writable");
+    }
+}
+
+/// Removes a file or link, if there is one.
+fn remove_if_present(path: &Path) -> Result<()> {
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(io(path)(e)),
+        _ => Ok(()),
     }
 }
 

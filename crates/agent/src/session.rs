@@ -192,7 +192,10 @@ impl Agent {
             apps,
             last_order_seq: self.executor.last_seq(),
         };
-        let _ = tx.send(pb::AgentMessage { msg: Some(pb::agent_message::Msg::Hello(hello)) }).await;
+        // The receiving half is ours until the session starts: this send cannot find it gone.
+        if tx.send(pb::AgentMessage { msg: Some(pb::agent_message::Msg::Hello(hello)) }).await.is_err() {
+            tracing::error!("the session's outbound queue closed before the hello");
+        }
         let mut inbound = client.session(ReceiverStream::new(rx)).await.map_err(Error::Refused)?.into_inner();
         let mut interval = self.config.heartbeat_interval;
         match inbound.message().await.map_err(Error::Refused)? {

@@ -397,7 +397,7 @@ impl pb::agent_service_server::AgentService for AgentSvc {
                 heartbeat_interval_secs: ctl.heartbeat_interval().as_secs().max(1) as u32,
             })),
         };
-        let _ = out_tx.send(Ok(welcome)).await;
+        tell(&out_tx, Ok(welcome)).await;
         // A session that misses three heartbeats is dead even if TCP has not noticed.
         let silence = ctl.heartbeat_interval() * 3;
         let mut beats = Heartbeats::new(ctl.heartbeat_interval(), std::time::Instant::now());
@@ -417,13 +417,13 @@ impl pb::agent_service_server::AgentService for AgentSvc {
                             }
                         } => {
                             tracing::warn!("session on a superseded certificate closed at the end of the overlap");
-                            let _ = out_tx.send(Err(Status::permission_denied(
+                            tell(&out_tx, Err(Status::permission_denied(
                                 "this certificate has been superseded by a renewal; reconnect with the newest",
                             ))).await;
                             break;
                         }
                         () = handle.cancel.cancelled() => {
-                            let _ = out_tx.send(Err(closing_status(&ctl, &handle.agent_id).await)).await;
+                            tell(&out_tx, Err(closing_status(&ctl, &handle.agent_id).await)).await;
                             break;
                         }
                         order = order_rx.recv() => match order {
@@ -435,7 +435,7 @@ impl pb::agent_service_server::AgentService for AgentSvc {
                             // The registry dropped this session (revoked, replaced, shutting
                             // down): tell the agent why, as the cancellation branch does.
                             None => {
-                                let _ = out_tx.send(Err(closing_status(&ctl, &handle.agent_id).await)).await;
+                                tell(&out_tx, Err(closing_status(&ctl, &handle.agent_id).await)).await;
                                 break;
                             }
                         },
@@ -447,7 +447,7 @@ impl pb::agent_service_server::AgentService for AgentSvc {
                                     Verdict::Dropped => continue,
                                     Verdict::Flood => {
                                         tracing::warn!("heartbeat flood, closing session");
-                                        let _ = out_tx.send(Err(Status::resource_exhausted(format!(
+                                        tell(&out_tx, Err(Status::resource_exhausted(format!(
                                             "more than {} heartbeats over the rate in a row; send one every {:?}",
                                             heartbeats::FLOOD_AFTER,
                                             ctl.heartbeat_interval()
@@ -474,7 +474,7 @@ impl pb::agent_service_server::AgentService for AgentSvc {
                                     unasked += 1;
                                     if unasked > heartbeats::FLOOD_AFTER {
                                         tracing::warn!("flood of unsolicited messages, closing session");
-                                        let _ = out_tx.send(Err(Status::resource_exhausted(format!(
+                                        tell(&out_tx, Err(Status::resource_exhausted(format!(
                                             "more than {} messages answering no order in flight",
                                             heartbeats::FLOOD_AFTER
                                         )))).await;
@@ -544,3 +544,13 @@ impl pb::agent_service_server::AgentService for AgentSvc {
 
 mod admin;
 pub use admin::AdminSvc;
+
+/// Sends a session its last word; a client that is already gone is no one to tell.
+async fn tell(
+    tx: &mpsc::Sender<Result<pb::ControllerMessage, Status>>,
+    msg: Result<pb::ControllerMessage, Status>,
+) {
+    if tx.send(msg).await.is_err() {
+        tracing::debug!("the agent left before the controller's message");
+    }
+}

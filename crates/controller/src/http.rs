@@ -19,8 +19,15 @@
 //! Shutdown: when `stop` is cancelled the listener closes, idle connections close, requests in
 //! progress finish, and whatever is still open after the drain time is dropped.
 
+/// Appends one line to a `String` (formatting into memory cannot fail).
+macro_rules! emit {
+    ($out:expr, $($arg:tt)*) => {{
+        $out.push_str(&format!($($arg)*));
+        $out.push('\n');
+    }};
+}
+
 use std::collections::HashMap;
-use std::fmt::Write;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -84,24 +91,24 @@ impl Counters {
     pub(crate) fn render(&self, out: &mut String) {
         let (total, per_peer) = self.refused();
         let (tls, head, body) = self.timeouts();
-        let _ = writeln!(out, "# HELP convoy_http_connections Open connections on the HTTP listener.");
-        let _ = writeln!(out, "# TYPE convoy_http_connections gauge");
-        let _ = writeln!(out, "convoy_http_connections {}", self.open());
-        let _ = writeln!(
+        emit!(out, "# HELP convoy_http_connections Open connections on the HTTP listener.");
+        emit!(out, "# TYPE convoy_http_connections gauge");
+        emit!(out, "convoy_http_connections {}", self.open());
+        emit!(
             out,
             "# HELP convoy_http_connections_refused_total HTTP connections closed at accept by a connection cap."
         );
-        let _ = writeln!(out, "# TYPE convoy_http_connections_refused_total counter");
-        let _ = writeln!(out, "convoy_http_connections_refused_total{{limit=\"per_peer\"}} {per_peer}");
-        let _ = writeln!(out, "convoy_http_connections_refused_total{{limit=\"total\"}} {total}");
-        let _ = writeln!(
+        emit!(out, "# TYPE convoy_http_connections_refused_total counter");
+        emit!(out, "convoy_http_connections_refused_total{{limit=\"per_peer\"}} {per_peer}");
+        emit!(out, "convoy_http_connections_refused_total{{limit=\"total\"}} {total}");
+        emit!(
             out,
             "# HELP convoy_http_timeouts_total HTTP connections closed because a client was too slow, by phase."
         );
-        let _ = writeln!(out, "# TYPE convoy_http_timeouts_total counter");
-        let _ = writeln!(out, "convoy_http_timeouts_total{{phase=\"request_body\"}} {body}");
-        let _ = writeln!(out, "convoy_http_timeouts_total{{phase=\"request_head\"}} {head}");
-        let _ = writeln!(out, "convoy_http_timeouts_total{{phase=\"tls_handshake\"}} {tls}");
+        emit!(out, "# TYPE convoy_http_timeouts_total counter");
+        emit!(out, "convoy_http_timeouts_total{{phase=\"request_body\"}} {body}");
+        emit!(out, "convoy_http_timeouts_total{{phase=\"request_head\"}} {head}");
+        emit!(out, "convoy_http_timeouts_total{{phase=\"tls_handshake\"}} {tls}");
     }
 }
 

@@ -5,8 +5,15 @@
 //! ([`Metrics::load_gauges`]). A scrape reads no store record: its cost does not grow with the
 //! fleet or the rollout history.
 
+/// Appends one line to a `String` (formatting into memory cannot fail).
+macro_rules! emit {
+    ($out:expr, $($arg:tt)*) => {{
+        $out.push_str(&format!($($arg)*));
+        $out.push('\n');
+    }};
+}
+
 use std::collections::{BTreeMap, HashMap};
-use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -186,51 +193,43 @@ impl Metrics {
             let g = self.gauges();
             (g.regions.clone(), g.rollouts)
         };
-        let _ = writeln!(out, "# HELP convoy_agents Enrolled agents by region and connection state.");
-        let _ = writeln!(out, "# TYPE convoy_agents gauge");
+        emit!(out, "# HELP convoy_agents Enrolled agents by region and connection state.");
+        emit!(out, "# TYPE convoy_agents gauge");
         for (region, c) in regions.iter().filter(|(_, c)| c.enrolled > 0) {
             // A session that slipped in while its agent was being revoked is not counted.
             let online = c.online.min(c.enrolled);
             let region = escape(region);
-            let _ = writeln!(
-                out,
-                "convoy_agents{{region=\"{region}\",state=\"offline\"}} {}",
-                c.enrolled - online
-            );
-            let _ = writeln!(out, "convoy_agents{{region=\"{region}\",state=\"online\"}} {online}");
+            emit!(out, "convoy_agents{{region=\"{region}\",state=\"offline\"}} {}", c.enrolled - online);
+            emit!(out, "convoy_agents{{region=\"{region}\",state=\"online\"}} {online}");
         }
         let states: BTreeMap<&str, u64> =
             ROLLOUT_STATES.iter().enumerate().map(|(i, (_, name))| (*name, rollouts[i])).collect();
-        let _ = writeln!(out, "# HELP convoy_rollouts Rollouts by state.");
-        let _ = writeln!(out, "# TYPE convoy_rollouts gauge");
+        emit!(out, "# HELP convoy_rollouts Rollouts by state.");
+        emit!(out, "# TYPE convoy_rollouts gauge");
         for (state, n) in states {
-            let _ = writeln!(out, "convoy_rollouts{{state=\"{state}\"}} {n}");
+            emit!(out, "convoy_rollouts{{state=\"{state}\"}} {n}");
         }
-        let _ = writeln!(out, "# HELP convoy_orders_sent_total Orders sent to agents.");
-        let _ = writeln!(out, "# TYPE convoy_orders_sent_total counter");
-        let _ = writeln!(out, "convoy_orders_sent_total {}", self.orders_sent.load(Ordering::Relaxed));
-        let _ = writeln!(out, "# HELP convoy_bundle_bytes_served_total Bundle bytes streamed to agents.");
-        let _ = writeln!(out, "# TYPE convoy_bundle_bytes_served_total counter");
-        let _ = writeln!(
-            out,
-            "convoy_bundle_bytes_served_total {}",
-            self.bundle_bytes_served.load(Ordering::Relaxed)
-        );
+        emit!(out, "# HELP convoy_orders_sent_total Orders sent to agents.");
+        emit!(out, "# TYPE convoy_orders_sent_total counter");
+        emit!(out, "convoy_orders_sent_total {}", self.orders_sent.load(Ordering::Relaxed));
+        emit!(out, "# HELP convoy_bundle_bytes_served_total Bundle bytes streamed to agents.");
+        emit!(out, "# TYPE convoy_bundle_bytes_served_total counter");
+        emit!(out, "convoy_bundle_bytes_served_total {}", self.bundle_bytes_served.load(Ordering::Relaxed));
         let h = self.rollbacks.lock().unwrap_or_else(|p| p.into_inner());
-        let _ = writeln!(out, "# HELP convoy_rollback_duration_seconds Fleet rollbacks: time until every targeted agent answered.");
-        let _ = writeln!(out, "# TYPE convoy_rollback_duration_seconds histogram");
+        emit!(out, "# HELP convoy_rollback_duration_seconds Fleet rollbacks: time until every targeted agent answered.");
+        emit!(out, "# TYPE convoy_rollback_duration_seconds histogram");
         for (i, b) in BUCKETS.iter().enumerate() {
-            let _ = writeln!(out, "convoy_rollback_duration_seconds_bucket{{le=\"{b}\"}} {}", h.counts[i]);
+            emit!(out, "convoy_rollback_duration_seconds_bucket{{le=\"{b}\"}} {}", h.counts[i]);
         }
-        let _ = writeln!(out, "convoy_rollback_duration_seconds_bucket{{le=\"+Inf\"}} {}", h.count);
-        let _ = writeln!(out, "convoy_rollback_duration_seconds_sum {}", h.sum);
-        let _ = writeln!(out, "convoy_rollback_duration_seconds_count {}", h.count);
+        emit!(out, "convoy_rollback_duration_seconds_bucket{{le=\"+Inf\"}} {}", h.count);
+        emit!(out, "convoy_rollback_duration_seconds_sum {}", h.sum);
+        emit!(out, "convoy_rollback_duration_seconds_count {}", h.count);
         drop(h);
         let hooks = self.hooks.lock().unwrap_or_else(|p| p.into_inner());
-        let _ = writeln!(out, "# HELP convoy_hook_requests_total Alert hook requests by hook and outcome.");
-        let _ = writeln!(out, "# TYPE convoy_hook_requests_total counter");
+        emit!(out, "# HELP convoy_hook_requests_total Alert hook requests by hook and outcome.");
+        emit!(out, "# TYPE convoy_hook_requests_total counter");
         for ((hook, outcome), n) in hooks.iter() {
-            let _ = writeln!(
+            emit!(
                 out,
                 "convoy_hook_requests_total{{hook=\"{}\",outcome=\"{}\"}} {n}",
                 escape(hook),

@@ -728,9 +728,12 @@ impl Controller {
                 .unwrap_or_else(|p| p.into_inner())
                 .retain(|(agent, _), _| agent != &handle.agent_id);
             let id = handle.agent_id.clone();
-            let _ = self
+            let seen = self
                 .blocking(move |c| Ok(c.inner.store.update_agent(&id, true, |r| r.last_seen = now())?))
                 .await;
+            if let Err(e) = seen {
+                tracing::warn!(agent_id = %handle.agent_id, error = %e, "last-seen time not recorded");
+            }
             // Tell the webhooks if it stays away.
             let this = self.clone();
             let id = handle.agent_id.clone();

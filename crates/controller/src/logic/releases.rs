@@ -64,6 +64,16 @@ pub fn check_digest(digest: &str) -> Result<()> {
     convoy_bundle::check_digest(digest).map_err(|e| Error::InvalidArgument(e.to_string()))
 }
 
+/// Removes a file whose removal is tidying up, not the point: a failure is logged, a file
+/// already gone is fine.
+fn remove_quietly(path: &Path) {
+    if let Err(e) = std::fs::remove_file(path) {
+        if e.kind() != std::io::ErrorKind::NotFound {
+            tracing::warn!(path = %path.display(), error = %e, "could not remove a file");
+        }
+    }
+}
+
 fn sync_dir(dir: &Path) -> Result<()> {
     convoy_base::files::sync_dir(dir).map_err(|e| Error::Internal(e.to_string()))
 }
@@ -81,7 +91,7 @@ impl Controller {
         }
         let incoming = root.join("incoming");
         for entry in std::fs::read_dir(&incoming).map_err(|e| io_err(&incoming, e))?.flatten() {
-            let _ = std::fs::remove_file(entry.path());
+            remove_quietly(&entry.path());
         }
         Ok(())
     }
@@ -230,7 +240,7 @@ impl Controller {
         if let Some(existing) = self.inner.store.insert_release(&record)? {
             // Lost a race with an identical push of a different bundle; keep the winner's blob.
             if existing.digest != digest {
-                let _ = std::fs::remove_file(&blob);
+                remove_quietly(&blob);
                 return Err(Error::Conflict(format!("release {} was pushed concurrently", m.release_name())));
             }
             return Ok((existing, true));
@@ -275,7 +285,7 @@ impl Controller {
             c.inner.store.remove_release(&app, &version)?;
             let still_used = c.inner.store.releases()?.iter().any(|r| r.digest == rec.digest);
             if !still_used {
-                let _ = std::fs::remove_file(c.blob_root().join("sha256").join(&rec.digest));
+                remove_quietly(&c.blob_root().join("sha256").join(&rec.digest));
             }
             tracing::info!(release = %format!("{app}@{version}"), %by, "release removed");
             Ok(())
