@@ -388,17 +388,6 @@ impl Log {
             }
         });
     }
-
-    /// The last `lines` lines of the log (and its rotated predecessor if needed). This follows
-    /// symbolic links and reads whole files: prefer [`crate::Layout::read_log`].
-    pub fn tail(path: &Path, lines: usize) -> String {
-        let mut rotated = path.to_path_buf().into_os_string();
-        rotated.push(".1");
-        let mut text = std::fs::read_to_string(&rotated).unwrap_or_default();
-        text.push_str(&std::fs::read_to_string(path).unwrap_or_default());
-        let all: Vec<&str> = text.lines().collect();
-        all[all.len().saturating_sub(lines)..].join("\n")
-    }
 }
 
 /// Runs a hook to completion within `timeout`, as `run_as` when given; its output goes to `log`.
