@@ -108,6 +108,17 @@ fn dir_bytes(dir: &std::path::Path) -> u64 {
     total
 }
 
+/// Reads a session until the controller ends it, and returns the status it ended with.
+async fn closing_status(inbound: &mut tonic::Streaming<pb::ControllerMessage>) -> tonic::Status {
+    loop {
+        match inbound.message().await {
+            Ok(Some(_)) => continue,
+            Ok(None) => panic!("session ended without a status"),
+            Err(s) => return s,
+        }
+    }
+}
+
 fn heartbeat(i: usize) -> pb::AgentMessage {
     pb::AgentMessage {
         msg: Some(pb::agent_message::Msg::Heartbeat(pb::Heartbeat {
@@ -153,13 +164,7 @@ async fn a_heartbeat_flood_is_throttled_and_the_state_directory_stays_bounded() 
         }
         sent
     });
-    let status = loop {
-        match inbound.message().await {
-            Ok(Some(_)) => continue,
-            Ok(None) => panic!("session ended without a status"),
-            Err(s) => break s,
-        }
-    };
+    let status = closing_status(&mut inbound).await;
     assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
     assert!(status.message().contains("heartbeats over the rate"), "{}", status.message());
     let sent = flood.await.unwrap();
@@ -339,13 +344,7 @@ async fn unsolicited_order_results_write_nothing_and_a_flood_closes_the_session(
             }
         }
     });
-    let status = loop {
-        match inbound.message().await {
-            Ok(Some(_)) => continue,
-            Ok(None) => panic!("session ended without a status"),
-            Err(s) => break s,
-        }
-    };
+    let status = closing_status(&mut inbound).await;
     assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
     assert!(status.message().contains(&format!("more than {FLOOD_AFTER} messages")), "{}", status.message());
     flood.await.unwrap();
