@@ -376,7 +376,7 @@ async fn require_all_fails_a_rollout_that_cannot_reach_every_agent() {
     let r = f.wait_final(id.trim()).await;
     assert_eq!(r.state, RolloutState::RolledBack, "{:?}", r.events);
     let failure = r.failure.clone().unwrap();
-    assert!(failure.contains("(eu-0)") && failure.contains("--require-all"), "{failure}");
+    assert!(failure.contains("(eu-0)") && failure.contains("requires every agent"), "{failure}");
     assert!(r.spec.require_all);
     // The agents it had moved are back on the previous release.
     assert_eq!(r.agents["ap-0"].step, AgentStep::RolledBack, "{:?}", r.events);

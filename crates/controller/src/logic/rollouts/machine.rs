@@ -438,7 +438,7 @@ impl Machine {
         let size = self.r.waves.get(w).map_or(0, Vec::len);
         if self.r.spec.max_failures.exceeded(failures, size) {
             let reason = format!(
-                "{failures} failure(s) in wave {} of {} passed --max-failures",
+                "{failures} failure(s) in wave {} of {}: over the failure threshold",
                 w + 1,
                 self.r.waves.len()
             );
@@ -560,7 +560,7 @@ pub fn completion_summary(r: &Rollout) -> String {
     }
     if !failed.is_empty() {
         msg.push_str(&format!(
-            "; {} failed within --max-failures ({}) and will be retried",
+            "; {} failed within the failure threshold ({}) and will be retried",
             failed.len(),
             failed.join(", ")
         ));

@@ -129,7 +129,7 @@ pub(super) fn missing_agents(r: &Rollout) -> Option<String> {
         .collect();
     (!missing.is_empty()).then(|| {
         format!(
-            "{} targeted agent(s) offline or unreachable ({}) and --require-all is set",
+            "{} targeted agent(s) offline or unreachable ({}) and the rollout requires every agent",
             missing.len(),
             missing.join(", ")
         )

@@ -273,7 +273,7 @@ fn a_wave_past_its_threshold_stops_and_rolls_back_every_moved_agent() {
         "1 failure is allowed"
     );
     let stopping = sim.reply("c", Reply::Error("no answer".into()));
-    assert_eq!(sim.r.failure.as_deref(), Some("2 failure(s) in wave 2 of 2 passed --max-failures"));
+    assert_eq!(sim.r.failure.as_deref(), Some("2 failure(s) in wave 2 of 2: over the failure threshold"));
     assert_eq!(notified(&stopping), ["rollout_failed"]);
     assert!(rollbacks(&stopping).is_empty(), "activations in flight finish first, to be rolled back too");
     assert!(sim.feed(Event::Tick).is_empty(), "nothing new is dispatched while stopping");
@@ -288,7 +288,7 @@ fn a_wave_past_its_threshold_stops_and_rolls_back_every_moved_agent() {
     }
     let end = sim.reply("e", Reply::NotDone("refused (from_version): not running 2.0.0".into()));
     assert_eq!(sim.r.state, RolloutState::RolledBack);
-    let reason = "2 failure(s) in wave 2 of 2 passed --max-failures".to_string();
+    let reason = "2 failure(s) in wave 2 of 2: over the failure threshold".to_string();
     assert_eq!(end[0], Command::MarkBad { reason: reason.clone() });
     let moved: Vec<String> = FIVE.iter().map(|a| a[8..].to_string()).collect();
     assert_eq!(end[1], Command::Audit { reason, agents: moved, outcome: "rolled back; release marked bad" });
@@ -387,7 +387,7 @@ fn require_all_fails_a_wave_with_an_unreachable_agent_without_blaming_the_releas
     let stopping = sim.reply("b", Reply::Done);
     assert_eq!(
         sim.r.failure.as_deref(),
-        Some("1 targeted agent(s) offline or unreachable (c) and --require-all is set")
+        Some("1 targeted agent(s) offline or unreachable (c) and the rollout requires every agent")
     );
     assert_eq!(rollbacks(&stopping), ["a", "b"]);
     sim.reply("a", Reply::Done);
