@@ -42,6 +42,7 @@ pub fn to_status(err: logic::Error) -> Status {
         E::UnknownAgent(_) | E::UnknownAdmin(_) => Status::not_found(msg),
         E::InvalidArgument(_) | E::Csr(_) | E::Bundle(_) => Status::invalid_argument(msg),
         E::Spec(e) => Status::invalid_argument(spec_message(&e)),
+        E::MissingReason(what) => Status::invalid_argument(format!("a {what} needs a --reason")),
         E::Deploy(e) => {
             use logic::rollouts::DeployRefusal as R;
             let how = match &e {

@@ -73,6 +73,9 @@ pub enum Error {
     /// A position past the end (a download offset past the bundle's size).
     #[error("{0}")]
     OutOfRange(String),
+    /// An action that must say why (a rollback, a freeze) was given no reason.
+    #[error("a {0} needs a reason")]
+    MissingReason(&'static str),
     /// A deploy refused before it started; the gRPC layer says how to proceed anyway.
     #[error("{0}")]
     Deploy(#[from] rollouts::DeployRefusal),

@@ -336,7 +336,7 @@ impl Controller {
         by: &str,
     ) -> Result<(Vec<(String, Result<OrderOutcome>, Duration)>, Duration)> {
         if reason.trim().is_empty() {
-            return Err(Error::InvalidArgument("a rollback needs a --reason".into()));
+            return Err(Error::MissingReason("rollback"));
         }
         convoy_bundle::check_app_name(app).map_err(|e| invalid("app", e))?;
         if let Some(v) = &from {

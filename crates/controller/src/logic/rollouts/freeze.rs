@@ -47,7 +47,7 @@ impl Controller {
             ));
         }
         if f.reason.trim().is_empty() {
-            return Err(Error::InvalidArgument("a freeze needs a --reason".into()));
+            return Err(Error::MissingReason("freeze"));
         }
         self.blocking(move |c| {
             f.id = format!("fz-{}", c.inner.store.generate_id()? + 1);
