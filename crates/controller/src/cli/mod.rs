@@ -13,6 +13,7 @@ pub mod demo_app;
 mod deploy;
 mod freeze;
 mod init;
+mod json;
 mod keys;
 mod logs;
 mod release;

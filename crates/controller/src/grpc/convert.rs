@@ -1,0 +1,251 @@
+//! Conversions between the wire types and the domain: the one place where proto messages are
+//! built from domain values, or read into them.
+
+use std::collections::BTreeMap;
+
+use convoy_proto::v1 as pb;
+
+use crate::logic::admins::AdminRecord;
+use crate::logic::audit::{AuditEntry, Checkpoint, Phase, Verified};
+use crate::logic::rollouts::FreezeWindow;
+use crate::logic::{self, OrderKind};
+use crate::store::{self, AppStatusRecord, ReportedRelease};
+
+pub(super) fn labels(map: std::collections::HashMap<String, String>) -> BTreeMap<String, String> {
+    map.into_iter().collect()
+}
+
+/// Whether a reported version is acceptable: empty (none) or a valid version, which is also a
+/// safe path component for any agent it is passed on to.
+pub(super) fn version_ok(v: &str) -> bool {
+    v.is_empty() || convoy_bundle::check_version(v).is_ok()
+}
+
+/// An agent's per-app reports, with entries that name an invalid app or version dropped: what an
+/// agent says is data about itself, and only well-formed names may reach the store. Bounded:
+/// at most [`store::MAX_REPORTED_APPS`] apps, each with its error cut to
+/// [`store::MAX_REPORTED_ERROR`] bytes and at most [`store::MAX_REPORTED_RELEASES`] installed.
+pub(super) fn reported_apps(agent_id: &str, list: Vec<pb::AppStatus>) -> Vec<AppStatusRecord> {
+    if list.len() > store::MAX_REPORTED_APPS {
+        tracing::warn!(agent_id, apps = list.len(), "too many apps reported; the rest are dropped");
+    }
+    list.into_iter()
+        .take(store::MAX_REPORTED_APPS)
+        .filter_map(|s| {
+            let ok = convoy_bundle::check_app_name(&s.app).is_ok()
+                && [&s.current, &s.known_good, &s.previous].iter().all(|v| version_ok(v))
+                && s.installed.len() <= store::MAX_REPORTED_RELEASES
+                && s.installed.iter().all(|v| version_ok(v) && !v.is_empty());
+            if !ok {
+                tracing::warn!(agent_id, app = %s.app.escape_debug(), "dropping a malformed app report");
+            }
+            ok.then(|| app_status(s))
+        })
+        .collect()
+}
+
+pub(super) fn app_status(s: pb::AppStatus) -> AppStatusRecord {
+    let health = pb::Health::from_wire(s.health).name();
+    AppStatusRecord {
+        app: s.app,
+        current: s.current,
+        known_good: s.known_good,
+        previous: s.previous,
+        health: health.into(),
+        last_error: cut(s.last_error, store::MAX_REPORTED_ERROR),
+        installed: s.installed,
+        busy: s.busy,
+    }
+}
+
+/// `s` cut to at most `max` bytes, at a character boundary.
+pub(super) fn cut(mut s: String, max: usize) -> String {
+    if s.len() > max {
+        let mut end = max;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        s.truncate(end);
+        s.push('…');
+    }
+    s
+}
+
+pub(super) fn app_status_pb(s: AppStatusRecord) -> pb::AppStatus {
+    let health = pb::Health::from_name(&s.health);
+    pb::AppStatus {
+        app: s.app,
+        current: s.current,
+        known_good: s.known_good,
+        previous: s.previous,
+        health: health as i32,
+        last_error: cut(s.last_error, store::MAX_REPORTED_ERROR),
+        installed: s.installed,
+        busy: s.busy,
+    }
+}
+
+pub(super) fn order_pb(o: logic::Order) -> pb::ControllerMessage {
+    use pb::order::Kind;
+    let kind = match o.kind {
+        OrderKind::Install { app, version, digest } => {
+            Kind::Install(pb::InstallOrder { app, version, digest })
+        }
+        OrderKind::Activate { app, version, health_deadline } => Kind::Activate(pb::ActivateOrder {
+            app,
+            version,
+            health_deadline_secs: health_deadline
+                .map(|d| u32::try_from(d.as_secs().max(1)).unwrap_or(u32::MAX))
+                .unwrap_or(0),
+        }),
+        OrderKind::Rollback { app, from, to, reason } => Kind::Rollback(pb::RollbackOrder {
+            app,
+            from_version: from,
+            to_version: to.unwrap_or_default(),
+            reason,
+        }),
+        OrderKind::Logs { app, lines } => Kind::Logs(pb::LogsOrder { app, lines }),
+    };
+    pb::ControllerMessage {
+        msg: Some(pb::controller_message::Msg::Order(pb::Order { seq: o.seq, kind: Some(kind) })),
+    }
+}
+
+pub(super) fn outcome(r: pb::OrderResult) -> logic::OrderOutcome {
+    use logic::Answer;
+    let mut message = r.message;
+    let answer = match pb::OrderOutcome::try_from(r.outcome) {
+        Ok(pb::OrderOutcome::Applied) => Answer::Applied,
+        Ok(pb::OrderOutcome::AlreadyInState) => Answer::AlreadyInState,
+        Ok(pb::OrderOutcome::Refused) => Answer::Refused { field: r.field },
+        Ok(pb::OrderOutcome::Failed) => Answer::Failed,
+        Ok(pb::OrderOutcome::Stale) => Answer::Stale { agent_last_seq: r.agent_last_seq },
+        // An answer without a known outcome is never read as success.
+        Ok(pb::OrderOutcome::Unspecified) | Err(_) => {
+            message = format!("agent answered without a known outcome ({}): {message}", r.outcome);
+            Answer::Failed
+        }
+    };
+    // An order's status report is checked like a heartbeat's.
+    let status = r.status.and_then(|s| reported_apps("(order result)", vec![s]).pop());
+    logic::OrderOutcome { seq: r.seq, answer, message, status, output: r.output }
+}
+
+/// The wire form of an agent's answer.
+pub(super) fn outcome_pb(a: &logic::Answer) -> pb::OrderOutcome {
+    match a {
+        logic::Answer::Applied => pb::OrderOutcome::Applied,
+        logic::Answer::AlreadyInState => pb::OrderOutcome::AlreadyInState,
+        logic::Answer::Refused { .. } => pb::OrderOutcome::Refused,
+        logic::Answer::Failed => pb::OrderOutcome::Failed,
+        logic::Answer::Stale { .. } => pb::OrderOutcome::Stale,
+    }
+}
+
+pub(super) fn releases(agent_id: &str, list: Vec<pb::ReleaseRef>) -> Vec<ReportedRelease> {
+    if list.len() > store::MAX_REPORTED_RELEASES {
+        tracing::warn!(agent_id, releases = list.len(), "too many releases reported; the rest are dropped");
+    }
+    list.into_iter()
+        .take(store::MAX_REPORTED_RELEASES)
+        .filter(|r| {
+            let ok = convoy_bundle::check_app_name(&r.app).is_ok()
+                && convoy_bundle::check_version(&r.version).is_ok();
+            if !ok {
+                tracing::warn!(agent_id, app = %r.app.escape_debug(), "dropping a malformed release report");
+            }
+            ok
+        })
+        .map(|r| ReportedRelease { app: r.app, version: r.version, active: r.active })
+        .collect()
+}
+
+pub(super) fn release_info(r: crate::store::ReleaseRecord) -> pb::ReleaseInfo {
+    pb::ReleaseInfo {
+        app: r.app,
+        version: r.version,
+        digest: r.digest,
+        size: r.size,
+        created_at_unix: r.created_at,
+        pushed_at_unix: r.pushed_at,
+        pushed_by: r.pushed_by,
+        signers: r.signers,
+        unpacked_size: r.unpacked_size,
+        files: r.files,
+    }
+}
+
+pub(super) fn admin_info(r: AdminRecord) -> pb::AdminInfo {
+    pb::AdminInfo {
+        name: r.name,
+        role: r.role.to_string(),
+        certs: r
+            .certs
+            .into_iter()
+            .map(|c| pb::AdminCertInfo {
+                serial: c.serial,
+                issued_at_unix: c.issued_at,
+                issued_by: c.issued_by,
+                not_after_unix: c.not_after,
+                revoked: c.revoked,
+                revoked_at_unix: c.revoked_at.unwrap_or(0),
+                revoked_by: c.revoked_by.unwrap_or_default(),
+            })
+            .collect(),
+        created_by: r.created_by,
+        created_at_unix: r.created_at,
+    }
+}
+
+pub(super) fn freeze_pb(f: FreezeWindow) -> pb::FreezeWindow {
+    pb::FreezeWindow {
+        id: f.id,
+        from_unix: f.from,
+        to_unix: f.to,
+        reason: f.reason,
+        app: f.app,
+        region: f.region,
+        created_by: f.created_by,
+    }
+}
+
+pub(super) fn audit_entry_pb(e: AuditEntry) -> pb::AuditEntry {
+    let phase = match e.phase {
+        None => pb::AuditPhase::Unspecified,
+        Some(Phase::Intent) => pb::AuditPhase::Intent,
+        Some(Phase::Outcome) => pb::AuditPhase::Outcome,
+    };
+    pb::AuditEntry {
+        seq: e.seq,
+        at_unix: e.at,
+        actor: e.actor,
+        action: e.action,
+        target: e.target,
+        params_json: e.params.to_string(),
+        outcome: e.outcome,
+        prev_hash: e.prev_hash,
+        hash: e.hash,
+        phase: phase as i32,
+        intent: e.intent,
+    }
+}
+
+pub(super) fn checkpoint_pb(c: Checkpoint) -> pb::AuditCheckpoint {
+    pb::AuditCheckpoint { seq: c.seq, head: c.head, at_unix: c.at, signature: c.signature }
+}
+
+pub(super) fn checkpoint(c: pb::AuditCheckpoint) -> Checkpoint {
+    Checkpoint { seq: c.seq, head: c.head, at: c.at_unix, signature: c.signature }
+}
+
+pub(super) fn verification_pb(v: Result<Verified, String>) -> pb::AuditVerification {
+    match v {
+        Ok(v) => pb::AuditVerification {
+            ok: true,
+            entries: v.entries as u64,
+            checkpoint_seq: v.checkpoint.map(|c| c.seq),
+            problem: String::new(),
+        },
+        Err(problem) => pb::AuditVerification { ok: false, problem, ..Default::default() },
+    }
+}
