@@ -2,6 +2,8 @@
 //! nowhere else, so a renamed domain or wire field cannot change what scripts read. Documented
 //! in docs/operations.md.
 
+use std::collections::BTreeMap;
+
 use convoy_proto::v1 as pb;
 use serde::{Deserialize, Serialize};
 
@@ -93,4 +95,35 @@ impl From<Checkpoint> for pb::AuditCheckpoint {
     fn from(c: Checkpoint) -> Self {
         Self { seq: c.seq, head: c.head, at_unix: c.at, signature: c.signature }
     }
+}
+
+/// `convoy status -o json`: per app, per region.
+pub type Status = BTreeMap<String, BTreeMap<String, RegionStatus>>;
+
+/// One app in one region of `convoy status -o json`.
+#[derive(Debug, Serialize)]
+pub struct RegionStatus {
+    pub desired: Vec<String>,
+    pub running: BTreeMap<String, u64>,
+    pub unhealthy: Vec<String>,
+    pub offline: Vec<String>,
+    pub drift: Vec<String>,
+}
+
+/// The stable shape of a fleet status.
+pub fn status(s: pb::FleetStatus) -> Status {
+    let mut out = Status::new();
+    for r in s.regions {
+        out.entry(r.app).or_default().insert(
+            r.region,
+            RegionStatus {
+                desired: r.desired,
+                running: r.running.into_iter().collect(),
+                unhealthy: r.unhealthy,
+                offline: r.offline,
+                drift: r.drift,
+            },
+        );
+    }
+    out
 }

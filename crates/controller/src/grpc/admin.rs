@@ -531,9 +531,9 @@ impl pb::admin_service_server::AdminService for AdminSvc {
         }))
     }
 
-    async fn status(&self, req: Request<pb::StatusRequest>) -> Result<Response<pb::JsonDoc>, Status> {
+    async fn status(&self, req: Request<pb::StatusRequest>) -> Result<Response<pb::FleetStatus>, Status> {
         self.caller(&req, Action::Status, "*").await?;
-        json_doc(&self.0.fleet_status().await.map_err(to_status)?)
+        Ok(Response::new(fleet_status_pb(self.0.fleet_status().await.map_err(to_status)?)))
     }
 
     async fn logs(&self, req: Request<pb::LogsRequest>) -> Result<Response<pb::LogsResponse>, Status> {

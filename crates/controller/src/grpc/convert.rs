@@ -7,6 +7,7 @@ use convoy_proto::v1 as pb;
 
 use crate::logic::admins::AdminRecord;
 use crate::logic::audit::{AuditEntry, Checkpoint, Phase, Verified};
+use crate::logic::rollouts::status::FleetStatus;
 use crate::logic::rollouts::FreezeWindow;
 use crate::logic::{self, OrderKind};
 use crate::store::{self, AppStatusRecord, ReportedRelease};
@@ -248,4 +249,22 @@ pub(super) fn verification_pb(v: Result<Verified, String>) -> pb::AuditVerificat
         },
         Err(problem) => pb::AuditVerification { ok: false, problem, ..Default::default() },
     }
+}
+
+pub(super) fn fleet_status_pb(status: FleetStatus) -> pb::FleetStatus {
+    let regions = status
+        .into_iter()
+        .flat_map(|(app, regions)| {
+            regions.into_iter().map(move |(region, s)| pb::RegionStatus {
+                app: app.clone(),
+                region,
+                desired: s.desired,
+                running: s.running.into_iter().collect(),
+                unhealthy: s.unhealthy,
+                offline: s.offline,
+                drift: s.drift,
+            })
+        })
+        .collect();
+    pb::FleetStatus { regions }
 }
