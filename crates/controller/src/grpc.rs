@@ -119,11 +119,6 @@ fn require_admin<T>(req: &Request<T>) -> Result<(String, String), Status> {
     }
 }
 
-fn json_doc<T: serde::Serialize>(v: &T) -> Result<Response<pb::JsonDoc>, Status> {
-    let json = serde_json::to_string(v).map_err(|e| internal(format!("encoding a reply: {e}")))?;
-    Ok(Response::new(pb::JsonDoc { json }))
-}
-
 /// Why a session the controller ends is ending: revoked, or replaced / shutting down.
 async fn closing_status(ctl: &Controller, agent_id: &str) -> Status {
     match ctl.check_agent(agent_id).await {

@@ -350,27 +350,27 @@ impl pb::admin_service_server::AdminService for AdminSvc {
         Ok(Response::new(pb::DeployResponse { id }))
     }
 
-    async fn get_rollout(&self, req: Request<pb::RolloutRef>) -> Result<Response<pb::JsonDoc>, Status> {
+    async fn get_rollout(&self, req: Request<pb::RolloutRef>) -> Result<Response<pb::Rollout>, Status> {
         self.caller(&req, Action::GetRollout, &req.get_ref().id.clone()).await?;
         let id = req.into_inner().id;
         let r = self.0.rollout((!id.is_empty()).then_some(id)).await.map_err(to_status)?;
-        json_doc(&r)
+        Ok(Response::new(rollout_pb(r)))
     }
 
     async fn list_rollouts(
         &self,
         req: Request<pb::ListRolloutsRequest>,
-    ) -> Result<Response<pb::JsonDoc>, Status> {
+    ) -> Result<Response<pb::ListRolloutsResponse>, Status> {
         self.caller(&req, Action::ListRollouts, "*").await?;
         let app = req.into_inner().app;
         let list = self.0.rollouts((!app.is_empty()).then_some(app)).await.map_err(to_status)?;
-        json_doc(&list)
+        Ok(Response::new(pb::ListRolloutsResponse { rollouts: list.into_iter().map(rollout_pb).collect() }))
     }
 
     async fn control_rollout(
         &self,
         req: Request<pb::ControlRolloutRequest>,
-    ) -> Result<Response<pb::JsonDoc>, Status> {
+    ) -> Result<Response<pb::Rollout>, Status> {
         let (cmd, action) = match req.get_ref().action.as_str() {
             "pause" => (Some(Control::Pause), Action::PauseRollout),
             "resume" => (Some(Control::Resume), Action::ResumeRollout),
@@ -389,7 +389,7 @@ impl pb::admin_service_server::AdminService for AdminSvc {
             self.audited(&admin, &action, &r.id, serde_json::json!({}), self.0.control(&r.id, cmd)).await?;
         result.map_err(to_status)?;
         let view = self.0.rollout(Some(r.id)).await.map_err(to_status)?;
-        json_doc(&view)
+        Ok(Response::new(rollout_pb(view)))
     }
 
     async fn freeze(&self, req: Request<pb::FreezeRequest>) -> Result<Response<pb::FreezeResponse>, Status> {

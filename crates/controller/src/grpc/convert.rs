@@ -8,7 +8,9 @@ use convoy_proto::v1 as pb;
 use crate::logic::admins::AdminRecord;
 use crate::logic::audit::{AuditEntry, Checkpoint, Phase, Verified};
 use crate::logic::rollouts::status::FleetStatus;
-use crate::logic::rollouts::FreezeWindow;
+use crate::logic::rollouts::{
+    AgentProgress, AgentStep, FreezeWindow, Rollout, RolloutSpec, RolloutState, StopKind, Threshold,
+};
 use crate::logic::{self, OrderKind};
 use crate::store::{self, AppStatusRecord, ReportedRelease};
 
@@ -267,4 +269,201 @@ pub(super) fn fleet_status_pb(status: FleetStatus) -> pb::FleetStatus {
         })
         .collect();
     pb::FleetStatus { regions }
+}
+
+fn millis(d: std::time::Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+pub(super) fn rollout_state_pb(s: RolloutState) -> pb::RolloutState {
+    match s {
+        RolloutState::Staging => pb::RolloutState::Staging,
+        RolloutState::Running => pb::RolloutState::Running,
+        RolloutState::Paused => pb::RolloutState::Paused,
+        RolloutState::Completed => pb::RolloutState::Completed,
+        RolloutState::RolledBack => pb::RolloutState::RolledBack,
+        RolloutState::Aborted => pb::RolloutState::Aborted,
+        RolloutState::Superseded => pb::RolloutState::Superseded,
+    }
+}
+
+pub(super) fn agent_step_pb(s: AgentStep) -> pb::AgentStep {
+    match s {
+        AgentStep::Pending => pb::AgentStep::Pending,
+        AgentStep::Staged => pb::AgentStep::Staged,
+        AgentStep::Activating => pb::AgentStep::Activating,
+        AgentStep::Healthy => pb::AgentStep::Healthy,
+        AgentStep::Failed => pb::AgentStep::Failed,
+        AgentStep::Offline => pb::AgentStep::Offline,
+        AgentStep::RolledBack => pb::AgentStep::RolledBack,
+    }
+}
+
+fn stop_kind_pb(k: StopKind) -> pb::StopKind {
+    match k {
+        StopKind::ReleaseFailed => pb::StopKind::ReleaseFailed,
+        StopKind::AgentsMissing => pb::StopKind::AgentsMissing,
+        StopKind::Aborted => pb::StopKind::Aborted,
+    }
+}
+
+fn threshold_pb(t: Threshold) -> pb::FailureThreshold {
+    use pb::failure_threshold::Kind;
+    let kind = match t {
+        Threshold::Count(n) => Kind::Count(n),
+        Threshold::Percent(p) => Kind::Percent(p),
+    };
+    pb::FailureThreshold { kind: Some(kind) }
+}
+
+pub(super) fn rollout_spec_pb(s: RolloutSpec) -> pb::RolloutSpec {
+    pb::RolloutSpec {
+        app: s.app,
+        version: s.version,
+        regions: s.regions,
+        selector: s.selector.into_iter().collect(),
+        canary: s.canary,
+        waves: s.waves,
+        region_order: s.region_order,
+        max_parallel: s.max_parallel,
+        bake_ms: millis(s.bake),
+        max_failures: Some(threshold_pb(s.max_failures)),
+        health_deadline_ms: s.health_deadline.map(millis),
+        force: s.force,
+        downgrade: s.downgrade,
+        supersede: s.supersede,
+        override_freeze: s.override_freeze,
+        require_all: s.require_all,
+    }
+}
+
+fn agent_progress_pb(a: AgentProgress) -> pb::AgentProgress {
+    pb::AgentProgress {
+        id: a.id,
+        region: a.region,
+        wave: u32::try_from(a.wave).unwrap_or(u32::MAX),
+        step: agent_step_pb(a.step) as i32,
+        previous: a.previous,
+        moved: a.moved,
+        error: a.error,
+        activated_at_ms: a.activated_at_ms.map(|t| u64::try_from(t).unwrap_or(u64::MAX)),
+    }
+}
+
+pub(super) fn rollout_pb(r: Rollout) -> pb::Rollout {
+    pb::Rollout {
+        id: r.id,
+        spec: Some(rollout_spec_pb(r.spec)),
+        digest: r.digest,
+        state: rollout_state_pb(r.state) as i32,
+        created_at_unix: r.created_at,
+        created_by: r.created_by,
+        finished_at_unix: r.finished_at,
+        waves: r.waves.into_iter().map(|agent_ids| pb::Wave { agent_ids }).collect(),
+        wave: u32::try_from(r.wave).unwrap_or(u32::MAX),
+        agents: r.agents.into_values().map(agent_progress_pb).collect(),
+        events: r
+            .events
+            .into_iter()
+            .map(|e| pb::RolloutEvent { at_unix: e.at, message: e.message })
+            .collect(),
+        failure: r.failure,
+        converging: r.converging,
+        stopping: r
+            .stopping
+            .map(|s| pb::RolloutStopping { kind: stop_kind_pb(s.kind) as i32, reason: s.reason }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::{json, Value};
+
+    use super::*;
+    use crate::cli::json;
+
+    /// The CLI's `-o json` shape of a rollout is what the domain record serialized to before
+    /// the admin API was typed: the round trip through the wire keeps every field.
+    #[test]
+    fn rollout_json_keeps_its_shape() {
+        let stored = json!({
+            "id": "ro-7",
+            "spec": {
+                "app": "shop-api", "version": "1.1.0", "regions": ["eu-west"],
+                "selector": {"tier": "web"}, "canary": 1, "waves": [10, 50, 100],
+                "region_order": ["eu"], "max_parallel": 10, "bake": "1m 30s",
+                "max_failures": {"percent": 10}, "health_deadline": "30s", "force": false,
+                "downgrade": false, "supersede": true, "override_freeze": "hotfix",
+                "require_all": false
+            },
+            "digest": "ab12", "state": "rolled_back", "created_at": 100, "created_by": "admin/ops",
+            "finished_at": 160, "waves": [["eu-1"], ["eu-2", "eu-3"]], "wave": 1,
+            "agents": {
+                "eu-1": {"id": "eu-1", "region": "eu-west", "wave": 0, "step": "rolled_back",
+                         "previous": "1.0.0", "moved": true, "error": null, "activated_at_ms": 1234},
+                "eu-2": {"id": "eu-2", "region": "eu-west", "wave": 1, "step": "failed",
+                         "previous": null, "moved": false, "error": "unhealthy", "activated_at_ms": null}
+            },
+            "events": [{"at": 101, "message": "started"}],
+            "failure": "wave 2: 1 failed", "converging": ["eu-3"],
+            "stopping": {"kind": "release_failed", "reason": "wave 2"}
+        });
+        let domain: Rollout = serde_json::from_value(stored).unwrap();
+        let before = serde_json::to_value(&domain).unwrap();
+        let after = serde_json::to_value(json::Rollout::from(rollout_pb(domain.clone()))).unwrap();
+        assert_eq!(before, after);
+
+        let mut plain = domain;
+        plain.stopping = None;
+        plain.spec.max_failures = Threshold::Count(0);
+        plain.spec.health_deadline = None;
+        plain.spec.override_freeze = None;
+        plain.finished_at = None;
+        let before = serde_json::to_value(&plain).unwrap();
+        let after = serde_json::to_value(json::Rollout::from(rollout_pb(plain))).unwrap();
+        assert_eq!(before, after);
+        assert!(after.get("stopping").is_none());
+    }
+
+    #[test]
+    fn audit_and_freeze_json_keep_their_shape() {
+        for stored in [
+            json!({"seq": 3, "at": 9, "actor": "admin/ops", "action": "deploy", "target": "a@1",
+                   "params": {"x": [1, "y"]}, "outcome": "ok", "prev_hash": "p", "hash": "h",
+                   "phase": "outcome", "intent": 2}),
+            json!({"seq": 1, "at": 9, "actor": "controller", "action": "rollout.mark_bad",
+                   "target": "a@1", "params": {}, "outcome": "ok", "prev_hash": "p", "hash": "h"}),
+        ] {
+            let e: AuditEntry = serde_json::from_value(stored.clone()).unwrap();
+            let after = serde_json::to_value(json::AuditEntry::from(audit_entry_pb(e))).unwrap();
+            assert_eq!(stored, after);
+        }
+        let stored = json!({"id": "fz-1", "from": 1, "to": 2, "reason": "peak", "app": null,
+                            "region": "us-east", "created_by": "admin/ops"});
+        let f: FreezeWindow = serde_json::from_value(stored.clone()).unwrap();
+        assert_eq!(stored, serde_json::to_value(json::Freeze::from(freeze_pb(f))).unwrap());
+        let cp = Checkpoint { seq: 6, head: "h".into(), at: 5, signature: "s".into() };
+        let file = serde_json::to_value(json::Checkpoint::from(checkpoint_pb(cp.clone()))).unwrap();
+        assert_eq!(serde_json::to_value(&cp).unwrap(), file);
+        assert_eq!(checkpoint(json::Checkpoint::from(checkpoint_pb(cp.clone())).into()), cp);
+    }
+
+    #[test]
+    fn status_json_keeps_its_shape() {
+        use crate::logic::rollouts::status::RegionStatus;
+        let mut status = FleetStatus::new();
+        for (app, region) in [("api", "eu"), ("api", "us"), ("web", "eu")] {
+            let s = RegionStatus {
+                desired: vec!["1.0.0".into()],
+                running: [("1.0.0".to_string(), 2), ("(none)".to_string(), 1)].into(),
+                unhealthy: vec!["a".into()],
+                offline: vec![],
+                drift: vec!["b".into()],
+            };
+            status.entry(app.to_string()).or_default().insert(region.to_string(), s);
+        }
+        let before: Value = serde_json::to_value(&status).unwrap();
+        let after = serde_json::to_value(json::status(fleet_status_pb(status))).unwrap();
+        assert_eq!(before, after);
+    }
 }
