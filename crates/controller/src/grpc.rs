@@ -1,7 +1,6 @@
 //! gRPC handlers: translation between the wire and [`crate::logic`], and authorization by the
 //! verified certificate's identity. No decisions are made here.
 
-use std::collections::BTreeMap;
 use std::pin::Pin;
 use std::time::Duration;
 
@@ -14,13 +13,12 @@ use tokio_stream::Stream;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
 
-use crate::logic::admins::{AdminCaller, AdminRecord};
+use crate::logic::admins::AdminCaller;
 use crate::logic::heartbeats::{self, Heartbeats, Verdict};
 use crate::logic::roles::{Action, Principal, Role};
 use crate::logic::rollouts::{Control, FreezeWindow, RolloutSpec, SpecError, Threshold};
 use crate::logic::OrderKind;
 use crate::logic::{self, Controller};
-use crate::store::{self, AppStatusRecord, ReportedRelease};
 
 /// How long a new session may take to send its hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -119,175 +117,6 @@ fn require_admin<T>(req: &Request<T>) -> Result<(String, String), Status> {
             "{other} is not an admin: admin RPCs need an admin certificate"
         ))),
         (None, _) => Err(Status::unauthenticated("a client certificate is required for this RPC")),
-    }
-}
-
-fn labels(map: std::collections::HashMap<String, String>) -> BTreeMap<String, String> {
-    map.into_iter().collect()
-}
-
-/// Whether a reported version is acceptable: empty (none) or a valid version, which is also a
-/// safe path component for any agent it is passed on to.
-fn version_ok(v: &str) -> bool {
-    v.is_empty() || convoy_bundle::check_version(v).is_ok()
-}
-
-/// An agent's per-app reports, with entries that name an invalid app or version dropped: what an
-/// agent says is data about itself, and only well-formed names may reach the store. Bounded:
-/// at most [`store::MAX_REPORTED_APPS`] apps, each with its error cut to
-/// [`store::MAX_REPORTED_ERROR`] bytes and at most [`store::MAX_REPORTED_RELEASES`] installed.
-fn reported_apps(agent_id: &str, list: Vec<pb::AppStatus>) -> Vec<AppStatusRecord> {
-    if list.len() > store::MAX_REPORTED_APPS {
-        tracing::warn!(agent_id, apps = list.len(), "too many apps reported; the rest are dropped");
-    }
-    list.into_iter()
-        .take(store::MAX_REPORTED_APPS)
-        .filter_map(|s| {
-            let ok = convoy_bundle::check_app_name(&s.app).is_ok()
-                && [&s.current, &s.known_good, &s.previous].iter().all(|v| version_ok(v))
-                && s.installed.len() <= store::MAX_REPORTED_RELEASES
-                && s.installed.iter().all(|v| version_ok(v) && !v.is_empty());
-            if !ok {
-                tracing::warn!(agent_id, app = %s.app.escape_debug(), "dropping a malformed app report");
-            }
-            ok.then(|| app_status(s))
-        })
-        .collect()
-}
-
-fn app_status(s: pb::AppStatus) -> AppStatusRecord {
-    let health = pb::Health::from_wire(s.health).name();
-    AppStatusRecord {
-        app: s.app,
-        current: s.current,
-        known_good: s.known_good,
-        previous: s.previous,
-        health: health.into(),
-        last_error: cut(s.last_error, store::MAX_REPORTED_ERROR),
-        installed: s.installed,
-        busy: s.busy,
-    }
-}
-
-/// `s` cut to at most `max` bytes, at a character boundary.
-fn cut(mut s: String, max: usize) -> String {
-    if s.len() > max {
-        let mut end = max;
-        while !s.is_char_boundary(end) {
-            end -= 1;
-        }
-        s.truncate(end);
-        s.push('…');
-    }
-    s
-}
-
-fn app_status_pb(s: AppStatusRecord) -> pb::AppStatus {
-    let health = pb::Health::from_name(&s.health);
-    pb::AppStatus {
-        app: s.app,
-        current: s.current,
-        known_good: s.known_good,
-        previous: s.previous,
-        health: health as i32,
-        last_error: cut(s.last_error, store::MAX_REPORTED_ERROR),
-        installed: s.installed,
-        busy: s.busy,
-    }
-}
-
-fn order_pb(o: logic::Order) -> pb::ControllerMessage {
-    use pb::order::Kind;
-    let kind = match o.kind {
-        OrderKind::Install { app, version, digest } => {
-            Kind::Install(pb::InstallOrder { app, version, digest })
-        }
-        OrderKind::Activate { app, version, health_deadline } => Kind::Activate(pb::ActivateOrder {
-            app,
-            version,
-            health_deadline_secs: health_deadline
-                .map(|d| u32::try_from(d.as_secs().max(1)).unwrap_or(u32::MAX))
-                .unwrap_or(0),
-        }),
-        OrderKind::Rollback { app, from, to, reason } => Kind::Rollback(pb::RollbackOrder {
-            app,
-            from_version: from,
-            to_version: to.unwrap_or_default(),
-            reason,
-        }),
-        OrderKind::Logs { app, lines } => Kind::Logs(pb::LogsOrder { app, lines }),
-    };
-    pb::ControllerMessage {
-        msg: Some(pb::controller_message::Msg::Order(pb::Order { seq: o.seq, kind: Some(kind) })),
-    }
-}
-
-fn outcome(r: pb::OrderResult) -> logic::OrderOutcome {
-    use logic::Answer;
-    let mut message = r.message;
-    let answer = match pb::OrderOutcome::try_from(r.outcome) {
-        Ok(pb::OrderOutcome::Applied) => Answer::Applied,
-        Ok(pb::OrderOutcome::AlreadyInState) => Answer::AlreadyInState,
-        Ok(pb::OrderOutcome::Refused) => Answer::Refused { field: r.field },
-        Ok(pb::OrderOutcome::Failed) => Answer::Failed,
-        Ok(pb::OrderOutcome::Stale) => Answer::Stale { agent_last_seq: r.agent_last_seq },
-        // An answer without a known outcome is never read as success.
-        Ok(pb::OrderOutcome::Unspecified) | Err(_) => {
-            message = format!("agent answered without a known outcome ({}): {message}", r.outcome);
-            Answer::Failed
-        }
-    };
-    // An order's status report is checked like a heartbeat's.
-    let status = r.status.and_then(|s| reported_apps("(order result)", vec![s]).pop());
-    logic::OrderOutcome { seq: r.seq, answer, message, status, output: r.output }
-}
-
-/// The wire form of an agent's answer.
-fn outcome_pb(a: &logic::Answer) -> pb::OrderOutcome {
-    match a {
-        logic::Answer::Applied => pb::OrderOutcome::Applied,
-        logic::Answer::AlreadyInState => pb::OrderOutcome::AlreadyInState,
-        logic::Answer::Refused { .. } => pb::OrderOutcome::Refused,
-        logic::Answer::Failed => pb::OrderOutcome::Failed,
-        logic::Answer::Stale { .. } => pb::OrderOutcome::Stale,
-    }
-}
-
-fn releases(agent_id: &str, list: Vec<pb::ReleaseRef>) -> Vec<ReportedRelease> {
-    if list.len() > store::MAX_REPORTED_RELEASES {
-        tracing::warn!(agent_id, releases = list.len(), "too many releases reported; the rest are dropped");
-    }
-    list.into_iter()
-        .take(store::MAX_REPORTED_RELEASES)
-        .filter(|r| {
-            let ok = convoy_bundle::check_app_name(&r.app).is_ok()
-                && convoy_bundle::check_version(&r.version).is_ok();
-            if !ok {
-                tracing::warn!(agent_id, app = %r.app.escape_debug(), "dropping a malformed release report");
-            }
-            ok
-        })
-        .map(|r| ReportedRelease { app: r.app, version: r.version, active: r.active })
-        .collect()
-}
-
-fn json_doc<T: serde::Serialize>(v: &T) -> Result<Response<pb::JsonDoc>, Status> {
-    let json = serde_json::to_string(v).map_err(|e| internal(format!("encoding a reply: {e}")))?;
-    Ok(Response::new(pb::JsonDoc { json }))
-}
-
-fn release_info(r: crate::store::ReleaseRecord) -> pb::ReleaseInfo {
-    pb::ReleaseInfo {
-        app: r.app,
-        version: r.version,
-        digest: r.digest,
-        size: r.size,
-        created_at_unix: r.created_at,
-        pushed_at_unix: r.pushed_at,
-        pushed_by: r.pushed_by,
-        signers: r.signers,
-        unpacked_size: r.unpacked_size,
-        files: r.files,
     }
 }
 
@@ -544,7 +373,9 @@ impl pb::agent_service_server::AgentService for AgentSvc {
 }
 
 mod admin;
+mod convert;
 pub use admin::AdminSvc;
+use convert::*;
 
 /// Sends a session its last word; a client that is already gone is no one to tell.
 async fn tell(

@@ -79,9 +79,18 @@ fn minted_outside_registry(ctl: &LocalController, name: &str) -> ClientIdentity 
 }
 
 async fn audit(ctl: &LocalController) -> Vec<serde_json::Value> {
-    let doc =
+    let resp =
         client(ctl, &init_admin(ctl)).await.audit(pb::AuditRequest::default()).await.unwrap().into_inner();
-    serde_json::from_str(&doc.json).unwrap()
+    resp.entries
+        .into_iter()
+        .map(|e| {
+            let params: serde_json::Value = serde_json::from_str(&e.params_json).unwrap();
+            serde_json::json!({
+                "seq": e.seq, "actor": e.actor, "action": e.action, "target": e.target,
+                "params": params, "outcome": e.outcome,
+            })
+        })
+        .collect()
 }
 
 /// Every AdminService RPC, in the order called by [`call_every_rpc`].

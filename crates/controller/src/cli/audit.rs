@@ -5,7 +5,6 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use convoy_proto::v1 as pb;
-use serde_json::Value;
 
 use super::Output;
 
@@ -53,10 +52,13 @@ pub async fn run(config: &super::Globals, a: Args) -> anyhow::Result<()> {
     let since = a.since.as_deref().map(since).transpose()?.unwrap_or(0);
     // Read the checkpoint before connecting, so a wrong path fails without touching anything.
     let given = match &a.command {
-        Some(Command::Verify { checkpoint: Some(path) }) => Some(
-            std::fs::read_to_string(path)
-                .with_context(|| format!("reading checkpoint {}", path.display()))?,
-        ),
+        Some(Command::Verify { checkpoint: Some(path) }) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading checkpoint {}", path.display()))?;
+            let cp: super::json::Checkpoint = serde_json::from_str(&text)
+                .with_context(|| format!("{} is not an exported audit checkpoint", path.display()))?;
+            Some(pb::AuditCheckpoint::from(cp))
+        }
         _ => None,
     };
     let config = config.load_config()?;
@@ -66,57 +68,54 @@ pub async fn run(config: &super::Globals, a: Args) -> anyhow::Result<()> {
     match &a.command {
         Some(Command::Verify { .. }) => {
             req.verify = true;
-            req.checkpoint = given.unwrap_or_default();
+            req.given_checkpoint = given;
         }
         Some(Command::Export { .. }) => req.export_checkpoint = true,
         None => {}
     }
-    let doc = client.audit(req).await.map_err(super::status_error)?.into_inner();
-    let v: Value = serde_json::from_str(&doc.json)?;
+    let resp = client.audit(req).await.map_err(super::status_error)?.into_inner();
     match a.command {
         Some(Command::Export { checkpoint }) => {
-            std::fs::write(&checkpoint, format!("{}\n", serde_json::to_string_pretty(&v)?))
+            let cp = resp.checkpoint.ok_or_else(|| anyhow::anyhow!("the controller sent no checkpoint"))?;
+            let cp = super::json::Checkpoint::from(cp);
+            std::fs::write(&checkpoint, format!("{}\n", serde_json::to_string_pretty(&cp)?))
                 .with_context(|| format!("writing checkpoint {}", checkpoint.display()))?;
             println!(
                 "checkpoint of {} entries written to {}; keep it off this host and check the log with `convoy audit verify --checkpoint FILE`",
-                v["seq"],
+                cp.seq,
                 checkpoint.display()
             );
             return Ok(());
         }
         Some(Command::Verify { .. }) => {
-            if v["ok"] == true {
-                let against = match v["checkpoint"].as_u64() {
+            let v =
+                resp.verification.ok_or_else(|| anyhow::anyhow!("the controller sent no verification"))?;
+            if v.ok {
+                let against = match v.checkpoint_seq {
                     Some(n) => format!(", matches the signed checkpoint at entry {n}"),
                     None => ", no signed checkpoint yet".to_string(),
                 };
-                println!("audit log intact: {} entries, hash chain verified{against}", v["entries"]);
+                println!("audit log intact: {} entries, hash chain verified{against}", v.entries);
                 return Ok(());
             }
-            anyhow::bail!("audit log tampered: {}", v["problem"].as_str().unwrap_or("unknown problem"));
+            let problem = if v.problem.is_empty() { "unknown problem" } else { v.problem.as_str() };
+            anyhow::bail!("audit log tampered: {problem}");
         }
         None => {}
     }
+    let entries: Vec<super::json::AuditEntry> = resp.entries.into_iter().map(Into::into).collect();
     if a.output == Output::Json {
-        println!("{}", serde_json::to_string_pretty(&v)?);
+        println!("{}", serde_json::to_string_pretty(&entries)?);
         return Ok(());
     }
     let mut rows = vec![["SEQ", "TIME", "ACTOR", "ACTION", "TARGET", "OUTCOME"].map(String::from)];
-    for e in v.as_array().cloned().unwrap_or_default() {
-        let str_of = |x: &Value| x.as_str().map(String::from).unwrap_or_else(|| x.to_string());
-        let outcome = match (e["phase"].as_str(), e["intent"].as_u64()) {
+    for e in entries {
+        let outcome = match (e.phase, e.intent) {
             (Some("intent"), _) => "(intent)".to_string(),
-            (_, Some(n)) => format!("{} (intent {n})", str_of(&e["outcome"])),
-            _ => str_of(&e["outcome"]),
+            (_, Some(n)) => format!("{} (intent {n})", e.outcome),
+            _ => e.outcome,
         };
-        rows.push([
-            str_of(&e["seq"]),
-            crate::cli::fmt_time(e["at"].as_i64().unwrap_or(0)),
-            str_of(&e["actor"]),
-            str_of(&e["action"]),
-            str_of(&e["target"]),
-            outcome,
-        ]);
+        rows.push([e.seq.to_string(), crate::cli::fmt_time(e.at), e.actor, e.action, e.target, outcome]);
     }
     print!("{}", super::agents::table(&rows));
     Ok(())

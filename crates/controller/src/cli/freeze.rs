@@ -1,7 +1,6 @@
 //! `convoy freeze add|list|rm`: windows in which deploys are refused (rollbacks never are).
 
 use convoy_proto::v1 as pb;
-use serde_json::Value;
 
 use super::Output;
 
@@ -60,23 +59,27 @@ pub async fn run(config: &super::Globals, cmd: Command) -> anyhow::Result<()> {
         Command::List { .. } => pb::FreezeRequest { action: "list".into(), ..Default::default() },
         Command::Rm { id } => pb::FreezeRequest { action: "rm".into(), id: id.clone(), ..Default::default() },
     };
-    let doc = client.freeze(req).await.map_err(super::status_error)?.into_inner();
-    let v: Value = serde_json::from_str(&doc.json)?;
+    let resp = client.freeze(req).await.map_err(super::status_error)?.into_inner();
     match cmd {
-        Command::Add { .. } => println!("{}", v["id"].as_str().unwrap_or_default()),
+        Command::Add { .. } => {
+            println!("{}", resp.windows.first().map(|f| f.id.as_str()).unwrap_or_default())
+        }
         Command::Rm { id } => println!("removed {id}"),
-        Command::List { output: Output::Json } => println!("{}", serde_json::to_string_pretty(&v)?),
+        Command::List { output: Output::Json } => {
+            let list: Vec<super::json::Freeze> = resp.windows.into_iter().map(Into::into).collect();
+            println!("{}", serde_json::to_string_pretty(&list)?)
+        }
         Command::List { .. } => {
             let mut rows = vec![["ID", "FROM", "TO", "APP", "REGION", "REASON"].map(String::from)];
-            for f in v.as_array().cloned().unwrap_or_default() {
-                let opt = |x: &Value| x.as_str().unwrap_or("*").to_string();
+            for f in resp.windows {
+                let opt = |x: Option<String>| x.unwrap_or_else(|| "*".into());
                 rows.push([
-                    opt(&f["id"]),
-                    crate::cli::fmt_time(f["from"].as_i64().unwrap_or(0)),
-                    crate::cli::fmt_time(f["to"].as_i64().unwrap_or(0)),
-                    opt(&f["app"]),
-                    opt(&f["region"]),
-                    opt(&f["reason"]),
+                    f.id,
+                    crate::cli::fmt_time(f.from_unix),
+                    crate::cli::fmt_time(f.to_unix),
+                    opt(f.app),
+                    opt(f.region),
+                    f.reason,
                 ]);
             }
             print!("{}", super::agents::table(&rows));

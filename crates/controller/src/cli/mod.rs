@@ -13,6 +13,7 @@ pub mod demo_app;
 mod deploy;
 mod freeze;
 mod init;
+pub(crate) mod json;
 mod keys;
 mod logs;
 mod release;

@@ -4,8 +4,8 @@ use std::io::IsTerminal;
 use std::time::Duration;
 
 use convoy_proto::v1 as pb;
-use serde_json::Value;
 
+use super::json::Rollout;
 use super::Output;
 
 #[derive(clap::Subcommand, Debug)]
@@ -39,22 +39,16 @@ pub enum Command {
     },
 }
 
-fn s(v: &Value) -> String {
-    v.as_str().map(str::to_owned).unwrap_or_else(|| v.to_string())
-}
-
-fn render(r: &Value) -> String {
+fn render(r: &Rollout) -> String {
     let mut out = String::new();
-    let agents = r["agents"].as_object().cloned().unwrap_or_default();
-    let count = |step: &str| agents.values().filter(|a| a["step"] == step).count();
-    let elapsed =
-        r["finished_at"].as_i64().unwrap_or_else(crate::logic::now) - r["created_at"].as_i64().unwrap_or(0);
+    let count = |step: &str| r.agents.values().filter(|a| a.step == step).count();
+    let elapsed = r.finished_at.unwrap_or_else(crate::logic::now) - r.created_at;
     out.push_str(&format!(
         "rollout {}  {}@{}  {}  elapsed {}s\n",
-        s(&r["id"]),
-        s(&r["spec"]["app"]),
-        s(&r["spec"]["version"]),
-        s(&r["state"]).to_uppercase(),
+        r.id,
+        r.spec.app,
+        r.spec.version,
+        r.state.to_uppercase(),
         elapsed.max(0)
     ));
     out.push_str(&format!(
@@ -63,34 +57,33 @@ fn render(r: &Value) -> String {
         count("failed"),
         count("rolled_back"),
         count("offline") + count("pending") + count("staged"),
-        agents.len()
+        r.agents.len()
     ));
-    if let Some(f) = r["failure"].as_str() {
+    if let Some(f) = &r.failure {
         out.push_str(&format!("failure: {f}\n"));
     }
-    let converging: Vec<String> =
-        r["converging"].as_array().cloned().unwrap_or_default().iter().map(s).collect();
-    if !converging.is_empty() {
+    if !r.converging.is_empty() {
         out.push_str(&format!(
             "not yet on the release: {} agent(s) ({}); they converge when they reconnect\n",
-            converging.len(),
-            converging.join(", ")
+            r.converging.len(),
+            r.converging.join(", ")
         ));
     }
-    if let Some(last) = r["events"].as_array().and_then(|e| e.last()) {
-        out.push_str(&format!("last event: {}\n", s(&last["message"])));
+    if let Some(last) = r.events.last() {
+        out.push_str(&format!("last event: {}\n", last.message));
     }
-    let current = r["wave"].as_u64().unwrap_or(0) as usize;
-    for (i, wave) in r["waves"].as_array().cloned().unwrap_or_default().iter().enumerate() {
-        let ids: Vec<String> = wave.as_array().cloned().unwrap_or_default().iter().map(s).collect();
-        let done = ids.iter().filter(|id| agents.get(*id).is_some_and(|a| a["step"] == "healthy")).count();
+    for (i, ids) in r.waves.iter().enumerate() {
+        let done = ids.iter().filter(|id| r.agents.get(*id).is_some_and(|a| a.step == "healthy")).count();
         let bar = "#".repeat(done * 20 / ids.len().max(1));
-        let marker = if i == current && r["state"] == "running" { ">" } else { " " };
+        let marker = if i == r.wave as usize && r.state == "running" { ">" } else { " " };
         out.push_str(&format!("{marker} wave {:>2} [{bar:<20}] {done}/{}\n", i + 1, ids.len()));
         for id in ids {
-            let a = &agents[&id];
-            let err = a["error"].as_str().map(|e| format!("  {e}")).unwrap_or_default();
-            out.push_str(&format!("    {id:<16} {:<10} {:<12}{err}\n", s(&a["region"]), s(&a["step"])));
+            let (region, step, err) = match r.agents.get(id) {
+                Some(a) => (a.region.as_str(), a.step, a.error.as_deref().map(|e| format!("  {e}"))),
+                None => ("?", "?", None),
+            };
+            let err = err.unwrap_or_default();
+            out.push_str(&format!("    {id:<16} {region:<10} {step:<12}{err}\n"));
         }
     }
     out
@@ -99,17 +92,13 @@ fn render(r: &Value) -> String {
 async fn get(
     client: &mut pb::admin_service_client::AdminServiceClient<tonic::transport::Channel>,
     id: &Option<String>,
-) -> anyhow::Result<Value> {
-    let doc = client
+) -> anyhow::Result<Rollout> {
+    let r = client
         .get_rollout(pb::RolloutRef { id: id.clone().unwrap_or_default() })
         .await
         .map_err(super::status_error)?
         .into_inner();
-    Ok(serde_json::from_str(&doc.json)?)
-}
-
-fn is_final(r: &Value) -> bool {
-    matches!(r["state"].as_str(), Some("completed" | "rolled_back" | "aborted" | "superseded"))
+    Ok(r.into())
 }
 
 pub async fn run(config: &super::Globals, cmd: Command) -> anyhow::Result<()> {
@@ -118,7 +107,7 @@ pub async fn run(config: &super::Globals, cmd: Command) -> anyhow::Result<()> {
     match cmd {
         Command::Status { id, watch, output } => {
             let mut r = get(&mut client, &id).await?;
-            let id = Some(s(&r["id"]));
+            let id = Some(r.id.clone());
             if !watch {
                 if output == Output::Json {
                     println!("{}", serde_json::to_string_pretty(&r)?);
@@ -133,54 +122,49 @@ pub async fn run(config: &super::Globals, cmd: Command) -> anyhow::Result<()> {
                     if tty {
                         print!("\x1b[2J\x1b[H{}", render(&r));
                     } else {
-                        let events = r["events"].as_array().cloned().unwrap_or_default();
-                        for e in events.iter().skip(seen) {
+                        for e in r.events.iter().skip(seen) {
                             if output == Output::Json {
                                 println!("{}", serde_json::to_string(e)?);
                             } else {
-                                println!(
-                                    "{} {}",
-                                    crate::cli::fmt_time(e["at"].as_i64().unwrap_or(0)),
-                                    s(&e["message"])
-                                );
+                                println!("{} {}", crate::cli::fmt_time(e.at), e.message);
                             }
                         }
-                        seen = events.len();
+                        seen = r.events.len();
                     }
-                    if is_final(&r) {
+                    if r.is_final() {
                         break;
                     }
                     tokio::time::sleep(Duration::from_millis(300)).await;
                     r = get(&mut client, &id).await?;
                 }
             }
-            match r["state"].as_str() {
-                Some("rolled_back") | Some("aborted") if watch => {
-                    anyhow::bail!("rollout {} ended {}", s(&r["id"]), s(&r["state"]))
+            match r.state {
+                "rolled_back" | "aborted" if watch => {
+                    anyhow::bail!("rollout {} ended {}", r.id, r.state)
                 }
                 _ => Ok(()),
             }
         }
         Command::List { app, output } => {
-            let doc = client
+            let resp = client
                 .list_rollouts(pb::ListRolloutsRequest { app: app.unwrap_or_default() })
                 .await
                 .map_err(super::status_error)?
                 .into_inner();
-            let list: Value = serde_json::from_str(&doc.json)?;
+            let list: Vec<Rollout> = resp.rollouts.into_iter().map(Into::into).collect();
             if output == Output::Json {
                 println!("{}", serde_json::to_string_pretty(&list)?);
                 return Ok(());
             }
             let mut rows = vec![["ID", "RELEASE", "STATE", "AGENTS", "STARTED", "BY"].map(String::from)];
-            for r in list.as_array().cloned().unwrap_or_default() {
+            for r in list {
                 rows.push([
-                    s(&r["id"]),
-                    format!("{}@{}", s(&r["spec"]["app"]), s(&r["spec"]["version"])),
-                    s(&r["state"]),
-                    r["agents"].as_object().map(|a| a.len()).unwrap_or(0).to_string(),
-                    crate::cli::fmt_time(r["created_at"].as_i64().unwrap_or(0)),
-                    s(&r["created_by"]),
+                    r.id,
+                    format!("{}@{}", r.spec.app, r.spec.version),
+                    r.state.to_string(),
+                    r.agents.len().to_string(),
+                    crate::cli::fmt_time(r.created_at),
+                    r.created_by,
                 ]);
             }
             print!("{}", super::agents::table(&rows));
@@ -197,7 +181,7 @@ async fn control(
     id: String,
     action: &str,
 ) -> anyhow::Result<()> {
-    let doc = client
+    let r = client
         .control_rollout(pb::ControlRolloutRequest {
             id: id.clone(),
             action: action.into(),
@@ -206,7 +190,6 @@ async fn control(
         .await
         .map_err(super::status_error)?
         .into_inner();
-    let r: Value = serde_json::from_str(&doc.json)?;
-    println!("rollout {id}: {}", s(&r["state"]));
+    println!("rollout {id}: {}", Rollout::from(r).state);
     Ok(())
 }

@@ -2,7 +2,6 @@
 //! unhealthy, offline, and drift (agents not running what they should).
 
 use convoy_proto::v1 as pb;
-use serde_json::Value;
 
 use super::Output;
 
@@ -12,14 +11,7 @@ pub struct Args {
     output: Output,
 }
 
-fn list(v: &Value) -> String {
-    let items: Vec<String> = v
-        .as_array()
-        .cloned()
-        .unwrap_or_default()
-        .iter()
-        .filter_map(|x| x.as_str().map(String::from))
-        .collect();
+fn list(items: &[String]) -> String {
     if items.is_empty() {
         "-".into()
     } else {
@@ -30,31 +22,25 @@ fn list(v: &Value) -> String {
 pub async fn run(config: &super::Globals, a: Args) -> anyhow::Result<()> {
     let config = config.load_config()?;
     let mut client = crate::client::admin_client(&config).await?;
-    let doc = client.status(pb::StatusRequest {}).await.map_err(super::status_error)?.into_inner();
-    let v: Value = serde_json::from_str(&doc.json)?;
+    let status = client.status(pb::StatusRequest {}).await.map_err(super::status_error)?.into_inner();
+    let status = super::json::status(status);
     if a.output == Output::Json {
-        println!("{}", serde_json::to_string_pretty(&v)?);
+        println!("{}", serde_json::to_string_pretty(&status)?);
         return Ok(());
     }
     let mut rows =
         vec![["APP", "REGION", "DESIRED", "RUNNING", "UNHEALTHY", "OFFLINE", "DRIFT"].map(String::from)];
-    for (app, regions) in v.as_object().cloned().unwrap_or_default() {
-        for (region, r) in regions.as_object().cloned().unwrap_or_default() {
-            let running: Vec<String> = r["running"]
-                .as_object()
-                .cloned()
-                .unwrap_or_default()
-                .iter()
-                .map(|(ver, n)| format!("{ver}×{n}"))
-                .collect();
+    for (app, regions) in status {
+        for (region, r) in regions {
+            let running: Vec<String> = r.running.iter().map(|(ver, n)| format!("{ver}×{n}")).collect();
             rows.push([
                 app.clone(),
                 region,
-                list(&r["desired"]),
+                list(&r.desired),
                 running.join(" "),
-                list(&r["unhealthy"]),
-                list(&r["offline"]),
-                list(&r["drift"]),
+                list(&r.unhealthy),
+                list(&r.offline),
+                list(&r.drift),
             ]);
         }
     }

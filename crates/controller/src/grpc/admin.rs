@@ -101,28 +101,6 @@ impl AdminSvc {
     }
 }
 
-fn admin_info(r: AdminRecord) -> pb::AdminInfo {
-    pb::AdminInfo {
-        name: r.name,
-        role: r.role.to_string(),
-        certs: r
-            .certs
-            .into_iter()
-            .map(|c| pb::AdminCertInfo {
-                serial: c.serial,
-                issued_at_unix: c.issued_at,
-                issued_by: c.issued_by,
-                not_after_unix: c.not_after,
-                revoked: c.revoked,
-                revoked_at_unix: c.revoked_at.unwrap_or(0),
-                revoked_by: c.revoked_by.unwrap_or_default(),
-            })
-            .collect(),
-        created_by: r.created_by,
-        created_at_unix: r.created_at,
-    }
-}
-
 #[tonic::async_trait]
 impl pb::admin_service_server::AdminService for AdminSvc {
     async fn create_token(
@@ -372,27 +350,27 @@ impl pb::admin_service_server::AdminService for AdminSvc {
         Ok(Response::new(pb::DeployResponse { id }))
     }
 
-    async fn get_rollout(&self, req: Request<pb::RolloutRef>) -> Result<Response<pb::JsonDoc>, Status> {
+    async fn get_rollout(&self, req: Request<pb::RolloutRef>) -> Result<Response<pb::Rollout>, Status> {
         self.caller(&req, Action::GetRollout, &req.get_ref().id.clone()).await?;
         let id = req.into_inner().id;
         let r = self.0.rollout((!id.is_empty()).then_some(id)).await.map_err(to_status)?;
-        json_doc(&r)
+        Ok(Response::new(rollout_pb(r)))
     }
 
     async fn list_rollouts(
         &self,
         req: Request<pb::ListRolloutsRequest>,
-    ) -> Result<Response<pb::JsonDoc>, Status> {
+    ) -> Result<Response<pb::ListRolloutsResponse>, Status> {
         self.caller(&req, Action::ListRollouts, "*").await?;
         let app = req.into_inner().app;
         let list = self.0.rollouts((!app.is_empty()).then_some(app)).await.map_err(to_status)?;
-        json_doc(&list)
+        Ok(Response::new(pb::ListRolloutsResponse { rollouts: list.into_iter().map(rollout_pb).collect() }))
     }
 
     async fn control_rollout(
         &self,
         req: Request<pb::ControlRolloutRequest>,
-    ) -> Result<Response<pb::JsonDoc>, Status> {
+    ) -> Result<Response<pb::Rollout>, Status> {
         let (cmd, action) = match req.get_ref().action.as_str() {
             "pause" => (Some(Control::Pause), Action::PauseRollout),
             "resume" => (Some(Control::Resume), Action::ResumeRollout),
@@ -411,10 +389,10 @@ impl pb::admin_service_server::AdminService for AdminSvc {
             self.audited(&admin, &action, &r.id, serde_json::json!({}), self.0.control(&r.id, cmd)).await?;
         result.map_err(to_status)?;
         let view = self.0.rollout(Some(r.id)).await.map_err(to_status)?;
-        json_doc(&view)
+        Ok(Response::new(rollout_pb(view)))
     }
 
-    async fn freeze(&self, req: Request<pb::FreezeRequest>) -> Result<Response<pb::JsonDoc>, Status> {
+    async fn freeze(&self, req: Request<pb::FreezeRequest>) -> Result<Response<pb::FreezeResponse>, Status> {
         let action = match req.get_ref().action.as_str() {
             "add" => Action::AddFreeze,
             "rm" => Action::RemoveFreeze,
@@ -436,14 +414,19 @@ impl pb::admin_service_server::AdminService for AdminSvc {
                 };
                 let params = serde_json::to_value(&f).unwrap_or_default();
                 let result = self.audited(&admin, "freeze.add", "*", params, self.0.freeze_add(f)).await?;
-                json_doc(&result.map_err(to_status)?)
+                let f = result.map_err(to_status)?;
+                Ok(Response::new(pb::FreezeResponse { windows: vec![freeze_pb(f)], removed: String::new() }))
             }
-            "list" => json_doc(&self.0.freezes().await.map_err(to_status)?),
+            "list" => {
+                let list = self.0.freezes().await.map_err(to_status)?;
+                let windows = list.into_iter().map(freeze_pb).collect();
+                Ok(Response::new(pb::FreezeResponse { windows, removed: String::new() }))
+            }
             "rm" => {
                 let run = self.0.freeze_rm(r.id.clone());
                 let result = self.audited(&admin, "freeze.rm", &r.id, serde_json::json!({}), run).await?;
                 result.map_err(to_status)?;
-                json_doc(&serde_json::json!({"removed": r.id}))
+                Ok(Response::new(pb::FreezeResponse { windows: vec![], removed: r.id }))
             }
             other => Err(Status::invalid_argument(format!("unknown freeze action {other:?}"))),
         }
@@ -521,37 +504,36 @@ impl pb::admin_service_server::AdminService for AdminSvc {
         Ok(Response::new(pb::ListAdminsResponse { admins: admins.into_iter().map(admin_info).collect() }))
     }
 
-    async fn audit(&self, req: Request<pb::AuditRequest>) -> Result<Response<pb::JsonDoc>, Status> {
+    async fn audit(&self, req: Request<pb::AuditRequest>) -> Result<Response<pb::AuditResponse>, Status> {
         self.caller(&req, Action::Audit, "*").await?;
         let r = req.into_inner();
         if r.export_checkpoint {
-            return json_doc(&self.0.audit_checkpoint().await.map_err(to_status)?);
+            let cp = self.0.audit_checkpoint().await.map_err(to_status)?;
+            return Ok(Response::new(pb::AuditResponse {
+                checkpoint: Some(checkpoint_pb(cp)),
+                ..Default::default()
+            }));
         }
         if r.verify {
-            let given = if r.checkpoint.is_empty() {
-                None
-            } else {
-                Some(serde_json::from_str(&r.checkpoint).map_err(|e| {
-                    Status::invalid_argument(format!(
-                        "the checkpoint is not an exported audit checkpoint: {e}"
-                    ))
-                })?)
-            };
-            return match self.0.audit_verify_with(given).await.map_err(to_status)? {
-                Ok(v) => json_doc(
-                    &serde_json::json!({"ok": true, "entries": v.entries, "checkpoint": v.checkpoint.map(|c| c.seq)}),
-                ),
-                Err(problem) => json_doc(&serde_json::json!({"ok": false, "problem": problem})),
-            };
+            let given = r.given_checkpoint.map(checkpoint);
+            let v = self.0.audit_verify_with(given).await.map_err(to_status)?;
+            return Ok(Response::new(pb::AuditResponse {
+                verification: Some(verification_pb(v)),
+                ..Default::default()
+            }));
         }
         let app = (!r.app.is_empty()).then_some(r.app);
         let since = (r.since_unix > 0).then_some(r.since_unix);
-        json_doc(&self.0.audit_log(app, since).await.map_err(to_status)?)
+        let entries = self.0.audit_log(app, since).await.map_err(to_status)?;
+        Ok(Response::new(pb::AuditResponse {
+            entries: entries.into_iter().map(audit_entry_pb).collect(),
+            ..Default::default()
+        }))
     }
 
-    async fn status(&self, req: Request<pb::StatusRequest>) -> Result<Response<pb::JsonDoc>, Status> {
+    async fn status(&self, req: Request<pb::StatusRequest>) -> Result<Response<pb::FleetStatus>, Status> {
         self.caller(&req, Action::Status, "*").await?;
-        json_doc(&self.0.fleet_status().await.map_err(to_status)?)
+        Ok(Response::new(fleet_status_pb(self.0.fleet_status().await.map_err(to_status)?)))
     }
 
     async fn logs(&self, req: Request<pb::LogsRequest>) -> Result<Response<pb::LogsResponse>, Status> {

@@ -5,34 +5,36 @@ use std::collections::BTreeMap;
 use serde::Serialize;
 
 use super::desired::DesiredTable;
-use crate::logic::{AgentView, Controller, Error, Result};
+use crate::logic::{AgentView, Controller, Result};
 
 /// One app in one region.
-#[derive(Debug, Default, Serialize)]
-struct RegionStatus {
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct RegionStatus {
     /// The desired releases of its agents (one, unless a rollout or rollback is partway).
-    desired: Vec<String>,
+    pub desired: Vec<String>,
     /// Agents per release they run (`(none)`: not installed).
-    running: BTreeMap<String, u64>,
-    unhealthy: Vec<String>,
-    offline: Vec<String>,
+    pub running: BTreeMap<String, u64>,
+    pub unhealthy: Vec<String>,
+    pub offline: Vec<String>,
     /// Agents not running their desired release.
-    drift: Vec<String>,
+    pub drift: Vec<String>,
 }
 
-type Status = BTreeMap<String, BTreeMap<String, RegionStatus>>;
+/// Per app, per region.
+pub type FleetStatus = BTreeMap<String, BTreeMap<String, RegionStatus>>;
+type Status = FleetStatus;
 
 impl Controller {
     /// Per app and region: the desired release, agents per actual release, unhealthy, offline,
     /// drift.
-    pub async fn fleet_status(&self) -> Result<serde_json::Value> {
+    pub async fn fleet_status(&self) -> Result<FleetStatus> {
         let agents = self.list_agents(None).await?;
         let table = self.blocking(|c| DesiredTable::load(&c.inner.store)).await?;
         let mut apps = Status::new();
         for a in agents.iter().filter(|a| !a.record.revoked) {
             add_agent(&mut apps, &table, a);
         }
-        serde_json::to_value(apps).map_err(|e| Error::Internal(format!("fleet status: {e}")))
+        Ok(apps)
     }
 }
 
