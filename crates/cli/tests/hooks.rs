@@ -680,3 +680,43 @@ async fn signed_checkpoints_catch_removal_of_the_newest_entries() {
     assert!(err.contains("is not valid"), "{err}");
     ctl.stop().await.unwrap();
 }
+
+/// A rollout that covered only other regions says nothing about what an alerting region runs:
+/// the hook rolls back from the release the last rollout covering the alert's region completed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_alert_rolls_back_from_the_last_rollout_that_covered_its_region() {
+    let f = Fleet::new(|c| c.to_string()).await;
+    for v in ["1.0.0", "1.1.0", "1.2.0"] {
+        f.push(v).await;
+    }
+    f.roll_out("1.0.0").await;
+    f.roll_out("1.1.0").await;
+    // 1.2.0 goes to us-east only, and completes there.
+    let c = &f.ctl.controller;
+    let spec = RolloutSpec {
+        waves: vec![100],
+        regions: vec!["us-east".into()],
+        ..RolloutSpec::new("shop-api", "1.2.0")
+    };
+    let id = c.deploy(spec, "admin/test").await.unwrap();
+    let r = eventually(WAIT, "us-east rollout done", || async {
+        let r = c.rollout(Some(id.clone())).await.unwrap();
+        r.state.is_final().then_some(r)
+    })
+    .await;
+    assert_eq!(r.state, RolloutState::Completed, "{:?}", r.events);
+    assert_eq!((f.serving("eu-1").as_deref(), f.serving("us-1").as_deref()), (Some("1.1.0"), Some("1.2.0")));
+    let bearer = vec![("Authorization", format!("Bearer {}", f.token()))];
+    let eu = alert(
+        "CheckoutErrors",
+        "firing",
+        json!({"app": "shop-api", "region": "eu-west", "convoy_action": "rollback"}),
+        "fp-eu",
+    );
+    let (code, body) = post(f.ctl.http_addr, "/v1/hooks/alertmanager", &bearer, &eu);
+    assert_eq!(code, 200, "{body}");
+    let outcome = body["actions"][0]["outcome"].as_str().unwrap();
+    assert!(outcome.contains("rolled back 1 of 1") && outcome.contains("@1.1.0"), "{body}");
+    assert_eq!((f.serving("eu-1").as_deref(), f.serving("us-1").as_deref()), (Some("1.0.0"), Some("1.2.0")));
+    f.shutdown().await;
+}
