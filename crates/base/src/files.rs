@@ -92,6 +92,25 @@ pub fn read_to_string(path: &Path) -> Result<String> {
     fs::read_to_string(path).map_err(io_err(path))
 }
 
+/// Calls `open` until it succeeds or fails with an error `busy` does not recognise, for at most
+/// `wait`, polling every 10 ms: for a store whose lock a handle closing in this process lets go
+/// of a moment later. Blocking.
+pub fn retry_while_busy<T, E>(
+    wait: std::time::Duration,
+    mut open: impl FnMut() -> std::result::Result<T, E>,
+    busy: impl Fn(&E) -> bool,
+) -> std::result::Result<T, E> {
+    let until = std::time::Instant::now() + wait;
+    loop {
+        match open() {
+            Err(e) if busy(&e) && std::time::Instant::now() < until => {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            other => return other,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]

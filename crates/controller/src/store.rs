@@ -182,9 +182,22 @@ impl Tree {
     }
 }
 
+/// Whether sled could not open a store because another handle still holds its lock.
+pub fn sled_locked(e: &sled::Error) -> bool {
+    matches!(e, sled::Error::Io(io) if io.kind() == std::io::ErrorKind::WouldBlock
+        || io.to_string().contains("could not acquire lock"))
+}
+
+/// How long [`Store::open`] waits for a store another handle is still letting go of.
+pub const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
+
 impl Store {
+    /// Opens (or creates) the store in `dir`. The store is locked while open; a store just
+    /// closed in this process (sled's background flusher lets go of it a moment after the last
+    /// handle) is waited for up to [`LOCK_WAIT`]. Blocking: call it off the async threads.
     pub fn open(dir: &Path) -> Result<Self> {
-        let db = sled::Config::new().path(dir).flush_every_ms(Some(500)).open()?;
+        let config = sled::Config::new().path(dir).flush_every_ms(Some(500));
+        let db = convoy_base::files::retry_while_busy(LOCK_WAIT, || config.open(), sled_locked)?;
         let agents = db.open_tree("agents")?;
         let tokens = db.open_tree("tokens")?;
         let releases = db.open_tree("releases")?;
