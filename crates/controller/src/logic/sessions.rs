@@ -1,0 +1,213 @@
+//! Live agent sessions: opening (rate-limited per agent), heartbeats, ending, and the tasks a
+//! stopping controller waits for.
+
+use super::*;
+
+impl Controller {
+    /// Registers a live session for `agent_id` after its hello. A newer session replaces an
+    /// older one for the same agent.
+    pub async fn open_session(
+        &self,
+        agent_id: &str,
+        agent_version: String,
+        releases: Vec<ReportedRelease>,
+        apps: Vec<crate::store::AppStatusRecord>,
+        tx: SessionTx,
+    ) -> Result<SessionHandle> {
+        self.admit_session_open(agent_id)?;
+        let region = self.check_agent(agent_id).await?.region;
+        let id = agent_id.to_owned();
+        self.blocking(move |c| {
+            c.inner.store.update_agent(&id, true, |r| {
+                r.last_seen = now();
+                r.agent_version = agent_version.clone();
+                r.releases = releases.clone();
+                r.apps = apps.clone();
+            })?;
+            Ok(())
+        })
+        .await?;
+        let session_id = self.inner.next_session.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let cancel = CancellationToken::new();
+        let last_seen = Arc::new(AtomicI64::new(now()));
+        let old = {
+            let mut sessions = self.lock_sessions();
+            let old = sessions.insert(
+                agent_id.to_owned(),
+                Session {
+                    id: session_id,
+                    region: region.clone(),
+                    cancel: cancel.clone(),
+                    tx,
+                    last_seen: last_seen.clone(),
+                },
+            );
+            // A session that replaces the agent's own older one changes no count.
+            if old.is_none() {
+                self.metrics().agent_online(&region);
+            }
+            old
+        };
+        if let Some(old) = old {
+            old.cancel.cancel();
+        }
+        let handle = SessionHandle { agent_id: agent_id.to_owned(), session_id, cancel, last_seen };
+        // A revocation that landed between the check above and the insert found no session to
+        // close: look again now that the session is visible to it.
+        if let Err(e) = self.check_agent(agent_id).await {
+            self.end_session(&handle).await;
+            return Err(e);
+        }
+        tracing::info!(agent_id, session_id, "agent online");
+        Ok(handle)
+    }
+
+    /// Refuses an agent that opens sessions faster than [`SESSION_OPENS_BURST`] back to back
+    /// and one a second after that: each open writes its record and starts its loop, and a
+    /// reconnect loop must not turn that into a flood (nor reset a session's heartbeat budget).
+    pub(super) fn admit_session_open(&self, agent_id: &str) -> Result<()> {
+        if take_token(&self.inner.session_opens, agent_id, SESSION_OPENS_BURST) {
+            Ok(())
+        } else {
+            Err(Error::Busy(format!("agent {agent_id:?} reconnects too often: retry in a second")))
+        }
+    }
+
+    /// Admits one audited action of `actor`: at most [`ACTIONS_BURST`] back to back and one a
+    /// second after that. Each writes (and flushes) two audit entries, so a caller looping on
+    /// an action, even one that fails, must not grow the log without bound.
+    pub fn admit_action(&self, actor: &str) -> Result<()> {
+        if take_token(&self.inner.action_rate, actor, ACTIONS_BURST) {
+            Ok(())
+        } else {
+            Err(Error::Busy(format!("{actor} is acting too often: retry in a second")))
+        }
+    }
+
+    pub(super) fn lock_sessions(&self) -> std::sync::MutexGuard<'_, HashMap<String, Session>> {
+        // A panic while holding this lock cannot leave the map inconsistent: every critical
+        // section is a single insert or remove.
+        self.inner.sessions.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Records a heartbeat the session's [`heartbeats::Heartbeats`] judged: last-seen in memory
+    /// always, the agent's record only for [`heartbeats::Verdict::Write`]. Not flushed:
+    /// last-seen times are advisory, sled flushes them soon.
+    pub async fn heartbeat(
+        &self,
+        handle: &SessionHandle,
+        verdict: heartbeats::Verdict,
+        releases: Vec<ReportedRelease>,
+        apps: Vec<crate::store::AppStatusRecord>,
+    ) -> Result<()> {
+        handle.last_seen.store(now(), std::sync::atomic::Ordering::Relaxed);
+        if verdict != heartbeats::Verdict::Write {
+            return Ok(());
+        }
+        let id = handle.agent_id.clone();
+        self.blocking(move |c| {
+            c.inner.store.update_agent(&id, false, |r| {
+                r.last_seen = now();
+                r.releases = releases.clone();
+                r.apps = apps.clone();
+            })?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Ends a session, unless a newer one has replaced it.
+    pub async fn end_session(&self, handle: &SessionHandle) {
+        let removed = {
+            let mut sessions = self.lock_sessions();
+            let removed = match sessions.get(&handle.agent_id) {
+                Some(s) if s.id == handle.session_id => sessions.remove(&handle.agent_id),
+                _ => None,
+            };
+            if let Some(s) = &removed {
+                self.metrics().agent_offline(&s.region);
+            }
+            removed.is_some()
+        };
+        if removed {
+            // Orders in flight on this session will not be answered: fail them now.
+            self.inner
+                .pending
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .retain(|(agent, _), _| agent != &handle.agent_id);
+            let id = handle.agent_id.clone();
+            let seen = self
+                .blocking(move |c| Ok(c.inner.store.update_agent(&id, true, |r| r.last_seen = now())?))
+                .await;
+            if let Err(e) = seen {
+                tracing::warn!(agent_id = %handle.agent_id, error = %e, "last-seen time not recorded");
+            }
+            // Tell the webhooks if it stays away.
+            let this = self.clone();
+            let id = handle.agent_id.clone();
+            let after = self.inner.settings.offline_after;
+            if !self.inner.settings.notify_urls.is_empty() {
+                tokio::spawn(async move {
+                    tokio::select! {
+                        () = tokio::time::sleep(after) => {
+                            if !this.is_online(&id) {
+                                this.notify("agent_offline", serde_json::json!({"agent": id, "offline_for_secs": after.as_secs()}));
+                            }
+                        }
+                        () = this.inner.shutdown.cancelled() => {}
+                    }
+                });
+            }
+            tracing::info!(agent_id = %handle.agent_id, session_id = handle.session_id, "agent offline");
+        }
+    }
+
+    /// Runs a task that holds the controller and ends at shutdown (a session's loop).
+    pub fn spawn_tracked<F>(&self, task: F)
+    where
+        F: std::future::Future<Output = ()> + Send + 'static,
+    {
+        self.inner.tasks.spawn(task);
+    }
+
+    /// Waits up to `limit` for tracked tasks to end, after sessions were closed.
+    pub async fn wait_for_tasks(&self, limit: Duration) {
+        self.inner.tasks.close();
+        if tokio::time::timeout(limit, self.inner.tasks.wait()).await.is_err() {
+            tracing::warn!(left = self.inner.tasks.len(), "session tasks still running at shutdown");
+        }
+    }
+
+    /// Closes every live session, so that a graceful shutdown does not wait on streams that
+    /// would otherwise never end. Agents reconnect to the next controller.
+    pub fn close_all_sessions(&self) {
+        self.inner.shutdown.cancel();
+        for (_, s) in self.lock_sessions().drain() {
+            self.metrics().agent_offline(&s.region);
+            s.cancel.cancel();
+        }
+    }
+
+    pub fn is_online(&self, agent_id: &str) -> bool {
+        self.lock_sessions().contains_key(agent_id)
+    }
+
+    /// Lists agents, optionally only one region's.
+    pub async fn list_agents(&self, region: Option<String>) -> Result<Vec<AgentView>> {
+        let records = self.blocking(|c| Ok(c.inner.store.agents()?)).await?;
+        let sessions = self.lock_sessions();
+        Ok(records
+            .into_iter()
+            .filter(|r| region.as_deref().is_none_or(|want| r.region == want))
+            .map(|mut record| match sessions.get(&record.id) {
+                Some(s) => {
+                    record.last_seen =
+                        record.last_seen.max(s.last_seen.load(std::sync::atomic::Ordering::Relaxed));
+                    AgentView { online: true, record }
+                }
+                None => AgentView { online: false, record },
+            })
+            .collect())
+    }
+}
