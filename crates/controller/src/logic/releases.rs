@@ -43,15 +43,9 @@ impl Upload {
 
 impl Drop for Upload {
     fn drop(&mut self) {
-        if self.path.as_os_str().is_empty() {
-            return;
-        }
-        // Runs wherever the upload is dropped; a small unlink, never waited on.
-        if let Err(e) = std::fs::remove_file(&self.path) {
-            if e.kind() != std::io::ErrorKind::NotFound {
-                tracing::warn!(path = %self.path.display(), error = %e, "refused upload not removed");
-            }
-        }
+        // Runs wherever the upload is dropped; a small unlink, never waited on. After a stored
+        // upload was renamed into place, there is nothing left to remove.
+        remove_quietly(&self.path);
     }
 }
 
