@@ -55,9 +55,9 @@ async fn run(n: usize) {
     for v in ["1.0.0", "1.1.0"] {
         let t = Instant::now();
         let spec = RolloutSpec { max_parallel: 64, ..RolloutSpec::new("site", v) };
-        let id = c.deploy(spec, "admin/bench").await.unwrap();
+        let id = c.rollouts().deploy(spec, "admin/bench").await.unwrap();
         let r = loop {
-            let r = c.rollout(Some(id.clone())).await.unwrap();
+            let r = c.rollouts().rollout(Some(id.clone())).await.unwrap();
             if r.state.is_final() {
                 break r;
             }
@@ -75,7 +75,7 @@ async fn run(n: usize) {
     }
     let _ = last_waves;
     let (results, total) =
-        c.rollback("site", &Target::All, None, None, "bench", "admin/bench").await.unwrap();
+        c.rollouts().rollback("site", &Target::All, None, None, "bench", "admin/bench").await.unwrap();
     let mut per: Vec<Duration> = results
         .iter()
         .map(|(_, r, d)| {

@@ -98,6 +98,7 @@ async fn end_to_end(dir: &Path) {
     let long = Duration::from_secs(30);
     for (v, d) in &digests {
         let o = c
+            .orders()
             .send_order(
                 "a1",
                 OrderKind::Install { app: "shop-api".into(), version: v.to_string(), digest: d.clone() },
@@ -107,6 +108,7 @@ async fn end_to_end(dir: &Path) {
             .unwrap();
         assert!(o.is_done(), "{}", o.message);
         let o = c
+            .orders()
             .send_order(
                 "a1",
                 OrderKind::Activate { app: "shop-api".into(), version: v.to_string(), health_deadline: None },
@@ -128,7 +130,7 @@ async fn end_to_end(dir: &Path) {
             reason: "bench".into(),
         };
         pair.swap(0, 1);
-        let o = c.send_order("a1", kind, long).await.unwrap();
+        let o = c.orders().send_order("a1", kind, long).await.unwrap();
         times.push(t.elapsed());
         assert!(o.is_done(), "{}", o.message);
     }

@@ -122,7 +122,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let spec = pb::DeployRequest { version: "2.0.0".into(), health_deadline_ms: 3000, ..base.clone() };
     let r = rollout(&ctl, spec, &n).await?;
     // What the controller recorded, not what the demo expects.
-    let verdict = if ctl.controller.is_marked_bad("shop-api", "2.0.0").await? {
+    let verdict = if ctl.controller.rollouts().is_marked_bad("shop-api", "2.0.0").await? {
         "2.0.0 is marked bad"
     } else {
         "2.0.0 is NOT marked bad"
@@ -158,7 +158,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         serving("1.0.0").await
     ));
 
-    let log = ctl.controller.audit_log(None, None).await?;
+    let log = ctl.controller.audit().entries(None, None).await?;
     println!("\n$ convoy audit");
     let mut rows = vec![["SEQ", "ACTOR", "ACTION", "TARGET", "OUTCOME"].map(String::from)];
     for e in &log {
@@ -171,7 +171,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         ]);
     }
     print!("{}", table(&rows));
-    match ctl.controller.audit_verify().await? {
+    match ctl.controller.audit().verify().await? {
         Ok(count) => println!("audit log: {count} entries, hash chain intact"),
         Err(problem) => anyhow::bail!("audit log does not verify: {problem}"),
     }
@@ -200,7 +200,7 @@ async fn rollout(ctl: &LocalController, spec: pb::DeployRequest, n: &Narrator) -
     n.say(&format!("deploy shop-api@{version} → rollout {id} (canary first, then waves, health-gated)"));
     let mut seen = 0;
     loop {
-        let r = ctl.controller.rollout(Some(id.clone())).await?;
+        let r = ctl.controller.rollouts().rollout(Some(id.clone())).await?;
         for e in r.events.iter().skip(seen) {
             println!("          · {}", e.message);
         }

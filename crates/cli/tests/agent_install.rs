@@ -55,7 +55,7 @@ impl Fleet {
     }
 
     async fn order(&self, agent: &str, kind: OrderKind) -> OrderOutcome {
-        self.ctl.controller.send_order(agent, kind, ORDER).await.unwrap()
+        self.ctl.controller.orders().send_order(agent, kind, ORDER).await.unwrap()
     }
 
     async fn install(&self, agent: &str, version: &str) -> OrderOutcome {
@@ -143,6 +143,7 @@ async fn rollback_fencing_idempotence_and_corrupted_releases() {
     let (results, _) = f
         .ctl
         .controller
+        .rollouts()
         .rollback("shop-api", &Target::Agents(vec!["a1".into()]), None, None, "bad numbers", "admin/test")
         .await
         .unwrap();
@@ -152,16 +153,16 @@ async fn rollback_fencing_idempotence_and_corrupted_releases() {
     assert_eq!(get(port).as_deref(), Some("demo-app 1.0.0"));
 
     // A duplicate of an applied order changes nothing; an older one is ignored as stale.
-    let seq = f.ctl.controller.next_seq().await.unwrap();
+    let seq = f.ctl.controller.orders().next_seq().await.unwrap();
     let activate =
         OrderKind::Activate { app: "shop-api".into(), version: "1.1.0".into(), health_deadline: None };
-    let o = f.ctl.controller.send_order_with_seq("a1", seq, activate.clone(), ORDER).await.unwrap();
+    let o = f.ctl.controller.orders().send_order_with_seq("a1", seq, activate.clone(), ORDER).await.unwrap();
     assert!(o.is_done() && !matches!(o.answer, Answer::Stale { .. }));
     assert_eq!(get(port).as_deref(), Some("demo-app 1.1.0"));
-    let again = f.ctl.controller.send_order_with_seq("a1", seq, activate, ORDER).await.unwrap();
+    let again = f.ctl.controller.orders().send_order_with_seq("a1", seq, activate, ORDER).await.unwrap();
     assert!(matches!(again.answer, Answer::Stale { .. }), "the same order twice is ignored the second time");
     let old = OrderKind::Activate { app: "shop-api".into(), version: "1.0.0".into(), health_deadline: None };
-    let o = f.ctl.controller.send_order_with_seq("a1", seq - 1, old, ORDER).await.unwrap();
+    let o = f.ctl.controller.orders().send_order_with_seq("a1", seq - 1, old, ORDER).await.unwrap();
     assert!(matches!(o.answer, Answer::Stale { .. }));
     assert_eq!(status(&o).current, "1.1.0", "a stale order changes nothing");
     assert_eq!(get(port).as_deref(), Some("demo-app 1.1.0"));
@@ -511,7 +512,7 @@ async fn a_rollback_cuts_a_health_gate_in_progress_short() {
             version: "2.0.0".into(),
             health_deadline: Some(Duration::from_secs(600)),
         };
-        ctl.send_order("a1", kind, Duration::from_secs(700)).await.unwrap()
+        ctl.orders().send_order("a1", kind, Duration::from_secs(700)).await.unwrap()
     });
     eventually(WAIT, "2.0.0 switched and checking", || async {
         let a = common::agents(&f.ctl).await.remove(0);

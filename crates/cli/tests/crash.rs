@@ -136,8 +136,9 @@ async fn agent_killed_at_every_journal_step_recovers_to_a_complete_release() {
         digests.insert(v, info.digest);
     }
     let c = &ctl.controller;
-    let order =
-        |id: String, kind: OrderKind| async move { c.send_order(&id, kind, Duration::from_secs(60)).await };
+    let order = |id: String, kind: OrderKind| async move {
+        c.orders().send_order(&id, kind, Duration::from_secs(60)).await
+    };
     let install = |v: &str| OrderKind::Install {
         app: "shop-api".into(),
         version: v.into(),

@@ -115,11 +115,12 @@ impl Fleet {
     async fn roll_out(&self, version: &str) {
         let c = &self.ctl.controller;
         let id = c
+            .rollouts()
             .deploy(RolloutSpec { waves: vec![100], ..RolloutSpec::new("shop-api", version) }, "admin/test")
             .await
             .unwrap();
         let r = eventually(WAIT, "rollout done", || async {
-            let r = c.rollout(Some(id.clone())).await.unwrap();
+            let r = c.rollouts().rollout(Some(id.clone())).await.unwrap();
             r.state.is_final().then_some(r)
         })
         .await;
@@ -196,7 +197,7 @@ async fn alertmanager_hook_auth_errors_dedupe_and_actions() {
     assert!(body["actions"][0]["outcome"].as_str().unwrap().contains("duplicate delivery"), "{body}");
     assert_eq!(f.serving("eu-1").as_deref(), Some("1.0.0"));
     // Audited with the alert as the actor.
-    let log = f.ctl.controller.audit_log(Some("shop-api".into()), None).await.unwrap();
+    let log = f.ctl.controller.audit().entries(Some("shop-api".into()), None).await.unwrap();
     let entry =
         log.iter().find(|e| e.actor == "alert:CheckoutErrors" && e.phase == Some(Phase::Outcome)).unwrap();
     assert_eq!(entry.action, "rollback");
@@ -211,9 +212,9 @@ async fn alertmanager_hook_auth_errors_dedupe_and_actions() {
         bake: Duration::from_secs(60),
         ..RolloutSpec::new("shop-api", "1.2.0")
     };
-    let id = c.deploy(s, "admin/test").await.unwrap();
+    let id = c.rollouts().deploy(s, "admin/test").await.unwrap();
     eventually(WAIT, "canary healthy", || async {
-        let r = c.rollout(Some(id.clone())).await.unwrap();
+        let r = c.rollouts().rollout(Some(id.clone())).await.unwrap();
         r.agents.values().any(|a| a.step == AgentStep::Healthy).then_some(())
     })
     .await;
@@ -221,11 +222,11 @@ async fn alertmanager_hook_auth_errors_dedupe_and_actions() {
     let (code, body) = post(http, path, &bearer, &pause);
     assert_eq!(code, 200);
     assert!(body["actions"][0]["outcome"].as_str().unwrap().contains("paused"), "{body}");
-    assert_eq!(c.rollout(Some(id.clone())).await.unwrap().state, RolloutState::Paused);
+    assert_eq!(c.rollouts().rollout(Some(id.clone())).await.unwrap().state, RolloutState::Paused);
     let abort = alert("Errors", "firing", json!({"app": "shop-api", "convoy_action": "rollback"}), "fp3");
     let (_, body) = post(http, path, &bearer, &abort);
     assert!(body["actions"][0]["outcome"].as_str().unwrap().contains("aborted"), "{body}");
-    let r = c.rollout(Some(id)).await.unwrap();
+    let r = c.rollouts().rollout(Some(id)).await.unwrap();
     assert_eq!(r.state, RolloutState::Aborted);
     assert!(f.serving("eu-1").as_deref() != Some("1.2.0") && f.serving("us-1").as_deref() != Some("1.2.0"));
     // After an aborted rollout the incident is about the release the last completed rollout
@@ -288,27 +289,27 @@ async fn generic_hook_hmac_staleness_replay_and_audit_verify() {
     let (code, b) = post(http, "/v1/hooks/rollback", &good, &body);
     assert_eq!(code, 409, "{b}");
     assert!(b["error"].as_str().unwrap().contains("replayed"));
-    let log = f.ctl.controller.audit_log(None, None).await.unwrap();
+    let log = f.ctl.controller.audit().entries(None, None).await.unwrap();
     assert!(log.iter().any(|e| e.actor == "hook:default" && e.action == "rollback"));
     assert!(log.iter().any(|e| e.actor == "admin/test" || e.actor.starts_with("admin/")));
     assert!(log.iter().any(|e| e.action == "deploy" || e.action == "release.push"));
 
     // The chain verifies; a modified entry is detected.
-    let n = f.ctl.controller.audit_verify().await.unwrap().unwrap();
+    let n = f.ctl.controller.audit().verify().await.unwrap().unwrap();
     assert!(n >= 2);
-    let tree = f.ctl.controller.audit_tree_for_tests().unwrap();
+    let tree = f.ctl.controller.audit().audit_tree_for_tests().unwrap();
     let (k, v) = tree.iter().next().unwrap().unwrap();
     let mut entry: Value = serde_json::from_slice(&v).unwrap();
     entry["outcome"] = json!("nothing to see here");
     tree.insert(k.clone(), serde_json::to_vec(&entry).unwrap()).unwrap();
-    let problem = f.ctl.controller.audit_verify().await.unwrap().unwrap_err();
+    let problem = f.ctl.controller.audit().verify().await.unwrap().unwrap_err();
     assert!(problem.contains("entry 1 was modified"), "{problem}");
     // Removing an entry is detected too.
     tree.insert(k, v).unwrap();
-    assert!(f.ctl.controller.audit_verify().await.unwrap().is_ok());
+    assert!(f.ctl.controller.audit().verify().await.unwrap().is_ok());
     let second = tree.iter().nth(1).unwrap().unwrap().0;
     tree.remove(second).unwrap();
-    let problem = f.ctl.controller.audit_verify().await.unwrap().unwrap_err();
+    let problem = f.ctl.controller.audit().verify().await.unwrap().unwrap_err();
     assert!(problem.contains("missing") || problem.contains("does not link"), "{problem}");
     f.shutdown().await;
 }
@@ -490,7 +491,7 @@ async fn concurrent_identical_deliveries_act_once() {
     assert_eq!(f.serving("eu-1").as_deref(), Some("1.0.0"));
     assert_eq!(f.serving("us-1").as_deref(), Some("1.0.0"), "rolled back once, not one step further");
     // One intent and one outcome for the alert, not two actions.
-    let log = f.ctl.controller.audit_log(None, None).await.unwrap();
+    let log = f.ctl.controller.audit().entries(None, None).await.unwrap();
     let by_alert: Vec<_> = log.iter().filter(|e| e.actor == "alert:Errors").collect();
     assert_eq!(by_alert.len(), 2, "{by_alert:?}");
     assert_eq!(by_alert[0].phase, Some(Phase::Intent));
@@ -536,7 +537,7 @@ async fn admin_and_hook_actions_write_intent_then_outcome_and_log_reads_are_audi
         .id;
     let c = &f.ctl.controller;
     eventually(WAIT, "deploy done", || async {
-        c.rollout(Some(id.clone())).await.unwrap().state.is_final().then_some(())
+        c.rollouts().rollout(Some(id.clone())).await.unwrap().state.is_final().then_some(())
     })
     .await;
     admin
@@ -560,7 +561,7 @@ async fn admin_and_hook_actions_write_intent_then_outcome_and_log_reads_are_audi
         })
         .await
         .unwrap();
-    let log = c.audit_log(None, None).await.unwrap();
+    let log = c.audit().entries(None, None).await.unwrap();
 
     let actor = log.iter().find(|e| e.action == "deploy").unwrap().actor.clone();
     assert!(actor.starts_with("admin/"), "{actor}");
@@ -585,11 +586,11 @@ async fn admin_and_hook_actions_write_intent_then_outcome_and_log_reads_are_audi
     );
     let (code, body) = post(f.ctl.http_addr, "/v1/hooks/alertmanager", &bearer, &firing);
     assert_eq!(code, 200, "{body}");
-    let log = c.audit_log(None, None).await.unwrap();
+    let log = c.audit().entries(None, None).await.unwrap();
     let (intent, outcome) = pair(&log, "alert:Latency", "rollback");
     assert_eq!(intent.target, "shop-api/us-east");
     assert!(outcome.outcome.contains("rolled back 1 of 1"), "{outcome:?}");
-    assert!(c.audit_verify().await.unwrap().is_ok());
+    assert!(c.audit().verify().await.unwrap().is_ok());
     f.shutdown().await;
 }
 
@@ -659,12 +660,12 @@ async fn signed_checkpoints_catch_removal_of_the_newest_entries() {
     let out = cli(&ctl, &["audit", "verify", "--checkpoint", early.to_str().unwrap()]).await.unwrap();
     assert!(out.contains("checkpoint at entry 6"), "{out}");
     // The controller will not sign over the cut log.
-    assert!(ctl.controller.audit_checkpoint().await.unwrap_err().to_string().contains("no longer matches"));
+    assert!(ctl.controller.audit().checkpoint().await.unwrap_err().to_string().contains("no longer matches"));
 
     // A checkpoint file that was edited, or signed by another key, is rejected.
     let mut forged: Value = serde_json::from_str(&std::fs::read_to_string(&early).unwrap()).unwrap();
     forged["seq"] = json!(5);
-    forged["head"] = ctl.controller.audit_log(None, None).await.unwrap()[4].hash.clone().into();
+    forged["head"] = ctl.controller.audit().entries(None, None).await.unwrap()[4].hash.clone().into();
     let forged_path = tmp.path().join("forged.json");
     std::fs::write(&forged_path, forged.to_string()).unwrap();
     let err =
@@ -698,9 +699,9 @@ async fn an_alert_rolls_back_from_the_last_rollout_that_covered_its_region() {
         regions: vec!["us-east".into()],
         ..RolloutSpec::new("shop-api", "1.2.0")
     };
-    let id = c.deploy(spec, "admin/test").await.unwrap();
+    let id = c.rollouts().deploy(spec, "admin/test").await.unwrap();
     let r = eventually(WAIT, "us-east rollout done", || async {
-        let r = c.rollout(Some(id.clone())).await.unwrap();
+        let r = c.rollouts().rollout(Some(id.clone())).await.unwrap();
         r.state.is_final().then_some(r)
     })
     .await;

@@ -329,9 +329,9 @@ async fn metrics_gauges_follow_the_fleet_and_are_reloaded_at_start() {
         regions: vec!["eu-west".into()],
         ..RolloutSpec::new("shop-api", "1.0.0")
     };
-    let id = ctl.controller.deploy(spec, "admin/test").await.unwrap();
+    let id = ctl.controller.rollouts().deploy(spec, "admin/test").await.unwrap();
     let r = eventually(WAIT, "rollout done", || async {
-        let r = ctl.controller.rollout(Some(id.clone())).await.unwrap();
+        let r = ctl.controller.rollouts().rollout(Some(id.clone())).await.unwrap();
         r.state.is_final().then_some(r)
     })
     .await;

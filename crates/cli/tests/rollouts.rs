@@ -91,13 +91,13 @@ impl Fleet {
     }
 
     async fn deploy(&self, spec: RolloutSpec) -> Result<String, String> {
-        self.ctl().controller.deploy(spec, "admin/test").await.map_err(|e| e.to_string())
+        self.ctl().controller.rollouts().deploy(spec, "admin/test").await.map_err(|e| e.to_string())
     }
 
     async fn wait_final(&self, id: &str) -> Rollout {
         let c = &self.ctl().controller;
         eventually(WAIT, &format!("rollout {id} finishes"), || async {
-            let r = c.rollout(Some(id.into())).await.unwrap();
+            let r = c.rollouts().rollout(Some(id.into())).await.unwrap();
             r.state.is_final().then_some(r)
         })
         .await
@@ -106,7 +106,7 @@ impl Fleet {
     async fn wait_for(&self, id: &str, what: &str, pred: impl Fn(&Rollout) -> bool) -> Rollout {
         let c = &self.ctl().controller;
         eventually(WAIT, what, || async {
-            let r = c.rollout(Some(id.into())).await.unwrap();
+            let r = c.rollouts().rollout(Some(id.into())).await.unwrap();
             pred(&r).then_some(r)
         })
         .await
@@ -176,7 +176,7 @@ async fn healthy_rollout_across_regions_follows_region_order() {
     assert!(when("eu").iter().max() <= when("ap").iter().min(), "{:?}", r.agents);
     assert_eq!(r.waves[0], ["us-0"], "the canary is the first us agent");
     // Desired state and status agree: no drift anywhere.
-    let status = f.ctl().controller.fleet_status().await.unwrap();
+    let status = f.ctl().controller.rollouts().fleet_status().await.unwrap();
     for region in REGIONS {
         assert_eq!(status["shop-api"][region].desired[0], "1.1.0");
         assert_eq!(status["shop-api"][region].drift.len(), 0, "{status:?}");
@@ -252,13 +252,13 @@ async fn pause_resume_and_abort() {
     let s = RolloutSpec { canary: 1, waves: vec![100], bake: Duration::from_secs(1), ..spec("1.1.0") };
     let id = f.deploy(s).await.unwrap();
     f.wait_for(&id, "canary done", |r| r.agents.values().any(|a| a.step == AgentStep::Healthy)).await;
-    c.control(&id, Control::Pause).await.unwrap();
-    let paused = c.rollout(Some(id.clone())).await.unwrap();
+    c.rollouts().control(&id, Control::Pause).await.unwrap();
+    let paused = c.rollouts().rollout(Some(id.clone())).await.unwrap();
     assert_eq!(paused.state, RolloutState::Paused);
     // That the pause holds (nothing is sent while paused) is shown by state in the machine's
     // and the driver's tests; here, the pause is stored when acknowledged.
     assert_eq!(paused.agents.values().filter(|a| a.step == AgentStep::Healthy).count(), 1);
-    c.control(&id, Control::Resume).await.unwrap();
+    c.rollouts().control(&id, Control::Resume).await.unwrap();
     let r = f.wait_final(&id).await;
     assert_eq!(r.state, RolloutState::Completed);
     assert!(f.all_serving("1.1.0"));
@@ -267,11 +267,14 @@ async fn pause_resume_and_abort() {
     let s = RolloutSpec { canary: 1, waves: vec![100], bake: Duration::from_secs(30), ..spec("1.2.0") };
     let id = f.deploy(s).await.unwrap();
     f.wait_for(&id, "canary done", |r| r.agents.values().any(|a| a.step == AgentStep::Healthy)).await;
-    c.control(&id, Control::Abort).await.unwrap();
-    let r = c.rollout(Some(id.clone())).await.unwrap();
+    c.rollouts().control(&id, Control::Abort).await.unwrap();
+    let r = c.rollouts().rollout(Some(id.clone())).await.unwrap();
     assert_eq!(r.state, RolloutState::Aborted);
     assert!(f.all_serving("1.1.0"));
-    assert!(c.control(&id, Control::Resume).await.is_err(), "a finished rollout cannot be resumed");
+    assert!(
+        c.rollouts().control(&id, Control::Resume).await.is_err(),
+        "a finished rollout cannot be resumed"
+    );
     f.shutdown().await;
 }
 
@@ -327,7 +330,7 @@ async fn offline_and_late_agents_converge_to_the_desired_release() {
         status.contains("not yet on the release: 1 agent(s) (eu-0); they converge when they reconnect"),
         "{status}"
     );
-    let status = f.ctl().controller.fleet_status().await.unwrap();
+    let status = f.ctl().controller.rollouts().fleet_status().await.unwrap();
     assert_eq!(status["shop-api"]["eu-west"].drift[0], "eu-0", "{status:?}");
     // It comes back and converges.
     f.start_agent("eu-0", "healthy");
@@ -407,6 +410,7 @@ async fn freezes_block_deploys_not_rollbacks_and_one_rollout_per_app() {
     let c = &f.ctl().controller;
     let now = convoy_controller::logic::now();
     let fz = c
+        .rollouts()
         .freeze_add(convoy_controller::logic::rollouts::FreezeWindow {
             id: String::new(),
             from: now - 10,
@@ -423,6 +427,7 @@ async fn freezes_block_deploys_not_rollbacks_and_one_rollout_per_app() {
     // Rollbacks are always allowed: the frozen region's agent really goes back, the others are
     // not touched.
     let (results, _) = c
+        .rollouts()
         .rollback(
             "shop-api",
             &convoy_controller::logic::Target::Region("eu-west".into()),
@@ -448,7 +453,7 @@ async fn freezes_block_deploys_not_rollbacks_and_one_rollout_per_app() {
         })
         .await
         .unwrap();
-    let r = c.rollout(Some(overridden.clone())).await.unwrap();
+    let r = c.rollouts().rollout(Some(overridden.clone())).await.unwrap();
     assert!(r.events.iter().any(|e| e.message.contains("hotfix for checkout")));
     // One active rollout per app.
     let err = f.deploy(spec("1.2.0")).await.unwrap_err();
@@ -462,10 +467,10 @@ async fn freezes_block_deploys_not_rollbacks_and_one_rollout_per_app() {
         })
         .await
         .unwrap();
-    assert_eq!(c.rollout(Some(overridden)).await.unwrap().state, RolloutState::Superseded);
+    assert_eq!(c.rollouts().rollout(Some(overridden)).await.unwrap().state, RolloutState::Superseded);
     assert_eq!(f.wait_final(&newer).await.state, RolloutState::Completed);
     assert!(f.all_serving("1.2.0"));
-    c.freeze_rm(fz.id).await.unwrap();
-    assert!(c.freezes().await.unwrap().is_empty());
+    c.rollouts().freeze_rm(fz.id).await.unwrap();
+    assert!(c.rollouts().freezes().await.unwrap().is_empty());
     f.shutdown().await;
 }

@@ -95,7 +95,7 @@ impl Fleet {
     async fn wait_final(&self, id: &str) -> Rollout {
         let c = &self.ctl().controller;
         eventually(WAIT, &format!("rollout {id} finishes"), || async {
-            let r = c.rollout(Some(id.into())).await.unwrap();
+            let r = c.rollouts().rollout(Some(id.into())).await.unwrap();
             r.state.is_final().then_some(r)
         })
         .await
@@ -104,7 +104,7 @@ impl Fleet {
     /// A one-wave rollout of `version` to every agent; returns it once finished.
     async fn roll_out(&self, version: &str) -> Rollout {
         let spec = RolloutSpec { waves: vec![100], ..RolloutSpec::new(APP, version) };
-        let id = self.ctl().controller.deploy(spec, "admin/test").await.unwrap();
+        let id = self.ctl().controller.rollouts().deploy(spec, "admin/test").await.unwrap();
         self.wait_final(&id).await
     }
 
@@ -140,7 +140,7 @@ impl Fleet {
             version: "1.0.0".into(),
             digest: self.digests["1.0.0"].clone(),
         };
-        let o = self.ctl().controller.send_order_with_seq(id, 1, install, ORDER).await.unwrap();
+        let o = self.ctl().controller.orders().send_order_with_seq(id, 1, install, ORDER).await.unwrap();
         match o.answer {
             Answer::Stale { agent_last_seq } => agent_last_seq,
             other => panic!("an order numbered 1 must be stale, got {other:?}: {}", o.message),
@@ -330,7 +330,7 @@ async fn a_second_alert_about_the_same_incident_does_not_roll_further_back() {
         f.push(v).await;
         f.deploy_ok(v).await;
     }
-    let rollouts = f.ctl().controller.rollouts(Some(APP.into())).await.unwrap();
+    let rollouts = f.ctl().controller.rollouts().rollouts(Some(APP.into())).await.unwrap();
     assert_eq!(
         rollouts.last().unwrap().spec.version,
         "3.0.0",
@@ -380,7 +380,7 @@ async fn a_second_alert_about_the_same_incident_does_not_roll_further_back() {
     assert!(f.all_serving("2.0.0"));
 
     // Both alerts are audited under their own names.
-    let log = f.ctl().controller.audit_log(Some(APP.into()), None).await.unwrap();
+    let log = f.ctl().controller.audit().entries(Some(APP.into()), None).await.unwrap();
     assert!(log
         .iter()
         .any(|e| e.actor == "alert:CheckoutErrors" && e.outcome.contains("rolled back 2 of 2")));
@@ -405,15 +405,15 @@ async fn a_stale_answer_is_never_success() {
     // A fresh order is applied and becomes the agent's high-water mark.
     let install =
         OrderKind::Install { app: APP.into(), version: "2.0.0".into(), digest: f.digests["2.0.0"].clone() };
-    let seq = c.next_seq().await.unwrap();
-    let o = c.send_order_with_seq("a1", seq, install, ORDER).await.unwrap();
+    let seq = c.orders().next_seq().await.unwrap();
+    let o = c.orders().send_order_with_seq("a1", seq, install, ORDER).await.unwrap();
     assert_eq!(o.answer, Answer::Applied, "{}", o.message);
     assert_eq!(f.agent_last_seq("a1").await, seq);
 
     // The same number again, and an older one, asking for a switch: stale, not done, no change.
     let activate = OrderKind::Activate { app: APP.into(), version: "2.0.0".into(), health_deadline: None };
     for s in [seq, seq - 1] {
-        let o = c.send_order_with_seq("a1", s, activate.clone(), ORDER).await.unwrap();
+        let o = c.orders().send_order_with_seq("a1", s, activate.clone(), ORDER).await.unwrap();
         assert_eq!(o.answer, Answer::Stale { agent_last_seq: seq }, "order {s}: {}", o.message);
         assert!(!o.is_done());
         assert_eq!(o.problem(), format!("stale: agent has applied order {seq}, the controller sent {s}"));
@@ -431,7 +431,7 @@ async fn a_stale_answer_is_never_success() {
     let ahead = seq + 10_000;
     let noop =
         OrderKind::Install { app: APP.into(), version: "1.0.0".into(), digest: f.digests["1.0.0"].clone() };
-    let o = c.send_order_with_seq("a1", ahead, noop, ORDER).await.unwrap();
+    let o = c.orders().send_order_with_seq("a1", ahead, noop, ORDER).await.unwrap();
     assert_eq!(o.answer, Answer::AlreadyInState, "{}", o.message);
     let r = f.roll_out("2.0.0").await;
     assert_ne!(r.state, RolloutState::Completed, "{:?}", r.events);
@@ -490,15 +490,15 @@ async fn a_controller_restored_from_a_backup_moves_past_the_agents_sequence() {
     let restart = LocalOptions { grpc_addr: Some(addr), ..Default::default() };
     f.ctl = Some(LocalController::start(&dir, restart.clone()).await.unwrap());
     let c = f.ctl().controller.clone();
-    eventually(WAIT, "a1 reconnects", || async { c.is_online("a1").then_some(()) }).await;
+    eventually(WAIT, "a1 reconnects", || async { c.registry().is_online("a1").then_some(()) }).await;
     let noop =
         OrderKind::Install { app: APP.into(), version: "1.0.0".into(), digest: f.digests["1.0.0"].clone() };
     for _ in 0..3 {
-        let o = c.send_order("a1", noop.clone(), ORDER).await.unwrap();
+        let o = c.orders().send_order("a1", noop.clone(), ORDER).await.unwrap();
         assert_eq!(o.answer, Answer::AlreadyInState, "{}", o.message);
     }
-    let far = c.next_seq().await.unwrap() + 3 * 1024;
-    let o = c.send_order_with_seq("a1", far, noop.clone(), ORDER).await.unwrap();
+    let far = c.orders().next_seq().await.unwrap() + 3 * 1024;
+    let o = c.orders().send_order_with_seq("a1", far, noop.clone(), ORDER).await.unwrap();
     assert_eq!(o.answer, Answer::AlreadyInState, "{}", o.message);
     assert_eq!(f.agent_last_seq("a1").await, far);
     f.ctl.take().unwrap().stop().await.unwrap();
@@ -509,10 +509,10 @@ async fn a_controller_restored_from_a_backup_moves_past_the_agents_sequence() {
     f.ctl = Some(LocalController::start(&dir, restart).await.unwrap());
     let c = f.ctl().controller.clone();
     eventually(WAIT, "a1 reconnects to the restored controller", || async {
-        c.is_online("a1").then_some(())
+        c.registry().is_online("a1").then_some(())
     })
     .await;
-    let next = c.next_seq().await.unwrap();
+    let next = c.orders().next_seq().await.unwrap();
     assert!(next > far, "the restored controller numbers orders after the agent's {far}, not from {next}");
 
     // A normal rollout completes, the agent counted done, nothing stale.
@@ -523,7 +523,7 @@ async fn a_controller_restored_from_a_backup_moves_past_the_agents_sequence() {
     assert_eq!(f.serving("a1").as_deref(), Some("1.1.0"));
     // And so does a rollback.
     let (results, _) =
-        c.rollback(APP, &Target::All, None, None, "after restore", "admin/test").await.unwrap();
+        c.rollouts().rollback(APP, &Target::All, None, None, "after restore", "admin/test").await.unwrap();
     let o = results[0].1.as_ref().unwrap();
     assert_eq!(o.answer, Answer::Applied, "{}", o.message);
     assert_eq!(status(o).current, "1.0.0");
@@ -572,7 +572,7 @@ async fn hostile_rollback_input_is_refused_before_any_agent_hears_of_it() {
         assert_eq!(f.serving(id).as_deref(), Some("2.0.0"));
     }
     // The refusals are audited with the admin as the actor.
-    let log = f.ctl().controller.audit_log(None, None).await.unwrap();
+    let log = f.ctl().controller.audit().entries(None, None).await.unwrap();
     assert!(log.iter().filter(|e| e.action == "rollback").count() >= 5, "{log:?}");
     f.shutdown().await;
 }
@@ -585,7 +585,7 @@ async fn an_agent_cannot_push_the_order_sequence_to_its_end() {
     let ctl = LocalController::start(&tmp.path().join("ctl"), LocalOptions::default()).await.unwrap();
     ctl.enroll(&tmp.path().join("rogue"), "rogue", "eu-west").await.unwrap();
     let id = common::agent_identity(&tmp.path().join("rogue"));
-    let before = ctl.controller.next_seq().await.unwrap();
+    let before = ctl.controller.orders().next_seq().await.unwrap();
     for reported in [u64::MAX, u64::MAX / 2, before + (1 << 33)] {
         let ch = common::dial(&ctl.grpc_addr.to_string(), &ctl.ca_pem().unwrap(), Some(&id)).await.unwrap();
         let mut hello = common::hello("rogue");
@@ -599,7 +599,7 @@ async fn an_agent_cannot_push_the_order_sequence_to_its_end() {
         assert_eq!(status.code(), tonic::Code::PermissionDenied, "{reported}: {status:?}");
         assert!(status.message().contains("far beyond"), "{}", status.message());
     }
-    let after = ctl.controller.next_seq().await.unwrap();
+    let after = ctl.controller.orders().next_seq().await.unwrap();
     assert!(after > before && after < before + 2048, "the sequence moved from {before} to {after}");
     ctl.stop().await.unwrap();
 }
@@ -631,7 +631,7 @@ async fn a_restarted_controller_judges_agent_sequences_against_its_stored_number
         .into_inner();
     assert!(s.message().await.unwrap().is_some(), "welcome");
     drop(s);
-    let next = ctl.controller.next_seq().await.unwrap();
+    let next = ctl.controller.orders().next_seq().await.unwrap();
     assert!(next > jump, "{next}");
     let grpc_addr = ctl.grpc_addr;
     ctl.stop().await.unwrap();

@@ -122,7 +122,7 @@ fn require_admin<T>(req: &Request<T>) -> Result<(String, String), Status> {
 
 /// Why a session the controller ends is ending: revoked, or replaced / shutting down.
 async fn closing_status(ctl: &Controller, agent_id: &str) -> Status {
-    match ctl.check_agent(agent_id).await {
+    match ctl.registry().check_agent(agent_id).await {
         Err(e) => to_status(e),
         Ok(_) => Status::aborted("session replaced or controller shutting down"),
     }
@@ -140,6 +140,7 @@ impl pb::enrollment_server::Enrollment for EnrollmentSvc {
         let span = tracing::info_span!("enroll", ?remote, requested_id = %r.agent_id, region = %r.region);
         let result = self
             .0
+            .registry()
             .enroll(r.token, r.agent_id, r.region, labels(r.labels), r.csr_der)
             .instrument(span.clone())
             .await;
@@ -147,7 +148,7 @@ impl pb::enrollment_server::Enrollment for EnrollmentSvc {
             Ok(e) => Ok(Response::new(pb::EnrollResponse {
                 agent_id: e.agent_id,
                 certificate_pem: e.cert_pem,
-                ca_pem: self.0.ca_pem().to_owned(),
+                ca_pem: self.0.registry().ca_pem().to_owned(),
                 region: e.region,
                 labels: e.labels.into_iter().collect(),
             })),
@@ -176,7 +177,7 @@ impl pb::agent_service_server::AgentService for AgentSvc {
         let (agent_id, serial) = require_agent(&req)?;
         let span = tracing::info_span!("session", %agent_id);
         let ctl = self.0.clone();
-        let rec = match ctl.check_agent_cert(&agent_id, &serial).instrument(span.clone()).await {
+        let rec = match ctl.registry().check_agent_cert(&agent_id, &serial).instrument(span.clone()).await {
             Ok(rec) => rec,
             Err(e) => {
                 span.in_scope(|| tracing::warn!(error = %e, "session refused"));
@@ -206,9 +207,14 @@ impl pb::agent_service_server::AgentService for AgentSvc {
         }
         // A controller restored from a backup may be behind the agents' sequence numbers: its
         // next orders would all be stale. Move past what this agent has applied.
-        ctl.observe_agent_seq(hello.last_order_seq).instrument(span.clone()).await.map_err(to_status)?;
+        ctl.orders()
+            .observe_agent_seq(hello.last_order_seq)
+            .instrument(span.clone())
+            .await
+            .map_err(to_status)?;
         let (order_tx, mut order_rx) = mpsc::channel::<logic::Order>(64);
         let handle = ctl
+            .registry()
             .open_session(
                 &agent_id,
                 hello.agent_version,
@@ -220,17 +226,17 @@ impl pb::agent_service_server::AgentService for AgentSvc {
             .await
             .map_err(to_status)?;
         // An agent that returns (or joins late) gets what it should be running.
-        ctl.converge(&agent_id);
+        ctl.rollouts().converge(&agent_id);
         let (out_tx, out_rx) = mpsc::channel(64);
         let welcome = pb::ControllerMessage {
             msg: Some(pb::controller_message::Msg::Welcome(pb::Welcome {
-                heartbeat_interval_secs: ctl.heartbeat_interval().as_secs().max(1) as u32,
+                heartbeat_interval_secs: ctl.registry().heartbeat_interval().as_secs().max(1) as u32,
             })),
         };
         tell(&out_tx, Ok(welcome)).await;
         // A session that misses three heartbeats is dead even if TCP has not noticed.
-        let silence = ctl.heartbeat_interval() * 3;
-        let mut beats = Heartbeats::new(ctl.heartbeat_interval(), std::time::Instant::now());
+        let silence = ctl.registry().heartbeat_interval() * 3;
+        let mut beats = Heartbeats::new(ctl.registry().heartbeat_interval(), std::time::Instant::now());
         // Only accepted heartbeats keep a session alive, and messages nobody asked for (results
         // of no order in flight, unknown kinds) are bounded between two heartbeats.
         let mut alive_until = tokio::time::Instant::now() + silence;
@@ -280,7 +286,7 @@ impl pb::agent_service_server::AgentService for AgentSvc {
                                         tell(&out_tx, Err(Status::resource_exhausted(format!(
                                             "more than {} heartbeats over the rate in a row; send one every {:?}",
                                             heartbeats::FLOOD_AFTER,
-                                            ctl.heartbeat_interval()
+                                            ctl.registry().heartbeat_interval()
                                         )))).await;
                                         break;
                                     }
@@ -289,7 +295,7 @@ impl pb::agent_service_server::AgentService for AgentSvc {
                                         // Late answers (to orders that timed out) are rare: the
                                         // allowance grows back by one per heartbeat, no faster.
                                         unasked = unasked.saturating_sub(1);
-                                        if let Err(e) = ctl.heartbeat(&handle, v, reported, apps).await {
+                                        if let Err(e) = ctl.registry().heartbeat(&handle, v, reported, apps).await {
                                             tracing::warn!(error = %e, "heartbeat not recorded");
                                         }
                                     }
@@ -297,7 +303,7 @@ impl pb::agent_service_server::AgentService for AgentSvc {
                             }
                             Ok(Ok(Some(m))) => {
                                 let receipt = match m.msg {
-                                    Some(pb::agent_message::Msg::Result(r)) => ctl.order_result(&handle.agent_id, outcome(r)).await,
+                                    Some(pb::agent_message::Msg::Result(r)) => ctl.orders().order_result(&handle.agent_id, outcome(r)).await,
                                     _ => logic::ResultReceipt::Unsolicited,
                                 };
                                 if receipt == logic::ResultReceipt::Unsolicited {
@@ -324,7 +330,7 @@ impl pb::agent_service_server::AgentService for AgentSvc {
                         },
                     }
                 }
-                ctl.end_session(&handle).await;
+                ctl.registry().end_session(&handle).await;
             }
             .instrument(span),
         );
@@ -338,10 +344,10 @@ impl pb::agent_service_server::AgentService for AgentSvc {
         req: Request<pb::DownloadRequest>,
     ) -> Result<Response<Self::DownloadStream>, Status> {
         let (agent_id, serial) = require_agent(&req)?;
-        self.0.check_agent_cert(&agent_id, &serial).await.map_err(to_status)?;
+        self.0.registry().check_agent_cert(&agent_id, &serial).await.map_err(to_status)?;
         let r = req.into_inner();
-        let permit = self.0.download_permit(&agent_id).map_err(to_status)?;
-        let rx = self.0.stream_blob(&r.digest, r.offset).await.map_err(to_status)?;
+        let permit = self.0.releases().download_permit(&agent_id).map_err(to_status)?;
+        let rx = self.0.releases().stream_blob(&r.digest, r.offset).await.map_err(to_status)?;
         tracing::info!(%agent_id, digest = %r.digest, offset = r.offset, "download started");
         let rx = tokio_stream::StreamExt::map(ReceiverStream::new(rx), |chunk| {
             chunk
@@ -361,8 +367,19 @@ impl pb::agent_service_server::AgentService for AgentSvc {
         let (agent_id, serial) = require_agent(&req)?;
         let span = tracing::info_span!("renew", %agent_id);
         // A superseded certificate cannot renew itself back into validity.
-        self.0.check_agent_cert(&agent_id, &serial).instrument(span.clone()).await.map_err(to_status)?;
-        match self.0.renew(agent_id, serial, req.into_inner().csr_der).instrument(span.clone()).await {
+        self.0
+            .registry()
+            .check_agent_cert(&agent_id, &serial)
+            .instrument(span.clone())
+            .await
+            .map_err(to_status)?;
+        match self
+            .0
+            .registry()
+            .renew(agent_id, serial, req.into_inner().csr_der)
+            .instrument(span.clone())
+            .await
+        {
             Ok(pem) => Ok(Response::new(pb::RenewResponse { certificate_pem: pem })),
             Err(e) => {
                 span.in_scope(|| tracing::warn!(error = %e, "renewal refused"));

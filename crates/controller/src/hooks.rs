@@ -24,8 +24,8 @@ use serde_json::json;
 use sha2::{Digest, Sha256};
 
 use crate::config::HooksConfig;
-use crate::logic::alerts::{act, claim_outcome, knows_app, release, Claim, Request, Unavailable};
-use crate::logic::roles::HookActor;
+use crate::logic::alerts::{claim_outcome, Claim, Request, Unavailable};
+use crate::logic::AlertPolicy;
 use crate::time::now;
 
 /// How old a signed request may be.
@@ -85,12 +85,12 @@ impl HookConfig {
 
 #[derive(Clone)]
 struct AppState {
-    ctl: HookActor,
+    ctl: AlertPolicy,
     hooks: HookConfig,
 }
 
-/// The HTTP routes. Hooks act through `ctl`, which can only roll back or pause.
-pub fn router(ctl: HookActor, hooks: HookConfig) -> axum::Router {
+/// The HTTP routes. Hooks act through the alert policy, which can only roll back, pause or abort.
+pub fn router(ctl: AlertPolicy, hooks: HookConfig) -> axum::Router {
     axum::Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/metrics", get(metrics))
@@ -99,7 +99,7 @@ pub fn router(ctl: HookActor, hooks: HookConfig) -> axum::Router {
         .with_state(AppState { ctl, hooks })
 }
 
-fn error(ctl: &HookActor, hook: &str, code: StatusCode, msg: impl Into<String>) -> Response {
+fn error(ctl: &AlertPolicy, hook: &str, code: StatusCode, msg: impl Into<String>) -> Response {
     let msg = msg.into();
     let outcome = match code {
         StatusCode::UNAUTHORIZED => "unauthorized",
@@ -223,7 +223,7 @@ async fn alertmanager(State(st): State<AppState>, headers: HeaderMap, body: Byte
     }
     // Validate every app before acting on any: an error must change nothing.
     for (_, r) in &requests {
-        let known = match knows_app(ctl, &r.app).await {
+        let known = match ctl.knows_app(&r.app).await {
             Ok(k) => k,
             Err(e) => return unavailable(ctl, "alertmanager", e),
         };
@@ -253,11 +253,11 @@ async fn alertmanager(State(st): State<AppState>, headers: HeaderMap, body: Byte
             }
             Err(e) => return unavailable(ctl, "alertmanager", e),
         }
-        let outcome = match act(ctl, &r).await {
+        let outcome = match ctl.act(&r).await {
             Ok(o) => o,
             Err(e) => {
                 // Nothing was done for this alert: give the delivery back so the retry acts.
-                release(ctl, &key).await;
+                ctl.release(&key).await;
                 return unavailable(ctl, "alertmanager", e);
             }
         };
@@ -328,7 +328,7 @@ async fn generic(State(st): State<AppState>, headers: HeaderMap, body: Bytes) ->
             )
         }
     };
-    let known = match knows_app(ctl, &b.app).await {
+    let known = match ctl.knows_app(&b.app).await {
         Ok(k) => k,
         Err(e) => return unavailable(ctl, "rollback", e),
     };
@@ -359,11 +359,11 @@ async fn generic(State(st): State<AppState>, headers: HeaderMap, body: Bytes) ->
         region: b.region,
         reason: b.reason,
     };
-    let outcome = match act(ctl, &r).await {
+    let outcome = match ctl.act(&r).await {
         Ok(o) => o,
         Err(e) => {
             // Nothing was done: the same signed request may be retried.
-            release(ctl, &replay_key).await;
+            ctl.release(&replay_key).await;
             return unavailable(ctl, "rollback", e);
         }
     };
@@ -372,7 +372,7 @@ async fn generic(State(st): State<AppState>, headers: HeaderMap, body: Bytes) ->
         .into_response()
 }
 
-fn unavailable(ctl: &HookActor, hook: &str, e: Unavailable) -> Response {
+fn unavailable(ctl: &AlertPolicy, hook: &str, e: Unavailable) -> Response {
     error(ctl, hook, StatusCode::SERVICE_UNAVAILABLE, e.to_string())
 }
 

@@ -105,7 +105,7 @@ impl Prepared {
             audit_key,
         };
         let controller = Controller::new(ca, store, settings)?;
-        controller.prepare_blob_dir()?;
+        controller.releases().prepare_blob_dir()?;
         controller.load_gauges()?;
         let hooks = crate::hooks::HookConfig::from_config(&config.hooks)?;
         Ok(Self {
@@ -143,9 +143,9 @@ impl Prepared {
         let incoming = convoy_transport::incoming(grpc, self.tls, self.td, self.conn_limits);
         let ctl = self.controller;
         // Unfinished rollouts carry on where they stopped.
-        ctl.resume_rollouts().await?;
+        ctl.rollouts().resume_rollouts().await?;
         // Online agents that drift from their desired state converge, not only on connect.
-        ctl.start_reconcile();
+        ctl.rollouts().start_reconcile();
         // Awaited before returning: the task holds the controller (and so the store's lock),
         // and a stopped controller must release its store for the next one to open it.
         let checkpoints = {
@@ -155,7 +155,7 @@ impl Prepared {
                 loop {
                     tokio::select! {
                         _ = tick.tick() => {
-                            if let Err(e) = ctl.audit_checkpoint_if_grown().await {
+                            if let Err(e) = ctl.audit().checkpoint_if_grown().await {
                                 tracing::error!(error = %e, "audit checkpoint not signed");
                             }
                         }
@@ -186,7 +186,7 @@ impl Prepared {
                     .max_decoding_message_size(MAX_ADMIN_MESSAGE),
             )
             .serve_with_incoming_shutdown(incoming, stop.clone().cancelled_owned());
-        let app = crate::hooks::router(crate::logic::roles::HookActor::new(ctl.clone()), self.hooks);
+        let app = crate::hooks::router(ctl.alerts().clone(), self.hooks);
         // The HTTP listener drains on its own within DRAIN_TIMEOUT of `stop`, then drops what is
         // left, so this task always ends.
         let http_task = tokio::spawn(crate::http::serve(
@@ -399,8 +399,8 @@ mod tests {
         })
         .await
         .unwrap();
-        assert!(ctl.list_agents(None).await.is_err());
-        assert!(ctl.rollouts(None).await.is_err());
+        assert!(ctl.registry().list_agents(None).await.is_err());
+        assert!(ctl.rollouts().rollouts(None).await.is_err());
         // ...and the scrape, which lists none, answers as before.
         assert_eq!(gauges(&scrape(addr).await), before);
 

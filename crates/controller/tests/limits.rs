@@ -7,7 +7,7 @@ use convoy_testkit::support as common;
 use std::time::Duration;
 
 use convoy_bundle::SecretKey;
-use convoy_controller::logic::MAX_DOWNLOADS_PER_AGENT;
+use convoy_controller::logic::releases::MAX_DOWNLOADS_PER_AGENT;
 use convoy_proto::v1 as pb;
 use convoy_testkit::{LocalController, LocalOptions};
 use tonic::Code;
@@ -418,7 +418,7 @@ async fn anonymous_connections_are_short_lived_and_capped_in_total() {
 /// is refused past a burst before anything is written.
 #[tokio::test]
 async fn session_opens_and_audited_actions_are_rate_limited() {
-    use convoy_controller::logic::{ACTIONS_BURST, SESSION_OPENS_BURST};
+    use convoy_controller::logic::{audit::ACTIONS_BURST, registry::SESSION_OPENS_BURST};
     let tmp = tempfile::tempdir().unwrap();
     let ctl = LocalController::start(&tmp.path().join("ctl"), LocalOptions::default()).await.unwrap();
     ctl.enroll(&tmp.path().join("a1"), "a1", "eu-west").await.unwrap();
@@ -440,7 +440,7 @@ async fn session_opens_and_audited_actions_are_rate_limited() {
     assert!(refused >= 1, "no session open was refused");
 
     let mut admin = ctl.admin().await.unwrap();
-    let before = ctl.controller.audit_log(None, None).await.unwrap().len();
+    let before = ctl.controller.audit().entries(None, None).await.unwrap().len();
     let mut refused = 0;
     for _ in 0..ACTIONS_BURST + 20 {
         let r = admin.create_token(pb::CreateTokenRequest { ttl_secs: 60, ..Default::default() }).await;
@@ -451,7 +451,7 @@ async fn session_opens_and_audited_actions_are_rate_limited() {
         }
     }
     assert!(refused >= 1, "no action was refused");
-    let written = ctl.controller.audit_log(None, None).await.unwrap().len() - before;
+    let written = ctl.controller.audit().entries(None, None).await.unwrap().len() - before;
     assert_eq!(written, 2 * (ACTIONS_BURST as usize + 20 - refused), "refused actions wrote nothing");
     ctl.stop().await.unwrap();
 }

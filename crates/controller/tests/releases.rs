@@ -299,7 +299,7 @@ async fn internal_errors_do_not_leak_controller_paths() {
     let bundle = build_release(tmp.path(), &key, "1.0.0", b"payload");
     let info = push(&ctl, &bundle).await.unwrap().release.unwrap();
     // Sabotage the stored blob: a directory where the file was, so reading it fails.
-    let blob = ctl.controller.blob_path(&info.digest).unwrap();
+    let blob = ctl.controller.releases().blob_path(&info.digest).unwrap();
     std::fs::remove_file(&blob).unwrap();
     std::fs::create_dir(&blob).unwrap();
     ctl.enroll(&tmp.path().join("a1"), "a1", "eu-west").await.unwrap();

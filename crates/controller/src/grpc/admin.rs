@@ -31,13 +31,14 @@ impl AdminSvc {
         target: &str,
     ) -> Result<AdminCaller, Status> {
         let (name, serial) = require_admin(req)?;
-        match self.0.authenticate_admin(&name, &serial).await {
+        match self.0.registry().authenticate_admin(&name, &serial).await {
             Ok(caller) => Ok(caller),
             Err(e) => {
                 tracing::warn!(admin = %name, %serial, action = action.audit_name(), error = %e, "admin refused");
                 let params = serde_json::json!({"serial": serial});
                 self.0
-                    .audit_refusal(
+                    .audit()
+                    .refusal(
                         &format!("admin/{name}"),
                         action.audit_name(),
                         target,
@@ -56,7 +57,7 @@ impl AdminSvc {
         if let Err(e) = Principal::Admin(caller.role).authorize(&who, action) {
             tracing::warn!(admin = %who, role = %caller.role, action = action.audit_name(), "admin action refused by role");
             let params = serde_json::json!({"serial": caller.serial, "role": caller.role});
-            self.0.audit_refusal(&who, action.audit_name(), target, params, &format!("refused: {e}")).await;
+            self.0.audit().refusal(&who, action.audit_name(), target, params, &format!("refused: {e}")).await;
             return Err(to_status(e));
         }
         Ok(())
@@ -89,14 +90,14 @@ impl AdminSvc {
         describe: impl FnOnce(&T) -> String,
     ) -> Result<Result<T, logic::Error>, Status> {
         let actor = admin.to_string();
-        self.0.admit_action(&actor).map_err(to_status)?;
-        let intent = self.0.audit_intent(&actor, action, target, params).await.map_err(to_status)?;
+        self.0.audit().admit_action(&actor).map_err(to_status)?;
+        let intent = self.0.audit().intent(&actor, action, target, params).await.map_err(to_status)?;
         let result = run.await;
         let outcome = match &result {
             Ok(v) => describe(v),
             Err(e) => format!("refused: {e}"),
         };
-        self.0.audit_outcome(intent, &actor, action, target, serde_json::json!({}), &outcome).await;
+        self.0.audit().outcome(intent, &actor, action, target, serde_json::json!({}), &outcome).await;
         Ok(result)
     }
 }
@@ -115,6 +116,7 @@ impl pb::admin_service_server::AdminService for AdminSvc {
         let identity = admin.identity();
         let run = self
             .0
+            .registry()
             .create_token(region, labels(r.labels), r.allow_agent_labels, ttl, &identity)
             .instrument(tracing::info_span!("create_token", %admin));
         let params = serde_json::json!({"ttl_secs": r.ttl_secs});
@@ -130,7 +132,7 @@ impl pb::admin_service_server::AdminService for AdminSvc {
         self.caller(&req, Action::ListAgents, "*").await?;
         let r = req.into_inner();
         let region = (!r.region.is_empty()).then_some(r.region);
-        let agents = self.0.list_agents(region).await.map_err(to_status)?;
+        let agents = self.0.registry().list_agents(region).await.map_err(to_status)?;
         let agents = agents
             .into_iter()
             .map(|v| pb::AgentInfo {
@@ -163,7 +165,7 @@ impl pb::admin_service_server::AdminService for AdminSvc {
         let admin = self.caller(&req, Action::PushRelease, "*").await?;
         let span = tracing::info_span!("push_release", %admin);
         let chunks = tokio_stream::StreamExt::map(req.into_inner(), |c| c.map(|c| c.data));
-        let received = self.0.receive_upload(chunks).instrument(span.clone()).await;
+        let received = self.0.releases().receive_upload(chunks).instrument(span.clone()).await;
         let upload = match received {
             Ok(u) => u,
             Err(e) => {
@@ -180,17 +182,18 @@ impl pb::admin_service_server::AdminService for AdminSvc {
         // upload and the outcome names the release.
         let actor = admin.to_string();
         // Dropping the upload on a refusal removes it.
-        self.0.admit_action(&actor).map_err(to_status)?;
+        self.0.audit().admit_action(&actor).map_err(to_status)?;
         let intent = match self
             .0
-            .audit_intent(&actor, "release.push", "upload", serde_json::json!({"bytes": size}))
+            .audit()
+            .intent(&actor, "release.push", "upload", serde_json::json!({"bytes": size}))
             .await
         {
             Ok(seq) => seq,
             // Dropping the upload removes it.
             Err(e) => return Err(to_status(e)),
         };
-        let result = self.0.ingest(upload, actor.clone()).instrument(span.clone()).await;
+        let result = self.0.releases().ingest(upload, actor.clone()).instrument(span.clone()).await;
         let target =
             result.as_ref().map(|(r, _)| format!("{}@{}", r.app, r.version)).unwrap_or_else(|_| "?".into());
         let params =
@@ -199,7 +202,7 @@ impl pb::admin_service_server::AdminService for AdminSvc {
             Ok(_) => "ok".to_string(),
             Err(e) => format!("refused: {e}"),
         };
-        self.0.audit_outcome(intent, &actor, "release.push", &target, params, &outcome).await;
+        self.0.audit().outcome(intent, &actor, "release.push", &target, params, &outcome).await;
         match result {
             Ok((rec, already_present)) => Ok(Response::new(pb::PushReleaseResponse {
                 release: Some(release_info(rec)),
@@ -218,7 +221,8 @@ impl pb::admin_service_server::AdminService for AdminSvc {
     ) -> Result<Response<pb::ListReleasesResponse>, Status> {
         self.caller(&req, Action::ListReleases, "*").await?;
         let app = req.into_inner().app;
-        let list = self.0.list_releases((!app.is_empty()).then_some(app)).await.map_err(to_status)?;
+        let list =
+            self.0.releases().list_releases((!app.is_empty()).then_some(app)).await.map_err(to_status)?;
         Ok(Response::new(pb::ListReleasesResponse { releases: list.into_iter().map(release_info).collect() }))
     }
 
@@ -231,6 +235,7 @@ impl pb::admin_service_server::AdminService for AdminSvc {
         let r = req.into_inner();
         let run = self
             .0
+            .releases()
             .remove_release(r.app, r.version, admin.to_string())
             .instrument(tracing::info_span!("remove_release", %admin));
         let result = self.audited(&admin, "release.rm", &target, serde_json::json!({}), run).await?;
@@ -259,6 +264,7 @@ impl pb::admin_service_server::AdminService for AdminSvc {
         let by = admin.to_string();
         let run = self
             .0
+            .rollouts()
             .rollback(&r.app, &target, from.clone(), to.clone(), &r.reason, &by)
             .instrument(tracing::info_span!("rollback", %admin, app = %r.app));
         let result = self
@@ -344,7 +350,11 @@ impl pb::admin_service_server::AdminService for AdminSvc {
         spec.require_all = r.require_all;
         let params = serde_json::to_value(&spec).unwrap_or_default();
         let by = admin.to_string();
-        let run = self.0.deploy(spec, &by).instrument(tracing::info_span!("deploy", %admin, app = %r.app));
+        let run = self
+            .0
+            .rollouts()
+            .deploy(spec, &by)
+            .instrument(tracing::info_span!("deploy", %admin, app = %r.app));
         let result = self.audited(&admin, "deploy", &target, params, run).await?;
         let id = result.map_err(to_status)?;
         Ok(Response::new(pb::DeployResponse { id }))
@@ -353,7 +363,7 @@ impl pb::admin_service_server::AdminService for AdminSvc {
     async fn get_rollout(&self, req: Request<pb::RolloutRef>) -> Result<Response<pb::Rollout>, Status> {
         self.caller(&req, Action::GetRollout, &req.get_ref().id.clone()).await?;
         let id = req.into_inner().id;
-        let r = self.0.rollout((!id.is_empty()).then_some(id)).await.map_err(to_status)?;
+        let r = self.0.rollouts().rollout((!id.is_empty()).then_some(id)).await.map_err(to_status)?;
         Ok(Response::new(rollout_pb(r)))
     }
 
@@ -363,7 +373,7 @@ impl pb::admin_service_server::AdminService for AdminSvc {
     ) -> Result<Response<pb::ListRolloutsResponse>, Status> {
         self.caller(&req, Action::ListRollouts, "*").await?;
         let app = req.into_inner().app;
-        let list = self.0.rollouts((!app.is_empty()).then_some(app)).await.map_err(to_status)?;
+        let list = self.0.rollouts().rollouts((!app.is_empty()).then_some(app)).await.map_err(to_status)?;
         Ok(Response::new(pb::ListRolloutsResponse { rollouts: list.into_iter().map(rollout_pb).collect() }))
     }
 
@@ -385,10 +395,11 @@ impl pb::admin_service_server::AdminService for AdminSvc {
         };
         tracing::info!(%admin, rollout = %r.id, action = %r.action, "rollout control");
         let action = format!("rollout.{}", r.action);
-        let result =
-            self.audited(&admin, &action, &r.id, serde_json::json!({}), self.0.control(&r.id, cmd)).await?;
+        let result = self
+            .audited(&admin, &action, &r.id, serde_json::json!({}), self.0.rollouts().control(&r.id, cmd))
+            .await?;
         result.map_err(to_status)?;
-        let view = self.0.rollout(Some(r.id)).await.map_err(to_status)?;
+        let view = self.0.rollouts().rollout(Some(r.id)).await.map_err(to_status)?;
         Ok(Response::new(rollout_pb(view)))
     }
 
@@ -413,17 +424,18 @@ impl pb::admin_service_server::AdminService for AdminSvc {
                     created_by: admin.to_string(),
                 };
                 let params = serde_json::to_value(&f).unwrap_or_default();
-                let result = self.audited(&admin, "freeze.add", "*", params, self.0.freeze_add(f)).await?;
+                let result =
+                    self.audited(&admin, "freeze.add", "*", params, self.0.rollouts().freeze_add(f)).await?;
                 let f = result.map_err(to_status)?;
                 Ok(Response::new(pb::FreezeResponse { windows: vec![freeze_pb(f)], removed: String::new() }))
             }
             "list" => {
-                let list = self.0.freezes().await.map_err(to_status)?;
+                let list = self.0.rollouts().freezes().await.map_err(to_status)?;
                 let windows = list.into_iter().map(freeze_pb).collect();
                 Ok(Response::new(pb::FreezeResponse { windows, removed: String::new() }))
             }
             "rm" => {
-                let run = self.0.freeze_rm(r.id.clone());
+                let run = self.0.rollouts().freeze_rm(r.id.clone());
                 let result = self.audited(&admin, "freeze.rm", &r.id, serde_json::json!({}), run).await?;
                 result.map_err(to_status)?;
                 Ok(Response::new(pb::FreezeResponse { windows: vec![], removed: r.id }))
@@ -445,7 +457,7 @@ impl pb::admin_service_server::AdminService for AdminSvc {
         let caller = admin.clone();
         let run = async move {
             match role.parse::<Role>() {
-                Ok(role) => ctl.add_admin(name, role, csr, &caller).await,
+                Ok(role) => ctl.registry().add_admin(name, role, csr, &caller).await,
                 Err(e) => Err(e),
             }
         };
@@ -453,7 +465,7 @@ impl pb::admin_service_server::AdminService for AdminSvc {
         let issued = result.map_err(to_status)?;
         Ok(Response::new(pb::IssueAdminResponse {
             certificate_pem: issued.cert_pem,
-            ca_pem: self.0.ca_pem().to_owned(),
+            ca_pem: self.0.registry().ca_pem().to_owned(),
             serial: issued.serial,
         }))
     }
@@ -470,12 +482,12 @@ impl pb::admin_service_server::AdminService for AdminSvc {
         let action = if name == admin.name { Action::RekeySelf } else { Action::RekeyOther };
         let target = format!("admin/{name}");
         self.check_role(&admin, action, &target).await?;
-        let run = self.0.rekey_admin(name, req.into_inner().csr_der, &admin);
+        let run = self.0.registry().rekey_admin(name, req.into_inner().csr_der, &admin);
         let result = self.audited(&admin, action.audit_name(), &target, serde_json::json!({}), run).await?;
         let issued = result.map_err(to_status)?;
         Ok(Response::new(pb::IssueAdminResponse {
             certificate_pem: issued.cert_pem,
-            ca_pem: self.0.ca_pem().to_owned(),
+            ca_pem: self.0.registry().ca_pem().to_owned(),
             serial: issued.serial,
         }))
     }
@@ -489,7 +501,7 @@ impl pb::admin_service_server::AdminService for AdminSvc {
         let r = req.into_inner();
         let serial = (!r.serial.is_empty()).then_some(r.serial);
         let params = serde_json::json!({"serial": serial});
-        let run = self.0.revoke_admin(r.name, serial.clone(), &admin);
+        let run = self.0.registry().revoke_admin(r.name, serial.clone(), &admin);
         let result = self.audited(&admin, Action::RevokeAdmin.audit_name(), &target, params, run).await?;
         let revoked_serials = result.map_err(to_status)?;
         Ok(Response::new(pb::RevokeAdminResponse { revoked_serials }))
@@ -500,7 +512,7 @@ impl pb::admin_service_server::AdminService for AdminSvc {
         req: Request<pb::ListAdminsRequest>,
     ) -> Result<Response<pb::ListAdminsResponse>, Status> {
         self.caller(&req, Action::ListAdmins, "*").await?;
-        let admins = self.0.list_admins().await.map_err(to_status)?;
+        let admins = self.0.registry().list_admins().await.map_err(to_status)?;
         Ok(Response::new(pb::ListAdminsResponse { admins: admins.into_iter().map(admin_info).collect() }))
     }
 
@@ -508,7 +520,7 @@ impl pb::admin_service_server::AdminService for AdminSvc {
         self.caller(&req, Action::Audit, "*").await?;
         let r = req.into_inner();
         if r.export_checkpoint {
-            let cp = self.0.audit_checkpoint().await.map_err(to_status)?;
+            let cp = self.0.audit().checkpoint().await.map_err(to_status)?;
             return Ok(Response::new(pb::AuditResponse {
                 checkpoint: Some(checkpoint_pb(cp)),
                 ..Default::default()
@@ -516,7 +528,7 @@ impl pb::admin_service_server::AdminService for AdminSvc {
         }
         if r.verify {
             let given = r.given_checkpoint.map(checkpoint);
-            let v = self.0.audit_verify_with(given).await.map_err(to_status)?;
+            let v = self.0.audit().verify_with(given).await.map_err(to_status)?;
             return Ok(Response::new(pb::AuditResponse {
                 verification: Some(verification_pb(v)),
                 ..Default::default()
@@ -524,7 +536,7 @@ impl pb::admin_service_server::AdminService for AdminSvc {
         }
         let app = (!r.app.is_empty()).then_some(r.app);
         let since = (r.since_unix > 0).then_some(r.since_unix);
-        let entries = self.0.audit_log(app, since).await.map_err(to_status)?;
+        let entries = self.0.audit().entries(app, since).await.map_err(to_status)?;
         Ok(Response::new(pb::AuditResponse {
             entries: entries.into_iter().map(audit_entry_pb).collect(),
             ..Default::default()
@@ -533,7 +545,7 @@ impl pb::admin_service_server::AdminService for AdminSvc {
 
     async fn status(&self, req: Request<pb::StatusRequest>) -> Result<Response<pb::FleetStatus>, Status> {
         self.caller(&req, Action::Status, "*").await?;
-        Ok(Response::new(fleet_status_pb(self.0.fleet_status().await.map_err(to_status)?)))
+        Ok(Response::new(fleet_status_pb(self.0.rollouts().fleet_status().await.map_err(to_status)?)))
     }
 
     async fn logs(&self, req: Request<pb::LogsRequest>) -> Result<Response<pb::LogsResponse>, Status> {
@@ -544,7 +556,7 @@ impl pb::admin_service_server::AdminService for AdminSvc {
         let target = format!("{}/{}", r.agent_id, r.app);
         let params = serde_json::json!({"agent": r.agent_id, "app": r.app, "lines": lines});
         let kind = OrderKind::Logs { app: r.app, lines };
-        let run = self.0.send_order(&r.agent_id, kind, Duration::from_secs(30));
+        let run = self.0.orders().send_order(&r.agent_id, kind, Duration::from_secs(30));
         let o = self
             .audited_with(&admin, "logs.read", &target, params, run, |o| {
                 if o.is_done() {
@@ -570,6 +582,7 @@ impl pb::admin_service_server::AdminService for AdminSvc {
         let identity = admin.identity();
         let run = self
             .0
+            .registry()
             .revoke_agent(&id, &identity)
             .instrument(tracing::info_span!("revoke_agent", %admin, agent_id = %id));
         let result = self.audited(&admin, "agent.revoke", &id, serde_json::json!({}), run).await?;

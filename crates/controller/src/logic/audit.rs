@@ -18,7 +18,8 @@ use convoy_pki::StatementSigner;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use super::{now, Controller, Error, Result};
+use super::core::{blocking_method, Core};
+use super::{now, take_token, Buckets, Error, Result};
 use crate::store::Tree;
 
 /// Refused calls recorded per actor back to back before the rate of one a second applies.
@@ -215,16 +216,60 @@ fn check_against(hashes: &[String], cp: &Checkpoint, what: &str) -> std::result:
     Ok(())
 }
 
-impl Controller {
+/// Audited actions one admin may take back to back before the rate of one a second applies.
+pub const ACTIONS_BURST: u32 = 60;
+
+/// The audit log: appends (intent, outcome, refusals), checkpoints and verification. Cheap to
+/// clone.
+#[derive(Clone)]
+pub struct Audit {
+    core: Core,
+    inner: Arc<State>,
+}
+
+struct State {
+    /// Serializes appends and checkpoints.
+    lock: std::sync::Mutex<()>,
+    /// The audit rate of refused calls, per actor.
+    refusals: std::sync::Mutex<RefusalLimits>,
+    /// Per admin: audited actions still allowed now.
+    action_rate: Buckets,
+}
+
+impl Audit {
+    pub(crate) fn new(core: Core) -> Self {
+        Self {
+            core,
+            inner: Arc::new(State {
+                lock: Default::default(),
+                refusals: Default::default(),
+                action_rate: Default::default(),
+            }),
+        }
+    }
+
+    blocking_method!();
+
+    /// Admits one audited action of `actor`: at most [`ACTIONS_BURST`] back to back and one a
+    /// second after that. Each writes (and flushes) two audit entries, so a caller looping on
+    /// an action, even one that fails, must not grow the log without bound.
+    pub fn admit_action(&self, actor: &str) -> Result<()> {
+        if take_token(&self.inner.action_rate, actor, ACTIONS_BURST) {
+            Ok(())
+        } else {
+            Err(Error::Busy(format!("{actor} is acting too often: retry in a second")))
+        }
+    }
+
     fn audit_key(&self) -> &AuditKey {
-        &self.inner.settings.audit_key
+        &self.core.settings.audit_key
     }
 
     /// Appends one entry and flushes; signs a checkpoint when the log reaches a multiple of
     /// [`CHECKPOINT_EVERY`]. Blocking.
     fn append_blocking(&self, mut e: AuditEntry) -> Result<AuditEntry> {
-        let _g = self.inner.audit_lock.lock().unwrap_or_else(|p| p.into_inner());
-        let written = self.inner.store.append_audit::<AuditEntry>(|last| {
+        let _g = self.inner.lock.lock().unwrap_or_else(|p| p.into_inner());
+        let written = self.core.store.append_audit::<AuditEntry>(|last| {
             let (seq, prev_hash) = match last {
                 Some(l) => (l.seq + 1, l.hash),
                 None => (1, GENESIS.to_owned()),
@@ -253,7 +298,7 @@ impl Controller {
     /// Records a refused call, at most [`REFUSALS_BURST`] per actor back to back and one a
     /// second after that: past the rate, refusals are counted and the next one recorded says how
     /// many were not (a caller hammering refused calls must not grow the log without bound).
-    pub async fn audit_refusal(
+    pub async fn refusal(
         &self,
         actor: &str,
         action: &str,
@@ -289,10 +334,10 @@ impl Controller {
                 o.insert("refusals_not_recorded_before".into(), suppressed.into());
             }
         }
-        self.audit(actor, action, target, params, outcome).await;
+        self.record(actor, action, target, params, outcome).await;
     }
 
-    pub async fn audit(
+    pub async fn record(
         &self,
         actor: &str,
         action: &str,
@@ -308,7 +353,7 @@ impl Controller {
     /// Records that `actor` is about to do `action`, flushed before returning. Returns the
     /// entry's sequence number for [`Self::audit_outcome`]. An error means the action must not
     /// run: it could not be accounted for.
-    pub async fn audit_intent(
+    pub async fn intent(
         &self,
         actor: &str,
         action: &str,
@@ -330,7 +375,7 @@ impl Controller {
 
     /// Records how the action announced by intent `intent` ended. The action has happened, so a
     /// failure here is logged loudly rather than returned.
-    pub async fn audit_outcome(
+    pub async fn outcome(
         &self,
         intent: u64,
         actor: &str,
@@ -355,7 +400,7 @@ impl Controller {
     /// contains what the latest checkpoint vouches for: signing it would launder a truncation.
     /// The caller holds the audit lock.
     fn checkpoint_locked(&self, fresh: bool) -> Result<Option<Checkpoint>> {
-        let store = &self.inner.store;
+        let store = &self.core.store;
         let (seq, head) = match store.audit_last_seq()? {
             Some(seq) => {
                 let raw =
@@ -398,18 +443,18 @@ impl Controller {
     }
 
     /// Signs a checkpoint if the log grew since the last one (the periodic routine).
-    pub async fn audit_checkpoint_if_grown(&self) -> Result<Option<Checkpoint>> {
+    pub async fn checkpoint_if_grown(&self) -> Result<Option<Checkpoint>> {
         self.blocking(|c| {
-            let _g = c.inner.audit_lock.lock().unwrap_or_else(|p| p.into_inner());
+            let _g = c.inner.lock.lock().unwrap_or_else(|p| p.into_inner());
             c.checkpoint_locked(false)
         })
         .await
     }
 
     /// Signs and stores a fresh checkpoint of the current head, for export.
-    pub async fn audit_checkpoint(&self) -> Result<Checkpoint> {
+    pub async fn checkpoint(&self) -> Result<Checkpoint> {
         self.blocking(|c| {
-            let _g = c.inner.audit_lock.lock().unwrap_or_else(|p| p.into_inner());
+            let _g = c.inner.lock.lock().unwrap_or_else(|p| p.into_inner());
             c.checkpoint_locked(true)?.ok_or_else(|| Error::Internal("no checkpoint was signed".into()))
         })
         .await
@@ -427,10 +472,10 @@ impl Controller {
     }
 
     /// Entries, optionally only one app's and only since a time.
-    pub async fn audit_log(&self, app: Option<String>, since: Option<i64>) -> Result<Vec<AuditEntry>> {
+    pub async fn entries(&self, app: Option<String>, since: Option<i64>) -> Result<Vec<AuditEntry>> {
         self.blocking(move |c| {
             let mut out = Vec::new();
-            for (_, v) in c.inner.store.audit_raw()? {
+            for (_, v) in c.core.store.audit_raw()? {
                 let Ok(e) = serde_json::from_value::<AuditEntry>(v) else { continue };
                 let app_ok = app.as_deref().is_none_or(|a| {
                     e.target == a
@@ -449,18 +494,18 @@ impl Controller {
 
     /// Checks the whole chain and the latest stored checkpoint. Returns the number of entries,
     /// or what is wrong and where.
-    pub async fn audit_verify(&self) -> Result<std::result::Result<usize, String>> {
-        Ok(self.audit_verify_with(None).await?.map(|v| v.entries))
+    pub async fn verify(&self) -> Result<std::result::Result<usize, String>> {
+        Ok(self.verify_with(None).await?.map(|v| v.entries))
     }
 
     /// Checks the whole chain, then that it still holds what a checkpoint vouches for: `given`
     /// (one exported earlier and kept elsewhere), else the latest stored one.
-    pub async fn audit_verify_with(
+    pub async fn verify_with(
         &self,
         given: Option<Checkpoint>,
     ) -> Result<std::result::Result<Verified, String>> {
         self.blocking(move |c| {
-            let entries = c.inner.store.audit_raw()?;
+            let entries = c.core.store.audit_raw()?;
             let hashes = match check_chain(&entries) {
                 Ok(h) => h,
                 Err(problem) => return Ok(Err(problem)),
@@ -468,7 +513,7 @@ impl Controller {
             let (cp, what) = match given {
                 Some(cp) => (Some(cp), "given checkpoint"),
                 None => (
-                    c.inner.store.last::<Checkpoint>(Tree::AuditCheckpoints)?.map(|(_, cp)| cp),
+                    c.core.store.last::<Checkpoint>(Tree::AuditCheckpoints)?.map(|(_, cp)| cp),
                     "latest checkpoint",
                 ),
             };
@@ -486,10 +531,10 @@ impl Controller {
     }
 }
 
-impl Controller {
+impl Audit {
     /// The raw audit tree, for tests that tamper with the log to prove verification catches it.
     pub fn audit_tree_for_tests(&self) -> Result<sled::Tree> {
-        Ok(self.inner.store.audit_tree()?)
+        Ok(self.core.store.audit_tree()?)
     }
 }
 

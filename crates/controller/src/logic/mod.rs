@@ -1,22 +1,16 @@
-//! The controller's logic: enrollment, certificate renewal, the agent registry and live sessions.
-//! Nothing here knows about gRPC; [`crate::grpc`] translates to and from the wire.
+//! The controller's logic, as services: [`Registry`] (enrollment, agent identity, sessions,
+//! admins), [`Releases`] (bundles), [`Orders`] (orders to agents), [`Rollouts`] (rollouts,
+//! rollbacks, desired state, freezes), [`Audit`] (the hash-chained log) and [`AlertPolicy`]
+//! (what an alert does). [`Controller`] wires them once. Nothing here knows about gRPC or HTTP;
+//! [`crate::grpc`] and [`crate::hooks`] parse, authorize and call.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::AtomicI64;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use base64::Engine;
-use convoy_pki::{Ca, Identity};
-use sha2::{Digest, Sha256};
-use tokio::sync::mpsc;
-use tokio_util::sync::CancellationToken;
+use convoy_pki::Ca;
 
-mod releases;
-
-pub use releases::{BlobChunk, Upload, UploadError, BUNDLE_CHUNK};
-
-use crate::store::{self, AgentRecord, EnrollConflict, ReportedRelease, Store, TokenRecord};
+use crate::store::{self, Store};
 
 /// Everything the controller refuses, each with the specific reason.
 #[derive(Debug, thiserror::Error)]
@@ -104,10 +98,6 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 pub use crate::time::now;
 
-fn token_hash(token: &str) -> Vec<u8> {
-    Sha256::digest(token.as_bytes()).to_vec()
-}
-
 /// Checks a region or label string: short, printable, no separators that would confuse a shell
 /// or a selector.
 pub fn validate_word(what: &str, s: &str) -> Result<()> {
@@ -131,22 +121,24 @@ fn validate_labels(labels: &BTreeMap<String, String>) -> Result<()> {
     Ok(())
 }
 
-pub mod admins;
 pub(crate) mod alerts;
 pub mod audit;
-mod enrollment;
+pub(crate) mod core;
 pub mod heartbeats;
 mod orders;
+pub mod registry;
+pub mod releases;
 pub mod roles;
 pub mod rollouts;
-mod sessions;
 
-pub use orders::{Answer, Order, OrderKind, OrderOutcome, ResultReceipt, Target};
+pub use alerts::AlertPolicy;
+pub use audit::Audit;
+pub use orders::{Answer, Order, OrderKind, OrderOutcome, Orders, ResultReceipt, Target};
+pub use registry::{admins, AgentView, Enrolled, Registry, SessionHandle, SessionTx};
+pub use releases::{BlobChunk, Releases, Upload, UploadError, BUNDLE_CHUNK};
+pub use rollouts::Rollouts;
 
-/// Sessions one agent may open back to back before the rate of one a second applies.
-pub const SESSION_OPENS_BURST: u32 = 10;
-/// Audited actions one admin may take back to back before the rate of one a second applies.
-pub const ACTIONS_BURST: u32 = 60;
+use self::core::Core;
 
 /// Per key: tokens left and when they were last topped up.
 type Buckets = Mutex<HashMap<String, (u32, std::time::Instant)>>;
@@ -172,31 +164,23 @@ fn take_token(buckets: &Buckets, key: &str, burst: u32) -> bool {
     true
 }
 
-/// Orders in flight: (agent, seq) → the order's app and who waits for the answer.
-pub(crate) type PendingOrders = HashMap<(String, u64), (String, tokio::sync::oneshot::Sender<OrderOutcome>)>;
-
-/// The sending half of an agent's live session.
-pub type SessionTx = mpsc::Sender<Order>;
-
-struct Session {
-    id: u64,
-    /// The agent's region, for the online gauge.
-    region: String,
-    cancel: CancellationToken,
-    tx: SessionTx,
-    /// Unix time of the last heartbeat accepted, newer than the stored one while the
-    /// agent's reports are unchanged.
-    last_seen: Arc<AtomicI64>,
-}
-
-/// What the controller runs on: its CA, its store and the live sessions. Cheap to clone.
+/// The controller: its services, wired once, each reaching only the services it depends on
+/// (the arrows point one way: `AlertPolicy` → `Rollouts` → `Orders` → `Registry`; `Releases`,
+/// `Audit` and the shared [`Core`] below them). Cheap to clone.
 #[derive(Clone)]
 pub struct Controller {
-    inner: Arc<Inner>,
+    inner: Arc<Services>,
 }
 
-/// Download streams one agent may have open at once (an agent downloads at most two at a time).
-pub const MAX_DOWNLOADS_PER_AGENT: usize = 4;
+struct Services {
+    core: Core,
+    audit: Audit,
+    registry: Registry,
+    releases: Releases,
+    orders: Orders,
+    rollouts: Rollouts,
+    alerts: AlertPolicy,
+}
 
 /// How long an agent's previous certificate stays valid after a renewal: long enough for calls
 /// in flight to finish, short enough that a copied old key is soon useless. A tenth of the
@@ -222,123 +206,69 @@ pub struct Settings {
     pub audit_key: audit::AuditKey,
 }
 
-struct Inner {
-    ca: Ca,
-    store: Store,
-    settings: Settings,
-    sessions: Mutex<HashMap<String, Session>>,
-    next_session: std::sync::atomic::AtomicU64,
-    /// Orders in flight: (agent, seq) → the order's app and who waits for the answer.
-    pending: Mutex<PendingOrders>,
-    /// The audit rate of refused calls, per actor.
-    refusals: Mutex<audit::RefusalLimits>,
-    /// Per agent: session opens still allowed now, and when that was last topped up.
-    session_opens: Buckets,
-    /// Per admin: audited actions still allowed now.
-    action_rate: Buckets,
-    seq: Mutex<(u64, u64)>,
-    drivers: Mutex<HashMap<String, rollouts::ControlTx>>,
-    converging: Mutex<std::collections::HashSet<String>>,
-    /// Cancelled when the controller shuts down: background drivers stop with it.
-    shutdown: CancellationToken,
-    /// Session tasks, which hold the controller (and so its store): a stopping controller
-    /// waits for them, so the next one can open the store.
-    tasks: tokio_util::task::TaskTracker,
-    audit_lock: Mutex<()>,
-    /// Download streams in progress per agent: each holds an open file and buffers, and an agent
-    /// that opens streams without reading them must not exhaust the controller.
-    downloads: Mutex<HashMap<String, Arc<tokio::sync::Semaphore>>>,
-    /// Serializes changes to admin records (read, change, write).
-    admins_lock: Mutex<()>,
-    pub(crate) metrics: crate::metrics::Metrics,
-    pub(crate) notifier: crate::notify::Notifier,
-}
-
-/// The result of a successful enrollment.
-#[derive(Debug)]
-pub struct Enrolled {
-    pub agent_id: String,
-    pub cert_pem: String,
-    pub region: String,
-    pub labels: BTreeMap<String, String>,
-}
-
-/// An agent as listed for admins.
-#[derive(Clone, Debug)]
-pub struct AgentView {
-    pub record: AgentRecord,
-    pub online: bool,
-}
-
-/// Handle for a registered session; dropping it does not end the session, [`Controller::end_session`] does.
-#[derive(Debug)]
-pub struct SessionHandle {
-    pub agent_id: String,
-    pub session_id: u64,
-    pub cancel: CancellationToken,
-    last_seen: Arc<AtomicI64>,
-}
-
 impl Controller {
-    /// Reads the store, so it runs on a blocking thread.
+    /// Wires the services over `store`. Reads the store, so it runs on a blocking thread.
     pub fn new(ca: Ca, store: Store, settings: Settings) -> Result<Self> {
-        let notifier = crate::notify::Notifier::new(settings.notify_urls.clone());
-        // Orders continue after every number reserved before: agents' sequence reports are
-        // judged against that from the first hello on, not against zero.
-        let reserved = store.seq_reserved()?;
-        Ok(Self {
-            inner: Arc::new(Inner {
-                ca,
-                store,
-                settings,
-                sessions: Mutex::new(HashMap::new()),
-                next_session: 1.into(),
-                pending: Mutex::new(HashMap::new()),
-                refusals: Mutex::new(HashMap::new()),
-                session_opens: Mutex::new(HashMap::new()),
-                action_rate: Mutex::new(HashMap::new()),
-                seq: Mutex::new((reserved, reserved)),
-                drivers: Mutex::new(HashMap::new()),
-                converging: Mutex::new(Default::default()),
-                shutdown: CancellationToken::new(),
-                tasks: tokio_util::task::TaskTracker::new(),
-                audit_lock: Mutex::new(()),
-                downloads: Mutex::new(HashMap::new()),
-                admins_lock: Mutex::new(()),
-                metrics: Default::default(),
-                notifier,
-            }),
-        })
+        let core = Core::new(store, settings);
+        let audit = Audit::new(core.clone());
+        let registry = Registry::new(core.clone(), ca);
+        let releases = Releases::new(core.clone());
+        let orders = Orders::new(core.clone(), registry.clone())?;
+        let rollouts = Rollouts::new(core.clone(), registry.clone(), orders.clone(), audit.clone());
+        let alerts = AlertPolicy::new(
+            core.clone(),
+            audit.clone(),
+            registry.clone(),
+            releases.clone(),
+            rollouts.clone(),
+        );
+        Ok(Self { inner: Arc::new(Services { core, audit, registry, releases, orders, rollouts, alerts }) })
     }
 
-    /// A permit for one download stream of `agent_id`, or `Busy` when it already has
-    /// [`MAX_DOWNLOADS_PER_AGENT`] in progress.
-    pub fn download_permit(&self, agent_id: &str) -> Result<tokio::sync::OwnedSemaphorePermit> {
-        let sem = self
-            .inner
-            .downloads
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .entry(agent_id.to_owned())
-            .or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(MAX_DOWNLOADS_PER_AGENT)))
-            .clone();
-        sem.try_acquire_owned().map_err(|_| {
-            Error::Busy(format!(
-                "agent {agent_id} already has {MAX_DOWNLOADS_PER_AGENT} downloads in progress; finish or cancel one first"
-            ))
-        })
+    /// The audit log.
+    pub fn audit(&self) -> &Audit {
+        &self.inner.audit
+    }
+
+    /// Enrollment, agent identity, live sessions and admins.
+    pub fn registry(&self) -> &Registry {
+        &self.inner.registry
+    }
+
+    /// Release bundles: ingest, listing, streaming to agents.
+    pub fn releases(&self) -> &Releases {
+        &self.inner.releases
+    }
+
+    /// Orders to agents and their answers.
+    pub fn orders(&self) -> &Orders {
+        &self.inner.orders
+    }
+
+    /// Rollouts, fleet rollbacks, desired state, freezes and fleet status.
+    pub fn rollouts(&self) -> &Rollouts {
+        &self.inner.rollouts
+    }
+
+    /// What alerts and signed hook calls do to the fleet.
+    pub fn alerts(&self) -> &AlertPolicy {
+        &self.inner.alerts
     }
 
     pub(crate) fn metrics(&self) -> &crate::metrics::Metrics {
-        &self.inner.metrics
+        self.inner.core.metrics()
+    }
+
+    pub(crate) fn store(&self) -> &Store {
+        &self.inner.core.store
     }
 
     /// Sets the metrics' gauges from the store: call once, before the controller serves (it
     /// blocks on the store). From then on they move with the changes, and a scrape reads only
     /// them.
     pub(crate) fn load_gauges(&self) -> Result<()> {
-        let agents = self.inner.store.agents()?;
-        let rollouts: Vec<(String, rollouts::Rollout)> = self.inner.store.list(store::Tree::Rollouts)?;
+        let agents = self.store().agents()?;
+        let rollouts: Vec<(String, rollouts::Rollout)> = self.store().list(store::Tree::Rollouts)?;
         self.metrics().load_gauges(
             agents.into_iter().map(|a| (a.region, a.revoked)),
             rollouts.into_iter().map(|(id, r)| (id, r.state)),
@@ -346,62 +276,28 @@ impl Controller {
         Ok(())
     }
 
-    pub(crate) fn store(&self) -> &Store {
-        &self.inner.store
+    /// Runs a task that holds the controller and ends at shutdown (a session's loop).
+    pub fn spawn_tracked<F>(&self, task: F)
+    where
+        F: std::future::Future<Output = ()> + Send + 'static,
+    {
+        self.inner.core.tasks.spawn(task);
     }
 
-    pub(crate) fn notify(&self, kind: &str, event: serde_json::Value) {
-        self.inner.notifier.send(kind, event);
+    /// Stops background work and closes every live session, so that a graceful shutdown does
+    /// not wait on streams that would otherwise never end. Agents reconnect to the next
+    /// controller.
+    pub fn close_all_sessions(&self) {
+        self.inner.core.shutdown.cancel();
+        self.inner.registry.close_all_sessions();
     }
 
-    pub fn ca_pem(&self) -> &str {
-        self.inner.ca.cert_pem()
-    }
-
-    pub fn heartbeat_interval(&self) -> Duration {
-        self.inner.settings.heartbeat_interval
-    }
-
-    /// Runs a blocking store operation off the async threads.
-    pub(crate) async fn blocking<T: Send + 'static>(
-        &self,
-        f: impl FnOnce(&Controller) -> Result<T> + Send + 'static,
-    ) -> Result<T> {
-        let this = self.clone();
-        tokio::task::spawn_blocking(move || f(&this))
-            .await
-            .map_err(|e| Error::Internal(format!("blocking task failed: {e}")))?
-    }
-
-    /// Revokes an agent: it is refused from now on, and its live session is closed.
-    pub async fn revoke_agent(&self, agent_id: &str, by: &Identity) -> Result<bool> {
-        let id = agent_id.to_owned();
-        let (updated, newly) = self
-            .blocking(move |c| {
-                // The closure may run more than once (a concurrent update retries it); the value
-                // of its last run is the one written.
-                let mut newly = false;
-                let updated = c.inner.store.update_agent(&id, true, |r| {
-                    newly = !r.revoked;
-                    r.revoked = true;
-                })?;
-                Ok((updated, newly))
-            })
-            .await?;
-        let Some(record) = updated else {
-            return Err(Error::UnknownAgent(agent_id.to_owned()));
-        };
-        let live = {
-            let mut sessions = self.lock_sessions();
-            let live = sessions.remove(agent_id);
-            self.metrics().agent_revoked(&record.region, newly, live.is_some());
-            live
-        };
-        let was_online = live.is_some();
-        if let Some(s) = live {
-            s.cancel.cancel();
+    /// Waits up to `limit` for tracked tasks to end, after sessions were closed.
+    pub async fn wait_for_tasks(&self, limit: Duration) {
+        let tasks = &self.inner.core.tasks;
+        tasks.close();
+        if tokio::time::timeout(limit, tasks.wait()).await.is_err() {
+            tracing::warn!(left = tasks.len(), "session tasks still running at shutdown");
         }
-        tracing::warn!(agent_id, by = %by, was_online, "agent revoked");
-        Ok(was_online)
     }
 }

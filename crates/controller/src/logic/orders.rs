@@ -2,11 +2,13 @@
 //! agent's live session, answered by an order result.
 
 use std::collections::HashMap;
-use std::time::{Duration, Instant};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use tokio::sync::oneshot;
 
-use super::{now, Controller, Error, Result};
+use super::core::{blocking_method, Core};
+use super::{now, Error, Registry, Result};
 use crate::store::AppStatusRecord;
 
 /// What an order asks an agent to do.
@@ -119,16 +121,6 @@ pub enum Target {
     All,
 }
 
-/// A name or version in an admin request that is not valid, worded as the request's `field`
-/// (the bundle crate words the same check as a manifest problem).
-fn invalid(field: &str, e: convoy_bundle::Error) -> Error {
-    let why = match e {
-        convoy_bundle::Error::BadManifest(m) => m,
-        other => other.to_string(),
-    };
-    Error::InvalidArgument(format!("{field}: {why}"))
-}
-
 /// Sequence numbers are reserved in blocks, durably, so numbering never goes backwards across a
 /// controller restart without a flush per order.
 const SEQ_BLOCK: u64 = 1024;
@@ -141,7 +133,41 @@ const MAX_SEQ_JUMP: u64 = 1 << 20;
 /// can number orders beyond what honest agents accept.
 pub const MAX_SEQ_JUMPS_TOTAL: u64 = 1 << 31;
 
-impl Controller {
+/// Orders in flight: (agent, seq) → the order's app and who waits for the answer.
+type PendingOrders = HashMap<(String, u64), (String, oneshot::Sender<OrderOutcome>)>;
+
+/// Orders to agents: numbering, sending, and the answers. Cheap to clone.
+#[derive(Clone)]
+pub struct Orders {
+    core: Core,
+    registry: Registry,
+    inner: Arc<State>,
+}
+
+struct State {
+    pending: Mutex<PendingOrders>,
+    /// The next number, and the end of the block reserved in the store.
+    seq: Mutex<(u64, u64)>,
+}
+
+impl Orders {
+    /// Reads the store (the numbering continues after every number reserved before, and
+    /// agents' sequence reports are judged against that from the first hello on), so it runs
+    /// on a blocking thread.
+    pub(crate) fn new(core: Core, registry: Registry) -> Result<Self> {
+        let reserved = core.store.seq_reserved()?;
+        Ok(Self {
+            core,
+            registry,
+            inner: Arc::new(State {
+                pending: Mutex::new(HashMap::new()),
+                seq: Mutex::new((reserved, reserved)),
+            }),
+        })
+    }
+
+    blocking_method!();
+
     /// The next order sequence number.
     pub async fn next_seq(&self) -> Result<u64> {
         {
@@ -151,7 +177,7 @@ impl Controller {
                 return Ok(s.0 - 1);
             }
         }
-        let (from, to) = self.blocking(|c| Ok(c.inner.store.reserve_seq(SEQ_BLOCK)?)).await?;
+        let (from, to) = self.blocking(|c| Ok(c.core.store.reserve_seq(SEQ_BLOCK)?)).await?;
         let mut s = self.inner.seq.lock().unwrap_or_else(|p| p.into_inner());
         if s.0 >= s.1 {
             *s = (from, to);
@@ -161,15 +187,6 @@ impl Controller {
         }
         s.0 += 1;
         Ok(s.0 - 1)
-    }
-
-    /// Whether the controller has marked `app@version` bad.
-    pub async fn is_marked_bad(&self, app: &str, version: &str) -> Result<bool> {
-        let key = format!("{app}@{version}");
-        self.blocking(move |c| {
-            Ok(c.inner.store.get::<serde_json::Value>(crate::store::Tree::BadReleases, &key)?.is_some())
-        })
-        .await
     }
 
     /// Moves the order sequence past `agent_seq`, the highest order an agent reports having
@@ -188,7 +205,7 @@ impl Controller {
         }
         let reserved = self
             .blocking(move |c| {
-                Ok(c.inner.store.reserve_seq_after(agent_seq, SEQ_BLOCK, MAX_SEQ_JUMPS_TOTAL)?)
+                Ok(c.core.store.reserve_seq_after(agent_seq, SEQ_BLOCK, MAX_SEQ_JUMPS_TOTAL)?)
             })
             .await?;
         let Some((from, to)) = reserved else {
@@ -227,22 +244,27 @@ impl Controller {
         kind: OrderKind,
         timeout: Duration,
     ) -> Result<OrderOutcome> {
-        let tx = {
-            let sessions = self.lock_sessions();
-            sessions.get(agent_id).map(|s| s.tx.clone())
-        }
-        .ok_or_else(|| Error::Offline(agent_id.to_owned()))?;
+        let link = self.registry.link(agent_id).ok_or_else(|| Error::Offline(agent_id.to_owned()))?;
         let (done_tx, done_rx) = oneshot::channel();
         self.lock_pending().insert((agent_id.to_owned(), seq), (kind.app().to_owned(), done_tx));
         tracing::info!(agent_id, seq, ?kind, "order sent");
-        self.metrics().order_sent();
-        if tx.send(Order { seq, kind }).await.is_err() {
+        self.core.metrics().order_sent();
+        if link.tx.send(Order { seq, kind }).await.is_err() {
             self.lock_pending().remove(&(agent_id.to_owned(), seq));
             return Err(Error::Offline(agent_id.to_owned()));
         }
-        match tokio::time::timeout(timeout, done_rx).await {
-            Ok(Ok(outcome)) => Ok(outcome),
-            Ok(Err(_)) => Err(Error::Offline(agent_id.to_owned())),
+        // An answer that came in wins over the agent going offline right after it.
+        let answer = tokio::select! {
+            biased;
+            answer = tokio::time::timeout(timeout, done_rx) => answer.map(Result::ok),
+            () = link.offline.cancelled() => Ok(None),
+        };
+        match answer {
+            Ok(Some(outcome)) => Ok(outcome),
+            Ok(None) => {
+                self.lock_pending().remove(&(agent_id.to_owned(), seq));
+                Err(Error::Offline(agent_id.to_owned()))
+            }
             Err(_) => {
                 self.lock_pending().remove(&(agent_id.to_owned(), seq));
                 Err(Error::NoAnswer(format!(
@@ -252,7 +274,7 @@ impl Controller {
         }
     }
 
-    fn lock_pending(&self) -> std::sync::MutexGuard<'_, super::PendingOrders> {
+    fn lock_pending(&self) -> std::sync::MutexGuard<'_, PendingOrders> {
         self.inner.pending.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -272,7 +294,7 @@ impl Controller {
             let id = agent_id.to_owned();
             let written = self
                 .blocking(move |c| {
-                    c.inner.store.update_agent(&id, false, |r| {
+                    c.core.store.update_agent(&id, false, |r| {
                         r.last_seen = now();
                         let full = r.apps.len() >= crate::store::MAX_REPORTED_APPS;
                         match r.apps.iter_mut().find(|a| a.app == status.app) {
@@ -296,7 +318,7 @@ impl Controller {
 
     /// Agents an admin action targets.
     pub async fn resolve_targets(&self, target: &Target) -> Result<Vec<String>> {
-        let all = self.list_agents(None).await?;
+        let all = self.registry.list_agents(None).await?;
         let ids: Vec<String> = match target {
             Target::All => all.into_iter().filter(|a| !a.record.revoked).map(|a| a.record.id).collect(),
             Target::Region(r) => all
@@ -319,103 +341,6 @@ impl Controller {
             }
         };
         Ok(ids)
-    }
-
-    /// Instant rollback on every targeted agent at once. Each agent is told the release it rolls
-    /// back from: `from` if given, else the release it last reported running, so the same
-    /// rollback delivered twice goes back once and a second one goes one step further. Returns
-    /// each agent's outcome (an error for offline agents and agents not running the app) and
-    /// the wall time.
-    pub async fn rollback(
-        &self,
-        app: &str,
-        target: &Target,
-        from: Option<String>,
-        to: Option<String>,
-        reason: &str,
-        by: &str,
-    ) -> Result<(Vec<(String, Result<OrderOutcome>, Duration)>, Duration)> {
-        if reason.trim().is_empty() {
-            return Err(Error::MissingReason("rollback"));
-        }
-        convoy_bundle::check_app_name(app).map_err(|e| invalid("app", e))?;
-        if let Some(v) = &from {
-            convoy_bundle::check_version(v).map_err(|e| invalid("from_version", e))?;
-        }
-        if let Some(v) = &to {
-            convoy_bundle::check_version(v).map_err(|e| invalid("to_version", e))?;
-        }
-        let ids = self.resolve_targets(target).await?;
-        if ids.is_empty() {
-            return Err(Error::InvalidArgument("no agent matches the target".into()));
-        }
-        let targeted = ids.len();
-        let running: HashMap<String, String> = self
-            .list_agents(None)
-            .await?
-            .into_iter()
-            .filter_map(|a| {
-                let cur = a.record.apps.iter().find(|s| s.app == app)?.current.clone();
-                (!cur.is_empty()).then_some((a.record.id, cur))
-            })
-            .collect();
-        tracing::warn!(app, agents = ids.len(), by, reason, "fleet rollback");
-        let started = Instant::now();
-        let mut tasks = tokio::task::JoinSet::new();
-        let mut rolled_from: HashMap<String, String> = HashMap::new();
-        for id in ids {
-            let this = self.clone();
-            let from = from.clone().or_else(|| running.get(&id).cloned());
-            if let Some(f) = &from {
-                rolled_from.insert(id.clone(), f.clone());
-            }
-            let (app, to, reason) = (app.to_owned(), to.clone(), reason.to_owned());
-            tasks.spawn(async move {
-                let t = Instant::now();
-                let r = match from {
-                    Some(from) => {
-                        let kind = OrderKind::Rollback { app, from, to, reason };
-                        this.send_order(&id, kind, Duration::from_secs(120)).await
-                    }
-                    None => Err(Error::FailedPrecondition(format!("agent {id} reports no release of {app}"))),
-                };
-                (id, r, t.elapsed())
-            });
-        }
-        let mut out = Vec::new();
-        while let Some(r) = tasks.join_next().await {
-            out.push(r.map_err(|e| Error::Internal(e.to_string()))?);
-        }
-        let elapsed = started.elapsed();
-        self.metrics().observe_rollback(elapsed.as_secs_f64());
-        out.sort_by(|a, b| a.0.cmp(&b.0));
-        // What the rollback left running becomes the desired state, so a reconnecting agent
-        // is not moved forward to the release that was just rolled back. An agent's report is
-        // data about itself: it counts only where this rollback applied, and only if it names
-        // the release asked for (`--to`) or one older than the release rolled back from, which
-        // the controller has not marked bad.
-        let mut running: Vec<(String, String)> = Vec::new();
-        for (id, res, _) in &out {
-            let Some(o) = res.as_ref().ok().filter(|o| o.answer == Answer::Applied) else { continue };
-            let Some(cur) = o.status.as_ref().map(|s| s.current.clone()).filter(|c| !c.is_empty()) else {
-                continue;
-            };
-            let Some(from) = rolled_from.get(id) else { continue };
-            let plausible = match &to {
-                Some(t) => *t == cur,
-                None => matches!(
-                    (semver::Version::parse(&cur), semver::Version::parse(from)),
-                    (Ok(c), Ok(f)) if c < f
-                ),
-            };
-            if !plausible || self.is_marked_bad(app, &cur).await? {
-                tracing::warn!(agent_id = %id, app, reported = %cur, %from, "rollback report not taken into desired state");
-                continue;
-            }
-            running.push((id.clone(), cur));
-        }
-        self.record_desired(app, running, &format!("rollback by {by}"), target, targeted).await?;
-        Ok((out, elapsed))
     }
 }
 

@@ -5,7 +5,11 @@
 
 use std::path::{Path, PathBuf};
 
-use super::{now, Controller, Error, Result};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use super::core::{blocking_method, Core};
+use super::{now, Error, Result};
 
 /// Why receiving an upload failed: the client's stream, or the controller.
 #[derive(Debug)]
@@ -28,7 +32,7 @@ pub struct BlobChunk {
 }
 
 /// A pushed bundle being received: a file under `incoming/`, removed when dropped unless
-/// [`Controller::ingest`] took it.
+/// [`Releases::ingest`] took it.
 #[derive(Debug)]
 pub struct Upload {
     path: PathBuf,
@@ -72,9 +76,45 @@ fn sync_dir(dir: &Path) -> Result<()> {
     convoy_base::files::sync_dir(dir).map_err(|e| Error::Internal(e.to_string()))
 }
 
-impl Controller {
+/// Download streams one agent may have open at once (an agent downloads at most two at a time).
+pub const MAX_DOWNLOADS_PER_AGENT: usize = 4;
+
+/// Release bundles: upload and ingest, the release list, and streaming bundles to agents.
+/// Cheap to clone.
+#[derive(Clone)]
+pub struct Releases {
+    core: Core,
+    /// Download streams in progress per agent: each holds an open file and buffers, and an agent
+    /// that opens streams without reading them must not exhaust the controller.
+    downloads: Arc<Mutex<HashMap<String, Arc<tokio::sync::Semaphore>>>>,
+}
+
+impl Releases {
+    pub(crate) fn new(core: Core) -> Self {
+        Self { core, downloads: Default::default() }
+    }
+
+    blocking_method!();
+
+    /// A permit for one download stream of `agent_id`, or `Busy` when it already has
+    /// [`MAX_DOWNLOADS_PER_AGENT`] in progress.
+    pub fn download_permit(&self, agent_id: &str) -> Result<tokio::sync::OwnedSemaphorePermit> {
+        let sem = self
+            .downloads
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(agent_id.to_owned())
+            .or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(MAX_DOWNLOADS_PER_AGENT)))
+            .clone();
+        sem.try_acquire_owned().map_err(|_| {
+            Error::Busy(format!(
+                "agent {agent_id} already has {MAX_DOWNLOADS_PER_AGENT} downloads in progress; finish or cancel one first"
+            ))
+        })
+    }
+
     fn blob_root(&self) -> &Path {
-        &self.inner.settings.blob_dir
+        &self.core.settings.blob_dir
     }
 
     /// Creates the blob directories and removes uploads a crash left half-written.
@@ -162,7 +202,7 @@ impl Controller {
                 if tx.send(Ok(chunk)).await.is_err() {
                     return;
                 }
-                ctl.metrics().bytes_served(n as u64);
+                ctl.core.metrics().bytes_served(n as u64);
                 offset += n as u64;
             }
         });
@@ -170,7 +210,7 @@ impl Controller {
     }
 
     pub fn max_bundle_bytes(&self) -> u64 {
-        self.inner.settings.max_bundle_bytes
+        self.core.settings.max_bundle_bytes
     }
 
     /// The stored bundle with this digest.
@@ -199,7 +239,7 @@ impl Controller {
         // One pass: structure, signatures (when configured), digests and the bundle's own hash.
         let verified = convoy_bundle::verify(
             upload,
-            self.inner.settings.release_trust.as_ref(),
+            self.core.settings.release_trust.as_ref(),
             &convoy_bundle::Limits::default(),
         )?;
         let m = &verified.manifest;
@@ -217,7 +257,7 @@ impl Controller {
             unpacked_size: m.unpacked_size,
             files: m.files.len() as u32,
         };
-        if let Some(existing) = self.inner.store.release(&m.app, &m.version)? {
+        if let Some(existing) = self.core.store.release(&m.app, &m.version)? {
             return if existing.digest == digest {
                 Ok((existing, true))
             } else {
@@ -231,7 +271,7 @@ impl Controller {
         let blob = self.blob_root().join("sha256").join(&digest);
         std::fs::rename(upload, &blob).map_err(|e| io_err(&blob, e))?;
         sync_dir(&self.blob_root().join("sha256"))?;
-        if let Some(existing) = self.inner.store.insert_release(&record)? {
+        if let Some(existing) = self.core.store.insert_release(&record)? {
             // Lost a race with an identical push of a different bundle; keep the winner's blob.
             if existing.digest != digest {
                 remove_quietly(&blob);
@@ -244,7 +284,7 @@ impl Controller {
     }
 
     pub async fn list_releases(&self, app: Option<String>) -> Result<Vec<ReleaseRecord>> {
-        let mut list = self.blocking(|c| Ok(c.inner.store.releases()?)).await?;
+        let mut list = self.blocking(|c| Ok(c.core.store.releases()?)).await?;
         list.retain(|r| app.as_deref().is_none_or(|a| r.app == a));
         list.sort_by(|a, b| {
             let va = semver::Version::parse(&a.version).ok();
@@ -258,12 +298,12 @@ impl Controller {
     pub async fn remove_release(&self, app: String, version: String, by: String) -> Result<()> {
         self.blocking(move |c| {
             let rec = c
-                .inner
+                .core
                 .store
                 .release(&app, &version)?
                 .ok_or_else(|| Error::UnknownRelease(format!("{app}@{version}")))?;
             let holders: Vec<String> = c
-                .inner
+                .core
                 .store
                 .agents()?
                 .into_iter()
@@ -276,8 +316,8 @@ impl Controller {
                     holders.join(", ")
                 )));
             }
-            c.inner.store.remove_release(&app, &version)?;
-            let still_used = c.inner.store.releases()?.iter().any(|r| r.digest == rec.digest);
+            c.core.store.remove_release(&app, &version)?;
+            let still_used = c.core.store.releases()?.iter().any(|r| r.digest == rec.digest);
             if !still_used {
                 remove_quietly(&c.blob_root().join("sha256").join(&rec.digest));
             }

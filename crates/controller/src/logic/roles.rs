@@ -7,11 +7,10 @@
 
 use std::fmt;
 use std::str::FromStr;
-use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use super::{Controller, Error, Result};
+use super::{Error, Result};
 
 /// An admin's role, in increasing rank.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -196,100 +195,6 @@ impl Principal {
                 action.audit_name()
             )),
         })
-    }
-}
-
-/// What the alert hooks get to work with: reads, plus rollback, pause and abort, each checked
-/// against [`Principal::Hook`]. The controller inside is private, so hook code cannot reach any
-/// other action even by mistake.
-#[derive(Clone)]
-pub struct HookActor {
-    ctl: Controller,
-}
-
-impl HookActor {
-    pub fn new(ctl: Controller) -> Self {
-        Self { ctl }
-    }
-
-    fn authorize(actor: &str, action: Action) -> Result<()> {
-        Principal::Hook.authorize(actor, action)
-    }
-
-    pub(crate) fn metrics(&self) -> &crate::metrics::Metrics {
-        self.ctl.metrics()
-    }
-
-    pub async fn rollouts(&self, app: Option<String>) -> Result<Vec<super::rollouts::Rollout>> {
-        self.ctl.rollouts(app).await
-    }
-
-    pub async fn list_agents(&self, region: Option<String>) -> Result<Vec<super::AgentView>> {
-        self.ctl.list_agents(region).await
-    }
-
-    pub async fn list_releases(&self, app: Option<String>) -> Result<Vec<crate::store::ReleaseRecord>> {
-        self.ctl.list_releases(app).await
-    }
-
-    /// Pauses a rollout on behalf of `actor`.
-    pub async fn pause(&self, actor: &str, rollout: &str) -> Result<()> {
-        Self::authorize(actor, Action::PauseRollout)?;
-        self.ctl.control(rollout, super::rollouts::Control::Pause).await
-    }
-
-    /// Aborts a rollout on behalf of `actor`, rolling back the agents it moved.
-    pub async fn abort(&self, actor: &str, rollout: &str) -> Result<()> {
-        Self::authorize(actor, Action::AbortRollout)?;
-        self.ctl.control(rollout, super::rollouts::Control::Abort).await
-    }
-
-    /// Rolls an app back on behalf of `actor`.
-    pub async fn rollback(
-        &self,
-        actor: &str,
-        app: &str,
-        target: &super::Target,
-        from: Option<String>,
-        reason: &str,
-    ) -> Result<(Vec<(String, Result<super::OrderOutcome>, Duration)>, Duration)> {
-        Self::authorize(actor, Action::Rollback)?;
-        self.ctl.rollback(app, target, from, None, reason, actor).await
-    }
-
-    /// Writes (and flushes) the audit intent of a hook action before it is taken.
-    pub async fn audit_intent(
-        &self,
-        actor: &str,
-        action: &str,
-        target: &str,
-        params: serde_json::Value,
-    ) -> Result<u64> {
-        self.ctl.audit_intent(actor, action, target, params).await
-    }
-
-    /// Writes the outcome of a hook action whose intent was audited.
-    pub async fn audit_outcome(
-        &self,
-        intent: u64,
-        actor: &str,
-        action: &str,
-        target: &str,
-        params: serde_json::Value,
-        outcome: &str,
-    ) {
-        self.ctl.audit_outcome(intent, actor, action, target, params, outcome).await
-    }
-
-    /// Records a delivery or incident key as acted on, atomically: only the caller that
-    /// records it first may act.
-    pub async fn claim(&self, key: &str) -> Result<bool> {
-        self.ctl.claim_hook_key(key).await
-    }
-
-    /// Forgets a once-only record whose action did not happen.
-    pub async fn unclaim(&self, key: &str) -> Result<()> {
-        self.ctl.unclaim_hook_key(key).await
     }
 }
 

@@ -7,11 +7,12 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use super::fleet::{Fleet, Sessions};
+use super::fleet::Fleet;
 use super::machine::Reply;
 use super::Rollout;
+use super::Rollouts;
 use crate::logic::orders::OrderKind;
-use crate::logic::{now, Controller, Error, Result};
+use crate::logic::{now, Error, Result};
 use crate::store::{AgentRecord, Store, Tree};
 
 /// How often online agents are checked against their desired state.
@@ -109,7 +110,7 @@ pub(super) fn drift(agent: &AgentRecord, wants: Vec<(String, Desired)>) -> Vec<(
         .collect()
 }
 
-impl Controller {
+impl Rollouts {
     /// A completed rollout's release becomes the desired one for every agent it targeted, and
     /// for agents that join later and match its regions and selector.
     pub(super) async fn record_completion(&self, r: &Rollout) -> Result<()> {
@@ -129,9 +130,9 @@ impl Controller {
         let ids: Vec<String> = r.agents.keys().cloned().collect();
         self.blocking(move |c| {
             for id in &ids {
-                c.inner.store.put(Tree::Desired, &desired_key(&app, id), &desired, false)?;
+                c.core.store.put(Tree::Desired, &desired_key(&app, id), &desired, false)?;
             }
-            c.inner.store.put(Tree::Desired, &rule_key(&app), &rule, true)?;
+            c.core.store.put(Tree::Desired, &rule_key(&app), &rule, true)?;
             Ok(())
         })
         .await
@@ -158,7 +159,7 @@ impl Controller {
                 if digests.contains_key(version) {
                     continue;
                 }
-                match c.inner.store.release(&app, version)? {
+                match c.core.store.release(&app, version)? {
                     Some(r) => {
                         digests.insert(version.clone(), r.digest);
                     }
@@ -178,7 +179,7 @@ impl Controller {
                     set_by: set_by.clone(),
                     at: now(),
                 };
-                c.inner.store.put(Tree::Desired, &desired_key(&app, agent), &d, i == last)?;
+                c.core.store.put(Tree::Desired, &desired_key(&app, agent), &d, i == last)?;
             }
             // Agents that join later follow the rollback too, not the release it undid.
             let mut counts: BTreeMap<&String, usize> = BTreeMap::new();
@@ -189,7 +190,7 @@ impl Controller {
             // the agents' word, and a few of them must not choose the release for everyone.
             let majority = counts.into_iter().max_by_key(|(_, n)| *n).filter(|(_, n)| n * 2 > targeted);
             if let Some((version, _)) = majority {
-                if let Some(mut rule) = c.inner.store.get::<AppRule>(Tree::Desired, &rule_key(&app))? {
+                if let Some(mut rule) = c.core.store.get::<AppRule>(Tree::Desired, &rule_key(&app))? {
                     // Only a rollback of everything the rule covers changes it: a rollback of a
                     // few agents (or one agent's answer) speaks for those agents alone.
                     let whole = match &target {
@@ -200,7 +201,7 @@ impl Controller {
                     if whole && rule.version != *version {
                         rule.version = version.clone();
                         rule.digest = digests[version].clone();
-                        c.inner.store.put(Tree::Desired, &rule_key(&app), &rule, true)?;
+                        c.core.store.put(Tree::Desired, &rule_key(&app), &rule, true)?;
                     }
                 }
             }
@@ -223,7 +224,7 @@ impl Controller {
     /// Brings one agent to its desired releases, unless a rollout of that app is in progress.
     /// Runs in the background; duplicate requests for the same agent are merged.
     pub fn converge(&self, agent_id: &str) {
-        self.converge_with(Sessions(self.clone()), agent_id);
+        self.converge_with(self.sessions(), agent_id);
     }
 
     /// [`Self::converge`] over `fleet`.
@@ -248,8 +249,8 @@ impl Controller {
         let id = agent_id.to_owned();
         let (record, wants) = self
             .blocking(move |c| {
-                let Some(rec) = c.inner.store.agent(&id)? else { return Ok((None, vec![])) };
-                let wants = DesiredTable::load(&c.inner.store)?.wants(&rec);
+                let Some(rec) = c.core.store.agent(&id)? else { return Ok((None, vec![])) };
+                let wants = DesiredTable::load(&c.core.store)?.wants(&rec);
                 Ok((Some(rec), wants))
             })
             .await?;
@@ -295,11 +296,11 @@ impl Controller {
             loop {
                 tokio::select! {
                     _ = tick.tick() => {
-                        if let Err(e) = this.reconcile(&Sessions(this.clone())).await {
+                        if let Err(e) = this.reconcile(&this.sessions()).await {
                             tracing::warn!(error = %e, "reconcile failed");
                         }
                     }
-                    () = this.inner.shutdown.cancelled() => return,
+                    () = this.core.shutdown.cancelled() => return,
                 }
             }
         });
@@ -310,7 +311,7 @@ impl Controller {
     /// progress or the agent is busy with the app. Returns the agents it started.
     pub(crate) async fn reconcile<F: Fleet>(&self, fleet: &F) -> Result<Vec<String>> {
         let (agents, table) =
-            self.blocking(|c| Ok((c.inner.store.agents()?, DesiredTable::load(&c.inner.store)?))).await?;
+            self.blocking(|c| Ok((c.core.store.agents()?, DesiredTable::load(&c.core.store)?))).await?;
         let rolling_out = self.apps_rolling_out().await?;
         let mut started = Vec::new();
         for agent in agents.iter().filter(|a| !a.revoked && fleet.online(&a.id)) {

@@ -13,9 +13,10 @@ use tokio_util::sync::CancellationToken;
 
 use super::fleet::{Fleet, Sessions};
 use super::machine::{self, Command, Event, Order, Probe, Reply};
+use super::Rollouts;
 use super::{BadRelease, Control, Rollout};
 use crate::logic::orders::OrderKind;
-use crate::logic::{now, Controller, Error, Result};
+use crate::logic::{now, Error, Result};
 use crate::store::Tree;
 
 /// How many agents are pre-staged (download, verify, unpack) at once.
@@ -34,11 +35,16 @@ const BAKE_POLL: Duration = Duration::from_millis(250);
 
 type ControlRx = mpsc::Receiver<(Control, oneshot::Sender<Result<()>>)>;
 
-impl Controller {
+impl Rollouts {
+    /// The fleet as the live sessions reach it.
+    pub(super) fn sessions(&self) -> Sessions {
+        Sessions::new(&self.registry, &self.orders)
+    }
+
     /// Starts the driver of rollout `id` over the live sessions; it stops with the controller.
     pub(super) fn spawn_driver(&self, id: String) {
-        let stop = self.inner.shutdown.child_token();
-        drop(self.spawn_driver_with(Sessions(self.clone()), id, stop));
+        let stop = self.core.shutdown.child_token();
+        drop(self.spawn_driver_with(self.sessions(), id, stop));
     }
 
     /// Starts the driver of rollout `id` over `fleet`, until it ends or `stop` is cancelled.
@@ -78,7 +84,7 @@ fn answer(ack: oneshot::Sender<Result<()>>, res: Result<()>) {
     }
 }
 
-async fn drive<F: Fleet>(ctl: Controller, fleet: F, id: &str, mut controls: ControlRx) -> Result<()> {
+async fn drive<F: Fleet>(ctl: Rollouts, fleet: F, id: &str, mut controls: ControlRx) -> Result<()> {
     let r = ctl.rollout(Some(id.to_owned())).await?;
     let (events, mut answers) = mpsc::unbounded_channel();
     let mut d = Driver {
@@ -113,7 +119,7 @@ async fn drive<F: Fleet>(ctl: Controller, fleet: F, id: &str, mut controls: Cont
 }
 
 struct Driver<F: Fleet> {
-    ctl: Controller,
+    ctl: Rollouts,
     fleet: F,
     r: Rollout,
     /// Where orders in flight and the bake report back.
@@ -176,11 +182,11 @@ impl<F: Fleet> Driver<F> {
                     self.ctl.converge_with(self.fleet.clone(), &agent);
                 }
             }
-            Command::Notify { kind, body } => self.ctl.notify(kind, body),
+            Command::Notify { kind, body } => self.ctl.core.notify(kind, body),
             Command::Audit { reason, agents, outcome } => {
                 let target = format!("{}@{}", self.r.spec.app, self.r.spec.version);
                 let params = serde_json::json!({"rollout": self.r.id, "reason": reason, "agents": agents});
-                self.ctl.audit("controller", "rollout.auto_rollback", &target, params, outcome).await;
+                self.ctl.audit.record("controller", "rollout.auto_rollback", &target, params, outcome).await;
             }
         }
         Ok(None)
@@ -278,7 +284,7 @@ impl<F: Fleet> Driver<F> {
     async fn mark_bad(&self, reason: String) -> Result<()> {
         let bad = BadRelease { reason, rollout: self.r.id.clone(), at: now() };
         let key = format!("{}@{}", self.r.spec.app, self.r.spec.version);
-        self.ctl.blocking(move |c| Ok(c.inner.store.put(Tree::BadReleases, &key, &bad, true)?)).await
+        self.ctl.blocking(move |c| Ok(c.core.store.put(Tree::BadReleases, &key, &bad, true)?)).await
     }
 }
 

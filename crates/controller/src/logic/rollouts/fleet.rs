@@ -6,8 +6,9 @@ use std::future::Future;
 use std::time::Duration;
 
 use super::machine::Reply;
+use crate::logic::core::blocking_method;
 use crate::logic::orders::{OrderKind, OrderOutcome};
-use crate::logic::{Controller, Error, Result};
+use crate::logic::{Error, Orders, Registry, Result};
 
 /// What an agent last reported about one app.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -37,36 +38,46 @@ pub trait Fleet: Clone + Send + Sync + 'static {
 /// The production fleet: orders go down the agents' live sessions; reports come from the
 /// registry.
 #[derive(Clone)]
-pub struct Sessions(pub Controller);
+pub struct Sessions {
+    registry: Registry,
+    orders: Orders,
+}
+
+impl Sessions {
+    pub fn new(registry: &Registry, orders: &Orders) -> Self {
+        Self { registry: registry.clone(), orders: orders.clone() }
+    }
+
+    blocking_method!();
+}
 
 impl Fleet for Sessions {
     async fn send(&self, agent: &str, order: OrderKind, timeout: Duration) -> Reply {
-        reply(self.0.send_order(agent, order, timeout).await)
+        reply(self.orders.send_order(agent, order, timeout).await)
     }
 
     fn online(&self, agent: &str) -> bool {
-        self.0.is_online(agent)
+        self.registry.is_online(agent)
     }
 
     async fn reports(&self, app: &str, agents: &[String]) -> Result<Vec<Report>> {
         let (app, agents) = (app.to_owned(), agents.to_vec());
-        self.0
-            .blocking(move |c| {
-                let mut out = Vec::with_capacity(agents.len());
-                for id in agents {
-                    let Some(rec) = c.store().agent(&id)? else { continue };
-                    let status = rec.apps.iter().find(|s| s.app == app);
-                    out.push(Report {
-                        online: c.is_online(&id),
-                        running: status.map(|s| s.current.clone()).filter(|v| !v.is_empty()),
-                        unhealthy: status.is_some_and(|s| s.health == "unhealthy"),
-                        busy: status.is_some_and(|s| s.busy),
-                        agent: id,
-                    });
-                }
-                Ok(out)
-            })
-            .await
+        self.blocking(move |c| {
+            let mut out = Vec::with_capacity(agents.len());
+            for id in agents {
+                let Some(rec) = c.registry.agent(&id)? else { continue };
+                let status = rec.apps.iter().find(|s| s.app == app);
+                out.push(Report {
+                    online: c.registry.is_online(&id),
+                    running: status.map(|s| s.current.clone()).filter(|v| !v.is_empty()),
+                    unhealthy: status.is_some_and(|s| s.health == "unhealthy"),
+                    busy: status.is_some_and(|s| s.busy),
+                    agent: id,
+                });
+            }
+            Ok(out)
+        })
+        .await
     }
 }
 

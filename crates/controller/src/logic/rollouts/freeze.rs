@@ -4,7 +4,8 @@ use std::collections::HashSet;
 
 use serde::{Deserialize, Serialize};
 
-use crate::logic::{now, Controller, Error, Result};
+use super::Rollouts;
+use crate::logic::{now, Error, Result};
 use crate::store::Tree;
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -28,11 +29,11 @@ impl FreezeWindow {
     }
 }
 
-impl Controller {
+impl Rollouts {
     /// The freeze window, if any, that freezes a deploy of `app` to `regions` now. Blocking.
     pub(super) fn active_freeze(&self, app: &str, regions: &HashSet<String>) -> Result<Option<FreezeWindow>> {
         let t = now();
-        let windows = self.inner.store.list::<FreezeWindow>(Tree::Freezes)?;
+        let windows = self.core.store.list::<FreezeWindow>(Tree::Freezes)?;
         Ok(windows.into_iter().map(|(_, f)| f).find(|f| f.freezes(app, regions, t)))
     }
 
@@ -50,8 +51,8 @@ impl Controller {
             return Err(Error::MissingReason("freeze"));
         }
         self.blocking(move |c| {
-            f.id = format!("fz-{}", c.inner.store.generate_id()? + 1);
-            c.inner.store.put(Tree::Freezes, &f.id, &f, true)?;
+            f.id = format!("fz-{}", c.core.store.generate_id()? + 1);
+            c.core.store.put(Tree::Freezes, &f.id, &f, true)?;
             Ok(f)
         })
         .await
@@ -59,13 +60,13 @@ impl Controller {
 
     pub async fn freezes(&self) -> Result<Vec<FreezeWindow>> {
         self.blocking(|c| {
-            Ok(c.inner.store.list::<FreezeWindow>(Tree::Freezes)?.into_iter().map(|(_, f)| f).collect())
+            Ok(c.core.store.list::<FreezeWindow>(Tree::Freezes)?.into_iter().map(|(_, f)| f).collect())
         })
         .await
     }
 
     pub async fn freeze_rm(&self, id: String) -> Result<()> {
-        let existed = self.blocking(move |c| Ok(c.inner.store.remove(Tree::Freezes, &id)?)).await?;
+        let existed = self.blocking(move |c| Ok(c.core.store.remove(Tree::Freezes, &id)?)).await?;
         if existed {
             Ok(())
         } else {

@@ -20,7 +20,11 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 
-use super::{now, Controller, Error, Result};
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+
+use super::core::{blocking_method, Core};
+use super::{now, Audit, Error, Orders, Registry, Result};
 use crate::store::{ReleaseRecord, Tree};
 
 pub mod desired;
@@ -29,6 +33,7 @@ pub mod fleet;
 pub mod freeze;
 pub mod machine;
 pub mod plan;
+mod rollback;
 pub mod spec;
 pub mod status;
 #[cfg(test)]
@@ -189,10 +194,48 @@ pub enum Control {
 
 pub(crate) type ControlTx = mpsc::Sender<(Control, oneshot::Sender<Result<()>>)>;
 
-impl Controller {
+/// Rollouts, fleet rollbacks, desired state, freezes and fleet status. Cheap to clone.
+#[derive(Clone)]
+pub struct Rollouts {
+    core: Core,
+    registry: Registry,
+    orders: Orders,
+    audit: Audit,
+    inner: Arc<State>,
+}
+
+struct State {
+    /// The control channel of each running rollout's driver.
+    drivers: Mutex<HashMap<String, ControlTx>>,
+    /// Agents being converged now: one convergence per agent at a time.
+    converging: Mutex<HashSet<String>>,
+}
+
+impl Rollouts {
+    pub(crate) fn new(core: Core, registry: Registry, orders: Orders, audit: Audit) -> Self {
+        Self {
+            core,
+            registry,
+            orders,
+            audit,
+            inner: Arc::new(State {
+                drivers: Mutex::new(HashMap::new()),
+                converging: Mutex::new(HashSet::new()),
+            }),
+        }
+    }
+
+    blocking_method!();
+
+    /// The store, for tests that arrange or inspect records.
+    #[cfg(test)]
+    pub(crate) fn store(&self) -> &crate::store::Store {
+        &self.core.store
+    }
+
     fn save_rollout(&self, r: &Rollout) -> Result<()> {
-        self.inner.store.put(Tree::Rollouts, &r.id, r, true)?;
-        self.metrics().rollout_saved(&r.id, r.state);
+        self.core.store.put(Tree::Rollouts, &r.id, r, true)?;
+        self.core.metrics().rollout_saved(&r.id, r.state);
         Ok(())
     }
 
@@ -204,7 +247,7 @@ impl Controller {
 
     pub async fn rollout(&self, id: Option<String>) -> Result<Rollout> {
         self.blocking(move |c| {
-            let all: Vec<(String, Rollout)> = c.inner.store.list(Tree::Rollouts)?;
+            let all: Vec<(String, Rollout)> = c.core.store.list(Tree::Rollouts)?;
             let found = match id {
                 Some(id) => all.into_iter().find(|(k, _)| *k == id).map(|(_, r)| r),
                 None => {
@@ -219,7 +262,7 @@ impl Controller {
     pub async fn rollouts(&self, app: Option<String>) -> Result<Vec<Rollout>> {
         self.blocking(move |c| {
             let mut all: Vec<Rollout> =
-                c.inner.store.list(Tree::Rollouts)?.into_iter().map(|(_, r)| r).collect();
+                c.core.store.list(Tree::Rollouts)?.into_iter().map(|(_, r)| r).collect();
             all.retain(|r: &Rollout| app.as_deref().is_none_or(|a| r.spec.app == a));
             all.sort_by(|a, b| creation_order(a).cmp(&creation_order(b)));
             Ok(all)
@@ -233,7 +276,7 @@ impl Controller {
     pub async fn deploy(&self, spec: RolloutSpec, by: &str) -> Result<String> {
         spec.validate()?;
         let release = self.deployable_release(&spec).await?;
-        let agents: Vec<_> = self.list_agents(None).await?.into_iter().map(|a| a.record).collect();
+        let agents: Vec<_> = self.registry.list_agents(None).await?.into_iter().map(|a| a.record).collect();
         let targets = plan::targets(&spec, &agents);
         if targets.is_empty() {
             return Err(Error::InvalidArgument("no agent matches the rollout's regions and selector".into()));
@@ -265,7 +308,7 @@ impl Controller {
         if let (Some(other), true) = (&active, spec.supersede) {
             self.control(&other.id, Control::Supersede).await?;
         }
-        let id = format!("ro-{}", self.blocking(|c| Ok(c.inner.store.generate_id()?)).await? + 1);
+        let id = format!("ro-{}", self.blocking(|c| Ok(c.core.store.generate_id()?)).await? + 1);
         let mut r = plan::new_rollout(id, spec, release.digest, by, now(), &targets);
         let sizes: Vec<String> = r.waves.iter().map(|w| w.len().to_string()).collect();
         r.event(format!(
@@ -279,7 +322,7 @@ impl Controller {
             r.event(format!("freeze overridden: {reason}"));
         }
         self.save(&r).await?;
-        self.notify("rollout_started", serde_json::json!({"rollout": r.id, "app": r.spec.app, "version": r.spec.version, "agents": r.agents.len()}));
+        self.core.notify("rollout_started", serde_json::json!({"rollout": r.id, "app": r.spec.app, "version": r.spec.version, "agents": r.agents.len()}));
         self.spawn_driver(r.id.clone());
         Ok(r.id)
     }
@@ -289,9 +332,9 @@ impl Controller {
         let (app, version) = (spec.app.clone(), spec.version.clone());
         let (release, bad) = self
             .blocking(move |c| {
-                let release = c.inner.store.release(&app, &version)?;
+                let release = c.core.store.release(&app, &version)?;
                 let bad: Option<BadRelease> =
-                    c.inner.store.get(Tree::BadReleases, &format!("{app}@{version}"))?;
+                    c.core.store.get(Tree::BadReleases, &format!("{app}@{version}"))?;
                 Ok((release, bad))
             })
             .await?;

@@ -105,7 +105,7 @@ impl RolloutSpec {
 
 impl RolloutSpec {
     /// Checks what the spec itself must satisfy (targets, releases and freezes are checked by
-    /// [`crate::logic::Controller::deploy`]).
+    /// [`crate::logic::Rollouts::deploy`]).
     pub fn validate(&self) -> Result<(), SpecError> {
         if let Some(p) = self.waves.iter().find(|p| **p == 0 || **p > 100) {
             return Err(SpecError::WaveOutOfRange(*p));

@@ -5,7 +5,8 @@ use std::collections::BTreeMap;
 use serde::Serialize;
 
 use super::desired::DesiredTable;
-use crate::logic::{AgentView, Controller, Result};
+use super::Rollouts;
+use crate::logic::{AgentView, Result};
 
 /// One app in one region.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
@@ -24,12 +25,12 @@ pub struct RegionStatus {
 pub type FleetStatus = BTreeMap<String, BTreeMap<String, RegionStatus>>;
 type Status = FleetStatus;
 
-impl Controller {
+impl Rollouts {
     /// Per app and region: the desired release, agents per actual release, unhealthy, offline,
     /// drift.
     pub async fn fleet_status(&self) -> Result<FleetStatus> {
-        let agents = self.list_agents(None).await?;
-        let table = self.blocking(|c| DesiredTable::load(&c.inner.store)).await?;
+        let agents = self.registry.list_agents(None).await?;
+        let table = self.blocking(|c| DesiredTable::load(&c.core.store)).await?;
         let mut apps = Status::new();
         for a in agents.iter().filter(|a| !a.record.revoked) {
             add_agent(&mut apps, &table, a);

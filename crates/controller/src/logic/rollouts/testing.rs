@@ -10,12 +10,13 @@ use tokio::sync::Notify;
 
 use super::fleet::{Fleet, Report};
 use super::machine::Reply;
+use super::Rollouts;
 use crate::logic::orders::OrderKind;
-use crate::logic::{Controller, Result};
+use crate::logic::Result;
 use crate::store::{AgentRecord, AppStatusRecord};
 
-/// A controller on a fresh store in `dir`.
-pub(crate) async fn controller(dir: &std::path::Path) -> Controller {
+/// The rollouts service of a controller on a fresh store in `dir`.
+pub(crate) async fn controller(dir: &std::path::Path) -> Rollouts {
     let opts = crate::init::InitOptions {
         data_dir: dir.to_path_buf(),
         trust_domain: "convoy.test".into(),
@@ -27,6 +28,8 @@ pub(crate) async fn controller(dir: &std::path::Path) -> Controller {
         .unwrap()
         .unwrap()
         .controller
+        .rollouts()
+        .clone()
 }
 
 /// An agent record, as enrollment and heartbeats leave it.

@@ -12,7 +12,7 @@ use crate::logic::rollouts::{plan, AgentStep, Desired, RolloutSpec, RolloutState
 const FIVE: [&str; 5] = ["a", "b", "c", "d", "e"];
 
 /// Stores a new rollout of shop-api@1.1.0 over `agents` (all in eu-west).
-async fn new_rollout(ctl: &Controller, spec: RolloutSpec, agents: &[&str]) -> String {
+async fn new_rollout(ctl: &Rollouts, spec: RolloutSpec, agents: &[&str]) -> String {
     let targets: Vec<(String, String)> =
         agents.iter().map(|a| ("eu-west".to_string(), a.to_string())).collect();
     let r = plan::new_rollout("ro-7".into(), spec, "sha256:d".into(), "admin/test", now(), &targets);
@@ -20,11 +20,11 @@ async fn new_rollout(ctl: &Controller, spec: RolloutSpec, agents: &[&str]) -> St
     r.id
 }
 
-async fn stored(ctl: &Controller, id: &str) -> Rollout {
+async fn stored(ctl: &Rollouts, id: &str) -> Rollout {
     ctl.rollout(Some(id.into())).await.unwrap()
 }
 
-async fn until(ctl: &Controller, id: &str, what: &str, pred: impl Fn(&Rollout) -> bool) -> Rollout {
+async fn until(ctl: &Rollouts, id: &str, what: &str, pred: impl Fn(&Rollout) -> bool) -> Rollout {
     eventually(what, || async {
         let r = stored(ctl, id).await;
         pred(&r).then_some(r)

@@ -10,8 +10,9 @@
 use convoy_pki::{CertInfo, Identity};
 use serde::{Deserialize, Serialize};
 
-use super::roles::Role;
-use super::{now, Controller, Error, Result};
+use super::Registry;
+use crate::logic::roles::Role;
+use crate::logic::{now, Error, Result};
 use crate::store::{Store, Tree};
 
 /// Who created records that no admin created: the first admin and migrated names.
@@ -183,7 +184,7 @@ fn unknown_cert(name: &str, serial: &str) -> Error {
     Error::UnknownCertificate { who: format!("admin/{name}"), serial: serial.to_owned() }
 }
 
-impl Controller {
+impl Registry {
     fn lock_admins(&self) -> std::sync::MutexGuard<'_, ()> {
         // The lock guards no data of its own, only the read-modify-write of admin records.
         self.inner.admins_lock.lock().unwrap_or_else(|p| p.into_inner())
@@ -195,7 +196,7 @@ impl Controller {
         let (name, serial) = (name.to_owned(), serial.to_owned());
         self.blocking(move |c| {
             let rec = c
-                .inner
+                .core
                 .store
                 .get::<AdminRecord>(Tree::Admins, &name)?
                 .ok_or_else(|| unknown_cert(&name, &serial))?;
@@ -222,7 +223,7 @@ impl Controller {
         let by = by.to_string();
         self.blocking(move |c| {
             let _guard = c.lock_admins();
-            if c.inner.store.get::<AdminRecord>(Tree::Admins, &name)?.is_some() {
+            if c.core.store.get::<AdminRecord>(Tree::Admins, &name)?.is_some() {
                 return Err(Error::AdminExists(name));
             }
             let issued = c.inner.ca.sign_admin_csr(&csr_der, &name).map_err(|e| Error::Csr(e.to_string()))?;
@@ -233,7 +234,7 @@ impl Controller {
                 created_by: by.clone(),
                 created_at: now(),
             };
-            c.inner.store.put(Tree::Admins, &name, &rec, true)?;
+            c.core.store.put(Tree::Admins, &name, &rec, true)?;
             tracing::info!(admin = %name, %role, %by, serial = %issued.info.serial, "admin added");
             Ok(IssuedAdmin { cert_pem: issued.cert_pem, serial: issued.info.serial })
         })
@@ -247,12 +248,12 @@ impl Controller {
         self.blocking(move |c| {
             let _guard = c.lock_admins();
             let mut rec = c
-                .inner
+                .core
                 .store
                 .get::<AdminRecord>(Tree::Admins, &name)?
                 .ok_or_else(|| Error::UnknownAdmin(name.clone()))?;
             // Expired certificates cannot be used any more; they leave the record.
-            let t = super::now();
+            let t = now();
             rec.certs.retain(|cert| cert.not_after > t);
             let active = rec.certs.iter().filter(|cert| !cert.revoked).count();
             if active >= MAX_ACTIVE_CERTS {
@@ -263,7 +264,7 @@ impl Controller {
             }
             let issued = c.inner.ca.sign_admin_csr(&csr_der, &name).map_err(|e| Error::Csr(e.to_string()))?;
             rec.certs.push(AdminCert::new(&issued.info, &by));
-            c.inner.store.put(Tree::Admins, &name, &rec, true)?;
+            c.core.store.put(Tree::Admins, &name, &rec, true)?;
             tracing::info!(admin = %name, %by, serial = %issued.info.serial, "admin certificate issued");
             Ok(IssuedAdmin { cert_pem: issued.cert_pem, serial: issued.info.serial })
         })
@@ -300,7 +301,7 @@ impl Controller {
         self.blocking(move |c| {
             let _guard = c.lock_admins();
             let mut rec = c
-                .inner
+                .core
                 .store
                 .get::<AdminRecord>(Tree::Admins, &name)?
                 .ok_or_else(|| Error::UnknownAdmin(name.clone()))?;
@@ -330,7 +331,7 @@ impl Controller {
                     }
                 }
             }
-            c.inner.store.put(Tree::Admins, &name, &rec, true)?;
+            c.core.store.put(Tree::Admins, &name, &rec, true)?;
             tracing::warn!(admin = %name, %by, ?revoked, "admin certificates revoked");
             Ok(revoked)
         })
@@ -340,7 +341,7 @@ impl Controller {
     /// Every admin, in name order.
     pub async fn list_admins(&self) -> Result<Vec<AdminRecord>> {
         self.blocking(|c| {
-            Ok(c.inner.store.list::<AdminRecord>(Tree::Admins)?.into_iter().map(|(_, r)| r).collect())
+            Ok(c.core.store.list::<AdminRecord>(Tree::Admins)?.into_iter().map(|(_, r)| r).collect())
         })
         .await
     }

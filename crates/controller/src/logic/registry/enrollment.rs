@@ -1,9 +1,22 @@
 //! Enrollment and agent identity: join tokens, enrolling an agent from a CSR, renewing its
 //! certificate, and checking the certificate an agent presents.
 
-use super::*;
+use std::collections::BTreeMap;
+use std::time::Duration;
 
-impl Controller {
+use base64::Engine;
+use convoy_pki::Identity;
+use sha2::{Digest, Sha256};
+
+use super::{Enrolled, Registry};
+use crate::logic::{now, renewal_overlap, validate_labels, validate_word, Error, Result};
+use crate::store::{AgentRecord, EnrollConflict, TokenRecord};
+
+fn token_hash(token: &str) -> Vec<u8> {
+    Sha256::digest(token.as_bytes()).to_vec()
+}
+
+impl Registry {
     /// Creates a one-time join token. Only its hash is stored.
     pub async fn create_token(
         &self,
@@ -35,7 +48,7 @@ impl Controller {
         let expires = rec.expires_at;
         let bound_region = rec.region.clone();
         let hash = token_hash(&token);
-        self.blocking(move |c| Ok(c.inner.store.put_token(&hash, &rec)?)).await?;
+        self.blocking(move |c| Ok(c.core.store.put_token(&hash, &rec)?)).await?;
         tracing::info!(region = ?bound_region, expires_at = expires, created_by = %created_by, "join token created");
         Ok((token, expires))
     }
@@ -65,7 +78,7 @@ impl Controller {
             return Err(Error::TokenMalformed);
         }
         let hash = token_hash(token);
-        let tok = self.inner.store.token(&hash)?.ok_or(Error::TokenUnknown)?;
+        let tok = self.core.store.token(&hash)?.ok_or(Error::TokenUnknown)?;
         if let Some(by) = &tok.used_by {
             return Err(Error::TokenUsed(by.clone()));
         }
@@ -99,13 +112,13 @@ impl Controller {
             requested_id.to_owned()
         };
         let identity = Identity::agent(&id).map_err(|e| Error::InvalidArgument(e.to_string()))?;
-        if self.inner.store.agent(&id)?.is_some() {
+        if self.core.store.agent(&id)?.is_some() {
             return Err(Error::AgentExists(id));
         }
         let issued = self
             .inner
             .ca
-            .sign_csr(csr_der, &identity, self.inner.settings.agent_cert_lifetime)
+            .sign_csr(csr_der, &identity, self.core.settings.agent_cert_lifetime)
             .map_err(|e| Error::Csr(e.to_string()))?;
         let rec = AgentRecord {
             id: id.clone(),
@@ -123,13 +136,13 @@ impl Controller {
             previous_serial_until: 0,
             cert_serial_used: false,
         };
-        match self.inner.store.commit_enrollment(&hash, &rec)? {
+        match self.core.store.commit_enrollment(&hash, &rec)? {
             Ok(()) => {}
             Err(EnrollConflict::TokenGone) => return Err(Error::TokenUnknown),
             Err(EnrollConflict::TokenUsed) => return Err(Error::TokenUsed("another agent".into())),
             Err(EnrollConflict::AgentExists) => return Err(Error::AgentExists(id)),
         }
-        self.metrics().agent_enrolled(&region);
+        self.core.metrics().agent_enrolled(&region);
         tracing::info!(agent_id = %id, %region, serial = %issued.info.serial, "agent enrolled");
         Ok(Enrolled { agent_id: id, cert_pem: issued.cert_pem, region, labels })
     }
@@ -139,7 +152,7 @@ impl Controller {
     /// accepted for a short overlap, cannot mint a successor and lock the agent out.
     pub async fn renew(&self, agent_id: String, serial: String, csr_der: Vec<u8>) -> Result<String> {
         self.blocking(move |c| {
-            let rec = c.inner.store.agent(&agent_id)?.ok_or_else(|| Error::UnknownAgent(agent_id.clone()))?;
+            let rec = c.core.store.agent(&agent_id)?.ok_or_else(|| Error::UnknownAgent(agent_id.clone()))?;
             if rec.revoked {
                 return Err(Error::Revoked(format!("agent {agent_id:?}")));
             }
@@ -163,13 +176,13 @@ impl Controller {
             let issued = c
                 .inner
                 .ca
-                .sign_csr(&csr_der, &identity, c.inner.settings.agent_cert_lifetime)
+                .sign_csr(&csr_der, &identity, c.core.settings.agent_cert_lifetime)
                 .map_err(|e| Error::Csr(e.to_string()))?;
-            let overlap = renewal_overlap(c.inner.settings.agent_cert_lifetime);
+            let overlap = renewal_overlap(c.core.settings.agent_cert_lifetime);
             // Checked again in the same atomic update: two renewals racing with one certificate
             // cannot both win.
             let mut raced = false;
-            c.inner.store.update_agent(&agent_id, true, |r| {
+            c.core.store.update_agent(&agent_id, true, |r| {
                 raced = !may_renew(r);
                 if raced {
                     return;
@@ -204,7 +217,7 @@ impl Controller {
             // The renewed certificate is in use: from now on only it may renew.
             let (id, s) = (agent_id.to_owned(), serial.to_owned());
             self.blocking(move |c| {
-                c.inner.store.update_agent(&id, true, |r| r.cert_serial_used |= r.cert_serial == s)?;
+                c.core.store.update_agent(&id, true, |r| r.cert_serial_used |= r.cert_serial == s)?;
                 Ok(())
             })
             .await?;
@@ -222,7 +235,7 @@ impl Controller {
     pub async fn check_agent(&self, agent_id: &str) -> Result<AgentRecord> {
         let id = agent_id.to_owned();
         let rec = self
-            .blocking(move |c| Ok(c.inner.store.agent(&id)?))
+            .blocking(move |c| Ok(c.core.store.agent(&id)?))
             .await?
             .ok_or_else(|| Error::UnknownAgent(agent_id.to_owned()))?;
         if rec.revoked {

@@ -1,9 +1,9 @@
-//! Live agent sessions: opening (rate-limited per agent), heartbeats, ending, and the tasks a
-//! stopping controller waits for.
+//! Live agent sessions: opening (rate-limited per agent), heartbeats, ending, and the link
+//! orders travel on.
 
 use super::*;
 
-impl Controller {
+impl Registry {
     /// Registers a live session for `agent_id` after its hello. A newer session replaces an
     /// older one for the same agent.
     pub async fn open_session(
@@ -18,7 +18,7 @@ impl Controller {
         let region = self.check_agent(agent_id).await?.region;
         let id = agent_id.to_owned();
         self.blocking(move |c| {
-            c.inner.store.update_agent(&id, true, |r| {
+            c.core.store.update_agent(&id, true, |r| {
                 r.last_seen = now();
                 r.agent_version = agent_version.clone();
                 r.releases = releases.clone();
@@ -32,19 +32,23 @@ impl Controller {
         let last_seen = Arc::new(AtomicI64::new(now()));
         let old = {
             let mut sessions = self.lock_sessions();
+            // A session that replaces the agent's own older one keeps the agent online: orders
+            // in flight stay in flight.
+            let offline = sessions.get(agent_id).map(|s| s.offline.clone()).unwrap_or_default();
             let old = sessions.insert(
                 agent_id.to_owned(),
                 Session {
                     id: session_id,
                     region: region.clone(),
                     cancel: cancel.clone(),
+                    offline,
                     tx,
                     last_seen: last_seen.clone(),
                 },
             );
             // A session that replaces the agent's own older one changes no count.
             if old.is_none() {
-                self.metrics().agent_online(&region);
+                self.core.metrics().agent_online(&region);
             }
             old
         };
@@ -73,17 +77,6 @@ impl Controller {
         }
     }
 
-    /// Admits one audited action of `actor`: at most [`ACTIONS_BURST`] back to back and one a
-    /// second after that. Each writes (and flushes) two audit entries, so a caller looping on
-    /// an action, even one that fails, must not grow the log without bound.
-    pub fn admit_action(&self, actor: &str) -> Result<()> {
-        if take_token(&self.inner.action_rate, actor, ACTIONS_BURST) {
-            Ok(())
-        } else {
-            Err(Error::Busy(format!("{actor} is acting too often: retry in a second")))
-        }
-    }
-
     pub(super) fn lock_sessions(&self) -> std::sync::MutexGuard<'_, HashMap<String, Session>> {
         // A panic while holding this lock cannot leave the map inconsistent: every critical
         // section is a single insert or remove.
@@ -106,7 +99,7 @@ impl Controller {
         }
         let id = handle.agent_id.clone();
         self.blocking(move |c| {
-            c.inner.store.update_agent(&id, false, |r| {
+            c.core.store.update_agent(&id, false, |r| {
                 r.last_seen = now();
                 r.releases = releases.clone();
                 r.apps = apps.clone();
@@ -125,20 +118,16 @@ impl Controller {
                 _ => None,
             };
             if let Some(s) = &removed {
-                self.metrics().agent_offline(&s.region);
+                self.core.metrics().agent_offline(&s.region);
+                // Orders in flight to the agent will not be answered: they fail now.
+                s.offline.cancel();
             }
             removed.is_some()
         };
         if removed {
-            // Orders in flight on this session will not be answered: fail them now.
-            self.inner
-                .pending
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .retain(|(agent, _), _| agent != &handle.agent_id);
             let id = handle.agent_id.clone();
             let seen = self
-                .blocking(move |c| Ok(c.inner.store.update_agent(&id, true, |r| r.last_seen = now())?))
+                .blocking(move |c| Ok(c.core.store.update_agent(&id, true, |r| r.last_seen = now())?))
                 .await;
             if let Err(e) = seen {
                 tracing::warn!(agent_id = %handle.agent_id, error = %e, "last-seen time not recorded");
@@ -146,16 +135,16 @@ impl Controller {
             // Tell the webhooks if it stays away.
             let this = self.clone();
             let id = handle.agent_id.clone();
-            let after = self.inner.settings.offline_after;
-            if !self.inner.settings.notify_urls.is_empty() {
+            let after = self.core.settings.offline_after;
+            if !self.core.settings.notify_urls.is_empty() {
                 tokio::spawn(async move {
                     tokio::select! {
                         () = tokio::time::sleep(after) => {
                             if !this.is_online(&id) {
-                                this.notify("agent_offline", serde_json::json!({"agent": id, "offline_for_secs": after.as_secs()}));
+                                this.core.notify("agent_offline", serde_json::json!({"agent": id, "offline_for_secs": after.as_secs()}));
                             }
                         }
-                        () = this.inner.shutdown.cancelled() => {}
+                        () = this.core.shutdown.cancelled() => {}
                     }
                 });
             }
@@ -163,30 +152,18 @@ impl Controller {
         }
     }
 
-    /// Runs a task that holds the controller and ends at shutdown (a session's loop).
-    pub fn spawn_tracked<F>(&self, task: F)
-    where
-        F: std::future::Future<Output = ()> + Send + 'static,
-    {
-        self.inner.tasks.spawn(task);
-    }
-
-    /// Waits up to `limit` for tracked tasks to end, after sessions were closed.
-    pub async fn wait_for_tasks(&self, limit: Duration) {
-        self.inner.tasks.close();
-        if tokio::time::timeout(limit, self.inner.tasks.wait()).await.is_err() {
-            tracing::warn!(left = self.inner.tasks.len(), "session tasks still running at shutdown");
-        }
-    }
-
-    /// Closes every live session, so that a graceful shutdown does not wait on streams that
-    /// would otherwise never end. Agents reconnect to the next controller.
-    pub fn close_all_sessions(&self) {
-        self.inner.shutdown.cancel();
+    /// Closes every live session (the controller is stopping).
+    pub(crate) fn close_all_sessions(&self) {
         for (_, s) in self.lock_sessions().drain() {
-            self.metrics().agent_offline(&s.region);
+            self.core.metrics().agent_offline(&s.region);
             s.cancel.cancel();
+            s.offline.cancel();
         }
+    }
+
+    /// The way to `agent_id`'s live session, if it has one.
+    pub fn link(&self, agent_id: &str) -> Option<Link> {
+        self.lock_sessions().get(agent_id).map(|s| Link { tx: s.tx.clone(), offline: s.offline.clone() })
     }
 
     pub fn is_online(&self, agent_id: &str) -> bool {
@@ -195,7 +172,7 @@ impl Controller {
 
     /// Lists agents, optionally only one region's.
     pub async fn list_agents(&self, region: Option<String>) -> Result<Vec<AgentView>> {
-        let records = self.blocking(|c| Ok(c.inner.store.agents()?)).await?;
+        let records = self.blocking(|c| Ok(c.core.store.agents()?)).await?;
         let sessions = self.lock_sessions();
         Ok(records
             .into_iter()
