@@ -84,6 +84,9 @@ pub struct RawConfig {
     pub notify: NotifyConfig,
     #[serde(default)]
     pub http: HttpConfig,
+    /// Promotion rules per environment (`[environments.NAME]`).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub environments: std::collections::BTreeMap<String, crate::logic::rollouts::promotion::RawRule>,
 }
 
 /// The HTTP listener (`/healthz`, `/metrics`, the alert hooks): whether it speaks TLS, and the
@@ -302,6 +305,7 @@ pub struct Config {
     pub hooks: HooksConfig,
     pub notify: NotifyConfig,
     pub http: HttpConfig,
+    pub environments: crate::logic::rollouts::promotion::Rules,
 }
 
 impl Config {
@@ -377,6 +381,8 @@ impl Config {
                     .into(),
             ));
         }
+        let environments = crate::logic::rollouts::promotion::Rules::parse(&raw.environments)
+            .map_err(|message| field("environments", message))?;
         Ok(Self {
             path: path.to_path_buf(),
             trust_domain,
@@ -397,6 +403,7 @@ impl Config {
             hooks: raw.hooks,
             notify: raw.notify,
             http: raw.http,
+            environments,
         })
     }
 

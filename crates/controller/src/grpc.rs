@@ -15,10 +15,11 @@ use tracing::Instrument;
 
 use crate::logic::admins::AdminCaller;
 use crate::logic::heartbeats::{self, Heartbeats, Verdict};
+use crate::logic::registry::NewToken;
 use crate::logic::roles::{Action, Principal, Role};
-use crate::logic::rollouts::{Control, FreezeWindow, RolloutSpec, SpecError, Threshold};
-use crate::logic::OrderKind;
+use crate::logic::rollouts::{Control, FreezeWindow, SpecError};
 use crate::logic::{self, Controller};
+use crate::logic::{Environment, OrderKind};
 
 /// How long a new session may take to send its hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -48,6 +49,10 @@ pub fn to_status(err: logic::Error) -> Status {
                 R::RolloutActive { .. } => "wait, abort it, or pass --supersede",
                 R::Frozen { .. } => "use --override-freeze --reason TEXT",
                 R::MarkedBad { .. } => "deploy it again only with --force",
+                R::Promotion(logic::rollouts::promotion::Refusal::NoteRequired { .. }) => {
+                    "add a change note to the deploy"
+                }
+                R::Promotion(_) => "promote it first, or (admins only) pass --skip-promotion --reason TEXT",
             };
             let msg = format!("{msg}; {how}");
             match e {
@@ -83,6 +88,18 @@ fn spec_message(e: &SpecError) -> String {
         SpecError::NoParallelism => "--max-parallel must be at least 1".into(),
         SpecError::OverrideWithoutReason => "--override-freeze needs a --reason".into(),
         SpecError::Threshold(s) => format!("--max-failures {s:?}: use a count (2) or a percentage (10%)"),
+        SpecError::NoteTooLong(n) => {
+            format!(
+                "the change note is {n} bytes; --note and --note-file keep at most {}",
+                logic::rollouts::spec::MAX_NOTE
+            )
+        }
+        SpecError::NoteControl => "--note may hold newlines and tabs but no other control characters".into(),
+        SpecError::Ticket(t) => format!("--ticket {t:?} must be an http(s) URL"),
+        SpecError::SkipWithoutReason => "--skip-promotion needs a --reason".into(),
+        SpecError::StartTooLate => {
+            format!("--at is more than {} days ahead", logic::rollouts::spec::MAX_SCHEDULE_DAYS)
+        }
     }
 }
 

@@ -23,7 +23,9 @@ use crate::logic::rollouts::RolloutState;
 const BUCKETS: [f64; 9] = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0];
 
 /// Every rollout state with its exposition name.
-const ROLLOUT_STATES: [(RolloutState, &str); 7] = [
+const ROLLOUT_STATES: [(RolloutState, &str); 11] = [
+    (RolloutState::AwaitingApproval, "awaiting_approval"),
+    (RolloutState::Scheduled, "scheduled"),
     (RolloutState::Staging, "staging"),
     (RolloutState::Running, "running"),
     (RolloutState::Paused, "paused"),
@@ -31,6 +33,8 @@ const ROLLOUT_STATES: [(RolloutState, &str); 7] = [
     (RolloutState::RolledBack, "rolled_back"),
     (RolloutState::Aborted, "aborted"),
     (RolloutState::Superseded, "superseded"),
+    (RolloutState::Rejected, "rejected"),
+    (RolloutState::Expired, "expired"),
 ];
 
 fn state_index(s: RolloutState) -> usize {
@@ -58,8 +62,8 @@ struct Histogram {
 /// The gauges' counts.
 #[derive(Default)]
 struct Gauges {
-    /// Per region: unrevoked agents, and how many of them have a live session.
-    regions: BTreeMap<String, RegionCount>,
+    /// Per (environment, region): unrevoked agents, and how many of them have a live session.
+    regions: BTreeMap<(String, String), RegionCount>,
     /// Rollouts per state, indexed like [`ROLLOUT_STATES`].
     rollouts: [u64; ROLLOUT_STATES.len()],
     /// The state of every unfinished rollout, to move it between counts when it changes. A
@@ -79,17 +83,18 @@ impl Metrics {
         self.gauges.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Sets the gauges from the store's records: `agents` is (region, revoked) per agent record,
+    /// Sets the gauges from the store's records: `agents` is (environment, region, revoked) per
+    /// agent record,
     /// `rollouts` (id, state) per rollout record. No agent is online at start-up.
     pub fn load_gauges(
         &self,
-        agents: impl IntoIterator<Item = (String, bool)>,
+        agents: impl IntoIterator<Item = (String, String, bool)>,
         rollouts: impl IntoIterator<Item = (String, RolloutState)>,
     ) {
         let mut g = Gauges::default();
-        for (region, revoked) in agents {
+        for (env, region, revoked) in agents {
             if !revoked {
-                g.regions.entry(region).or_default().enrolled += 1;
+                g.regions.entry((env, region)).or_default().enrolled += 1;
             }
         }
         for (id, state) in rollouts {
@@ -101,30 +106,33 @@ impl Metrics {
         *self.gauges() = g;
     }
 
-    /// An agent enrolled in `region`.
-    pub fn agent_enrolled(&self, region: &str) {
-        self.gauges().regions.entry(region.to_owned()).or_default().enrolled += 1;
+    /// An agent enrolled in `env` and `region`.
+    pub fn agent_enrolled(&self, env: &str, region: &str) {
+        self.gauges().regions.entry(place(env, region)).or_default().enrolled += 1;
     }
 
-    /// An agent of `region` opened a session (not one that replaced its own older session).
-    pub fn agent_online(&self, region: &str) {
-        self.gauges().regions.entry(region.to_owned()).or_default().online += 1;
+    /// An agent of `env` and `region` opened a session (not one that replaced its own older
+    /// session).
+    pub fn agent_online(&self, env: &str, region: &str) {
+        self.gauges().regions.entry(place(env, region)).or_default().online += 1;
     }
 
-    /// An agent of `region` lost its session.
-    pub fn agent_offline(&self, region: &str) {
+    /// An agent of `env` and `region` lost its session.
+    pub fn agent_offline(&self, env: &str, region: &str) {
         let mut g = self.gauges();
-        if let Some(c) = g.regions.get_mut(region) {
+        let key = place(env, region);
+        if let Some(c) = g.regions.get_mut(&key) {
             c.online = c.online.saturating_sub(1);
         }
-        g.forget_if_empty(region);
+        g.forget_if_empty(&key);
     }
 
-    /// An agent of `region` was revoked: `newly` unless it already was; `was_online` when its
-    /// session was closed by the revocation.
-    pub fn agent_revoked(&self, region: &str, newly: bool, was_online: bool) {
+    /// An agent of `env` and `region` was revoked: `newly` unless it already was; `was_online`
+    /// when its session was closed by the revocation.
+    pub fn agent_revoked(&self, env: &str, region: &str, newly: bool, was_online: bool) {
         let mut g = self.gauges();
-        if let Some(c) = g.regions.get_mut(region) {
+        let key = place(env, region);
+        if let Some(c) = g.regions.get_mut(&key) {
             if newly {
                 c.enrolled = c.enrolled.saturating_sub(1);
             }
@@ -132,7 +140,7 @@ impl Metrics {
                 c.online = c.online.saturating_sub(1);
             }
         }
-        g.forget_if_empty(region);
+        g.forget_if_empty(&key);
     }
 
     /// A rollout's record was saved with `state`: counts it when it is new and moves it when its
@@ -193,14 +201,15 @@ impl Metrics {
             let g = self.gauges();
             (g.regions.clone(), g.rollouts)
         };
-        emit!(out, "# HELP convoy_agents Enrolled agents by region and connection state.");
+        emit!(out, "# HELP convoy_agents Enrolled agents by environment, region and connection state.");
         emit!(out, "# TYPE convoy_agents gauge");
-        for (region, c) in regions.iter().filter(|(_, c)| c.enrolled > 0) {
+        for ((env, region), c) in regions.iter().filter(|(_, c)| c.enrolled > 0) {
             // A session that slipped in while its agent was being revoked is not counted.
             let online = c.online.min(c.enrolled);
-            let region = escape(region);
-            emit!(out, "convoy_agents{{region=\"{region}\",state=\"offline\"}} {}", c.enrolled - online);
-            emit!(out, "convoy_agents{{region=\"{region}\",state=\"online\"}} {online}");
+            let (env, region) = (escape(env), escape(region));
+            let labels = format!("environment=\"{env}\",region=\"{region}\"");
+            emit!(out, "convoy_agents{{{labels},state=\"offline\"}} {}", c.enrolled - online);
+            emit!(out, "convoy_agents{{{labels},state=\"online\"}} {online}");
         }
         let states: BTreeMap<&str, u64> =
             ROLLOUT_STATES.iter().enumerate().map(|(i, (_, name))| (*name, rollouts[i])).collect();
@@ -243,11 +252,15 @@ impl Metrics {
 
 impl Gauges {
     /// A region without agents is not shown, as before any agent enrolled there.
-    fn forget_if_empty(&mut self, region: &str) {
-        if self.regions.get(region).is_some_and(|c| c.enrolled == 0 && c.online == 0) {
-            self.regions.remove(region);
+    fn forget_if_empty(&mut self, key: &(String, String)) {
+        if self.regions.get(key).is_some_and(|c| c.enrolled == 0 && c.online == 0) {
+            self.regions.remove(key);
         }
     }
+}
+
+fn place(env: &str, region: &str) -> (String, String) {
+    (env.to_owned(), region.to_owned())
 }
 
 fn escape(s: &str) -> String {
@@ -269,10 +282,13 @@ mod tests {
                 .or_default() += 1;
             by_region.entry((region.to_string(), if *online { "offline" } else { "online" })).or_default();
         }
-        out.push_str("# HELP convoy_agents Enrolled agents by region and connection state.\n");
+        out.push_str("# HELP convoy_agents Enrolled agents by environment, region and connection state.\n");
         out.push_str("# TYPE convoy_agents gauge\n");
         for ((region, state), n) in &by_region {
-            out.push_str(&format!("convoy_agents{{region=\"{}\",state=\"{state}\"}} {n}\n", escape(region)));
+            out.push_str(&format!(
+                "convoy_agents{{environment=\"production\",region=\"{}\",state=\"{state}\"}} {n}\n",
+                escape(region)
+            ));
         }
         let mut states: BTreeMap<&str, u64> = ROLLOUT_STATES.iter().map(|(_, s)| (*s, 0)).collect();
         for s in rollouts {
@@ -296,7 +312,12 @@ mod tests {
         let m = Metrics::default();
         // Start-up: eu has a1, a2 and a revoked a0; us has u1; two rollouts, one unfinished.
         m.load_gauges(
-            [("eu".into(), false), ("eu".into(), false), ("eu".into(), true), ("us".into(), false)],
+            [
+                ("production".into(), "eu".into(), false),
+                ("production".into(), "eu".into(), false),
+                ("production".into(), "eu".into(), true),
+                ("production".into(), "us".into(), false),
+            ],
             [("ro-1".into(), RolloutState::Completed), ("ro-2".into(), RolloutState::Running)],
         );
         assert_eq!(
@@ -306,9 +327,9 @@ mod tests {
                 &[RolloutState::Completed, RolloutState::Running]
             )
         );
-        m.agent_online("eu");
-        m.agent_online("us");
-        m.agent_enrolled("ap \"south\"");
+        m.agent_online("production", "eu");
+        m.agent_online("production", "us");
+        m.agent_enrolled("production", "ap \"south\"");
         m.rollout_saved("ro-2", RolloutState::Paused);
         m.rollout_saved("ro-3", RolloutState::Staging);
         assert_eq!(
@@ -320,8 +341,8 @@ mod tests {
         );
         // us-1 revoked while online, an eu agent goes offline, ro-2 is aborted and saved twice,
         // ro-3 runs and completes.
-        m.agent_revoked("us", true, true);
-        m.agent_offline("eu");
+        m.agent_revoked("production", "us", true, true);
+        m.agent_offline("production", "eu");
         m.rollout_saved("ro-2", RolloutState::Aborted);
         m.rollout_saved("ro-2", RolloutState::Aborted);
         m.rollout_saved("ro-3", RolloutState::Running);
@@ -334,9 +355,9 @@ mod tests {
             )
         );
         // Revoking an agent already revoked changes nothing; the last eu agents go.
-        m.agent_revoked("eu", false, false);
-        m.agent_revoked("eu", true, false);
-        m.agent_revoked("eu", true, false);
+        m.agent_revoked("production", "eu", false, false);
+        m.agent_revoked("production", "eu", true, false);
+        m.agent_revoked("production", "eu", true, false);
         assert_eq!(
             gauges_part(&m),
             from_records(
@@ -351,12 +372,12 @@ mod tests {
     #[test]
     fn a_session_of_an_agent_revoked_meanwhile_is_not_shown() {
         let m = Metrics::default();
-        m.agent_enrolled("eu");
-        m.agent_revoked("eu", true, false);
+        m.agent_enrolled("production", "eu");
+        m.agent_revoked("production", "eu", true, false);
         // Its session opened just after the revocation removed none.
-        m.agent_online("eu");
+        m.agent_online("production", "eu");
         assert_eq!(gauges_part(&m), from_records(&[], &[]));
-        m.agent_offline("eu");
+        m.agent_offline("production", "eu");
         assert!(m.gauges().regions.is_empty());
     }
 

@@ -103,6 +103,7 @@ impl Prepared {
             notify_urls: config.notify.urls.clone(),
             offline_after: config.notify.offline_after,
             audit_key,
+            promotion: config.environments.clone(),
         };
         let controller = Controller::new(ca, store, settings)?;
         controller.releases().prepare_blob_dir()?;
@@ -334,6 +335,7 @@ mod tests {
                         previous_serial: None,
                         previous_serial_until: 0,
                         cert_serial_used: false,
+                        environment: Default::default(),
                     })
                     .unwrap();
             }
@@ -353,6 +355,7 @@ mod tests {
                     failure: None,
                     converging: vec![],
                     stopping: None,
+                    approval: None,
                     run: Default::default(),
                 };
                 store.put(Tree::Rollouts, &r.id, &r, false).unwrap();
@@ -374,15 +377,23 @@ mod tests {
         // Each region has 1,000 agents, of which 100 (i % 30 fixed) are revoked.
         let mut want = vec![];
         for r in regions {
-            want.push(format!("convoy_agents{{region=\"{r}\",state=\"offline\"}} 900"));
-            want.push(format!("convoy_agents{{region=\"{r}\",state=\"online\"}} 0"));
+            want.push(format!(
+                "convoy_agents{{environment=\"production\",region=\"{r}\",state=\"offline\"}} 900"
+            ));
+            want.push(format!(
+                "convoy_agents{{environment=\"production\",region=\"{r}\",state=\"online\"}} 0"
+            ));
         }
         for (s, n) in [
             ("aborted", 60),
+            ("awaiting_approval", 0),
             ("completed", 60),
+            ("expired", 0),
             ("paused", 60),
+            ("rejected", 0),
             ("rolled_back", 60),
             ("running", 0),
+            ("scheduled", 0),
             ("staging", 0),
             ("superseded", 60),
         ] {

@@ -58,6 +58,9 @@ pub struct TokenRecord {
     pub expires_at: i64,
     pub created_by: String,
     pub used_by: Option<String>,
+    /// The environment the enrolling agent joins (tokens from before environments: production).
+    #[serde(default)]
+    pub environment: crate::logic::Environment,
 }
 
 /// A release an agent reported having on disk.
@@ -94,6 +97,9 @@ pub struct AgentRecord {
     /// the one it replaced may renew again (the answer to its renewal may have been lost).
     #[serde(default)]
     pub cert_serial_used: bool,
+    /// Set by its join token (agents enrolled before environments: production).
+    #[serde(default)]
+    pub environment: crate::logic::Environment,
 }
 
 /// Apps one agent's record holds at most; reports beyond are dropped.
@@ -165,6 +171,8 @@ pub enum Tree {
     Admins,
     /// Signed audit-log checkpoints, keyed by zero-padded sequence number.
     AuditCheckpoints,
+    /// Fleet rollbacks away from a release, per environment: they end its soak there.
+    RollbackMarks,
 }
 
 impl Tree {
@@ -178,6 +186,7 @@ impl Tree {
             Tree::RevokedAdmins => "revoked_admins",
             Tree::Admins => "admins",
             Tree::AuditCheckpoints => "audit_checkpoints",
+            Tree::RollbackMarks => "rollback_marks",
         }
     }
 }

@@ -135,7 +135,7 @@ async fn call_every_rpc(
     let control = |action: &str| pb::ControlRolloutRequest {
         id: "no-such-rollout".into(),
         action: action.into(),
-        reason: String::new(),
+        ..Default::default()
     };
     let freeze = |action: &str| pb::FreezeRequest {
         action: action.into(),
@@ -156,6 +156,7 @@ async fn call_every_rpc(
                     ttl_secs: 60,
                     labels: Default::default(),
                     allow_agent_labels: false,
+                    environment: String::new(),
                 })
                 .await
                 .map(drop),

@@ -47,6 +47,7 @@ async fn enrollment_happy_path_then_session_shows_online() {
             ttl_secs: 60,
             labels: [("tier".to_string(), "edge".to_string())].into(),
             allow_agent_labels: false,
+            environment: String::new(),
         })
         .await
         .unwrap()
@@ -192,6 +193,7 @@ async fn authorization_follows_the_certificate() {
             ttl_secs: 60,
             labels: Default::default(),
             allow_agent_labels: false,
+            environment: String::new(),
         })
         .await
         .unwrap_err();
@@ -412,6 +414,7 @@ async fn agents_choose_labels_only_when_the_token_allows_it() {
                     ttl_secs: 60,
                     labels: [("tier".to_string(), "edge".to_string())].into(),
                     allow_agent_labels: allow,
+                    environment: String::new(),
                 })
                 .await
                 .unwrap()

@@ -122,8 +122,13 @@ impl LocalController {
         convoy_controller::client::admin_client(&self.config).await
     }
 
-    /// A one-time join token, optionally bound to a region.
+    /// A one-time join token, optionally bound to a region, for a production agent.
     pub async fn token(&self, region: Option<&str>, ttl: Duration) -> anyhow::Result<String> {
+        self.token_in(region, "", ttl).await
+    }
+
+    /// A one-time join token into environment `env` (empty: production).
+    pub async fn token_in(&self, region: Option<&str>, env: &str, ttl: Duration) -> anyhow::Result<String> {
         let resp = self
             .admin()
             .await?
@@ -132,6 +137,7 @@ impl LocalController {
                 ttl_secs: ttl.as_secs(),
                 labels: Default::default(),
                 allow_agent_labels: false,
+                environment: env.to_owned(),
             })
             .await?;
         Ok(resp.into_inner().token)
@@ -177,9 +183,14 @@ impl LocalController {
         Ok(std::fs::read_to_string(&self.config.ca_cert)?)
     }
 
-    /// Enrolls an agent with a fresh region-bound token into `data_dir`.
+    /// Enrolls a production agent with a fresh region-bound token into `data_dir`.
     pub async fn enroll(&self, data_dir: &Path, id: &str, region: &str) -> anyhow::Result<()> {
-        let token = self.token(Some(region), Duration::from_secs(600)).await?;
+        self.enroll_in(data_dir, id, region, "").await
+    }
+
+    /// Enrolls an agent of environment `env` (empty: production) into `data_dir`.
+    pub async fn enroll_in(&self, data_dir: &Path, id: &str, region: &str, env: &str) -> anyhow::Result<()> {
+        let token = self.token_in(Some(region), env, Duration::from_secs(600)).await?;
         convoy_agent::enroll(EnrollOptions {
             controller: self.grpc_addr.to_string(),
             ca_pem: self.ca_pem()?,

@@ -11,6 +11,9 @@ pub struct Args {
     /// Only agents in this region.
     #[arg(long)]
     region: Option<String>,
+    /// Only agents in this environment.
+    #[arg(long = "env", value_name = "NAME")]
+    environment: Option<String>,
     #[arg(short, long, value_enum, default_value_t)]
     output: Output,
 }
@@ -25,6 +28,7 @@ enum Command {
 struct AgentJson {
     id: String,
     region: String,
+    environment: String,
     labels: std::collections::BTreeMap<String, String>,
     online: bool,
     revoked: bool,
@@ -68,7 +72,10 @@ pub async fn run(config: &super::Globals, args: Args) -> anyhow::Result<()> {
         return Ok(());
     }
     let resp = client
-        .list_agents(pb::ListAgentsRequest { region: args.region.unwrap_or_default() })
+        .list_agents(pb::ListAgentsRequest {
+            region: args.region.unwrap_or_default(),
+            environment: args.environment.unwrap_or_default(),
+        })
         .await
         .map_err(super::status_error)?
         .into_inner();
@@ -78,13 +85,14 @@ pub async fn run(config: &super::Globals, args: Args) -> anyhow::Result<()> {
 
 /// Renders agents as a table or JSON.
 pub fn render(mut agents: Vec<pb::AgentInfo>, output: Output) -> anyhow::Result<String> {
-    agents.sort_by(|a, b| (&a.region, &a.id).cmp(&(&b.region, &b.id)));
+    agents.sort_by(|a, b| (&a.environment, &a.region, &a.id).cmp(&(&b.environment, &b.region, &b.id)));
     if output == Output::Json {
         let list: Vec<AgentJson> = agents
             .into_iter()
             .map(|a| AgentJson {
                 id: a.id,
                 region: a.region,
+                environment: a.environment,
                 labels: a.labels.into_iter().collect(),
                 online: a.online,
                 revoked: a.revoked,
@@ -115,8 +123,9 @@ pub fn render(mut agents: Vec<pb::AgentInfo>, output: Output) -> anyhow::Result<
             .collect();
         return Ok(serde_json::to_string_pretty(&list)? + "\n");
     }
-    let mut rows =
-        vec![["ID", "REGION", "LABELS", "STATE", "LAST SEEN", "CERT EXPIRES", "APPS"].map(String::from)];
+    let mut rows = vec![
+        ["ID", "ENV", "REGION", "LABELS", "STATE", "LAST SEEN", "CERT EXPIRES", "APPS"].map(String::from)
+    ];
     for a in agents {
         let mut labels: Vec<_> = a.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
         labels.sort();
@@ -141,6 +150,7 @@ pub fn render(mut agents: Vec<pb::AgentInfo>, output: Output) -> anyhow::Result<
         };
         rows.push([
             a.id,
+            a.environment,
             a.region,
             if labels.is_empty() { "-".into() } else { labels.join(",") },
             state.into(),

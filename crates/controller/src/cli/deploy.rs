@@ -56,8 +56,61 @@ pub struct Args {
     /// Deploy during a freeze window (needs --reason).
     #[arg(long, requires = "reason")]
     override_freeze: bool,
+    /// Why a freeze is overridden or promotion rules are skipped.
     #[arg(long)]
     reason: Option<String>,
+    /// The environment whose agents the rollout targets.
+    #[arg(long = "env", value_name = "NAME")]
+    environment: Option<String>,
+    /// The change note: what changes and why (shown by `rollout status`, sent in notifications,
+    /// written to the audit log).
+    #[arg(long, conflicts_with = "note_file")]
+    note: Option<String>,
+    /// Read the change note from a file (its first 16 KiB).
+    #[arg(long, value_name = "FILE")]
+    note_file: Option<PathBuf>,
+    /// The change ticket's URL.
+    #[arg(long, value_name = "URL")]
+    ticket: Option<String>,
+    /// Start later, at an RFC 3339 time with its offset (2026-12-01T03:00:00+01:00); until then
+    /// the rollout is `scheduled` and can be cancelled with `convoy rollout abort`.
+    #[arg(long, value_name = "TIME", value_parser = parse_at)]
+    at: Option<i64>,
+    /// Skip the environment's promotion rules (admins only; needs --reason; audited).
+    #[arg(long, requires = "reason")]
+    skip_promotion: bool,
+}
+
+/// An RFC 3339 time with an offset, as Unix seconds.
+fn parse_at(s: &str) -> Result<i64, String> {
+    let t: jiff::Timestamp = s.parse().map_err(|e| {
+        format!("{s:?} is not an RFC 3339 time with an offset (2026-12-01T03:00:00+01:00): {e}")
+    })?;
+    Ok(t.as_second())
+}
+
+/// The change note from `--note` or the first 16 KiB of `--note-file`.
+fn read_note(note: Option<String>, file: Option<&PathBuf>) -> anyhow::Result<Option<String>> {
+    use std::io::Read;
+    let Some(path) = file else { return Ok(note) };
+    let f = std::fs::File::open(path).map_err(|e| anyhow::anyhow!("--note-file {}: {e}", path.display()))?;
+    let mut bytes = Vec::new();
+    f.take(crate::logic::rollouts::spec::MAX_NOTE as u64)
+        .read_to_end(&mut bytes)
+        .map_err(|e| anyhow::anyhow!("--note-file {}: {e}", path.display()))?;
+    // A cut inside a character drops the partial character.
+    let text = match String::from_utf8(bytes) {
+        Ok(t) => t,
+        Err(e) => {
+            let valid = e.utf8_error().valid_up_to();
+            let bytes = e.into_bytes();
+            if bytes.len() - valid > 3 {
+                anyhow::bail!("--note-file {} is not UTF-8 text", path.display());
+            }
+            String::from_utf8_lossy(&bytes[..valid]).into_owned()
+        }
+    };
+    Ok(Some(text))
 }
 
 /// `rollout.toml`.
@@ -82,6 +135,9 @@ struct RolloutFile {
     health_deadline: Option<Duration>,
     #[serde(default)]
     require_all: bool,
+    environment: Option<String>,
+    note: Option<String>,
+    ticket: Option<String>,
 }
 
 fn percent(s: &str) -> anyhow::Result<u32> {
@@ -106,6 +162,8 @@ pub async fn run(config: &super::Globals, a: Args) -> anyhow::Result<()> {
     let waves = if a.waves.is_empty() { file.waves } else { a.waves };
     let waves = waves.iter().map(|w| percent(w)).collect::<anyhow::Result<Vec<_>>>()?;
     let canary = a.canary.or(file.canary);
+    let note = read_note(a.note.or(file.note), a.note_file.as_ref())?;
+    let skip_reason = if a.skip_promotion { a.reason.clone().unwrap_or_default() } else { String::new() };
     let req = pb::DeployRequest {
         app,
         version,
@@ -128,7 +186,13 @@ pub async fn run(config: &super::Globals, a: Args) -> anyhow::Result<()> {
         supersede: a.supersede,
         require_all: a.require_all || file.require_all,
         override_freeze: a.override_freeze,
-        reason: a.reason.unwrap_or_default(),
+        reason: if a.override_freeze { a.reason.unwrap_or_default() } else { String::new() },
+        environment: a.environment.or(file.environment).unwrap_or_default(),
+        note: note.unwrap_or_default(),
+        ticket: a.ticket.or(file.ticket).unwrap_or_default(),
+        start_at_unix: a.at.unwrap_or(0),
+        skip_promotion: a.skip_promotion,
+        skip_reason,
     };
     let config = config.load_config()?;
     let mut client = crate::client::admin_client(&config).await?;

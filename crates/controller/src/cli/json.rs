@@ -134,7 +134,8 @@ pub struct Rollout {
     pub id: String,
     pub spec: RolloutSpec,
     pub digest: String,
-    /// `staging`, `running`, `paused`, `completed`, `rolled_back`, `aborted` or `superseded`.
+    /// `awaiting_approval`, `scheduled`, `staging`, `running`, `paused`, `completed`,
+    /// `rolled_back`, `aborted`, `superseded`, `rejected` or `expired`.
     pub state: &'static str,
     pub created_at: i64,
     pub created_by: String,
@@ -150,12 +151,18 @@ pub struct Rollout {
     pub converging: Vec<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub stopping: Option<Stopping>,
+    /// Set when its environment requires approvals.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub approval: Option<ApprovalGate>,
+    /// What it waits for now, in words (approvals, its start time, a deploy window).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub waiting: Vec<String>,
 }
 
 impl Rollout {
     /// Whether the rollout has ended.
     pub fn is_final(&self) -> bool {
-        matches!(self.state, "completed" | "rolled_back" | "aborted" | "superseded")
+        matches!(self.state, "completed" | "rolled_back" | "aborted" | "superseded" | "rejected" | "expired")
     }
 }
 
@@ -181,6 +188,43 @@ pub struct RolloutSpec {
     pub supersede: bool,
     pub override_freeze: Option<String>,
     pub require_all: bool,
+    /// The environment whose agents it targets.
+    pub environment: String,
+    /// The change note.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
+    /// The change ticket's URL.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ticket: Option<String>,
+    /// When it starts (unix seconds), if scheduled.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub start_at: Option<i64>,
+    /// Why the environment's promotion rules were skipped, if they were.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub skip_promotion: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Approval {
+    pub by: String,
+    pub at: i64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ApprovalGate {
+    pub required: u32,
+    pub ttl_secs: u64,
+    pub approvals: Vec<Approval>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rejected: Option<Approval>,
+}
+
+impl From<pb::Approval> for Approval {
+    fn from(a: pb::Approval) -> Self {
+        Self { by: a.by, at: a.at_unix, note: a.note }
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -226,6 +270,10 @@ fn state_name(s: i32) -> &'static str {
         Ok(S::RolledBack) => "rolled_back",
         Ok(S::Aborted) => "aborted",
         Ok(S::Superseded) => "superseded",
+        Ok(S::AwaitingApproval) => "awaiting_approval",
+        Ok(S::Scheduled) => "scheduled",
+        Ok(S::Rejected) => "rejected",
+        Ok(S::Expired) => "expired",
         Ok(S::Unspecified) | Err(_) => "unknown",
     }
 }
@@ -279,6 +327,11 @@ impl From<pb::RolloutSpec> for RolloutSpec {
             supersede: s.supersede,
             override_freeze: s.override_freeze,
             require_all: s.require_all,
+            environment: s.environment,
+            note: s.note,
+            ticket: s.ticket,
+            start_at: s.start_at_unix,
+            skip_promotion: s.skip_promotion,
         }
     }
 }
@@ -321,6 +374,13 @@ impl From<pb::Rollout> for Rollout {
             failure: r.failure,
             converging: r.converging,
             stopping: r.stopping.map(|s| Stopping { kind: stop_name(s.kind), reason: s.reason }),
+            approval: r.approval.map(|g| ApprovalGate {
+                required: g.required,
+                ttl_secs: g.ttl_secs,
+                approvals: g.approvals.into_iter().map(Approval::from).collect(),
+                rejected: g.rejected.map(Approval::from),
+            }),
+            waiting: r.waiting,
         }
     }
 }

@@ -1,4 +1,4 @@
-//! `convoy rollout status|list|pause|resume|abort`.
+//! `convoy rollout status|list|pause|resume|abort|approve|reject`.
 
 use std::io::IsTerminal;
 use std::time::Duration;
@@ -33,9 +33,23 @@ pub enum Command {
     Resume {
         id: String,
     },
-    /// Stop and roll back every agent the rollout moved.
+    /// Stop and roll back every agent the rollout moved (a rollout awaiting approval or
+    /// scheduled ends with nothing moved).
     Abort {
         id: String,
+    },
+    /// Approve a rollout awaiting approval (role approver; not its deployer).
+    Approve {
+        id: String,
+        /// Why it is approved, kept with the approval.
+        #[arg(long)]
+        note: Option<String>,
+    },
+    /// Reject a rollout awaiting approval (role approver); it never starts.
+    Reject {
+        id: String,
+        #[arg(long)]
+        reason: String,
     },
 }
 
@@ -44,13 +58,39 @@ fn render(r: &Rollout) -> String {
     let count = |step: &str| r.agents.values().filter(|a| a.step == step).count();
     let elapsed = r.finished_at.unwrap_or_else(crate::logic::now) - r.created_at;
     out.push_str(&format!(
-        "rollout {}  {}@{}  {}  elapsed {}s\n",
+        "rollout {}  {}@{}  {}  {}  elapsed {}s\n",
         r.id,
         r.spec.app,
         r.spec.version,
+        r.spec.environment,
         r.state.to_uppercase(),
         elapsed.max(0)
     ));
+    out.push_str(&format!("by {}", r.created_by));
+    if let Some(t) = &r.spec.ticket {
+        out.push_str(&format!("  ticket {t}"));
+    }
+    out.push('\n');
+    if let Some(note) = &r.spec.note {
+        for line in note.lines() {
+            out.push_str(&format!("  | {line}\n"));
+        }
+    }
+    if let Some(g) = &r.approval {
+        let who: Vec<String> = g.approvals.iter().map(|a| a.by.clone()).collect();
+        out.push_str(&format!(
+            "approvals: {} of {} required{}\n",
+            g.approvals.len(),
+            g.required,
+            if who.is_empty() { String::new() } else { format!(" ({})", who.join(", ")) }
+        ));
+        if let Some(rej) = &g.rejected {
+            out.push_str(&format!("rejected by {}: {}\n", rej.by, rej.note.as_deref().unwrap_or("-")));
+        }
+    }
+    for w in &r.waiting {
+        out.push_str(&format!("{w}\n"));
+    }
     out.push_str(&format!(
         "agents: {} healthy, {} failed, {} rolled back, {} offline/pending, {} total\n",
         count("healthy"),
@@ -139,7 +179,7 @@ pub async fn run(config: &super::Globals, cmd: Command) -> anyhow::Result<()> {
                 }
             }
             match r.state {
-                "rolled_back" | "aborted" if watch => {
+                "rolled_back" | "aborted" | "rejected" | "expired" | "superseded" if watch => {
                     anyhow::bail!("rollout {} ended {}", r.id, r.state)
                 }
                 _ => Ok(()),
@@ -156,11 +196,13 @@ pub async fn run(config: &super::Globals, cmd: Command) -> anyhow::Result<()> {
                 println!("{}", serde_json::to_string_pretty(&list)?);
                 return Ok(());
             }
-            let mut rows = vec![["ID", "RELEASE", "STATE", "AGENTS", "STARTED", "BY"].map(String::from)];
+            let mut rows =
+                vec![["ID", "RELEASE", "ENV", "STATE", "AGENTS", "STARTED", "BY"].map(String::from)];
             for r in list {
                 rows.push([
                     r.id,
                     format!("{}@{}", r.spec.app, r.spec.version),
+                    r.spec.environment,
                     r.state.to_string(),
                     r.agents.len().to_string(),
                     crate::cli::fmt_time(r.created_at),
@@ -170,9 +212,13 @@ pub async fn run(config: &super::Globals, cmd: Command) -> anyhow::Result<()> {
             print!("{}", super::agents::table(&rows));
             Ok(())
         }
-        Command::Pause { id } => control(&mut client, id, "pause").await,
-        Command::Resume { id } => control(&mut client, id, "resume").await,
-        Command::Abort { id } => control(&mut client, id, "abort").await,
+        Command::Pause { id } => control(&mut client, id, "pause", String::new(), String::new()).await,
+        Command::Resume { id } => control(&mut client, id, "resume", String::new(), String::new()).await,
+        Command::Abort { id } => control(&mut client, id, "abort", String::new(), String::new()).await,
+        Command::Approve { id, note } => {
+            control(&mut client, id, "approve", String::new(), note.unwrap_or_default()).await
+        }
+        Command::Reject { id, reason } => control(&mut client, id, "reject", reason, String::new()).await,
     }
 }
 
@@ -180,13 +226,11 @@ async fn control(
     client: &mut pb::admin_service_client::AdminServiceClient<tonic::transport::Channel>,
     id: String,
     action: &str,
+    reason: String,
+    note: String,
 ) -> anyhow::Result<()> {
     let r = client
-        .control_rollout(pb::ControlRolloutRequest {
-            id: id.clone(),
-            action: action.into(),
-            reason: String::new(),
-        })
+        .control_rollout(pb::ControlRolloutRequest { id: id.clone(), action: action.into(), reason, note })
         .await
         .map_err(super::status_error)?
         .into_inner();

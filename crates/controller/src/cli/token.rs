@@ -9,6 +9,10 @@ pub enum Command {
         /// Bind the token to a region: the agent cannot enroll elsewhere.
         #[arg(long)]
         region: Option<String>,
+        /// The environment the agent joins (`staging`, `production`, …); rollouts target one
+        /// environment at a time.
+        #[arg(long = "env", value_name = "NAME", default_value = "production")]
+        environment: String,
         /// How long the token stays valid.
         #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
         ttl: Duration,
@@ -23,7 +27,7 @@ pub enum Command {
 }
 
 pub async fn run(config: &super::Globals, cmd: Command) -> anyhow::Result<()> {
-    let Command::Create { region, ttl, labels, allow_agent_labels } = cmd;
+    let Command::Create { region, environment, ttl, labels, allow_agent_labels } = cmd;
     let labels = convoy_base::pairs::parse_pairs("label", &labels)?;
     let config = config.load_config()?;
     let mut client = crate::client::admin_client(&config).await?;
@@ -33,6 +37,7 @@ pub async fn run(config: &super::Globals, cmd: Command) -> anyhow::Result<()> {
             ttl_secs: ttl.as_secs(),
             labels: labels.into_iter().collect(),
             allow_agent_labels,
+            environment,
         })
         .await
         .map_err(super::status_error)?

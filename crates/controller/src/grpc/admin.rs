@@ -5,10 +5,6 @@ use std::time::Duration;
 
 use super::*;
 
-/// The longest health deadline or bake time a deploy may ask for (agents refuse longer
-/// health deadlines).
-const MAX_DEPLOY_DURATION: Duration = Duration::from_secs(24 * 3600);
-
 /// The admin service.
 #[derive(Clone)]
 pub struct AdminSvc(pub Controller);
@@ -111,15 +107,22 @@ impl pb::admin_service_server::AdminService for AdminSvc {
         let admin = self.caller(&req, Action::CreateToken, "*").await?;
         let r = req.into_inner();
         let region = (!r.region.is_empty()).then_some(r.region);
-        let ttl = Duration::from_secs(r.ttl_secs);
+        let environment = Environment::parse_or_default(&r.environment).map_err(to_status)?;
         let target = region.clone().unwrap_or_else(|| "*".into());
+        let params = serde_json::json!({"ttl_secs": r.ttl_secs, "environment": environment});
+        let token = NewToken {
+            region,
+            environment,
+            labels: labels(r.labels),
+            allow_agent_labels: r.allow_agent_labels,
+            ttl: Duration::from_secs(r.ttl_secs),
+        };
         let identity = admin.identity();
         let run = self
             .0
             .registry()
-            .create_token(region, labels(r.labels), r.allow_agent_labels, ttl, &identity)
+            .create_token(token, &identity)
             .instrument(tracing::info_span!("create_token", %admin));
-        let params = serde_json::json!({"ttl_secs": r.ttl_secs});
         let result = self.audited(&admin, "token.create", &target, params, run).await?;
         let (token, expires) = result.map_err(to_status)?;
         Ok(Response::new(pb::CreateTokenResponse { token, expires_at_unix: expires }))
@@ -133,27 +136,14 @@ impl pb::admin_service_server::AdminService for AdminSvc {
         let r = req.into_inner();
         let region = (!r.region.is_empty()).then_some(r.region);
         let agents = self.0.registry().list_agents(region).await.map_err(to_status)?;
+        let environment = (!r.environment.is_empty())
+            .then(|| Environment::parse(&r.environment))
+            .transpose()
+            .map_err(to_status)?;
         let agents = agents
             .into_iter()
-            .map(|v| pb::AgentInfo {
-                id: v.record.id,
-                region: v.record.region,
-                labels: v.record.labels.into_iter().collect(),
-                online: v.online,
-                first_seen_unix: v.record.first_seen,
-                last_seen_unix: v.record.last_seen,
-                cert_serial: v.record.cert_serial,
-                cert_not_after_unix: v.record.cert_not_after,
-                releases: v
-                    .record
-                    .releases
-                    .into_iter()
-                    .map(|r| pb::ReleaseRef { app: r.app, version: r.version, active: r.active })
-                    .collect(),
-                revoked: v.record.revoked,
-                agent_version: v.record.agent_version,
-                apps: v.record.apps.into_iter().map(app_status_pb).collect(),
-            })
+            .filter(|v| environment.as_ref().is_none_or(|e| v.record.environment == *e))
+            .map(agent_pb)
             .collect();
         Ok(Response::new(pb::ListAgentsResponse { agents }))
     }
@@ -312,49 +302,15 @@ impl pb::admin_service_server::AdminService for AdminSvc {
         if req.get_ref().override_freeze {
             self.check_role(&admin, Action::OverrideFreeze, &target).await?;
         }
+        if req.get_ref().skip_promotion {
+            self.check_role(&admin, Action::SkipPromotion, &target).await?;
+        }
         let r = req.into_inner();
-        // What an agent would refuse, refused here before anything starts: a rollout must not
-        // fail (and mark its release bad) on an argument.
-        for (what, ms) in [("health deadline", r.health_deadline_ms), ("bake time", r.bake_ms)] {
-            if Duration::from_millis(ms) > MAX_DEPLOY_DURATION {
-                return Err(to_status(logic::Error::InvalidArgument(format!(
-                    "the {what} of {} is longer than {}",
-                    humantime::format_duration(Duration::from_millis(ms)),
-                    humantime::format_duration(MAX_DEPLOY_DURATION)
-                ))));
-            }
-        }
-        let mut spec = RolloutSpec::new(&r.app, &r.version);
-        spec.regions = r.regions;
-        spec.selector = r.selector.into_iter().collect();
-        if r.canary_set {
-            spec.canary = r.canary;
-        }
-        if !r.waves.is_empty() {
-            spec.waves = r.waves;
-        }
-        spec.region_order = r.region_order;
-        if r.max_parallel > 0 {
-            spec.max_parallel = r.max_parallel;
-        }
-        spec.bake = Duration::from_millis(r.bake_ms);
-        if !r.max_failures.is_empty() {
-            spec.max_failures = Threshold::parse(&r.max_failures).map_err(|e| to_status(e.into()))?;
-        }
-        spec.health_deadline =
-            (r.health_deadline_ms > 0).then(|| Duration::from_millis(r.health_deadline_ms));
-        spec.force = r.force;
-        spec.downgrade = r.downgrade;
-        spec.supersede = r.supersede;
-        spec.override_freeze = r.override_freeze.then_some(r.reason);
-        spec.require_all = r.require_all;
+        let app = r.app.clone();
+        let spec = deploy_spec(r).map_err(to_status)?;
         let params = serde_json::to_value(&spec).unwrap_or_default();
         let by = admin.to_string();
-        let run = self
-            .0
-            .rollouts()
-            .deploy(spec, &by)
-            .instrument(tracing::info_span!("deploy", %admin, app = %r.app));
+        let run = self.0.rollouts().deploy(spec, &by).instrument(tracing::info_span!("deploy", %admin, %app));
         let result = self.audited(&admin, "deploy", &target, params, run).await?;
         let id = result.map_err(to_status)?;
         Ok(Response::new(pb::DeployResponse { id }))
@@ -381,23 +337,43 @@ impl pb::admin_service_server::AdminService for AdminSvc {
         &self,
         req: Request<pb::ControlRolloutRequest>,
     ) -> Result<Response<pb::Rollout>, Status> {
-        let (cmd, action) = match req.get_ref().action.as_str() {
-            "pause" => (Some(Control::Pause), Action::PauseRollout),
-            "resume" => (Some(Control::Resume), Action::ResumeRollout),
-            "abort" => (Some(Control::Abort), Action::AbortRollout),
+        use logic::rollouts::approval::Decision;
+        enum Act {
+            Control(Control),
+            Approve,
+            Reject,
+        }
+        let (act, action) = match req.get_ref().action.as_str() {
+            "pause" => (Some(Act::Control(Control::Pause)), Action::PauseRollout),
+            "resume" => (Some(Act::Control(Control::Resume)), Action::ResumeRollout),
+            "abort" => (Some(Act::Control(Control::Abort)), Action::AbortRollout),
+            "approve" => (Some(Act::Approve), Action::ApproveRollout),
+            "reject" => (Some(Act::Reject), Action::RejectRollout),
             // An unknown action is checked as the least a rollout control needs, then refused.
             _ => (None, Action::PauseRollout),
         };
         let admin = self.caller(&req, action, &req.get_ref().id.clone()).await?;
         let r = req.into_inner();
-        let Some(cmd) = cmd else {
+        let Some(act) = act else {
             return Err(Status::invalid_argument(format!("unknown rollout action {:?}", r.action)));
         };
         tracing::info!(%admin, rollout = %r.id, action = %r.action, "rollout control");
-        let action = format!("rollout.{}", r.action);
-        let result = self
-            .audited(&admin, &action, &r.id, serde_json::json!({}), self.0.rollouts().control(&r.id, cmd))
-            .await?;
+        let by = admin.to_string();
+        let rollouts = self.0.rollouts();
+        let run = async {
+            match act {
+                Act::Control(cmd) => rollouts.control(&r.id, cmd).await,
+                Act::Approve => {
+                    let note = (!r.note.is_empty()).then(|| r.note.clone());
+                    rollouts.decide(&r.id, &by, Decision::Approve { note }).await.map(drop)
+                }
+                Act::Reject => {
+                    rollouts.decide(&r.id, &by, Decision::Reject { reason: r.reason.clone() }).await.map(drop)
+                }
+            }
+        };
+        let params = serde_json::json!({"note": r.note, "reason": r.reason});
+        let result = self.audited(&admin, action.audit_name(), &r.id, params, run).await?;
         result.map_err(to_status)?;
         let view = self.0.rollouts().rollout(Some(r.id)).await.map_err(to_status)?;
         Ok(Response::new(rollout_pb(view)))

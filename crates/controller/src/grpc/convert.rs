@@ -9,7 +9,7 @@ use crate::logic::admins::AdminRecord;
 use crate::logic::audit::{AuditEntry, Checkpoint, Phase, Verified};
 use crate::logic::rollouts::status::FleetStatus;
 use crate::logic::rollouts::{
-    AgentProgress, AgentStep, FreezeWindow, Rollout, RolloutSpec, RolloutState, StopKind, Threshold,
+    AgentProgress, AgentStep, Approval, FreezeWindow, Rollout, RolloutSpec, RolloutState, StopKind, Threshold,
 };
 use crate::logic::{self, OrderKind};
 use crate::store::{self, AppStatusRecord, ReportedRelease};
@@ -284,6 +284,10 @@ pub(super) fn rollout_state_pb(s: RolloutState) -> pb::RolloutState {
         RolloutState::RolledBack => pb::RolloutState::RolledBack,
         RolloutState::Aborted => pb::RolloutState::Aborted,
         RolloutState::Superseded => pb::RolloutState::Superseded,
+        RolloutState::AwaitingApproval => pb::RolloutState::AwaitingApproval,
+        RolloutState::Scheduled => pb::RolloutState::Scheduled,
+        RolloutState::Rejected => pb::RolloutState::Rejected,
+        RolloutState::Expired => pb::RolloutState::Expired,
     }
 }
 
@@ -334,7 +338,16 @@ pub(super) fn rollout_spec_pb(s: RolloutSpec) -> pb::RolloutSpec {
         supersede: s.supersede,
         override_freeze: s.override_freeze,
         require_all: s.require_all,
+        environment: s.environment.to_string(),
+        note: s.note,
+        ticket: s.ticket,
+        start_at_unix: s.start_at,
+        skip_promotion: s.skip_promotion,
     }
+}
+
+fn approval_pb(a: Approval) -> pb::Approval {
+    pb::Approval { by: a.by, at_unix: a.at, note: a.note }
 }
 
 fn agent_progress_pb(a: AgentProgress) -> pb::AgentProgress {
@@ -351,7 +364,15 @@ fn agent_progress_pb(a: AgentProgress) -> pb::AgentProgress {
 }
 
 pub(super) fn rollout_pb(r: Rollout) -> pb::Rollout {
+    let waiting = logic::rollouts::approval::waiting(&r, logic::now());
     pb::Rollout {
+        waiting,
+        approval: r.approval.map(|g| pb::ApprovalGate {
+            required: g.required,
+            ttl_secs: g.ttl_secs,
+            approvals: g.approvals.into_iter().map(approval_pb).collect(),
+            rejected: g.rejected.map(approval_pb),
+        }),
         id: r.id,
         spec: Some(rollout_spec_pb(r.spec)),
         digest: r.digest,
@@ -409,7 +430,12 @@ mod tests {
             "stopping": {"kind": "release_failed", "reason": "wave 2"}
         });
         let domain: Rollout = serde_json::from_value(stored).unwrap();
-        let before = serde_json::to_value(&domain).unwrap();
+        // Records leave the default environment out; the CLI always names it.
+        let with_env = |mut v: Value| {
+            v["spec"]["environment"] = "production".into();
+            v
+        };
+        let before = with_env(serde_json::to_value(&domain).unwrap());
         let after = serde_json::to_value(json::Rollout::from(rollout_pb(domain.clone()))).unwrap();
         assert_eq!(before, after);
 
@@ -419,7 +445,7 @@ mod tests {
         plain.spec.health_deadline = None;
         plain.spec.override_freeze = None;
         plain.finished_at = None;
-        let before = serde_json::to_value(&plain).unwrap();
+        let before = with_env(serde_json::to_value(&plain).unwrap());
         let after = serde_json::to_value(json::Rollout::from(rollout_pb(plain))).unwrap();
         assert_eq!(before, after);
         assert!(after.get("stopping").is_none());
@@ -466,4 +492,75 @@ mod tests {
         let after = serde_json::to_value(json::status(fleet_status_pb(status))).unwrap();
         assert_eq!(before, after);
     }
+}
+
+pub(super) fn agent_pb(v: logic::AgentView) -> pb::AgentInfo {
+    let r = v.record;
+    pb::AgentInfo {
+        id: r.id,
+        region: r.region,
+        environment: r.environment.to_string(),
+        labels: r.labels.into_iter().collect(),
+        online: v.online,
+        first_seen_unix: r.first_seen,
+        last_seen_unix: r.last_seen,
+        cert_serial: r.cert_serial,
+        cert_not_after_unix: r.cert_not_after,
+        releases: r
+            .releases
+            .into_iter()
+            .map(|r| pb::ReleaseRef { app: r.app, version: r.version, active: r.active })
+            .collect(),
+        revoked: r.revoked,
+        agent_version: r.agent_version,
+        apps: r.apps.into_iter().map(app_status_pb).collect(),
+    }
+}
+
+/// The longest health deadline or bake time a deploy may ask for (agents refuse longer
+/// health deadlines).
+const MAX_DEPLOY_DURATION: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
+
+/// A deploy request as a rollout spec. What an agent would refuse is refused here, before
+/// anything starts: a rollout must not fail (and mark its release bad) on an argument.
+pub(super) fn deploy_spec(r: pb::DeployRequest) -> Result<RolloutSpec, logic::Error> {
+    use std::time::Duration;
+    for (what, ms) in [("health deadline", r.health_deadline_ms), ("bake time", r.bake_ms)] {
+        if Duration::from_millis(ms) > MAX_DEPLOY_DURATION {
+            return Err(logic::Error::InvalidArgument(format!(
+                "the {what} of {} is longer than {}",
+                humantime::format_duration(Duration::from_millis(ms)),
+                humantime::format_duration(MAX_DEPLOY_DURATION)
+            )));
+        }
+    }
+    let mut spec = RolloutSpec::new(&r.app, &r.version);
+    spec.regions = r.regions;
+    spec.selector = r.selector.into_iter().collect();
+    if r.canary_set {
+        spec.canary = r.canary;
+    }
+    if !r.waves.is_empty() {
+        spec.waves = r.waves;
+    }
+    spec.region_order = r.region_order;
+    if r.max_parallel > 0 {
+        spec.max_parallel = r.max_parallel;
+    }
+    spec.bake = Duration::from_millis(r.bake_ms);
+    if !r.max_failures.is_empty() {
+        spec.max_failures = Threshold::parse(&r.max_failures)?;
+    }
+    spec.health_deadline = (r.health_deadline_ms > 0).then(|| Duration::from_millis(r.health_deadline_ms));
+    spec.force = r.force;
+    spec.downgrade = r.downgrade;
+    spec.supersede = r.supersede;
+    spec.override_freeze = r.override_freeze.then_some(r.reason);
+    spec.require_all = r.require_all;
+    spec.environment = logic::Environment::parse_or_default(&r.environment)?;
+    spec.note = (!r.note.is_empty()).then_some(r.note);
+    spec.ticket = (!r.ticket.is_empty()).then_some(r.ticket);
+    spec.start_at = (r.start_at_unix != 0).then_some(r.start_at_unix);
+    spec.skip_promotion = r.skip_promotion.then_some(r.skip_reason);
+    Ok(spec)
 }

@@ -124,6 +124,7 @@ fn validate_labels(labels: &BTreeMap<String, String>) -> Result<()> {
 pub(crate) mod alerts;
 pub mod audit;
 pub(crate) mod core;
+pub mod environment;
 pub mod heartbeats;
 mod orders;
 pub mod registry;
@@ -133,6 +134,7 @@ pub mod rollouts;
 
 pub use alerts::AlertPolicy;
 pub use audit::Audit;
+pub use environment::Environment;
 pub use orders::{Answer, Order, OrderKind, OrderOutcome, Orders, ResultReceipt, Target};
 pub use registry::{admins, AgentView, Enrolled, Registry, SessionHandle, SessionTx};
 pub use releases::{BlobChunk, Releases, Upload, UploadError, BUNDLE_CHUNK};
@@ -204,6 +206,8 @@ pub struct Settings {
     pub offline_after: Duration,
     /// The controller's own key and certificate, which sign and verify audit checkpoints.
     pub audit_key: audit::AuditKey,
+    /// Promotion rules per environment.
+    pub promotion: rollouts::promotion::Rules,
 }
 
 impl Controller {
@@ -270,7 +274,7 @@ impl Controller {
         let agents = self.store().agents()?;
         let rollouts: Vec<(String, rollouts::Rollout)> = self.store().list(store::Tree::Rollouts)?;
         self.metrics().load_gauges(
-            agents.into_iter().map(|a| (a.region, a.revoked)),
+            agents.into_iter().map(|a| (a.environment.to_string(), a.region, a.revoked)),
             rollouts.into_iter().map(|(id, r)| (id, r.state)),
         );
         Ok(())

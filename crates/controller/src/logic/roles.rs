@@ -74,6 +74,8 @@ pub enum Action {
     AbortRollout,
     Logs,
     ApproveRollout,
+    RejectRollout,
+    SkipPromotion,
     CreateToken,
     RevokeAgent,
     RemoveRelease,
@@ -111,13 +113,14 @@ impl Action {
             | A::ResumeRollout
             | A::AbortRollout
             | A::Logs => Role::Deployer,
-            A::ApproveRollout => Role::Approver,
+            A::ApproveRollout | A::RejectRollout => Role::Approver,
             A::CreateToken
             | A::RevokeAgent
             | A::RemoveRelease
             | A::AddFreeze
             | A::RemoveFreeze
             | A::OverrideFreeze
+            | A::SkipPromotion
             | A::AddAdmin
             | A::RekeyOther
             | A::RevokeAdmin
@@ -144,6 +147,8 @@ impl Action {
             A::AbortRollout => "rollout.abort",
             A::Logs => "logs",
             A::ApproveRollout => "rollout.approve",
+            A::RejectRollout => "rollout.reject",
+            A::SkipPromotion => "promotion.skip",
             A::CreateToken => "token.create",
             A::RevokeAgent => "agent.revoke",
             A::RemoveRelease => "release.rm",

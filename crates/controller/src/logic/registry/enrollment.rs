@@ -9,6 +9,19 @@ use convoy_pki::Identity;
 use sha2::{Digest, Sha256};
 
 use super::{Enrolled, Registry};
+use crate::logic::Environment;
+
+/// What a join token binds the agent that uses it to.
+#[derive(Clone, Debug)]
+pub struct NewToken {
+    /// The region the agent must join; `None`: the agent names its own.
+    pub region: Option<String>,
+    pub environment: Environment,
+    pub labels: BTreeMap<String, String>,
+    /// Whether the agent may add labels of its own.
+    pub allow_agent_labels: bool,
+    pub ttl: Duration,
+}
 use crate::logic::{now, renewal_overlap, validate_labels, validate_word, Error, Result};
 use crate::store::{AgentRecord, EnrollConflict, TokenRecord};
 
@@ -18,14 +31,8 @@ fn token_hash(token: &str) -> Vec<u8> {
 
 impl Registry {
     /// Creates a one-time join token. Only its hash is stored.
-    pub async fn create_token(
-        &self,
-        region: Option<String>,
-        labels: BTreeMap<String, String>,
-        allow_agent_labels: bool,
-        ttl: Duration,
-        created_by: &Identity,
-    ) -> Result<(String, i64)> {
+    pub async fn create_token(&self, t: NewToken, created_by: &Identity) -> Result<(String, i64)> {
+        let NewToken { region, environment, labels, allow_agent_labels, ttl } = t;
         if let Some(r) = &region {
             validate_word("region", r)?;
         }
@@ -44,12 +51,14 @@ impl Registry {
             created_by: created_by.to_string(),
             used_by: None,
             allow_agent_labels,
+            environment,
         };
         let expires = rec.expires_at;
         let bound_region = rec.region.clone();
+        let env = rec.environment.clone();
         let hash = token_hash(&token);
         self.blocking(move |c| Ok(c.core.store.put_token(&hash, &rec)?)).await?;
-        tracing::info!(region = ?bound_region, expires_at = expires, created_by = %created_by, "join token created");
+        tracing::info!(region = ?bound_region, environment = %env, expires_at = expires, created_by = %created_by, "join token created");
         Ok((token, expires))
     }
 
@@ -135,6 +144,7 @@ impl Registry {
             previous_serial: None,
             previous_serial_until: 0,
             cert_serial_used: false,
+            environment: tok.environment.clone(),
         };
         match self.core.store.commit_enrollment(&hash, &rec)? {
             Ok(()) => {}
@@ -142,9 +152,9 @@ impl Registry {
             Err(EnrollConflict::TokenUsed) => return Err(Error::TokenUsed("another agent".into())),
             Err(EnrollConflict::AgentExists) => return Err(Error::AgentExists(id)),
         }
-        self.core.metrics().agent_enrolled(&region);
-        tracing::info!(agent_id = %id, %region, serial = %issued.info.serial, "agent enrolled");
-        Ok(Enrolled { agent_id: id, cert_pem: issued.cert_pem, region, labels })
+        self.core.metrics().agent_enrolled(rec.environment.as_str(), &region);
+        tracing::info!(agent_id = %id, %region, environment = %rec.environment, serial = %issued.info.serial, "agent enrolled");
+        Ok(Enrolled { agent_id: id, cert_pem: issued.cert_pem, region, environment: rec.environment, labels })
     }
 
     /// Issues a new certificate for an enrolled, unrevoked agent from a CSR made with a new key.

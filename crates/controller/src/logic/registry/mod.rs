@@ -17,6 +17,8 @@ use crate::store::{AgentRecord, ReportedRelease};
 
 pub mod admins;
 mod enrollment;
+
+pub use enrollment::NewToken;
 mod sessions;
 
 /// Sessions one agent may open back to back before the rate of one a second applies.
@@ -27,7 +29,8 @@ pub type SessionTx = mpsc::Sender<super::Order>;
 
 struct Session {
     id: u64,
-    /// The agent's region, for the online gauge.
+    /// The agent's environment and region, for the online gauge.
+    environment: super::Environment,
     region: String,
     cancel: CancellationToken,
     /// Cancelled when the agent goes offline (its last session ends, not when a newer one
@@ -70,6 +73,7 @@ pub struct Enrolled {
     pub agent_id: String,
     pub cert_pem: String,
     pub region: String,
+    pub environment: super::Environment,
     pub labels: BTreeMap<String, String>,
 }
 
@@ -140,7 +144,12 @@ impl Registry {
         let live = {
             let mut sessions = self.lock_sessions();
             let live = sessions.remove(agent_id);
-            self.core.metrics().agent_revoked(&record.region, newly, live.is_some());
+            self.core.metrics().agent_revoked(
+                record.environment.as_str(),
+                &record.region,
+                newly,
+                live.is_some(),
+            );
             live
         };
         let was_online = live.is_some();

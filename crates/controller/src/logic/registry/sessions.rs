@@ -15,7 +15,10 @@ impl Registry {
         tx: SessionTx,
     ) -> Result<SessionHandle> {
         self.admit_session_open(agent_id)?;
-        let region = self.check_agent(agent_id).await?.region;
+        let (region, environment) = {
+            let rec = self.check_agent(agent_id).await?;
+            (rec.region, rec.environment)
+        };
         let id = agent_id.to_owned();
         self.blocking(move |c| {
             c.core.store.update_agent(&id, true, |r| {
@@ -39,6 +42,7 @@ impl Registry {
                 agent_id.to_owned(),
                 Session {
                     id: session_id,
+                    environment: environment.clone(),
                     region: region.clone(),
                     cancel: cancel.clone(),
                     offline,
@@ -48,7 +52,7 @@ impl Registry {
             );
             // A session that replaces the agent's own older one changes no count.
             if old.is_none() {
-                self.core.metrics().agent_online(&region);
+                self.core.metrics().agent_online(environment.as_str(), &region);
             }
             old
         };
@@ -118,7 +122,7 @@ impl Registry {
                 _ => None,
             };
             if let Some(s) = &removed {
-                self.core.metrics().agent_offline(&s.region);
+                self.core.metrics().agent_offline(s.environment.as_str(), &s.region);
                 // Orders in flight to the agent will not be answered: they fail now.
                 s.offline.cancel();
             }
@@ -155,7 +159,7 @@ impl Registry {
     /// Closes every live session (the controller is stopping).
     pub(crate) fn close_all_sessions(&self) {
         for (_, s) in self.lock_sessions().drain() {
-            self.core.metrics().agent_offline(&s.region);
+            self.core.metrics().agent_offline(s.environment.as_str(), &s.region);
             s.cancel.cancel();
             s.offline.cancel();
         }

@@ -12,7 +12,7 @@ use super::machine::Reply;
 use super::Rollout;
 use super::Rollouts;
 use crate::logic::orders::OrderKind;
-use crate::logic::{now, Error, Result};
+use crate::logic::{now, Environment, Error, Result};
 use crate::store::{AgentRecord, Store, Tree};
 
 /// How often online agents are checked against their desired state.
@@ -29,7 +29,8 @@ pub struct Desired {
     pub at: i64,
 }
 
-/// The desired release for agents that match a selector (late joiners), per app.
+/// The desired release for agents that match a selector (late joiners), per app and
+/// environment.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct AppRule {
     pub version: String,
@@ -42,15 +43,22 @@ fn desired_key(app: &str, agent: &str) -> String {
     format!("{app}/{agent}")
 }
 
-fn rule_key(app: &str) -> String {
-    format!("rule:{app}")
+/// The key of an app's rule in an environment: `rule:APP` for production (as before
+/// environments existed), `rule:APP@ENV` for the others (app names hold no `@`).
+fn rule_key(app: &str, env: &Environment) -> String {
+    if env.is_default() {
+        format!("rule:{app}")
+    } else {
+        format!("rule:{app}@{env}")
+    }
 }
 
-/// The desired-state tree, read once: per agent and app, and per app for agents that match.
+/// The desired-state tree, read once: per agent and app, and per app and environment for
+/// agents that match.
 #[derive(Default)]
 pub(super) struct DesiredTable {
     explicit: BTreeMap<(String, String), Desired>,
-    rules: BTreeMap<String, AppRule>,
+    rules: BTreeMap<(String, Environment), AppRule>,
 }
 
 impl DesiredTable {
@@ -58,9 +66,16 @@ impl DesiredTable {
     pub(super) fn load(store: &Store) -> Result<Self> {
         let mut table = Self::default();
         for (key, value) in store.list::<serde_json::Value>(Tree::Desired)? {
-            if let Some(app) = key.strip_prefix("rule:") {
+            if let Some(rest) = key.strip_prefix("rule:") {
+                let (app, env) = match rest.split_once('@') {
+                    Some((app, env)) => match Environment::parse(env) {
+                        Ok(env) => (app, env),
+                        Err(_) => continue,
+                    },
+                    None => (rest, Environment::default()),
+                };
                 if let Ok(rule) = serde_json::from_value::<AppRule>(value) {
-                    table.rules.insert(app.to_owned(), rule);
+                    table.rules.insert((app.to_owned(), env), rule);
                 }
             } else if let Some((app, agent)) = key.split_once('/') {
                 if let Ok(d) = serde_json::from_value::<Desired>(value) {
@@ -73,15 +88,20 @@ impl DesiredTable {
 
     /// The desired release per app for one agent: its own, else the app's rule if it matches.
     pub(super) fn wants(&self, agent: &AgentRecord) -> Vec<(String, Desired)> {
-        let apps: BTreeSet<&String> =
-            self.rules.keys().chain(self.explicit.keys().map(|(app, _)| app)).collect();
+        let apps: BTreeSet<&String> = self
+            .rules
+            .keys()
+            .filter(|(_, env)| *env == agent.environment)
+            .map(|(app, _)| app)
+            .chain(self.explicit.keys().map(|(app, _)| app))
+            .collect();
         let mut out = Vec::new();
         for app in apps {
             if let Some(d) = self.explicit.get(&(app.clone(), agent.id.clone())) {
                 out.push((app.clone(), d.clone()));
                 continue;
             }
-            let Some(rule) = self.rules.get(app) else { continue };
+            let Some(rule) = self.rules.get(&(app.clone(), agent.environment.clone())) else { continue };
             let matches = (rule.regions.is_empty() || rule.regions.contains(&agent.region))
                 && rule.selector.iter().all(|(k, v)| agent.labels.get(k) == Some(v));
             if matches {
@@ -126,27 +146,28 @@ impl Rollouts {
             regions: r.spec.regions.clone(),
             selector: r.spec.selector.clone(),
         };
-        let app = r.spec.app.clone();
+        let (app, env) = (r.spec.app.clone(), r.spec.environment.clone());
         let ids: Vec<String> = r.agents.keys().cloned().collect();
         self.blocking(move |c| {
             for id in &ids {
                 c.core.store.put(Tree::Desired, &desired_key(&app, id), &desired, false)?;
             }
-            c.core.store.put(Tree::Desired, &rule_key(&app), &rule, true)?;
+            c.core.store.put(Tree::Desired, &rule_key(&app, &env), &rule, true)?;
             Ok(())
         })
         .await
     }
 
-    /// Records what a fleet rollback left each agent running (`(agent, version)` pairs), so
-    /// convergence does not undo it. One flush for the whole batch.
+    /// Records what a fleet rollback left each agent running (`(agent, environment, version)`),
+    /// so convergence does not undo it. `targeted` counts the agents the rollback targeted per
+    /// environment. One flush for the whole batch.
     pub(crate) async fn record_desired(
         &self,
         app: &str,
-        running: Vec<(String, String)>,
+        running: Vec<(String, Environment, String)>,
         set_by: &str,
         target: &crate::logic::Target,
-        targeted: usize,
+        targeted: BTreeMap<Environment, usize>,
     ) -> Result<()> {
         let (app, set_by) = (app.to_owned(), set_by.to_owned());
         let target = target.clone();
@@ -155,7 +176,7 @@ impl Rollouts {
             // is data about that agent, never a release to hand to others.
             let mut digests: BTreeMap<String, String> = BTreeMap::new();
             let mut unknown = Vec::new();
-            for (agent, version) in &running {
+            for (agent, _, version) in &running {
                 if digests.contains_key(version) {
                     continue;
                 }
@@ -169,10 +190,10 @@ impl Rollouts {
                     }
                 }
             }
-            let running: Vec<(String, String)> =
-                running.into_iter().filter(|(_, v)| digests.contains_key(v)).collect();
+            let running: Vec<(String, Environment, String)> =
+                running.into_iter().filter(|(_, _, v)| digests.contains_key(v)).collect();
             let last = running.len().saturating_sub(1);
-            for (i, (agent, version)) in running.iter().enumerate() {
+            for (i, (agent, _, version)) in running.iter().enumerate() {
                 let d = Desired {
                     version: version.clone(),
                     digest: digests[version].clone(),
@@ -181,16 +202,18 @@ impl Rollouts {
                 };
                 c.core.store.put(Tree::Desired, &desired_key(&app, agent), &d, i == last)?;
             }
-            // Agents that join later follow the rollback too, not the release it undid.
-            let mut counts: BTreeMap<&String, usize> = BTreeMap::new();
-            for (_, v) in &running {
-                *counts.entry(v).or_default() += 1;
-            }
-            // And only when most of the targeted agents report the same release: answers are
-            // the agents' word, and a few of them must not choose the release for everyone.
-            let majority = counts.into_iter().max_by_key(|(_, n)| *n).filter(|(_, n)| n * 2 > targeted);
-            if let Some((version, _)) = majority {
-                if let Some(mut rule) = c.core.store.get::<AppRule>(Tree::Desired, &rule_key(&app))? {
+            // Agents that join later follow the rollback too, not the release it undid: per
+            // environment, since each has its own rule.
+            for (env, targeted) in &targeted {
+                let mut counts: BTreeMap<&String, usize> = BTreeMap::new();
+                for (_, _, v) in running.iter().filter(|(_, e, _)| e == env) {
+                    *counts.entry(v).or_default() += 1;
+                }
+                // And only when most of the targeted agents report the same release: answers are
+                // the agents' word, and a few of them must not choose the release for everyone.
+                let majority = counts.into_iter().max_by_key(|(_, n)| *n).filter(|(_, n)| n * 2 > *targeted);
+                let Some((version, _)) = majority else { continue };
+                if let Some(mut rule) = c.core.store.get::<AppRule>(Tree::Desired, &rule_key(&app, env))? {
                     // Only a rollback of everything the rule covers changes it: a rollback of a
                     // few agents (or one agent's answer) speaks for those agents alone.
                     let whole = match &target {
@@ -201,7 +224,7 @@ impl Rollouts {
                     if whole && rule.version != *version {
                         rule.version = version.clone();
                         rule.digest = digests[version].clone();
-                        c.core.store.put(Tree::Desired, &rule_key(&app), &rule, true)?;
+                        c.core.store.put(Tree::Desired, &rule_key(&app, env), &rule, true)?;
                     }
                 }
             }
@@ -299,6 +322,9 @@ impl Rollouts {
                         if let Err(e) = this.reconcile(&this.sessions()).await {
                             tracing::warn!(error = %e, "reconcile failed");
                         }
+                        if let Err(e) = this.expire_waiting().await {
+                            tracing::warn!(error = %e, "expiring rollouts awaiting approval failed");
+                        }
                     }
                     () = this.core.shutdown.cancelled() => return,
                 }
@@ -347,7 +373,8 @@ mod tests {
     #[test]
     fn an_agent_wants_its_own_release_else_the_rule_it_matches() {
         let mut table = DesiredTable::default();
-        table.rules.insert("shop-api".into(), rule("1.1.0", &["eu-west"], &[("tier", "web")]));
+        let prod = Environment::default();
+        table.rules.insert(("shop-api".into(), prod), rule("1.1.0", &["eu-west"], &[("tier", "web")]));
         let mut web = agent_record("eu-0", "eu-west", "shop-api", "1.0.0");
         web.labels.insert("tier".into(), "web".into());
         let db = agent_record("eu-1", "eu-west", "shop-api", "1.0.0");
@@ -359,6 +386,9 @@ mod tests {
         assert_eq!(version(&table, &web), ["1.1.0"]);
         assert!(version(&table, &db).is_empty(), "the rule's selector does not match");
         assert!(version(&table, &us).is_empty(), "nor its regions");
+        let mut staging = web.clone();
+        staging.environment = Environment::parse("staging").unwrap();
+        assert!(version(&table, &staging).is_empty(), "nor its environment");
         let rolled_back =
             Desired { version: "1.0.0".into(), digest: "d".into(), set_by: "rollback".into(), at: 1 };
         table.explicit.insert(("shop-api".into(), "eu-0".into()), rolled_back);
@@ -384,7 +414,14 @@ mod tests {
             for r in &records {
                 store.put_agent_for_test(r).unwrap();
             }
-            store.put(Tree::Desired, &rule_key("shop-api"), &rule("1.1.0", &["eu-west"], &[]), true).unwrap();
+            store
+                .put(
+                    Tree::Desired,
+                    &rule_key("shop-api", &Environment::default()),
+                    &rule("1.1.0", &["eu-west"], &[]),
+                    true,
+                )
+                .unwrap();
         })
         .await
         .unwrap();
@@ -439,29 +476,41 @@ mod tests {
                 };
                 store.insert_release(&rec).unwrap();
             }
-            store.put(Tree::Desired, &rule_key("shop-api"), &rule("1.1.0", &["eu-west"], &[]), true).unwrap();
+            store
+                .put(
+                    Tree::Desired,
+                    &rule_key("shop-api", &Environment::default()),
+                    &rule("1.1.0", &["eu-west"], &[]),
+                    true,
+                )
+                .unwrap();
         })
         .await
         .unwrap();
         let rule_version = || async {
             let store = ctl.store().clone();
             tokio::task::spawn_blocking(move || {
-                store.get::<AppRule>(Tree::Desired, &rule_key("shop-api")).unwrap().unwrap().version
+                store
+                    .get::<AppRule>(Tree::Desired, &rule_key("shop-api", &Environment::default()))
+                    .unwrap()
+                    .unwrap()
+                    .version
             })
             .await
             .unwrap()
         };
-        let back = vec![("eu-0".to_string(), "1.0.0".to_string())];
+        let back = vec![("eu-0".to_string(), Environment::default(), "1.0.0".to_string())];
+        let targeted = |n: usize| BTreeMap::from([(Environment::default(), n)]);
         // One agent's rollback, or another region's, speaks for those agents only.
         for target in [Target::Agents(vec!["eu-0".into()]), Target::Region("us-east".into())] {
-            ctl.record_desired("shop-api", back.clone(), "rollback", &target, 1).await.unwrap();
+            ctl.record_desired("shop-api", back.clone(), "rollback", &target, targeted(1)).await.unwrap();
             assert_eq!(rule_version().await, "1.1.0", "{target:?} changed the rule");
         }
         // A rollback of the rule's whole region moves it, when most targeted agents agree.
         let eu = Target::Region("eu-west".into());
-        ctl.record_desired("shop-api", back.clone(), "rollback", &eu, 3).await.unwrap();
+        ctl.record_desired("shop-api", back.clone(), "rollback", &eu, targeted(3)).await.unwrap();
         assert_eq!(rule_version().await, "1.1.0", "one answer of three targeted agents");
-        ctl.record_desired("shop-api", back.clone(), "rollback", &eu, 1).await.unwrap();
+        ctl.record_desired("shop-api", back.clone(), "rollback", &eu, targeted(1)).await.unwrap();
         assert_eq!(rule_version().await, "1.0.0");
     }
 }

@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 use super::fleet::{Fleet, Sessions};
 use super::machine::{self, Command, Event, Order, Probe, Reply};
 use super::Rollouts;
-use super::{BadRelease, Control, Rollout};
+use super::{BadRelease, Control, Rollout, RolloutState};
 use crate::logic::orders::OrderKind;
 use crate::logic::{now, Error, Result};
 use crate::store::Tree;
@@ -85,7 +85,10 @@ fn answer(ack: oneshot::Sender<Result<()>>, res: Result<()>) {
 }
 
 async fn drive<F: Fleet>(ctl: Rollouts, fleet: F, id: &str, mut controls: ControlRx) -> Result<()> {
-    let r = ctl.rollout(Some(id.to_owned())).await?;
+    let mut r = ctl.rollout(Some(id.to_owned())).await?;
+    if r.state == RolloutState::Scheduled && !wait_for_start(&ctl, &mut r, &mut controls).await? {
+        return Ok(());
+    }
     let (events, mut answers) = mpsc::unbounded_channel();
     let mut d = Driver {
         ctl,
@@ -116,6 +119,70 @@ async fn drive<F: Fleet>(ctl: Rollouts, fleet: F, id: &str, mut controls: Contro
         answer(ack, Ok(()));
     }
     Ok(())
+}
+
+/// Holds a scheduled rollout until its start time, and after it while a freeze covers it
+/// (freezes beat schedules). An abort or supersede ends it with nothing moved; pause and
+/// resume are refused. Returns whether the rollout goes on (it is then staging, persisted).
+async fn wait_for_start(ctl: &Rollouts, r: &mut Rollout, controls: &mut ControlRx) -> Result<bool> {
+    loop {
+        let t = now();
+        let start = r.spec.start_at.unwrap_or(t);
+        let wait = if start > t {
+            Duration::from_secs((start - t) as u64)
+        } else {
+            let (app, regions) = (r.spec.app.clone(), r.agents.values().map(|a| a.region.clone()).collect());
+            let frozen = ctl.blocking(move |c| c.active_freeze(&app, &regions, t)).await?;
+            match (frozen, &r.spec.override_freeze) {
+                (Some(f), None) => {
+                    let note = format!(
+                        "start held: deploys are frozen until {} ({})",
+                        crate::cli_time(f.to),
+                        f.reason
+                    );
+                    if r.events.last().is_none_or(|e| e.message != note) {
+                        r.event(note);
+                        ctl.save(r).await?;
+                    }
+                    TICK
+                }
+                _ => break,
+            }
+        };
+        tokio::select! {
+            () = tokio::time::sleep(wait) => {}
+            Some((c, ack)) = controls.recv() => {
+                let ended = match c {
+                    Control::Abort => Some((RolloutState::Aborted, "aborted before its start")),
+                    Control::Supersede => Some((RolloutState::Superseded, "superseded before its start")),
+                    Control::Pause | Control::Resume => None,
+                };
+                let Some((state, what)) = ended else {
+                    answer(ack, Err(Error::FailedPrecondition(format!(
+                        "rollout {} is scheduled and has not started: abort it to cancel", r.id
+                    ))));
+                    continue;
+                };
+                r.state = state;
+                r.finished_at = Some(now());
+                r.event(format!("{what}; nothing had moved"));
+                return match ctl.save(r).await {
+                    Ok(()) => {
+                        answer(ack, Ok(()));
+                        Ok(false)
+                    }
+                    Err(e) => {
+                        answer(ack, Err(Error::Internal(format!("the rollout could not be saved: {e}"))));
+                        Err(e)
+                    }
+                };
+            }
+        }
+    }
+    r.state = RolloutState::Staging;
+    r.event("start time reached: starting");
+    ctl.save(r).await?;
+    Ok(true)
 }
 
 struct Driver<F: Fleet> {

@@ -5,7 +5,7 @@ use std::collections::HashSet;
 use serde::{Deserialize, Serialize};
 
 use super::Rollouts;
-use crate::logic::{now, Error, Result};
+use crate::logic::{Error, Result};
 use crate::store::Tree;
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -30,9 +30,13 @@ impl FreezeWindow {
 }
 
 impl Rollouts {
-    /// The freeze window, if any, that freezes a deploy of `app` to `regions` now. Blocking.
-    pub(super) fn active_freeze(&self, app: &str, regions: &HashSet<String>) -> Result<Option<FreezeWindow>> {
-        let t = now();
+    /// The freeze window, if any, that freezes a deploy of `app` to `regions` at `t`. Blocking.
+    pub(super) fn active_freeze(
+        &self,
+        app: &str,
+        regions: &HashSet<String>,
+        t: i64,
+    ) -> Result<Option<FreezeWindow>> {
         let windows = self.core.store.list::<FreezeWindow>(Tree::Freezes)?;
         Ok(windows.into_iter().map(|(_, f)| f).find(|f| f.freezes(app, regions, t)))
     }

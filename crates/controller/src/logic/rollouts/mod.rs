@@ -25,14 +25,17 @@ use std::sync::{Arc, Mutex};
 
 use super::core::{blocking_method, Core};
 use super::{now, Audit, Error, Orders, Registry, Result};
-use crate::store::{ReleaseRecord, Tree};
+use crate::store::Tree;
 
+pub mod approval;
+mod deploy;
 pub mod desired;
 pub mod driver;
 pub mod fleet;
 pub mod freeze;
 pub mod machine;
 pub mod plan;
+pub mod promotion;
 mod rollback;
 pub mod spec;
 pub mod status;
@@ -47,6 +50,10 @@ pub use spec::{RolloutSpec, SpecError, Threshold};
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum RolloutState {
+    /// Waits for approvals from admins other than the deployer; nothing moves.
+    AwaitingApproval,
+    /// Approved (or needing no approval), waits for its start time; nothing moves.
+    Scheduled,
     Staging,
     Running,
     Paused,
@@ -55,6 +62,10 @@ pub enum RolloutState {
     RolledBack,
     Aborted,
     Superseded,
+    /// An approver rejected it before it started.
+    Rejected,
+    /// Not approved within the approval time: it never started.
+    Expired,
 }
 
 impl RolloutState {
@@ -65,7 +76,41 @@ impl RolloutState {
                 | RolloutState::RolledBack
                 | RolloutState::Aborted
                 | RolloutState::Superseded
+                | RolloutState::Rejected
+                | RolloutState::Expired
         )
+    }
+
+    /// Whether it has not started moving agents yet (and has no driver running the machine).
+    pub fn is_waiting(self) -> bool {
+        matches!(self, RolloutState::AwaitingApproval | RolloutState::Scheduled)
+    }
+}
+
+/// An approval (or the rejection) of a rollout.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Approval {
+    pub by: String,
+    pub at: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
+}
+
+/// What a rollout into an environment with `approvals = N` waits for.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApprovalGate {
+    pub required: u32,
+    /// How long the rollout waits for them, and how long each stays valid.
+    pub ttl_secs: u64,
+    pub approvals: Vec<Approval>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rejected: Option<Approval>,
+}
+
+impl ApprovalGate {
+    /// Approvals still valid at `now`.
+    pub fn valid(&self, now: i64) -> usize {
+        self.approvals.iter().filter(|a| a.at + self.ttl_secs as i64 > now).count()
     }
 }
 
@@ -110,6 +155,9 @@ pub enum DeployRefusal {
     /// The release failed a rollout before.
     #[error("{release} is marked bad ({reason}, rollout {rollout})")]
     MarkedBad { release: String, reason: String, rollout: String },
+    /// The environment's promotion rule is not met.
+    #[error("{0}")]
+    Promotion(#[from] promotion::Refusal),
 }
 
 /// One line of a rollout's history.
@@ -162,6 +210,9 @@ pub struct Rollout {
     /// from records written before it existed).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stopping: Option<Stopping>,
+    /// Set when its environment requires approvals.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub approval: Option<ApprovalGate>,
     /// Orders in flight and the bake in progress: the driver's run, never stored.
     #[serde(skip)]
     pub(crate) run: machine::Run,
@@ -209,6 +260,9 @@ struct State {
     drivers: Mutex<HashMap<String, ControlTx>>,
     /// Agents being converged now: one convergence per agent at a time.
     converging: Mutex<HashSet<String>>,
+    /// Serializes changes to rollouts that have no driver (approvals, rejections, expiry,
+    /// aborts of rollouts awaiting approval) and the start of their driver.
+    gate: tokio::sync::Mutex<()>,
 }
 
 impl Rollouts {
@@ -221,6 +275,7 @@ impl Rollouts {
             inner: Arc::new(State {
                 drivers: Mutex::new(HashMap::new()),
                 converging: Mutex::new(HashSet::new()),
+                gate: tokio::sync::Mutex::new(()),
             }),
         }
     }
@@ -270,94 +325,13 @@ impl Rollouts {
         .await
     }
 
-    /// Starts a rollout. Checks everything first (spec, release exists and is not bad, agents
-    /// to target, no downgrade unless asked, no other active rollout of the app, no freeze),
-    /// then persists it and starts its driver. Returns the rollout id.
-    pub async fn deploy(&self, spec: RolloutSpec, by: &str) -> Result<String> {
-        spec.validate()?;
-        let release = self.deployable_release(&spec).await?;
-        let agents: Vec<_> = self.registry.list_agents(None).await?.into_iter().map(|a| a.record).collect();
-        let targets = plan::targets(&spec, &agents);
-        if targets.is_empty() {
-            return Err(Error::InvalidArgument("no agent matches the rollout's regions and selector".into()));
-        }
-        // Going back to an older version is a rollback, or an explicit downgrade.
-        if let Some(v) = plan::newer_running(&spec, &agents, &targets) {
-            return Err(DeployRefusal::Downgrade {
-                release: format!("{}@{}", spec.app, spec.version),
-                running: v.to_string(),
-            }
-            .into());
-        }
-        let active = self.rollouts(Some(spec.app.clone())).await?.into_iter().find(|r| !r.state.is_final());
-        if let (Some(other), false) = (&active, spec.supersede) {
-            return Err(DeployRefusal::RolloutActive {
-                id: other.id.clone(),
-                app: spec.app.clone(),
-                state: format!("{:?}", other.state),
-            }
-            .into());
-        }
-        let (app, regions) = (spec.app.clone(), plan::regions(&targets));
-        let freeze = self.blocking(move |c| c.active_freeze(&app, &regions)).await?;
-        if let (Some(f), None) = (freeze, &spec.override_freeze) {
-            return Err(
-                DeployRefusal::Frozen { until: crate::cli_time(f.to), reason: f.reason, id: f.id }.into()
-            );
-        }
-        if let (Some(other), true) = (&active, spec.supersede) {
-            self.control(&other.id, Control::Supersede).await?;
-        }
-        let id = format!("ro-{}", self.blocking(|c| Ok(c.core.store.generate_id()?)).await? + 1);
-        let mut r = plan::new_rollout(id, spec, release.digest, by, now(), &targets);
-        let sizes: Vec<String> = r.waves.iter().map(|w| w.len().to_string()).collect();
-        r.event(format!(
-            "rollout of {}@{} started by {by}: {} agents in waves of {}",
-            r.spec.app,
-            r.spec.version,
-            r.agents.len(),
-            sizes.join(", ")
-        ));
-        if let Some(reason) = r.spec.override_freeze.clone() {
-            r.event(format!("freeze overridden: {reason}"));
-        }
-        self.save(&r).await?;
-        self.core.notify("rollout_started", serde_json::json!({"rollout": r.id, "app": r.spec.app, "version": r.spec.version, "agents": r.agents.len()}));
-        self.spawn_driver(r.id.clone());
-        Ok(r.id)
-    }
-
-    /// The release a spec names, refused when unknown or (without `force`) marked bad.
-    async fn deployable_release(&self, spec: &RolloutSpec) -> Result<ReleaseRecord> {
-        let (app, version) = (spec.app.clone(), spec.version.clone());
-        let (release, bad) = self
-            .blocking(move |c| {
-                let release = c.core.store.release(&app, &version)?;
-                let bad: Option<BadRelease> =
-                    c.core.store.get(Tree::BadReleases, &format!("{app}@{version}"))?;
-                Ok((release, bad))
-            })
-            .await?;
-        let release = release
-            .ok_or_else(|| Error::UnknownRelease(format!("{}@{} (push it first)", spec.app, spec.version)))?;
-        if let (Some(b), false) = (&bad, spec.force) {
-            return Err(DeployRefusal::MarkedBad {
-                release: format!("{}@{}", spec.app, spec.version),
-                reason: b.reason.clone(),
-                rollout: b.rollout.clone(),
-            }
-            .into());
-        }
-        Ok(release)
-    }
-
     /// Sends a control command to a rollout's driver and waits until it is persisted (an abort
     /// or a supersede: until the rollout has ended).
     pub async fn control(&self, id: &str, cmd: Control) -> Result<()> {
         let tx = self.inner.drivers.lock().unwrap_or_else(|p| p.into_inner()).get(id).cloned();
         let Some(tx) = tx else {
-            let r = self.rollout(Some(id.to_owned())).await?;
-            return Err(Error::FailedPrecondition(format!("rollout {id} is already {:?}", r.state)));
+            // A rollout awaiting approval has no driver: the approval gate handles it.
+            return self.control_waiting(id, cmd).await;
         };
         let (ack_tx, ack_rx) = oneshot::channel();
         tx.send((cmd, ack_tx))
@@ -369,7 +343,8 @@ impl Rollouts {
     /// Starts drivers for every unfinished rollout (controller start-up).
     pub async fn resume_rollouts(&self) -> Result<()> {
         for r in self.rollouts(None).await? {
-            if !r.state.is_final() {
+            // One awaiting approval moves when approved; the reconcile tick expires it.
+            if !r.state.is_final() && r.state != RolloutState::AwaitingApproval {
                 tracing::info!(rollout = %r.id, state = ?r.state, "resuming rollout after restart");
                 self.spawn_driver(r.id);
             }

@@ -8,12 +8,13 @@ use super::spec::RolloutSpec;
 use super::{AgentProgress, AgentStep, Rollout, RolloutState};
 use crate::store::AgentRecord;
 
-/// The agents a spec targets, as `(region, id)`: not revoked, in one of its regions (any region
-/// when it names none), and carrying every label of its selector (any labels when it has none).
+/// The agents a spec targets, as `(region, id)`: not revoked, in its environment, in one of its
+/// regions (any region when it names none), and carrying every label of its selector (any
+/// labels when it has none).
 pub fn targets(spec: &RolloutSpec, agents: &[AgentRecord]) -> Vec<(String, String)> {
     agents
         .iter()
-        .filter(|a| !a.revoked)
+        .filter(|a| !a.revoked && a.environment == spec.environment)
         .filter(|a| spec.regions.is_empty() || spec.regions.contains(&a.region))
         .filter(|a| spec.selector.iter().all(|(k, v)| a.labels.get(k) == Some(v)))
         .map(|a| (a.region.clone(), a.id.clone()))
@@ -86,6 +87,7 @@ pub fn new_rollout(
         failure: None,
         converging: vec![],
         stopping: None,
+        approval: None,
         run: Default::default(),
     }
 }
@@ -169,6 +171,7 @@ mod tests {
             previous_serial: None,
             previous_serial_until: 0,
             cert_serial_used: false,
+            environment: Default::default(),
         }
     }
 
@@ -234,6 +237,19 @@ mod tests {
         assert_eq!(r.agents.keys().collect::<Vec<_>>(), ["us-0"]);
         assert_eq!(r.agents["us-0"].region, "us-east");
         assert_eq!(r.waves, [vec!["us-0".to_string()]]);
+    }
+
+    #[test]
+    fn a_rollout_targets_only_its_environment() {
+        let staging = crate::logic::Environment::parse("staging").unwrap();
+        let mut fleet = vec![record("eu-0", "eu-west", &[], None), record("eu-s", "eu-west", &[], None)];
+        fleet[1].environment = staging.clone();
+        let mut spec = RolloutSpec::new("shop-api", "1.1.0");
+        assert_eq!(ids(&targets(&spec, &fleet)), ["eu-0"], "production by default");
+        spec.environment = staging;
+        assert_eq!(ids(&targets(&spec, &fleet)), ["eu-s"]);
+        spec.environment = crate::logic::Environment::parse("qa").unwrap();
+        assert!(targets(&spec, &fleet).is_empty());
     }
 
     #[test]

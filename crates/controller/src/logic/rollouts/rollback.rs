@@ -1,11 +1,13 @@
 //! Fleet rollback: every targeted agent goes back at once, and what it left running becomes the
 //! desired state.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::{Duration, Instant};
 
+use super::promotion::{self, RollbackMark};
 use super::Rollouts;
-use crate::logic::{Answer, Error, OrderKind, OrderOutcome, Result, Target};
+use crate::logic::{Answer, Environment, Error, OrderKind, OrderOutcome, Result, Target};
+use crate::store::Tree;
 
 /// A name or version in an admin request that is not valid, worded as the request's `field`
 /// (the bundle crate words the same check as a manifest problem).
@@ -55,11 +57,14 @@ impl Rollouts {
         if ids.is_empty() {
             return Err(Error::InvalidArgument("no agent matches the target".into()));
         }
-        let targeted = ids.len();
-        let running: HashMap<String, String> = self
-            .registry
-            .list_agents(None)
-            .await?
+        let agents = self.registry.list_agents(None).await?;
+        let env_of: HashMap<String, Environment> =
+            agents.iter().map(|a| (a.record.id.clone(), a.record.environment.clone())).collect();
+        let mut targeted: BTreeMap<Environment, usize> = BTreeMap::new();
+        for id in &ids {
+            *targeted.entry(env_of.get(id).cloned().unwrap_or_default()).or_default() += 1;
+        }
+        let running: HashMap<String, String> = agents
             .into_iter()
             .filter_map(|a| {
                 let cur = a.record.apps.iter().find(|s| s.app == app)?.current.clone();
@@ -101,13 +106,17 @@ impl Rollouts {
         // data about itself: it counts only where this rollback applied, and only if it names
         // the release asked for (`--to`) or one older than the release rolled back from, which
         // the controller has not marked bad.
-        let mut running: Vec<(String, String)> = Vec::new();
+        let mut running: Vec<(String, Environment, String)> = Vec::new();
+        let mut marks: BTreeSet<(String, Environment)> = BTreeSet::new();
         for (id, res, _) in &out {
             let Some(o) = res.as_ref().ok().filter(|o| o.answer == Answer::Applied) else { continue };
             let Some(cur) = o.status.as_ref().map(|s| s.current.clone()).filter(|c| !c.is_empty()) else {
                 continue;
             };
             let Some(from) = rolled_from.get(id) else { continue };
+            let env = env_of.get(id).cloned().unwrap_or_default();
+            // The release it went back from has failed there: its soak in that environment ends.
+            marks.insert((from.clone(), env.clone()));
             let plausible = match &to {
                 Some(t) => *t == cur,
                 None => matches!(
@@ -119,7 +128,25 @@ impl Rollouts {
                 tracing::warn!(agent_id = %id, app, reported = %cur, %from, "rollback report not taken into desired state");
                 continue;
             }
-            running.push((id.clone(), cur));
+            running.push((id.clone(), env, cur));
+        }
+        let at = crate::logic::now();
+        let marks: Vec<(String, RollbackMark)> = marks
+            .into_iter()
+            .map(|(from, env)| {
+                let mark = RollbackMark { at, by: by.to_owned(), reason: reason.to_owned() };
+                (promotion::mark_key(app, &from, &env, at), mark)
+            })
+            .collect();
+        if !marks.is_empty() {
+            self.blocking(move |c| {
+                let last = marks.len() - 1;
+                for (i, (key, mark)) in marks.iter().enumerate() {
+                    c.core.store.put(Tree::RollbackMarks, key, mark, i == last)?;
+                }
+                Ok(())
+            })
+            .await?;
         }
         self.record_desired(app, running, &format!("rollback by {by}"), target, targeted).await?;
         Ok((out, elapsed))

@@ -7,6 +7,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::logic::Environment;
+
 /// Why a rollout spec is refused.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum SpecError {
@@ -20,7 +22,24 @@ pub enum SpecError {
     OverrideWithoutReason,
     #[error("failure threshold {0:?} is neither a count nor a percentage up to 100%")]
     Threshold(String),
+    #[error("the change note is {0} bytes; at most {MAX_NOTE} are kept")]
+    NoteTooLong(usize),
+    #[error("the change note contains control characters other than newlines and tabs")]
+    NoteControl,
+    #[error("the ticket {0:?} is not an http(s) URL of at most {MAX_TICKET} bytes")]
+    Ticket(String),
+    #[error("promotion rules can only be skipped with a reason")]
+    SkipWithoutReason,
+    #[error("the start time is more than {MAX_SCHEDULE_DAYS} days ahead")]
+    StartTooLate,
 }
+
+/// The longest change note kept (the CLI's `--note-file` reads at most this much).
+pub const MAX_NOTE: usize = 16 * 1024;
+/// The longest ticket URL.
+pub const MAX_TICKET: usize = 2048;
+/// How far ahead a deploy may be scheduled.
+pub const MAX_SCHEDULE_DAYS: i64 = 90;
 
 /// Failures tolerated per wave before the rollout stops.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -77,6 +96,21 @@ pub struct RolloutSpec {
     /// back what it moved) instead of being left to converge when it reconnects.
     #[serde(default)]
     pub require_all: bool,
+    /// The environment whose agents it targets.
+    #[serde(default, skip_serializing_if = "Environment::is_default")]
+    pub environment: Environment,
+    /// The change note: what changes and why.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
+    /// The change ticket's URL.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ticket: Option<String>,
+    /// When to start (unix seconds): until then the rollout is `scheduled`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_at: Option<i64>,
+    /// Set when the environment's promotion rules were skipped: the reason.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub skip_promotion: Option<String>,
 }
 
 impl RolloutSpec {
@@ -99,6 +133,11 @@ impl RolloutSpec {
             supersede: false,
             override_freeze: None,
             require_all: false,
+            environment: Environment::default(),
+            note: None,
+            ticket: None,
+            start_at: None,
+            skip_promotion: None,
         }
     }
 }
@@ -106,7 +145,7 @@ impl RolloutSpec {
 impl RolloutSpec {
     /// Checks what the spec itself must satisfy (targets, releases and freezes are checked by
     /// [`crate::logic::Rollouts::deploy`]).
-    pub fn validate(&self) -> Result<(), SpecError> {
+    pub fn validate(&self, now: i64) -> Result<(), SpecError> {
         if let Some(p) = self.waves.iter().find(|p| **p == 0 || **p > 100) {
             return Err(SpecError::WaveOutOfRange(*p));
         }
@@ -118,6 +157,29 @@ impl RolloutSpec {
         }
         if self.override_freeze.as_deref().is_some_and(|r| r.trim().is_empty()) {
             return Err(SpecError::OverrideWithoutReason);
+        }
+        if self.skip_promotion.as_deref().is_some_and(|r| r.trim().is_empty()) {
+            return Err(SpecError::SkipWithoutReason);
+        }
+        if let Some(note) = &self.note {
+            if note.len() > MAX_NOTE {
+                return Err(SpecError::NoteTooLong(note.len()));
+            }
+            if note.chars().any(|c| c.is_control() && c != '\n' && c != '\t') {
+                return Err(SpecError::NoteControl);
+            }
+        }
+        if let Some(t) = &self.ticket {
+            let url_ok = t.len() <= MAX_TICKET
+                && (t.starts_with("https://") || t.starts_with("http://"))
+                && t.len() > "https://".len()
+                && !t.chars().any(|c| c.is_control() || c.is_whitespace());
+            if !url_ok {
+                return Err(SpecError::Ticket(t.chars().take(80).collect()));
+            }
+        }
+        if self.start_at.is_some_and(|at| at > now + MAX_SCHEDULE_DAYS * 24 * 3600) {
+            return Err(SpecError::StartTooLate);
         }
         Ok(())
     }
@@ -140,7 +202,7 @@ mod tests {
     #[test]
     fn validation_names_what_is_wrong_without_cli_wording() {
         let ok = RolloutSpec::new("a", "1.0.0");
-        assert_eq!(ok.validate(), Ok(()));
+        assert_eq!(ok.validate(0), Ok(()));
         let cases = [
             (RolloutSpec { waves: vec![10, 0], ..ok.clone() }, SpecError::WaveOutOfRange(0)),
             (RolloutSpec { waves: vec![10, 101], ..ok.clone() }, SpecError::WaveOutOfRange(101)),
@@ -150,9 +212,30 @@ mod tests {
                 RolloutSpec { override_freeze: Some(" ".into()), ..ok.clone() },
                 SpecError::OverrideWithoutReason,
             ),
+            (RolloutSpec { skip_promotion: Some("".into()), ..ok.clone() }, SpecError::SkipWithoutReason),
+            (
+                RolloutSpec { note: Some("x".repeat(MAX_NOTE + 1)), ..ok.clone() },
+                SpecError::NoteTooLong(MAX_NOTE + 1),
+            ),
+            (RolloutSpec { note: Some("ok\u{1b}[2J".into()), ..ok.clone() }, SpecError::NoteControl),
+            (
+                RolloutSpec { ticket: Some("javascript:alert(1)".into()), ..ok.clone() },
+                SpecError::Ticket("javascript:alert(1)".into()),
+            ),
+            (
+                RolloutSpec { ticket: Some("https://x/a b".into()), ..ok.clone() },
+                SpecError::Ticket("https://x/a b".into()),
+            ),
+            (RolloutSpec { start_at: Some(91 * 24 * 3600), ..ok.clone() }, SpecError::StartTooLate),
         ];
+        let fine = RolloutSpec {
+            note: Some("Adds the VAT field.\n\tBacked up.".into()),
+            ticket: Some("https://tickets.example/CHG-1".into()),
+            ..ok.clone()
+        };
+        assert_eq!(fine.validate(0), Ok(()));
         for (spec, want) in cases {
-            let got = spec.validate().unwrap_err();
+            let got = spec.validate(0).unwrap_err();
             assert_eq!(got, want);
             assert!(!got.to_string().contains("--"), "{got}");
         }

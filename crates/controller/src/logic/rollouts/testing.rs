@@ -49,6 +49,7 @@ pub(crate) fn agent_record(id: &str, region: &str, app: &str, running: &str) -> 
         previous_serial: None,
         previous_serial_until: 0,
         cert_serial_used: false,
+        environment: Default::default(),
     }
 }
 

@@ -1,0 +1,218 @@
+//! Two-person approval: a rollout into an environment with `approvals = N` waits, moving
+//! nothing, until N admins other than its deployer approve it (each approval valid for the
+//! environment's `approval_ttl`); an approver may reject it; one not approved in time expires.
+//! Rollbacks never wait for approval.
+
+use super::{Approval, Control, Rollout, RolloutState, Rollouts};
+use crate::logic::{now, Error, Result};
+use crate::store::Tree;
+
+/// The longest approval note or rejection reason.
+pub const MAX_WORDS: usize = 4096;
+
+/// What an approver decided.
+#[derive(Clone, Debug)]
+pub enum Decision {
+    Approve { note: Option<String> },
+    Reject { reason: String },
+}
+
+impl Rollouts {
+    /// Records an approval or a rejection of rollout `id` by `by` (`admin/NAME`). The deployer
+    /// cannot approve their own rollout, nor can one admin approve twice. The last approval
+    /// needed moves the rollout on (scheduled, or staging now) and starts its driver.
+    pub async fn decide(&self, id: &str, by: &str, decision: Decision) -> Result<Rollout> {
+        let words = match &decision {
+            Decision::Approve { note } => note.as_deref().unwrap_or_default(),
+            Decision::Reject { reason } => reason,
+        };
+        if words.len() > MAX_WORDS || words.chars().any(|c| c.is_control() && c != '\n') {
+            return Err(Error::InvalidArgument(format!(
+                "an approval's note or a rejection's reason is at most {MAX_WORDS} bytes of text without control characters"
+            )));
+        }
+        let _gate = self.inner.gate.lock().await;
+        let mut r = self.rollout(Some(id.to_owned())).await?;
+        let t = now();
+        if r.state == RolloutState::AwaitingApproval && self.expire_if_due(&mut r, t).await? {
+            return Err(Error::FailedPrecondition(format!(
+                "rollout {id} was not approved in time and has expired; deploy again"
+            )));
+        }
+        if r.state != RolloutState::AwaitingApproval {
+            return Err(Error::FailedPrecondition(format!(
+                "rollout {id} is {}; only a rollout awaiting approval can be approved or rejected",
+                state_name(r.state)
+            )));
+        }
+        let Some(gate) = r.approval.as_mut() else {
+            return Err(Error::Internal(format!("rollout {id} awaits approval but has no approval gate")));
+        };
+        match decision {
+            Decision::Reject { reason } => {
+                if reason.trim().is_empty() {
+                    return Err(Error::MissingReason("rejection"));
+                }
+                gate.rejected = Some(Approval { by: by.to_owned(), at: t, note: Some(reason.clone()) });
+                r.state = RolloutState::Rejected;
+                r.finished_at = Some(t);
+                r.failure = Some(format!("rejected by {by}: {reason}"));
+                r.event(format!("rejected by {by}: {reason}"));
+            }
+            Decision::Approve { note } => {
+                if by == r.created_by {
+                    return Err(Error::PermissionDenied(format!(
+                        "{by} deployed rollout {id} and cannot approve it: approval needs a second person"
+                    )));
+                }
+                if gate.approvals.iter().any(|a| a.by == by && a.at + gate.ttl_secs as i64 > t) {
+                    return Err(Error::FailedPrecondition(format!("{by} has already approved rollout {id}")));
+                }
+                gate.approvals.retain(|a| a.by != by);
+                gate.approvals.push(Approval { by: by.to_owned(), at: t, note: note.clone() });
+                let (valid, required) = (gate.valid(t), gate.required as usize);
+                let note = note.map(|n| format!(": {n}")).unwrap_or_default();
+                r.event(format!("approved by {by} ({valid} of {required}){note}"));
+                if valid >= required {
+                    let starts = r.spec.start_at.filter(|at| *at > t);
+                    r.state = match starts {
+                        Some(at) => {
+                            r.event(format!("approved; scheduled to start at {}", crate::cli_time(at)));
+                            RolloutState::Scheduled
+                        }
+                        None => {
+                            r.event("approved; starting");
+                            RolloutState::Staging
+                        }
+                    };
+                }
+            }
+        }
+        self.save(&r).await?;
+        let body = serde_json::json!({"rollout": r.id, "app": r.spec.app, "version": r.spec.version, "by": by, "state": r.state});
+        self.core.notify(
+            if r.state == RolloutState::Rejected { "rollout_rejected" } else { "rollout_approved" },
+            body,
+        );
+        if matches!(r.state, RolloutState::Scheduled | RolloutState::Staging) {
+            self.spawn_driver(r.id.clone());
+        }
+        Ok(r)
+    }
+
+    /// Abort or supersede of a rollout without a driver (awaiting approval): ends it at once.
+    pub(super) async fn control_waiting(&self, id: &str, cmd: Control) -> Result<()> {
+        let _gate = self.inner.gate.lock().await;
+        let mut r = self.rollout(Some(id.to_owned())).await?;
+        if r.state != RolloutState::AwaitingApproval {
+            // A driver may have just been started by an approval: hand over to it.
+            let tx = self.inner.drivers.lock().unwrap_or_else(|p| p.into_inner()).get(id).cloned();
+            drop(_gate);
+            if tx.is_some() {
+                return Box::pin(self.control(id, cmd)).await;
+            }
+            return Err(Error::FailedPrecondition(format!(
+                "rollout {id} is already {}",
+                state_name(r.state)
+            )));
+        }
+        let (state, what) = match cmd {
+            Control::Abort => (RolloutState::Aborted, "aborted"),
+            Control::Supersede => (RolloutState::Superseded, "superseded"),
+            Control::Pause | Control::Resume => {
+                return Err(Error::FailedPrecondition(format!(
+                    "rollout {id} is awaiting approval and has not started: approve, reject or abort it"
+                )))
+            }
+        };
+        r.state = state;
+        r.finished_at = Some(now());
+        r.event(format!("{what} while awaiting approval; nothing had moved"));
+        self.save(&r).await
+    }
+
+    /// Expires every rollout that waited for approval longer than its environment allows
+    /// (called by the reconcile tick).
+    pub(super) async fn expire_waiting(&self) -> Result<()> {
+        let waiting: Vec<Rollout> = self
+            .blocking(|c| Ok(c.core.store.list::<Rollout>(Tree::Rollouts)?))
+            .await?
+            .into_iter()
+            .map(|(_, r)| r)
+            .filter(|r| r.state == RolloutState::AwaitingApproval)
+            .collect();
+        for r in waiting {
+            let _gate = self.inner.gate.lock().await;
+            // Read again under the gate: an approval may have moved it meanwhile.
+            let mut r = self.rollout(Some(r.id)).await?;
+            if r.state == RolloutState::AwaitingApproval {
+                self.expire_if_due(&mut r, now()).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Expires `r` (awaiting approval) when its approval time has passed; returns whether it
+    /// did. Call with the gate held.
+    async fn expire_if_due(&self, r: &mut Rollout, t: i64) -> Result<bool> {
+        let ttl = r.approval.as_ref().map_or(0, |g| g.ttl_secs as i64);
+        if r.created_at + ttl > t {
+            return Ok(false);
+        }
+        r.state = RolloutState::Expired;
+        r.finished_at = Some(t);
+        r.failure = Some("not approved in time".into());
+        r.event("not approved in time: expired, nothing moved");
+        self.save(r).await?;
+        self.core.notify(
+            "rollout_expired",
+            serde_json::json!({"rollout": r.id, "app": r.spec.app, "version": r.spec.version}),
+        );
+        Ok(true)
+    }
+}
+
+/// What a rollout waits for now, in words, if anything (`rollout status`).
+pub fn waiting(r: &Rollout, t: i64) -> Vec<String> {
+    let mut out = Vec::new();
+    match (r.state, &r.approval) {
+        (RolloutState::AwaitingApproval, Some(g)) => {
+            let missing = (g.required as usize).saturating_sub(g.valid(t));
+            let left = (r.created_at + g.ttl_secs as i64 - t).max(0) as u64;
+            out.push(format!(
+                "waiting for {missing} more approval(s) from admins other than {} (expires in {})",
+                r.created_by,
+                humantime::format_duration(std::time::Duration::from_secs(left))
+            ));
+        }
+        (RolloutState::Scheduled, _) => {
+            if let Some(at) = r.spec.start_at {
+                let left = (at - t).max(0) as u64;
+                out.push(format!(
+                    "scheduled to start at {} (in {})",
+                    crate::cli_time(at),
+                    humantime::format_duration(std::time::Duration::from_secs(left))
+                ));
+            }
+        }
+        _ => {}
+    }
+    out
+}
+
+/// A state as the CLI names it.
+pub fn state_name(s: RolloutState) -> &'static str {
+    match s {
+        RolloutState::AwaitingApproval => "awaiting_approval",
+        RolloutState::Scheduled => "scheduled",
+        RolloutState::Staging => "staging",
+        RolloutState::Running => "running",
+        RolloutState::Paused => "paused",
+        RolloutState::Completed => "completed",
+        RolloutState::RolledBack => "rolled_back",
+        RolloutState::Aborted => "aborted",
+        RolloutState::Superseded => "superseded",
+        RolloutState::Rejected => "rejected",
+        RolloutState::Expired => "expired",
+    }
+}
