@@ -49,7 +49,9 @@ pub fn to_status(err: logic::Error) -> Status {
                 R::RolloutActive { .. } => "wait, abort it, or pass --supersede",
                 R::Frozen { .. } => "use --override-freeze --reason TEXT",
                 R::MarkedBad { .. } => "deploy it again only with --force",
-                R::Promotion(logic::rollouts::promotion::Refusal::NoteRequired { .. }) => {
+                R::Promotion(p)
+                    if matches!(**p, logic::rollouts::promotion::Refusal::NoteRequired { .. }) =>
+                {
                     "add a change note to the deploy"
                 }
                 R::Promotion(_) => "promote it first, or (admins only) pass --skip-promotion --reason TEXT",

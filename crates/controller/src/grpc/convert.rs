@@ -396,6 +396,77 @@ pub(super) fn rollout_pb(r: Rollout) -> pb::Rollout {
     }
 }
 
+pub(super) fn agent_pb(v: logic::AgentView) -> pb::AgentInfo {
+    let r = v.record;
+    pb::AgentInfo {
+        id: r.id,
+        region: r.region,
+        environment: r.environment.to_string(),
+        labels: r.labels.into_iter().collect(),
+        online: v.online,
+        first_seen_unix: r.first_seen,
+        last_seen_unix: r.last_seen,
+        cert_serial: r.cert_serial,
+        cert_not_after_unix: r.cert_not_after,
+        releases: r
+            .releases
+            .into_iter()
+            .map(|r| pb::ReleaseRef { app: r.app, version: r.version, active: r.active })
+            .collect(),
+        revoked: r.revoked,
+        agent_version: r.agent_version,
+        apps: r.apps.into_iter().map(app_status_pb).collect(),
+    }
+}
+
+/// The longest health deadline or bake time a deploy may ask for (agents refuse longer
+/// health deadlines).
+const MAX_DEPLOY_DURATION: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
+
+/// A deploy request as a rollout spec. What an agent would refuse is refused here, before
+/// anything starts: a rollout must not fail (and mark its release bad) on an argument.
+pub(super) fn deploy_spec(r: pb::DeployRequest) -> Result<RolloutSpec, logic::Error> {
+    use std::time::Duration;
+    for (what, ms) in [("health deadline", r.health_deadline_ms), ("bake time", r.bake_ms)] {
+        if Duration::from_millis(ms) > MAX_DEPLOY_DURATION {
+            return Err(logic::Error::InvalidArgument(format!(
+                "the {what} of {} is longer than {}",
+                humantime::format_duration(Duration::from_millis(ms)),
+                humantime::format_duration(MAX_DEPLOY_DURATION)
+            )));
+        }
+    }
+    let mut spec = RolloutSpec::new(&r.app, &r.version);
+    spec.regions = r.regions;
+    spec.selector = r.selector.into_iter().collect();
+    if r.canary_set {
+        spec.canary = r.canary;
+    }
+    if !r.waves.is_empty() {
+        spec.waves = r.waves;
+    }
+    spec.region_order = r.region_order;
+    if r.max_parallel > 0 {
+        spec.max_parallel = r.max_parallel;
+    }
+    spec.bake = Duration::from_millis(r.bake_ms);
+    if !r.max_failures.is_empty() {
+        spec.max_failures = Threshold::parse(&r.max_failures)?;
+    }
+    spec.health_deadline = (r.health_deadline_ms > 0).then(|| Duration::from_millis(r.health_deadline_ms));
+    spec.force = r.force;
+    spec.downgrade = r.downgrade;
+    spec.supersede = r.supersede;
+    spec.override_freeze = r.override_freeze.then_some(r.reason);
+    spec.require_all = r.require_all;
+    spec.environment = logic::Environment::parse_or_default(&r.environment)?;
+    spec.note = (!r.note.is_empty()).then_some(r.note);
+    spec.ticket = (!r.ticket.is_empty()).then_some(r.ticket);
+    spec.start_at = (r.start_at_unix != 0).then_some(r.start_at_unix);
+    spec.skip_promotion = r.skip_promotion.then_some(r.skip_reason);
+    Ok(spec)
+}
+
 #[cfg(test)]
 mod tests {
     use serde_json::{json, Value};
@@ -492,75 +563,4 @@ mod tests {
         let after = serde_json::to_value(json::status(fleet_status_pb(status))).unwrap();
         assert_eq!(before, after);
     }
-}
-
-pub(super) fn agent_pb(v: logic::AgentView) -> pb::AgentInfo {
-    let r = v.record;
-    pb::AgentInfo {
-        id: r.id,
-        region: r.region,
-        environment: r.environment.to_string(),
-        labels: r.labels.into_iter().collect(),
-        online: v.online,
-        first_seen_unix: r.first_seen,
-        last_seen_unix: r.last_seen,
-        cert_serial: r.cert_serial,
-        cert_not_after_unix: r.cert_not_after,
-        releases: r
-            .releases
-            .into_iter()
-            .map(|r| pb::ReleaseRef { app: r.app, version: r.version, active: r.active })
-            .collect(),
-        revoked: r.revoked,
-        agent_version: r.agent_version,
-        apps: r.apps.into_iter().map(app_status_pb).collect(),
-    }
-}
-
-/// The longest health deadline or bake time a deploy may ask for (agents refuse longer
-/// health deadlines).
-const MAX_DEPLOY_DURATION: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
-
-/// A deploy request as a rollout spec. What an agent would refuse is refused here, before
-/// anything starts: a rollout must not fail (and mark its release bad) on an argument.
-pub(super) fn deploy_spec(r: pb::DeployRequest) -> Result<RolloutSpec, logic::Error> {
-    use std::time::Duration;
-    for (what, ms) in [("health deadline", r.health_deadline_ms), ("bake time", r.bake_ms)] {
-        if Duration::from_millis(ms) > MAX_DEPLOY_DURATION {
-            return Err(logic::Error::InvalidArgument(format!(
-                "the {what} of {} is longer than {}",
-                humantime::format_duration(Duration::from_millis(ms)),
-                humantime::format_duration(MAX_DEPLOY_DURATION)
-            )));
-        }
-    }
-    let mut spec = RolloutSpec::new(&r.app, &r.version);
-    spec.regions = r.regions;
-    spec.selector = r.selector.into_iter().collect();
-    if r.canary_set {
-        spec.canary = r.canary;
-    }
-    if !r.waves.is_empty() {
-        spec.waves = r.waves;
-    }
-    spec.region_order = r.region_order;
-    if r.max_parallel > 0 {
-        spec.max_parallel = r.max_parallel;
-    }
-    spec.bake = Duration::from_millis(r.bake_ms);
-    if !r.max_failures.is_empty() {
-        spec.max_failures = Threshold::parse(&r.max_failures)?;
-    }
-    spec.health_deadline = (r.health_deadline_ms > 0).then(|| Duration::from_millis(r.health_deadline_ms));
-    spec.force = r.force;
-    spec.downgrade = r.downgrade;
-    spec.supersede = r.supersede;
-    spec.override_freeze = r.override_freeze.then_some(r.reason);
-    spec.require_all = r.require_all;
-    spec.environment = logic::Environment::parse_or_default(&r.environment)?;
-    spec.note = (!r.note.is_empty()).then_some(r.note);
-    spec.ticket = (!r.ticket.is_empty()).then_some(r.ticket);
-    spec.start_at = (r.start_at_unix != 0).then_some(r.start_at_unix);
-    spec.skip_promotion = r.skip_promotion.then_some(r.skip_reason);
-    Ok(spec)
 }

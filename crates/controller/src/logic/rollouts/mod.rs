@@ -157,7 +157,13 @@ pub enum DeployRefusal {
     MarkedBad { release: String, reason: String, rollout: String },
     /// The environment's promotion rule is not met.
     #[error("{0}")]
-    Promotion(#[from] promotion::Refusal),
+    Promotion(Box<promotion::Refusal>),
+}
+
+impl From<promotion::Refusal> for DeployRefusal {
+    fn from(r: promotion::Refusal) -> Self {
+        Self::Promotion(Box::new(r))
+    }
 }
 
 /// One line of a rollout's history.

@@ -170,16 +170,11 @@ pub enum Refusal {
     #[error("{release} has not completed in {env} (the {target} rule requires it)")]
     NotCompleted { release: String, env: Environment, target: Environment },
     #[error(
-        "{release} has run in {env} for {soaked} of the {needed} the {target} rule requires (since rollout {rollout} completed)"
+        "{release} has run in {env} for {} of the {} required (since rollout {rollout} completed there)",
+        human(*soaked),
+        human(*needed)
     )]
-    Soaking {
-        release: String,
-        env: Environment,
-        target: Environment,
-        soaked: String,
-        needed: String,
-        rollout: String,
-    },
+    Soaking { release: String, env: Environment, soaked: Duration, needed: Duration, rollout: String },
     #[error("{release} was rolled back in {env} by {by} ({reason}) after it completed there, so it is not promoted")]
     RolledBack { release: String, env: Environment, by: String, reason: String },
     #[error("{release} is unhealthy in {env} now (on {agents}), so it is not promoted")]
@@ -224,8 +219,7 @@ pub fn check(
         let Some((done_at, rollout)) = completed else {
             return Err(Refusal::NotCompleted { release, env: env.clone(), target: target.clone() });
         };
-        if let Some(m) = evidence.rollbacks.get(env).and_then(|m| m.iter().filter(|m| m.at >= done_at).last())
-        {
+        if let Some(m) = evidence.rollbacks.get(env).and_then(|m| m.iter().rev().find(|m| m.at >= done_at)) {
             return Err(Refusal::RolledBack {
                 release,
                 env: env.clone(),
@@ -241,9 +235,8 @@ pub fn check(
             return Err(Refusal::Soaking {
                 release,
                 env: env.clone(),
-                target: target.clone(),
-                soaked: human(soaked),
-                needed: human(rule.soak),
+                soaked,
+                needed: rule.soak,
                 rollout: rollout.id.clone(),
             });
         }
