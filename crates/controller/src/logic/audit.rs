@@ -278,7 +278,7 @@ impl Audit {
             e.prev_hash = prev_hash;
             e.at = now();
             e.hash = entry_hash(&e);
-            (seq, e)
+            (seq, e.clone())
         })?;
         if written.seq % CHECKPOINT_EVERY == 0 {
             // The entry is durable either way; a missed checkpoint is made up by the next one.
@@ -532,9 +532,18 @@ impl Audit {
 }
 
 impl Audit {
-    /// The raw audit tree, for tests that tamper with the log to prove verification catches it.
-    pub fn audit_tree_for_tests(&self) -> Result<sled::Tree> {
-        Ok(self.core.store.audit_tree()?)
+    /// The bytes of the audit entry at `seq` as stored, for tests that tamper with the log to
+    /// prove verification catches it.
+    #[doc(hidden)]
+    pub async fn entry_for_tests(&self, seq: u64) -> Result<Option<Vec<u8>>> {
+        self.blocking(move |c| Ok(c.core.store.audit_bytes_for_tests(seq)?)).await
+    }
+
+    /// Overwrites (`Some`) or deletes (`None`) the audit entry at `seq` as stored, for tests
+    /// that tamper with the log to prove verification catches it.
+    #[doc(hidden)]
+    pub async fn tamper_for_tests(&self, seq: u64, bytes: Option<Vec<u8>>) -> Result<()> {
+        self.blocking(move |c| Ok(c.core.store.tamper_audit_for_tests(seq, bytes.as_deref())?)).await
     }
 }
 
