@@ -11,6 +11,7 @@ use std::time::Duration;
 use common::{eventually, free_port, get};
 use convoy_bundle::SecretKey;
 use convoy_controller::logic::rollouts::{AgentStep, Control, Rollout, RolloutSpec, RolloutState, Threshold};
+use convoy_controller::logic::Environment;
 use convoy_testkit::{DemoRelease, LocalAgent, LocalController, LocalOptions};
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -178,8 +179,8 @@ async fn healthy_rollout_across_regions_follows_region_order() {
     // Desired state and status agree: no drift anywhere.
     let status = f.ctl().controller.rollouts().fleet_status().await.unwrap();
     for region in REGIONS {
-        assert_eq!(status["shop-api"][region].desired[0], "1.1.0");
-        assert_eq!(status["shop-api"][region].drift.len(), 0, "{status:?}");
+        assert_eq!(status["shop-api"][&Environment::default()][region].desired[0], "1.1.0");
+        assert_eq!(status["shop-api"][&Environment::default()][region].drift.len(), 0, "{status:?}");
     }
     f.shutdown().await;
 }
@@ -331,7 +332,7 @@ async fn offline_and_late_agents_converge_to_the_desired_release() {
         "{status}"
     );
     let status = f.ctl().controller.rollouts().fleet_status().await.unwrap();
-    assert_eq!(status["shop-api"]["eu-west"].drift[0], "eu-0", "{status:?}");
+    assert_eq!(status["shop-api"][&Environment::default()]["eu-west"].drift[0], "eu-0", "{status:?}");
     // It comes back and converges.
     f.start_agent("eu-0", "healthy");
     eventually(WAIT, "eu-0 converges", || async {

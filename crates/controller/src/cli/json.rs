@@ -98,7 +98,8 @@ impl From<Checkpoint> for pb::AuditCheckpoint {
 }
 
 /// `convoy status -o json`: per app, per region.
-pub type Status = BTreeMap<String, BTreeMap<String, RegionStatus>>;
+/// Per app, per environment, per region.
+pub type Status = BTreeMap<String, BTreeMap<String, BTreeMap<String, RegionStatus>>>;
 
 /// One app in one region of `convoy status -o json`.
 #[derive(Debug, Serialize)]
@@ -114,7 +115,7 @@ pub struct RegionStatus {
 pub fn status(s: pb::FleetStatus) -> Status {
     let mut out = Status::new();
     for r in s.regions {
-        out.entry(r.app).or_default().insert(
+        out.entry(r.app).or_default().entry(r.environment).or_default().insert(
             r.region,
             RegionStatus {
                 desired: r.desired,

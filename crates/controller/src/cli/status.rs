@@ -1,4 +1,4 @@
-//! `convoy status`: per app and region, the desired release, agents per actual release,
+//! `convoy status`: per app, environment and region, the desired release, agents per actual release,
 //! unhealthy, offline, and drift (agents not running what they should).
 
 use convoy_proto::v1 as pb;
@@ -28,20 +28,24 @@ pub async fn run(config: &super::Globals, a: Args) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&status)?);
         return Ok(());
     }
-    let mut rows =
-        vec![["APP", "REGION", "DESIRED", "RUNNING", "UNHEALTHY", "OFFLINE", "DRIFT"].map(String::from)];
-    for (app, regions) in status {
-        for (region, r) in regions {
-            let running: Vec<String> = r.running.iter().map(|(ver, n)| format!("{ver}×{n}")).collect();
-            rows.push([
-                app.clone(),
-                region,
-                list(&r.desired),
-                running.join(" "),
-                list(&r.unhealthy),
-                list(&r.offline),
-                list(&r.drift),
-            ]);
+    let mut rows = vec![
+        ["APP", "ENV", "REGION", "DESIRED", "RUNNING", "UNHEALTHY", "OFFLINE", "DRIFT"].map(String::from)
+    ];
+    for (app, envs) in status {
+        for (env, regions) in envs {
+            for (region, r) in regions {
+                let running: Vec<String> = r.running.iter().map(|(ver, n)| format!("{ver}×{n}")).collect();
+                rows.push([
+                    app.clone(),
+                    env.clone(),
+                    region,
+                    list(&r.desired),
+                    running.join(" "),
+                    list(&r.unhealthy),
+                    list(&r.offline),
+                    list(&r.drift),
+                ]);
+            }
         }
     }
     print!("{}", super::agents::table(&rows));

@@ -256,15 +256,19 @@ pub(super) fn verification_pb(v: Result<Verified, String>) -> pb::AuditVerificat
 pub(super) fn fleet_status_pb(status: FleetStatus) -> pb::FleetStatus {
     let regions = status
         .into_iter()
-        .flat_map(|(app, regions)| {
-            regions.into_iter().map(move |(region, s)| pb::RegionStatus {
-                app: app.clone(),
-                region,
-                desired: s.desired,
-                running: s.running.into_iter().collect(),
-                unhealthy: s.unhealthy,
-                offline: s.offline,
-                drift: s.drift,
+        .flat_map(|(app, envs)| {
+            envs.into_iter().flat_map(move |(env, regions)| {
+                let app = app.clone();
+                regions.into_iter().map(move |(region, s)| pb::RegionStatus {
+                    app: app.clone(),
+                    environment: env.to_string(),
+                    region,
+                    desired: s.desired,
+                    running: s.running.into_iter().collect(),
+                    unhealthy: s.unhealthy,
+                    offline: s.offline,
+                    drift: s.drift,
+                })
             })
         })
         .collect();
@@ -549,7 +553,13 @@ mod tests {
     fn status_json_keeps_its_shape() {
         use crate::logic::rollouts::status::RegionStatus;
         let mut status = FleetStatus::new();
-        for (app, region) in [("api", "eu"), ("api", "us"), ("web", "eu")] {
+        let staging = logic::Environment::parse("staging").unwrap();
+        for (app, env, region) in [
+            ("api", logic::Environment::default(), "eu"),
+            ("api", logic::Environment::default(), "us"),
+            ("api", staging.clone(), "eu"),
+            ("web", logic::Environment::default(), "eu"),
+        ] {
             let s = RegionStatus {
                 desired: vec!["1.0.0".into()],
                 running: [("1.0.0".to_string(), 2), ("(none)".to_string(), 1)].into(),
@@ -557,7 +567,7 @@ mod tests {
                 offline: vec![],
                 drift: vec!["b".into()],
             };
-            status.entry(app.to_string()).or_default().insert(region.to_string(), s);
+            status.entry(app.to_string()).or_default().entry(env).or_default().insert(region.to_string(), s);
         }
         let before: Value = serde_json::to_value(&status).unwrap();
         let after = serde_json::to_value(json::status(fleet_status_pb(status))).unwrap();

@@ -1,4 +1,5 @@
-//! Fleet status: per app and region, the desired release, what runs, and what drifts.
+//! Fleet status: per app, environment and region, the desired release, what runs, and what
+//! drifts.
 
 use std::collections::BTreeMap;
 
@@ -6,7 +7,7 @@ use serde::Serialize;
 
 use super::desired::DesiredTable;
 use super::Rollouts;
-use crate::logic::{AgentView, Result};
+use crate::logic::{AgentView, Environment, Result};
 
 /// One app in one region.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
@@ -21,13 +22,13 @@ pub struct RegionStatus {
     pub drift: Vec<String>,
 }
 
-/// Per app, per region.
-pub type FleetStatus = BTreeMap<String, BTreeMap<String, RegionStatus>>;
+/// Per app, per environment, per region.
+pub type FleetStatus = BTreeMap<String, BTreeMap<Environment, BTreeMap<String, RegionStatus>>>;
 type Status = FleetStatus;
 
 impl Rollouts {
-    /// Per app and region: the desired release, agents per actual release, unhealthy, offline,
-    /// drift.
+    /// Per app, environment and region: the desired release, agents per actual release,
+    /// unhealthy, offline, drift.
     pub async fn fleet_status(&self) -> Result<FleetStatus> {
         let agents = self.registry.list_agents(None).await?;
         let table = self.blocking(|c| DesiredTable::load(&c.core.store)).await?;
@@ -50,7 +51,13 @@ fn add_agent(apps: &mut Status, table: &DesiredTable, a: &AgentView) {
         let actual = a.record.apps.iter().find(|s| s.app == *app);
         let current =
             actual.map(|s| s.current.clone()).filter(|c| !c.is_empty()).unwrap_or_else(|| "(none)".into());
-        let s = apps.entry(app.clone()).or_default().entry(a.record.region.clone()).or_default();
+        let s = apps
+            .entry(app.clone())
+            .or_default()
+            .entry(a.record.environment.clone())
+            .or_default()
+            .entry(a.record.region.clone())
+            .or_default();
         if let Some((_, want)) = wants.iter().find(|(x, _)| x == app) {
             if !s.desired.contains(&want.version) {
                 s.desired.push(want.version.clone());
