@@ -112,6 +112,7 @@ pub fn init(opts: &InitOptions) -> Result<PathBuf, Error> {
         },
         notify: Default::default(),
         http: Default::default(),
+        windows: vec![],
     };
     let config = format!(
         "# Convoy controller configuration, written by `convoy init`.\n\

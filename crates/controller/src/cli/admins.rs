@@ -221,6 +221,7 @@ fn write_admin_dir(
         hooks: Default::default(),
         notify: Default::default(),
         http: Default::default(),
+        windows: vec![],
     };
     files::write_new(&cfg_path, toml::to_string(&raw)?.as_bytes(), true)?;
     Ok(cfg_path)

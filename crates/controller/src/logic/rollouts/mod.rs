@@ -14,6 +14,7 @@
 //! - [`desired`]: desired state per agent and app; convergence on connect and every
 //!   [`desired::RECONCILE_EVERY`].
 //! - [`freeze`]: freeze windows. [`status`]: fleet status.
+//! - [`windows`]: deploy windows, the local times a region may activate in (pure).
 
 use std::collections::BTreeMap;
 
@@ -38,6 +39,7 @@ pub mod spec;
 pub mod status;
 #[cfg(test)]
 pub(crate) mod testing;
+pub mod windows;
 
 pub use desired::{AppRule, Desired};
 pub use freeze::FreezeWindow;
