@@ -13,7 +13,7 @@
 //!   production).
 //! - [`desired`]: desired state per agent and app; convergence on connect and every
 //!   [`desired::RECONCILE_EVERY`].
-//! - [`freeze`]: freeze windows. [`status`]: fleet status.
+//! - [`freeze`]: freeze windows, one-off and recurring. [`status`]: fleet status.
 //! - [`windows`]: deploy windows, the local times a region may activate in (pure).
 
 use std::collections::BTreeMap;
@@ -302,10 +302,13 @@ impl Rollouts {
         }
         let (app, regions) = (spec.app.clone(), plan::regions(&targets));
         let freeze = self.blocking(move |c| c.active_freeze(&app, &regions)).await?;
-        if let (Some(f), None) = (freeze, &spec.override_freeze) {
-            return Err(
-                DeployRefusal::Frozen { until: crate::cli_time(f.to), reason: f.reason, id: f.id }.into()
-            );
+        if let (Some((f, until)), None) = (freeze, &spec.override_freeze) {
+            return Err(DeployRefusal::Frozen {
+                until: crate::cli_time(until),
+                id: f.label(),
+                reason: f.reason,
+            }
+            .into());
         }
         if let (Some(other), true) = (&active, spec.supersede) {
             self.control(&other.id, Control::Supersede).await?;
