@@ -420,6 +420,8 @@ async fn freezes_block_deploys_not_rollbacks_and_one_rollout_per_app() {
             app: None,
             region: Some("eu-west".into()),
             created_by: "admin/test".into(),
+            name: None,
+            recurrence: None,
         })
         .await
         .unwrap();
@@ -473,5 +475,100 @@ async fn freezes_block_deploys_not_rollbacks_and_one_rollout_per_app() {
     assert!(f.all_serving("1.2.0"));
     c.rollouts().freeze_rm(fz.id).await.unwrap();
     assert!(c.rollouts().freezes().await.unwrap().is_empty());
+    f.shutdown().await;
+}
+
+/// `HH:MM` in UTC of `unix` shifted by `hours`.
+fn utc_clock(unix: i64, hours: i64) -> String {
+    let secs = (unix + hours * 3600).rem_euclid(86_400);
+    format!("{:02}:{:02}", secs / 3600, secs / 60 % 60)
+}
+
+/// Recurring freezes through the CLI and the admin API: one that recurs now refuses a deploy and
+/// the refusal names it; ones that do not recur now let the deploy through. They list with
+/// their recurrence and next start, names are unique, and `rm` takes a name.
+#[tokio::test]
+async fn recurring_freezes_refuse_deploys_only_while_they_recur() {
+    let f = Fleet::new(1, &[]).await;
+    f.push("1.0.0", "healthy").await;
+    let now = convoy_controller::logic::now();
+    // Every day from an hour ago to an hour from now (crossing midnight where it must).
+    let (from, to) = (utc_clock(now, -1), utc_clock(now, 1));
+    let active = [
+        "freeze",
+        "add",
+        "--name",
+        "peak-hours",
+        "--every",
+        "week",
+        "--days",
+        "daily",
+        "--from",
+        &from,
+        "--to",
+        &to,
+        "--tz",
+        "UTC",
+        "--reason",
+        "evening peak",
+    ];
+    let id = admin_cli(&f, &active).await.unwrap();
+    let id = id.trim();
+    let err = admin_cli(&f, &["deploy", "shop-api@1.0.0", "--waves", "100%"]).await.unwrap_err();
+    assert!(
+        err.contains("frozen") && err.contains(&format!("peak-hours [{id}]")) && err.contains("evening peak"),
+        "{err}"
+    );
+    assert!(err.contains("--override-freeze"), "{err}");
+    let dup = admin_cli(&f, &active).await.unwrap_err();
+    assert!(dup.contains("already named \"peak-hours\""), "{dup}");
+
+    let list = admin_cli(&f, &["freeze", "list", "-o", "json"]).await.unwrap();
+    let list: serde_json::Value = serde_json::from_str(&list).unwrap();
+    let listed = &list.as_array().unwrap()[0];
+    assert_eq!(listed["name"], "peak-hours");
+    assert_eq!(
+        listed["recurrence"],
+        serde_json::json!({"every": "week", "days": "daily", "from": from, "to": to, "tz": "UTC"})
+    );
+    let next = listed["next_start"].as_i64().unwrap();
+    assert!(next > now && next <= now + 86_400, "tomorrow's start: {next} vs {now}");
+    let table = admin_cli(&f, &["freeze", "list"]).await.unwrap();
+    assert!(table.contains(&format!("every week daily {from} to {to} UTC")), "{table}");
+    let removed = admin_cli(&f, &["freeze", "rm", "peak-hours"]).await.unwrap();
+    assert_eq!(removed.trim(), format!("removed {id} (peak-hours)"));
+
+    // Later today, and a sale season half a year away: neither freezes now.
+    let (from, to) = (utc_clock(now, 2), utc_clock(now, 3));
+    let later = [
+        "freeze", "add", "--every", "week", "--days", "daily", "--from", &from, "--to", &to, "--tz", "UTC",
+        "--reason", "later",
+    ];
+    let later = admin_cli(&f, &later).await.unwrap();
+    let month = (now.rem_euclid(31_556_952) / 2_629_746) + 1;
+    let (from, to) = if month <= 6 { ("08-10T00:00", "08-20T00:00") } else { ("02-10T00:00", "02-20T00:00") };
+    let season = [
+        "freeze",
+        "add",
+        "--name",
+        "sale-season",
+        "--every",
+        "year",
+        "--from",
+        from,
+        "--to",
+        to,
+        "--tz",
+        "America/New_York",
+        "--reason",
+        "sales",
+    ];
+    admin_cli(&f, &season).await.unwrap();
+    let id = admin_cli(&f, &["deploy", "shop-api@1.0.0", "--waves", "100%"]).await.unwrap();
+    let r = f.wait_final(id.trim()).await;
+    assert_eq!(r.state, RolloutState::Completed, "{:?}", r.events);
+    admin_cli(&f, &["freeze", "rm", later.trim()]).await.unwrap();
+    admin_cli(&f, &["freeze", "rm", "sale-season"]).await.unwrap();
+    assert!(f.ctl().controller.rollouts().freezes().await.unwrap().is_empty());
     f.shutdown().await;
 }

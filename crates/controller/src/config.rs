@@ -10,6 +10,8 @@ use std::time::Duration;
 use convoy_pki::TrustDomain;
 use serde::{Deserialize, Serialize};
 
+use crate::logic::rollouts::windows::{DeployWindows, WindowConfig};
+
 /// The file name `convoy init` writes in its data directory.
 pub const CONFIG_FILE: &str = "convoy.toml";
 /// Where the admin CLI looks when neither `--config` nor `CONVOY_CONFIG` says otherwise.
@@ -87,6 +89,10 @@ pub struct RawConfig {
     /// Promotion rules per environment (`[environments.NAME]`).
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub environments: std::collections::BTreeMap<String, crate::logic::rollouts::promotion::RawRule>,
+    /// Deploy windows (`[[windows]]`): when a rollout may activate in an environment's regions.
+    /// See [`crate::logic::rollouts::windows`].
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub windows: Vec<WindowConfig>,
 }
 
 /// The HTTP listener (`/healthz`, `/metrics`, the alert hooks): whether it speaks TLS, and the
@@ -306,6 +312,8 @@ pub struct Config {
     pub notify: NotifyConfig,
     pub http: HttpConfig,
     pub environments: crate::logic::rollouts::promotion::Rules,
+    /// Checked at load: [`DeployWindows::parse`] accepts them.
+    pub windows: Vec<WindowConfig>,
 }
 
 impl Config {
@@ -383,6 +391,7 @@ impl Config {
         }
         let environments = crate::logic::rollouts::promotion::Rules::parse(&raw.environments)
             .map_err(|message| field("environments", message))?;
+        DeployWindows::parse(&raw.windows).map_err(|e| field("windows", e.to_string()))?;
         Ok(Self {
             path: path.to_path_buf(),
             trust_domain,
@@ -404,6 +413,7 @@ impl Config {
             notify: raw.notify,
             http: raw.http,
             environments,
+            windows: raw.windows,
         })
     }
 
@@ -453,6 +463,37 @@ mod tests {
         check(&format!("{OK}[notify]\nurls = [\"ftp://x\"]\n"), Some("notify.urls"));
         check(&format!("{OK}[hooks.hmac_keys]\nops = \"too-short\"\n"), Some("hooks.hmac_keys"));
         check(&format!("{OK}[hooks.hmac_keys]\nops = \"{}\"\n", "k".repeat(MIN_HMAC_KEY_LEN)), None);
+    }
+
+    #[test]
+    fn deploy_windows_are_checked_at_load_and_a_bad_one_is_named() {
+        let entry = |env: &str, days: &str, tz: &str| {
+            format!(
+                "[[windows]]\nenv = \"{env}\"\nregions = [\"eu-*\"]\ndays = \"{days}\"\nstart = \"02:00\"\n\
+                 end = \"05:00\"\ntz = \"{tz}\"\n"
+            )
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("convoy.toml");
+        std::fs::write(&p, OK).unwrap();
+        assert!(Config::load(&p).unwrap().windows.is_empty(), "no windows by default");
+        let good = format!(
+            "{OK}{}{}",
+            entry("production", "mon-fri", "Europe/Berlin"),
+            entry("staging", "daily", "UTC")
+        );
+        std::fs::write(&p, &good).unwrap();
+        let c = Config::load(&p).unwrap();
+        assert_eq!((c.windows.len(), c.windows[0].regions.as_slice()), (2, &["eu-*".to_string()][..]));
+        check(
+            &format!("{good}{}", entry("production", "mon-fry", "Europe/Berlin")),
+            Some("field `windows`: [[windows]] entry 3 (env \"production\"): `days`: unknown day \"fry\""),
+        );
+        check(
+            &format!("{OK}{}", entry("production", "daily", "Mars/Olympus")),
+            Some("entry 1 (env \"production\"): `tz`: unknown time zone \"Mars/Olympus\""),
+        );
+        check(&format!("{OK}[[windows]]\nenv = \"production\"\n"), Some("missing field `days`"));
     }
 
     #[test]

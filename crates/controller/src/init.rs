@@ -113,6 +113,7 @@ pub fn init(opts: &InitOptions) -> Result<PathBuf, Error> {
         notify: Default::default(),
         http: Default::default(),
         environments: Default::default(),
+        windows: vec![],
     };
     let config = format!(
         "# Convoy controller configuration, written by `convoy init`.\n\

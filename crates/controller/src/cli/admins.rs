@@ -222,6 +222,7 @@ fn write_admin_dir(
         notify: Default::default(),
         http: Default::default(),
         environments: Default::default(),
+        windows: vec![],
     };
     files::write_new(&cfg_path, toml::to_string(&raw)?.as_bytes(), true)?;
     Ok(cfg_path)

@@ -11,12 +11,30 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Serialize)]
 pub struct Freeze {
     pub id: String,
+    /// One-off windows; 0 for recurring ones.
     pub from: i64,
     pub to: i64,
     pub reason: String,
     pub app: Option<String>,
     pub region: Option<String>,
     pub created_by: String,
+    pub name: Option<String>,
+    /// Recurring windows: how they recur; null for one-off ones.
+    pub recurrence: Option<FreezeRecurrence>,
+    /// Recurring windows: the next start after the listing, Unix seconds; null otherwise.
+    pub next_start: Option<i64>,
+}
+
+/// `{every: "year", from: "11-26T00:00", to: "12-02T23:59", tz}` or
+/// `{every: "week", days: "fri-sun", from: "18:00", to: "23:00", tz}`.
+#[derive(Debug, Serialize)]
+pub struct FreezeRecurrence {
+    pub every: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub days: Option<String>,
+    pub from: String,
+    pub to: String,
+    pub tz: String,
 }
 
 impl From<pb::FreezeWindow> for Freeze {
@@ -29,6 +47,15 @@ impl From<pb::FreezeWindow> for Freeze {
             app: f.app,
             region: f.region,
             created_by: f.created_by,
+            name: f.name,
+            recurrence: f.recurrence.map(|r| FreezeRecurrence {
+                every: r.every,
+                days: (!r.days.is_empty()).then_some(r.days),
+                from: r.from,
+                to: r.to,
+                tz: r.tz,
+            }),
+            next_start: (f.next_start_unix != 0).then_some(f.next_start_unix),
         }
     }
 }

@@ -120,6 +120,19 @@ impl std::fmt::Display for Refused {
 
 impl std::error::Error for Refused {}
 
+/// Arguments the command line found invalid before asking the controller: exit code 2, as for
+/// those clap refuses.
+#[derive(Debug)]
+pub struct Usage(pub String);
+
+impl std::fmt::Display for Usage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Usage {}
+
 /// Turns a gRPC status into an error that reads well on a terminal.
 pub(crate) fn status_error(status: tonic::Status) -> anyhow::Error {
     Refused(status).into()
@@ -130,6 +143,7 @@ pub(crate) fn status_error(status: tonic::Status) -> anyhow::Error {
 pub fn exit_code(err: &anyhow::Error) -> u8 {
     match err.downcast_ref::<Refused>() {
         Some(Refused(status)) if status.code() == tonic::Code::InvalidArgument => 2,
+        _ if err.is::<Usage>() => 2,
         _ => 1,
     }
 }

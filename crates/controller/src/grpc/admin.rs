@@ -390,6 +390,12 @@ impl pb::admin_service_server::AdminService for AdminSvc {
         let r = req.into_inner();
         match r.action.as_str() {
             "add" => {
+                let recurrence = r
+                    .recurrence
+                    .as_ref()
+                    .map(parse_recurrence)
+                    .transpose()
+                    .map_err(|e| Status::invalid_argument(e.to_string()))?;
                 let f = FreezeWindow {
                     id: String::new(),
                     from: r.from_unix,
@@ -398,23 +404,27 @@ impl pb::admin_service_server::AdminService for AdminSvc {
                     app: (!r.app.is_empty()).then_some(r.app),
                     region: (!r.region.is_empty()).then_some(r.region),
                     created_by: admin.to_string(),
+                    name: (!r.name.is_empty()).then_some(r.name),
+                    recurrence,
                 };
                 let params = serde_json::to_value(&f).unwrap_or_default();
                 let result =
                     self.audited(&admin, "freeze.add", "*", params, self.0.rollouts().freeze_add(f)).await?;
                 let f = result.map_err(to_status)?;
-                Ok(Response::new(pb::FreezeResponse { windows: vec![freeze_pb(f)], removed: String::new() }))
+                let windows = vec![freeze_pb(f, crate::time::now())];
+                Ok(Response::new(pb::FreezeResponse { windows, removed: String::new() }))
             }
             "list" => {
                 let list = self.0.rollouts().freezes().await.map_err(to_status)?;
-                let windows = list.into_iter().map(freeze_pb).collect();
+                let now = crate::time::now();
+                let windows = list.into_iter().map(|f| freeze_pb(f, now)).collect();
                 Ok(Response::new(pb::FreezeResponse { windows, removed: String::new() }))
             }
             "rm" => {
                 let run = self.0.rollouts().freeze_rm(r.id.clone());
                 let result = self.audited(&admin, "freeze.rm", &r.id, serde_json::json!({}), run).await?;
-                result.map_err(to_status)?;
-                Ok(Response::new(pb::FreezeResponse { windows: vec![], removed: r.id }))
+                let removed = result.map_err(to_status)?;
+                Ok(Response::new(pb::FreezeResponse { windows: vec![], removed }))
             }
             other => Err(Status::invalid_argument(format!("unknown freeze action {other:?}"))),
         }

@@ -7,6 +7,7 @@ use convoy_proto::v1 as pb;
 
 use crate::logic::admins::AdminRecord;
 use crate::logic::audit::{AuditEntry, Checkpoint, Phase, Verified};
+use crate::logic::rollouts::freeze::{Recurrence, RecurrenceError};
 use crate::logic::rollouts::status::FleetStatus;
 use crate::logic::rollouts::{
     AgentProgress, AgentStep, Approval, FreezeWindow, Rollout, RolloutSpec, RolloutState, StopKind, Threshold,
@@ -200,8 +201,10 @@ pub(super) fn admin_info(r: AdminRecord) -> pb::AdminInfo {
     }
 }
 
-pub(super) fn freeze_pb(f: FreezeWindow) -> pb::FreezeWindow {
+/// A freeze as listed at `now`: a recurring one carries its next start after `now`.
+pub(super) fn freeze_pb(f: FreezeWindow, now: i64) -> pb::FreezeWindow {
     pb::FreezeWindow {
+        next_start_unix: f.next_start(now).unwrap_or(0),
         id: f.id,
         from_unix: f.from,
         to_unix: f.to,
@@ -209,7 +212,33 @@ pub(super) fn freeze_pb(f: FreezeWindow) -> pb::FreezeWindow {
         app: f.app,
         region: f.region,
         created_by: f.created_by,
+        name: f.name,
+        recurrence: f.recurrence.map(recurrence_pb),
     }
+}
+
+fn recurrence_pb(r: Recurrence) -> pb::FreezeRecurrence {
+    match r {
+        Recurrence::Year { from, to, tz } => pb::FreezeRecurrence {
+            every: "year".into(),
+            days: String::new(),
+            from: from.to_string(),
+            to: to.to_string(),
+            tz: tz.to_string(),
+        },
+        Recurrence::Week { days, from, to, tz } => pb::FreezeRecurrence {
+            every: "week".into(),
+            days: days.to_string(),
+            from: from.to_string(),
+            to: to.to_string(),
+            tz: tz.to_string(),
+        },
+    }
+}
+
+/// A requested recurrence, validated.
+pub(super) fn parse_recurrence(r: &pb::FreezeRecurrence) -> Result<Recurrence, RecurrenceError> {
+    Recurrence::parse(&r.every, &r.days, &r.from, &r.to, &r.tz)
 }
 
 pub(super) fn audit_entry_pb(e: AuditEntry) -> pb::AuditEntry {
@@ -539,10 +568,34 @@ mod tests {
             let after = serde_json::to_value(json::AuditEntry::from(audit_entry_pb(e))).unwrap();
             assert_eq!(stored, after);
         }
+        // A freeze stored before names and recurrences lists as before, with those keys null.
         let stored = json!({"id": "fz-1", "from": 1, "to": 2, "reason": "peak", "app": null,
                             "region": "us-east", "created_by": "admin/ops"});
         let f: FreezeWindow = serde_json::from_value(stored.clone()).unwrap();
-        assert_eq!(stored, serde_json::to_value(json::Freeze::from(freeze_pb(f))).unwrap());
+        let mut listed = stored.clone();
+        for key in ["name", "recurrence", "next_start"] {
+            listed[key] = serde_json::Value::Null;
+        }
+        assert_eq!(listed, serde_json::to_value(json::Freeze::from(freeze_pb(f, 5))).unwrap());
+        // A recurring one lists its recurrence as stored, and its next start.
+        for recurrence in [
+            json!({"every": "year", "from": "11-26T00:00", "to": "12-02T23:59", "tz": "America/New_York"}),
+            json!({"every": "week", "days": "fri-sun", "from": "18:00", "to": "23:00", "tz": "UTC"}),
+        ] {
+            let stored = json!({"id": "fz-2", "from": 0, "to": 0, "reason": "sale", "app": "shop",
+                                "region": null, "created_by": "admin/ops", "name": "sale",
+                                "recurrence": recurrence});
+            let f: FreezeWindow = serde_json::from_value(stored.clone()).unwrap();
+            // 2026-06-10T00:00Z, a Wednesday.
+            let now = 1_781_049_600;
+            let next = f.next_start(now).unwrap();
+            assert!(next > now, "{recurrence}");
+            let mut listed = stored.clone();
+            listed["next_start"] = json!(next);
+            assert_eq!(listed, serde_json::to_value(json::Freeze::from(freeze_pb(f.clone(), now))).unwrap());
+            let pb = freeze_pb(f.clone(), now).recurrence.unwrap();
+            assert_eq!(parse_recurrence(&pb).unwrap(), f.recurrence.unwrap(), "the wire form parses back");
+        }
         let cp = Checkpoint { seq: 6, head: "h".into(), at: 5, signature: "s".into() };
         let file = serde_json::to_value(json::Checkpoint::from(checkpoint_pb(cp.clone()))).unwrap();
         assert_eq!(serde_json::to_value(&cp).unwrap(), file);

@@ -60,10 +60,13 @@ impl Rollouts {
         let starts = spec.start_at.unwrap_or(t).max(t);
         let (app, regions) = (spec.app.clone(), plan::regions(&targets));
         let freeze = self.blocking(move |c| c.active_freeze(&app, &regions, starts)).await?;
-        if let (Some(f), None) = (freeze, &spec.override_freeze) {
-            return Err(
-                DeployRefusal::Frozen { until: crate::cli_time(f.to), reason: f.reason, id: f.id }.into()
-            );
+        if let (Some((f, until)), None) = (freeze, &spec.override_freeze) {
+            return Err(DeployRefusal::Frozen {
+                until: crate::cli_time(until),
+                id: f.label(),
+                reason: f.reason,
+            }
+            .into());
         }
         if let (Some(other), true) = (active, spec.supersede) {
             self.control(&other.id, Control::Supersede).await?;

@@ -134,11 +134,12 @@ async fn wait_for_start(ctl: &Rollouts, r: &mut Rollout, controls: &mut ControlR
             let (app, regions) = (r.spec.app.clone(), r.agents.values().map(|a| a.region.clone()).collect());
             let frozen = ctl.blocking(move |c| c.active_freeze(&app, &regions, t)).await?;
             match (frozen, &r.spec.override_freeze) {
-                (Some(f), None) => {
+                (Some((f, until)), None) => {
                     let note = format!(
-                        "start held: deploys are frozen until {} ({})",
-                        crate::cli_time(f.to),
-                        f.reason
+                        "start held: deploys are frozen until {} ({}, freeze {})",
+                        crate::cli_time(until),
+                        f.reason,
+                        f.label()
                     );
                     if r.events.last().is_none_or(|e| e.message != note) {
                         r.event(note);

@@ -13,7 +13,8 @@
 //!   production).
 //! - [`desired`]: desired state per agent and app; convergence on connect and every
 //!   [`desired::RECONCILE_EVERY`].
-//! - [`freeze`]: freeze windows. [`status`]: fleet status.
+//! - [`freeze`]: freeze windows, one-off and recurring. [`status`]: fleet status.
+//! - [`windows`]: deploy windows, the local times a region may activate in (pure).
 
 use std::collections::BTreeMap;
 
@@ -41,6 +42,7 @@ pub mod spec;
 pub mod status;
 #[cfg(test)]
 pub(crate) mod testing;
+pub mod windows;
 
 pub use desired::{AppRule, Desired};
 pub use freeze::FreezeWindow;
