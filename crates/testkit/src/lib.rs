@@ -41,6 +41,9 @@ pub struct LocalOptions {
     pub conn_limits: convoy_transport::ConnLimits,
     /// The HTTP listener's settings instead of the config file's `[http]` section.
     pub http: Option<config::HttpConfig>,
+    /// TOML appended to the config file `convoy init` writes (environments, windows), read
+    /// through the real config loader.
+    pub extra_config: Option<String>,
 }
 
 impl Default for LocalOptions {
@@ -51,6 +54,7 @@ impl Default for LocalOptions {
             grpc_addr: None,
             conn_limits: convoy_transport::ConnLimits::default(),
             http: None,
+            extra_config: None,
         }
     }
 }
@@ -86,6 +90,11 @@ impl LocalController {
                 http_addr: http_addr.to_string(),
                 ..InitOptions::default()
             })?;
+            if let Some(extra) = &opts.extra_config {
+                let mut text = std::fs::read_to_string(&config_path)?;
+                text.push_str(extra);
+                std::fs::write(&config_path, text)?;
+            }
         }
         let mut config = Config::load(&config_path)?;
         config.controller = grpc_addr.to_string();
@@ -120,6 +129,30 @@ impl LocalController {
     /// An admin client using the admin certificate `convoy init` made.
     pub async fn admin(&self) -> anyhow::Result<pb::admin_service_client::AdminServiceClient<Channel>> {
         convoy_controller::client::admin_client(&self.config).await
+    }
+
+    /// Adds an admin `name` with `role` through the registry (as the first admin) and returns
+    /// its identity.
+    pub async fn add_admin(&self, name: &str, role: &str) -> anyhow::Result<convoy_pki::ClientIdentity> {
+        let kc = convoy_pki::generate_csr()?;
+        let resp = self
+            .admin()
+            .await?
+            .issue_admin(pb::IssueAdminRequest { name: name.into(), csr_der: kc.csr_der, role: role.into() })
+            .await?
+            .into_inner();
+        Ok(convoy_pki::ClientIdentity { cert_pem: resp.certificate_pem, key_pem: kc.key_pem })
+    }
+
+    /// An admin client presenting `id`.
+    pub async fn admin_as(
+        &self,
+        id: &convoy_pki::ClientIdentity,
+    ) -> anyhow::Result<pb::admin_service_client::AdminServiceClient<Channel>> {
+        let ch = support::dial(&self.grpc_addr.to_string(), &self.ca_pem()?, Some(id))
+            .await
+            .map_err(|e| anyhow::anyhow!("dialing the controller: {e}"))?;
+        Ok(pb::admin_service_client::AdminServiceClient::new(ch))
     }
 
     /// A one-time join token, optionally bound to a region, for a production agent.

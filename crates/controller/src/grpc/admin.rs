@@ -308,7 +308,9 @@ impl pb::admin_service_server::AdminService for AdminSvc {
         let r = req.into_inner();
         let app = r.app.clone();
         let spec = deploy_spec(r).map_err(to_status)?;
-        let params = serde_json::to_value(&spec).unwrap_or_default();
+        let mut params = serde_json::to_value(&spec).unwrap_or_default();
+        // The record leaves the default environment out; the audit log always names it.
+        params["environment"] = spec.environment.to_string().into();
         let by = admin.to_string();
         let run = self.0.rollouts().deploy(spec, &by).instrument(tracing::info_span!("deploy", %admin, %app));
         let result = self.audited(&admin, "deploy", &target, params, run).await?;

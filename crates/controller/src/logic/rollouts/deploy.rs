@@ -106,7 +106,12 @@ impl Rollouts {
             r.event(format!("scheduled to start at {}", crate::cli_time(starts)));
         }
         self.save(&r).await?;
-        self.core.notify("rollout_created", created_event(&r));
+        let kind = match r.state {
+            RolloutState::AwaitingApproval => "rollout_awaiting_approval",
+            RolloutState::Scheduled => "rollout_scheduled",
+            _ => "rollout_started",
+        };
+        self.core.notify(kind, created_event(&r));
         if r.state != RolloutState::AwaitingApproval {
             self.spawn_driver(r.id.clone());
         }

@@ -183,6 +183,7 @@ async fn wait_for_start(ctl: &Rollouts, r: &mut Rollout, controls: &mut ControlR
     r.state = RolloutState::Staging;
     r.event("start time reached: starting");
     ctl.save(r).await?;
+    ctl.core.notify("rollout_started", super::deploy::created_event(r));
     Ok(true)
 }
 
