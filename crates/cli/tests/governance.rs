@@ -59,8 +59,12 @@ struct Gov {
 
 impl Gov {
     async fn new() -> Self {
+        Self::with_config(RULES).await
+    }
+
+    async fn with_config(config: &str) -> Self {
         let tmp = tempfile::tempdir().unwrap();
-        let opts = LocalOptions { extra_config: Some(RULES.into()), ..Default::default() };
+        let opts = LocalOptions { extra_config: Some(config.into()), ..Default::default() };
         let ctl = LocalController::start(&tmp.path().join("ctl"), opts).await.unwrap();
         let key = SecretKey::generate();
         let mut agents = Vec::new();
@@ -362,5 +366,63 @@ async fn rejections_aborts_skips_rollbacks_and_schedules_move_nothing_they_shoul
     assert_eq!(g.rollout(&sched).await.state, pb::RolloutState::Aborted as i32);
     assert_eq!(g.serving("st-0").as_deref(), Some("1.0.0"));
 
+    g.shutdown().await;
+}
+
+/// `HH:MM` in UTC, `hours` from now.
+fn utc_clock(hours: i64) -> String {
+    let t = jiff::Timestamp::now() + jiff::SignedDuration::from_hours(hours);
+    t.to_zoned(jiff::tz::TimeZone::UTC).strftime("%H:%M").to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_region_outside_its_deploy_window_waits_while_the_others_deploy() {
+    // eu-west's window opens in two hours; us-east's is open now (from an hour ago to an hour
+    // from now, crossing midnight when it must).
+    let config = format!(
+        r#"
+[[windows]]
+env = "production"
+regions = ["eu-*"]
+days = "daily"
+start = "{}"
+end = "{}"
+tz = "UTC"
+
+[[windows]]
+env = "production"
+regions = ["us-*"]
+days = "daily"
+start = "{}"
+end = "{}"
+tz = "UTC"
+"#,
+        utc_clock(2),
+        utc_clock(3),
+        utc_clock(-1),
+        utc_clock(1)
+    );
+    let mut g = Gov::with_config(&config).await;
+    g.push("1.0.0").await;
+    // One wave for both regions (no canary wave, which would be one region's agent alone).
+    let req = pb::DeployRequest { canary_set: true, canary: 0, ..deploy("1.0.0", "production", "") };
+    let id = try_deploy(&mut g.dana, req).await.unwrap();
+    eventually(WAIT, "us-0 serves 1.0.0", || async {
+        (g.serving("us-0").as_deref() == Some("1.0.0")).then_some(())
+    })
+    .await;
+    let r = g.rollout(&id).await;
+    assert_eq!(r.state, pb::RolloutState::Running as i32);
+    let waiting = r.waiting.join("; ");
+    assert!(
+        waiting.starts_with(&format!("waiting for the eu-west window (opens {} UTC, in ", utc_clock(2))),
+        "{waiting}"
+    );
+    assert_eq!(g.serving("eu-0"), None, "eu-west waits for its window");
+    assert!(r.events.iter().any(|e| e.message.starts_with("eu-west waits for its deploy window")));
+    // A rollout outside its window can still be stopped; what it moved is rolled back.
+    g.dana.control_rollout(control(&id, "abort", "", "")).await.unwrap();
+    g.wait_state(&id, pb::RolloutState::Aborted).await;
+    assert_eq!(g.serving("eu-0"), None);
     g.shutdown().await;
 }

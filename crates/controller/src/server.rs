@@ -104,6 +104,9 @@ impl Prepared {
             offline_after: config.notify.offline_after,
             audit_key,
             promotion: config.environments.clone(),
+            // Checked when the config was loaded.
+            windows: crate::logic::rollouts::windows::DeployWindows::parse(&config.windows)
+                .map_err(|e| crate::logic::Error::InvalidArgument(format!("config windows: {e}")))?,
         };
         let controller = Controller::new(ca, store, settings)?;
         controller.releases().prepare_blob_dir()?;
@@ -356,6 +359,7 @@ mod tests {
                     converging: vec![],
                     stopping: None,
                     approval: None,
+                    window_waits: vec![],
                     run: Default::default(),
                 };
                 store.put(Tree::Rollouts, &r.id, &r, false).unwrap();

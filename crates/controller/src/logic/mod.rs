@@ -208,6 +208,8 @@ pub struct Settings {
     pub audit_key: audit::AuditKey,
     /// Promotion rules per environment.
     pub promotion: rollouts::promotion::Rules,
+    /// When rollouts may activate, per environment and region.
+    pub windows: rollouts::windows::DeployWindows,
 }
 
 impl Controller {

@@ -185,6 +185,14 @@ pub fn waiting(r: &Rollout, t: i64) -> Vec<String> {
                 humantime::format_duration(std::time::Duration::from_secs(left))
             ));
         }
+        (RolloutState::Staging | RolloutState::Running | RolloutState::Paused, _) => {
+            let now = jiff::Timestamp::from_second(t).unwrap_or(jiff::Timestamp::UNIX_EPOCH);
+            for w in &r.window_waits {
+                let opens = jiff::Timestamp::from_second(w.opens).unwrap_or(jiff::Timestamp::MAX);
+                let state = super::windows::WindowState::Closed { opens, at: w.at.clone() };
+                out.extend(state.waiting_message(&w.region, now));
+            }
+        }
         (RolloutState::Scheduled, _) => {
             if let Some(at) = r.spec.start_at {
                 let left = (at - t).max(0) as u64;
@@ -214,5 +222,74 @@ pub fn state_name(s: RolloutState) -> &'static str {
         RolloutState::Superseded => "superseded",
         RolloutState::Rejected => "rejected",
         RolloutState::Expired => "expired",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::logic::rollouts::testing::controller;
+    use crate::logic::rollouts::{plan, ApprovalGate, RolloutSpec};
+
+    const DAY: i64 = 24 * 3600;
+
+    fn awaiting(id: &str, created_at: i64) -> Rollout {
+        let targets = [("eu-west".to_string(), "eu-0".to_string())];
+        let mut r = plan::new_rollout(
+            id.into(),
+            RolloutSpec::new("shop-api", "1.1.0"),
+            "d".into(),
+            "admin/a",
+            created_at,
+            &targets,
+        );
+        r.state = RolloutState::AwaitingApproval;
+        r.approval =
+            Some(ApprovalGate { required: 2, ttl_secs: DAY as u64, approvals: vec![], rejected: None });
+        r
+    }
+
+    #[test]
+    fn approvals_count_only_while_they_are_valid() {
+        let mut g = ApprovalGate { required: 2, ttl_secs: 100, approvals: vec![], rejected: None };
+        g.approvals.push(Approval { by: "admin/b".into(), at: 1000, note: None });
+        g.approvals.push(Approval { by: "admin/c".into(), at: 1050, note: None });
+        assert_eq!(g.valid(1099), 2);
+        assert_eq!(g.valid(1100), 1, "the first expired at its ttl");
+        assert_eq!(g.valid(1150), 0);
+    }
+
+    #[tokio::test]
+    async fn a_rollout_not_approved_in_time_expires_and_cannot_be_approved() {
+        let dir = tempfile::tempdir().unwrap();
+        let ctl = controller(dir.path()).await;
+        let t = now();
+        ctl.save(&awaiting("ro-1", t - 2 * DAY)).await.unwrap();
+        ctl.save(&awaiting("ro-2", t - DAY / 2)).await.unwrap();
+        ctl.save(&awaiting("ro-3", t - 2 * DAY)).await.unwrap();
+        let e = ctl.decide("ro-1", "admin/b", Decision::Approve { note: None }).await.unwrap_err();
+        assert!(e.to_string().contains("was not approved in time and has expired"), "{e}");
+        let r = ctl.rollout(Some("ro-1".into())).await.unwrap();
+        assert_eq!((r.state, r.failure.as_deref()), (RolloutState::Expired, Some("not approved in time")));
+        // The reconcile tick expires what is due, and only that.
+        ctl.expire_waiting().await.unwrap();
+        assert_eq!(ctl.rollout(Some("ro-3".into())).await.unwrap().state, RolloutState::Expired);
+        assert_eq!(ctl.rollout(Some("ro-2".into())).await.unwrap().state, RolloutState::AwaitingApproval);
+        // One approval of two: still waiting, and the same admin cannot approve twice.
+        let r = ctl.decide("ro-2", "admin/b", Decision::Approve { note: Some("ok".into()) }).await.unwrap();
+        assert_eq!(r.state, RolloutState::AwaitingApproval);
+        assert_eq!(
+            waiting(&r, now()),
+            ["waiting for 1 more approval(s) from admins other than admin/a (expires in 12h)"]
+        );
+        let e = ctl.decide("ro-2", "admin/b", Decision::Approve { note: None }).await.unwrap_err();
+        assert!(e.to_string().contains("has already approved"), "{e}");
+        let e = ctl.decide("ro-2", "admin/a", Decision::Approve { note: None }).await.unwrap_err();
+        assert!(e.to_string().contains("cannot approve it"), "{e}");
+        let e = ctl
+            .decide("ro-2", "admin/c", Decision::Approve { note: Some("\u{1b}[2J".into()) })
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("without control characters"), "{e}");
     }
 }

@@ -13,8 +13,9 @@ use tokio_util::sync::CancellationToken;
 
 use super::fleet::{Fleet, Sessions};
 use super::machine::{self, Command, Event, Order, Probe, Reply};
+use super::windows::WindowState;
 use super::Rollouts;
-use super::{BadRelease, Control, Rollout, RolloutState};
+use super::{BadRelease, Control, Rollout, RolloutState, WindowWait};
 use crate::logic::orders::OrderKind;
 use crate::logic::{now, Error, Result};
 use crate::store::Tree;
@@ -100,6 +101,9 @@ async fn drive<F: Fleet>(ctl: Rollouts, fleet: F, id: &str, mut controls: Contro
         stage_permits: Arc::new(Semaphore::new(STAGE_PARALLEL)),
         waiting: Vec::new(),
     };
+    // Windows first: the start must not dispatch into a region whose window is closed.
+    let waits = d.window_waits();
+    d.feed(Event::Windows(waits)).await?;
     d.feed(Event::Start).await?;
     let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + TICK, TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -107,7 +111,13 @@ async fn drive<F: Fleet>(ctl: Rollouts, fleet: F, id: &str, mut controls: Contro
         tokio::select! {
             Some(event) = answers.recv() => d.feed(event).await?,
             Some((c, ack)) = controls.recv() => d.control(c, ack).await?,
-            _ = tick.tick() => d.feed(Event::Tick).await?,
+            _ = tick.tick() => {
+                let waits = d.window_waits();
+                if waits != d.r.window_waits {
+                    d.feed(Event::Windows(waits)).await?;
+                }
+                d.feed(Event::Tick).await?;
+            }
             Some(Err(e)) = d.tasks.join_next() => {
                 if e.is_panic() {
                     return Err(Error::Internal(format!("a rollout task panicked: {e}")));
@@ -201,6 +211,27 @@ struct Driver<F: Fleet> {
 }
 
 impl<F: Fleet> Driver<F> {
+    /// The rollout's regions whose deploy window is closed now, in region order.
+    fn window_waits(&self) -> Vec<WindowWait> {
+        let windows = &self.ctl.core.settings.windows;
+        if windows.is_empty() {
+            return vec![];
+        }
+        let now = jiff::Timestamp::now();
+        let env = self.r.spec.environment.as_str();
+        let regions: std::collections::BTreeSet<&str> =
+            self.r.agents.values().map(|a| a.region.as_str()).collect();
+        regions
+            .into_iter()
+            .filter_map(|region| match windows.state(env, region, now) {
+                WindowState::Closed { opens, at } => {
+                    Some(WindowWait { region: region.to_owned(), opens: opens.as_second(), at })
+                }
+                WindowState::Unrestricted | WindowState::Open { .. } => None,
+            })
+            .collect()
+    }
+
     /// Steps the machine through `event` and whatever its commands answer at once.
     async fn feed(&mut self, event: Event) -> Result<()> {
         let mut queue = VecDeque::from([event]);

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use serde_json::json;
 
-use super::{AgentStep, Control, LogEntry, Rollout, RolloutState, StopKind};
+use super::{AgentStep, Control, LogEntry, Rollout, RolloutState, StopKind, WindowWait};
 use stop::missing_agents;
 
 /// An order the machine sends to one agent.
@@ -68,6 +68,8 @@ pub enum Event {
     Control(Control),
     /// Time passed: dispatch whatever may be dispatched.
     Tick,
+    /// The regions of the rollout whose deploy window is closed now (all others may activate).
+    Windows(Vec<WindowWait>),
 }
 
 /// What the driver must do, in order.
@@ -213,7 +215,33 @@ impl Machine {
             Event::BakeFinished { bake } => self.baked(bake),
             Event::Control(c) => self.control(c),
             Event::Tick => self.advance(),
+            Event::Windows(waits) => self.windows(waits),
         }
+    }
+
+    /// Deploy windows changed: agents of regions whose window is closed are not activated until
+    /// it opens (what is in flight finishes; rollbacks never wait). Each region that starts
+    /// waiting is noted once.
+    fn windows(&mut self, mut waits: Vec<WindowWait>) {
+        waits.sort_by(|a, b| a.region.cmp(&b.region));
+        if waits == self.r.window_waits {
+            return;
+        }
+        let old = std::mem::replace(&mut self.r.window_waits, waits.clone());
+        for w in waits.iter().filter(|w| !old.iter().any(|o| o.region == w.region)) {
+            self.note(format!("{} waits for its deploy window (opens {})", w.region, w.at));
+        }
+        for o in old.iter().filter(|o| !waits.iter().any(|w| w.region == o.region)) {
+            self.note(format!("the {} deploy window is open", o.region));
+        }
+        self.changed(Durability::Now);
+        self.advance();
+    }
+
+    /// Whether `agent` may be activated now: its region's deploy window is not closed.
+    fn in_window(&self, agent: &str) -> bool {
+        let region = self.r.agents.get(agent).map(|p| p.region.as_str()).unwrap_or_default();
+        !self.r.window_waits.iter().any(|w| w.region == region)
     }
 
     /// Removes `agent`'s order in flight if it is of kind `kind`: an answer to anything else
@@ -315,19 +343,22 @@ impl Machine {
                 })
                 .cloned()
                 .collect();
-            if !open.is_empty() && self.r.run.announced != Some(w) {
+            // Agents whose region waits for its window stay open, not dispatched: the wave is
+            // not done until they have been activated too.
+            let ready: Vec<String> = open.iter().filter(|id| self.in_window(id)).cloned().collect();
+            if !ready.is_empty() && self.r.run.announced != Some(w) {
                 self.r.run.announced = Some(w);
                 self.note(format!(
                     "wave {} of {}: activating {} agent(s)",
                     w + 1,
                     self.r.waves.len(),
-                    open.len()
+                    ready.len()
                 ));
                 self.changed(Durability::Soon);
             }
             let free = (self.r.spec.max_parallel as usize).saturating_sub(self.r.run.activations_in_flight());
-            if free > 0 && !open.is_empty() {
-                let next: Vec<String> = open.into_iter().take(free).collect();
+            if free > 0 && !ready.is_empty() {
+                let next: Vec<String> = ready.into_iter().take(free).collect();
                 for id in &next {
                     self.r.run.inflight.insert(id.clone(), Pending::Probe);
                 }

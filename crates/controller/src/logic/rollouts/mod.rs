@@ -89,6 +89,16 @@ impl RolloutState {
     }
 }
 
+/// A region waiting for its deploy window to open.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WindowWait {
+    pub region: String,
+    /// When the window opens (Unix seconds).
+    pub opens: i64,
+    /// The opening as configured, `02:00 Europe/Berlin`.
+    pub at: String,
+}
+
 /// An approval (or the rejection) of a rollout.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Approval {
@@ -221,6 +231,9 @@ pub struct Rollout {
     /// Set when its environment requires approvals.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub approval: Option<ApprovalGate>,
+    /// Regions whose deploy window is closed now: their agents wait to be activated.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub window_waits: Vec<WindowWait>,
     /// Orders in flight and the bake in progress: the driver's run, never stored.
     #[serde(skip)]
     pub(crate) run: machine::Run,

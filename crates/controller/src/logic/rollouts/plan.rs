@@ -88,6 +88,7 @@ pub fn new_rollout(
         converging: vec![],
         stopping: None,
         approval: None,
+        window_waits: vec![],
         run: Default::default(),
     }
 }

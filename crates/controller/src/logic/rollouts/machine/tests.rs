@@ -496,3 +496,46 @@ fn a_superseded_rollout_ends_without_rolling_back() {
     assert!(rollbacks(&end).is_empty());
     assert_eq!(sim.last_event(), "superseded by a newer rollout");
 }
+
+fn closed(region: &str) -> WindowWait {
+    WindowWait { region: region.into(), opens: 9_999, at: "02:00 Europe/Berlin".into() }
+}
+
+#[test]
+fn a_region_whose_window_is_closed_waits_and_the_wave_waits_for_it() {
+    let mut s = Sim::new(
+        RolloutSpec { canary: 0, waves: vec![100], ..spec("1.1.0") },
+        &["eu-west/eu-0", "us-east/us-0"],
+    );
+    s.feed(Event::Windows(vec![closed("eu-west")]));
+    assert_eq!(s.r.window_waits, [closed("eu-west")]);
+    assert_eq!(s.last_event(), "eu-west waits for its deploy window (opens 02:00 Europe/Berlin)");
+    s.start();
+    assert_eq!(s.activating(), ["us-0"], "only the open region is activated");
+    s.activate_all();
+    assert_eq!(s.r.state, RolloutState::Running, "the wave waits for the closed region");
+    assert_eq!(s.step_of("eu-0"), AgentStep::Staged);
+    // Ticks change nothing while the window stays closed; the same windows again are no change.
+    assert!(s.feed(Event::Tick).is_empty());
+    assert!(s.feed(Event::Windows(vec![closed("eu-west")])).is_empty());
+    s.feed(Event::Windows(vec![]));
+    assert!(s.r.events.iter().any(|e| e.message == "the eu-west deploy window is open"));
+    assert_eq!(s.activating(), ["eu-0"]);
+    s.activate_all();
+    assert_eq!(s.r.state, RolloutState::Completed);
+}
+
+#[test]
+fn rollbacks_never_wait_for_a_window() {
+    let mut s = Sim::new(
+        RolloutSpec { canary: 0, waves: vec![100], ..spec("1.1.0") },
+        &["eu-west/eu-0", "us-east/us-0"],
+    );
+    s.start();
+    assert_eq!(s.activating(), ["eu-0", "us-0"]);
+    s.reply("eu-0", Reply::Done);
+    // eu-west closes, then us-0 fails: the rollback of eu-0 goes out at once.
+    s.feed(Event::Windows(vec![closed("eu-west")]));
+    s.reply("us-0", Reply::NotDone("unhealthy".into()));
+    assert_eq!(s.out.get("eu-0"), Some(&Order::RollBack { to: Some("1.0.0".into()) }), "{:?}", s.out);
+}
