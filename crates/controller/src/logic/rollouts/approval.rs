@@ -279,7 +279,7 @@ mod tests {
         let r = ctl.decide("ro-2", "admin/b", Decision::Approve { note: Some("ok".into()) }).await.unwrap();
         assert_eq!(r.state, RolloutState::AwaitingApproval);
         assert_eq!(
-            waiting(&r, now()),
+            waiting(&r, t),
             ["waiting for 1 more approval(s) from admins other than admin/a (expires in 12h)"]
         );
         let e = ctl.decide("ro-2", "admin/b", Decision::Approve { note: None }).await.unwrap_err();
