@@ -426,3 +426,97 @@ tz = "UTC"
     assert_eq!(g.serving("eu-0"), None);
     g.shutdown().await;
 }
+
+/// Runs the real `convoy` binary as the first admin: exit code, stdout, stderr.
+async fn convoy(ctl: &LocalController, args: &[&str]) -> (i32, String, String) {
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_convoy"))
+        .arg("--config")
+        .arg(&ctl.config.path)
+        .args(args)
+        .kill_on_drop(true)
+        .output()
+        .await
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// The `convoy_orders_sent_total` counter from the controller's metrics.
+async fn orders_sent(ctl: &LocalController) -> u64 {
+    let url = format!("http://{}/metrics", ctl.http_addr);
+    let body = convoy_testkit::http_client().unwrap().get(&url, Duration::from_secs(10)).await.unwrap().body;
+    body.lines()
+        .find_map(|l| l.strip_prefix("convoy_orders_sent_total "))
+        .unwrap_or_else(|| panic!("no orders counter in {body}"))
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn hostile_governance_input_is_refused_specifically_and_moves_nothing() {
+    let mut g = Gov::new().await;
+    g.push("1.0.0").await;
+    let st = try_deploy(&mut g.dana, deploy("1.0.0", "staging", "")).await.unwrap();
+    g.wait_state(&st, pb::RolloutState::Completed).await;
+    let binary = g.tmp.path().join("binary-note");
+    std::fs::write(&binary, [0xff, 0xfe, 0x00, 0x41, 0xc3, 0x28, 0xff, 0xff, 0xff]).unwrap();
+    let escape = g.tmp.path().join("escape-note");
+    std::fs::write(&escape, "looks fine\u{1b}[2J\u{1b}[Hadmin/root approved").unwrap();
+    let long = "n".repeat(16 * 1024 + 1);
+    let (binary, escape) = (binary.to_str().unwrap().to_string(), escape.to_str().unwrap().to_string());
+    let rel = "shop-api@1.0.0";
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (vec!["deploy", rel, "--env", "../production"], "environment \"../production\" is invalid"),
+        (vec!["deploy", rel, "--env", "Production"], "environment \"Production\" is invalid"),
+        (vec!["deploy", rel, "--env", "staging\n--force"], "is invalid"),
+        (
+            vec!["deploy", rel, "--env", "staging", "--ticket", "javascript:alert(1)"],
+            "must be an http(s) URL",
+        ),
+        (vec!["deploy", rel, "--env", "staging", "--ticket", "https://x/a b"], "must be an http(s) URL"),
+        (vec!["deploy", rel, "--env", "staging", "--note", "ok\u{1b}[2J"], "no other control characters"),
+        (vec!["deploy", rel, "--env", "staging", "--note-file", &escape], "no other control characters"),
+        (vec!["deploy", rel, "--env", "staging", "--note-file", &binary], "is not UTF-8 text"),
+        (vec!["deploy", rel, "--env", "staging", "--note", &long], "the change note is 16385 bytes"),
+        (vec!["deploy", rel, "--env", "staging", "--at", "tomorrow"], "is not an RFC 3339 time"),
+        (
+            vec!["deploy", rel, "--env", "staging", "--at", "2099-01-01T00:00:00+01:00"],
+            "--at is more than 90 days ahead",
+        ),
+        (vec!["deploy", rel, "--skip-promotion"], "--reason"),
+        (vec!["rollout", "approve", &st, "--note", "fine\u{1b}]0;pwned\u{7}"], "without control characters"),
+        (vec!["token", "create", "--env", "prod/../staging"], "is invalid"),
+    ];
+    let before = g.ctl.controller.rollouts().rollouts(None).await.unwrap().len();
+    let sent = orders_sent(&g.ctl).await;
+    let refused_before = g.ctl.controller.audit().entries(None, None).await.unwrap().len();
+    for (args, words) in &cases {
+        let (code, out, err) = convoy(&g.ctl, args).await;
+        assert_eq!(code, 2, "a usage error exits 2: {args:?}: {out}{err}");
+        assert!(err.contains(words), "{args:?}: {err:?} does not say {words:?}");
+        assert!(!err.contains('\u{1b}'), "no escape sequence reaches the terminal: {err:?}");
+        assert!(out.is_empty(), "{args:?}: {out}");
+    }
+    assert_eq!(
+        g.ctl.controller.rollouts().rollouts(None).await.unwrap().len(),
+        before,
+        "no rollout was created"
+    );
+    assert_eq!(orders_sent(&g.ctl).await, sent, "no order was sent");
+    assert_eq!(g.serving("st-0").as_deref(), Some("1.0.0"));
+    for id in ["eu-0", "us-0", "dr-0"] {
+        assert_eq!(g.serving(id), None, "{id} was not touched");
+    }
+    // Refusals that reached the controller are in the audit log, with the admin as the actor.
+    let log = g.ctl.controller.audit().entries(None, None).await.unwrap();
+    let refusals = log[refused_before..]
+        .iter()
+        .filter(|e| e.actor == "admin/admin" && e.outcome.starts_with("refused"))
+        .count();
+    assert!(refusals >= 8, "{:?}", &log[refused_before..]);
+    g.shutdown().await;
+}

@@ -93,11 +93,10 @@ fn parse_at(s: &str) -> Result<i64, String> {
 fn read_note(note: Option<String>, file: Option<&PathBuf>) -> anyhow::Result<Option<String>> {
     use std::io::Read;
     let Some(path) = file else { return Ok(note) };
-    let f = std::fs::File::open(path).map_err(|e| anyhow::anyhow!("--note-file {}: {e}", path.display()))?;
+    let usage = |e: std::io::Error| super::Usage(format!("--note-file {}: {e}", path.display()));
+    let f = std::fs::File::open(path).map_err(usage)?;
     let mut bytes = Vec::new();
-    f.take(crate::logic::rollouts::spec::MAX_NOTE as u64)
-        .read_to_end(&mut bytes)
-        .map_err(|e| anyhow::anyhow!("--note-file {}: {e}", path.display()))?;
+    f.take(crate::logic::rollouts::spec::MAX_NOTE as u64).read_to_end(&mut bytes).map_err(usage)?;
     // A cut inside a character drops the partial character.
     let text = match String::from_utf8(bytes) {
         Ok(t) => t,
@@ -105,7 +104,7 @@ fn read_note(note: Option<String>, file: Option<&PathBuf>) -> anyhow::Result<Opt
             let valid = e.utf8_error().valid_up_to();
             let bytes = e.into_bytes();
             if bytes.len() - valid > 3 {
-                anyhow::bail!("--note-file {} is not UTF-8 text", path.display());
+                return Err(super::Usage(format!("--note-file {} is not UTF-8 text", path.display())).into());
             }
             String::from_utf8_lossy(&bytes[..valid]).into_owned()
         }

@@ -107,8 +107,18 @@ impl pb::admin_service_server::AdminService for AdminSvc {
         let admin = self.caller(&req, Action::CreateToken, "*").await?;
         let r = req.into_inner();
         let region = (!r.region.is_empty()).then_some(r.region);
-        let environment = Environment::parse_or_default(&r.environment).map_err(to_status)?;
         let target = region.clone().unwrap_or_else(|| "*".into());
+        let environment = match Environment::parse_or_default(&r.environment) {
+            Ok(env) => env,
+            Err(e) => {
+                let asked = serde_json::json!({"environment": r.environment});
+                self.0
+                    .audit()
+                    .refusal(&admin.to_string(), "token.create", &target, asked, &format!("refused: {e}"))
+                    .await;
+                return Err(to_status(e));
+            }
+        };
         let params = serde_json::json!({"ttl_secs": r.ttl_secs, "environment": environment});
         let token = NewToken {
             region,
@@ -307,7 +317,16 @@ impl pb::admin_service_server::AdminService for AdminSvc {
         }
         let r = req.into_inner();
         let app = r.app.clone();
-        let spec = deploy_spec(r).map_err(to_status)?;
+        // A request that does not parse is refused before anything runs, and audited as such.
+        let asked = serde_json::json!({"environment": r.environment, "start_at": r.start_at_unix, "ticket": r.ticket});
+        let spec = match deploy_spec(r) {
+            Ok(spec) => spec,
+            Err(e) => {
+                let why = format!("refused: {e}");
+                self.0.audit().refusal(&admin.to_string(), "deploy", &target, asked, &why).await;
+                return Err(to_status(e));
+            }
+        };
         let mut params = serde_json::to_value(&spec).unwrap_or_default();
         // The record leaves the default environment out; the audit log always names it.
         params["environment"] = spec.environment.to_string().into();
