@@ -75,7 +75,7 @@ async fn run(n: usize) {
     }
     let _ = last_waves;
     let (results, total) =
-        c.rollouts().rollback("site", &Target::All, None, None, "bench", "admin/bench").await.unwrap();
+        c.rollouts().rollback("site", &Target::All.into(), None, None, "bench", "admin/bench").await.unwrap();
     let mut per: Vec<Duration> = results
         .iter()
         .map(|(_, r, d)| {

@@ -144,7 +144,14 @@ async fn rollback_fencing_idempotence_and_corrupted_releases() {
         .ctl
         .controller
         .rollouts()
-        .rollback("shop-api", &Target::Agents(vec!["a1".into()]), None, None, "bad numbers", "admin/test")
+        .rollback(
+            "shop-api",
+            &Target::Agents(vec!["a1".into()]).into(),
+            None,
+            None,
+            "bad numbers",
+            "admin/test",
+        )
         .await
         .unwrap();
     let o = results[0].1.as_ref().unwrap();

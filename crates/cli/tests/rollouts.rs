@@ -433,7 +433,7 @@ async fn freezes_block_deploys_not_rollbacks_and_one_rollout_per_app() {
         .rollouts()
         .rollback(
             "shop-api",
-            &convoy_controller::logic::Target::Region("eu-west".into()),
+            &convoy_controller::logic::Target::Region("eu-west".into()).into(),
             None,
             None,
             "x",

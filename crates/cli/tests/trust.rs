@@ -522,8 +522,11 @@ async fn a_controller_restored_from_a_backup_moves_past_the_agents_sequence() {
     assert!(!r.events.iter().any(|e| e.message.contains("stale")), "{:?}", r.events);
     assert_eq!(f.serving("a1").as_deref(), Some("1.1.0"));
     // And so does a rollback.
-    let (results, _) =
-        c.rollouts().rollback(APP, &Target::All, None, None, "after restore", "admin/test").await.unwrap();
+    let (results, _) = c
+        .rollouts()
+        .rollback(APP, &Target::All.into(), None, None, "after restore", "admin/test")
+        .await
+        .unwrap();
     let o = results[0].1.as_ref().unwrap();
     assert_eq!(o.answer, Answer::Applied, "{}", o.message);
     assert_eq!(status(o).current, "1.0.0");

@@ -218,11 +218,18 @@ pub struct HookRule {
     pub app_label: String,
     #[serde(default = "default_region_label")]
     pub region_label: String,
+    /// The label naming the environment the alert is about (production when absent).
+    #[serde(default = "default_environment_label")]
+    pub environment_label: String,
 }
 
 fn default_app_label() -> String {
     "app".into()
 }
+fn default_environment_label() -> String {
+    "environment".into()
+}
+
 fn default_region_label() -> String {
     "region".into()
 }

@@ -25,7 +25,7 @@ use sha2::{Digest, Sha256};
 
 use crate::config::HooksConfig;
 use crate::logic::alerts::{claim_outcome, Claim, Request, Unavailable};
-use crate::logic::AlertPolicy;
+use crate::logic::{AlertPolicy, Environment};
 use crate::time::now;
 
 /// How old a signed request may be.
@@ -46,6 +46,7 @@ struct Rule {
     action: String,
     app_label: String,
     region_label: String,
+    environment_label: String,
 }
 
 /// A hook rule that cannot be compiled: a `labels_regex` that is not a valid regex.
@@ -73,6 +74,7 @@ impl HookConfig {
                 action: r.action.clone(),
                 app_label: r.app_label.clone(),
                 region_label: r.region_label.clone(),
+                environment_label: r.environment_label.clone(),
             });
         }
         Ok(Self {
@@ -209,6 +211,16 @@ async fn alertmanager(State(st): State<AppState>, headers: HeaderMap, body: Byte
         } else {
             alert.fingerprint.clone()
         };
+        let environment = match alert.labels.get(&rule.environment_label) {
+            None => Environment::default(),
+            Some(e) => match Environment::parse(e) {
+                Ok(e) => e,
+                Err(e) => {
+                    skipped.push(json!({"alert": name, "outcome": e.to_string()}));
+                    continue;
+                }
+            },
+        };
         let key = format!("am:{fingerprint}:{}:{}", alert.starts_at, rule.action);
         requests.push((
             key,
@@ -217,6 +229,7 @@ async fn alertmanager(State(st): State<AppState>, headers: HeaderMap, body: Byte
                 action: rule.action.clone(),
                 app,
                 region: alert.labels.get(&rule.region_label).cloned(),
+                environment,
                 reason: format!("alert {name}"),
             },
         ));
@@ -273,6 +286,9 @@ struct GenericBody {
     app: String,
     #[serde(default)]
     region: Option<String>,
+    /// Production when left out.
+    #[serde(default)]
+    environment: Option<String>,
     reason: String,
 }
 
@@ -324,9 +340,13 @@ async fn generic(State(st): State<AppState>, headers: HeaderMap, body: Bytes) ->
                 ctl,
                 "rollback",
                 StatusCode::BAD_REQUEST,
-                format!("body must be {{\"app\", \"region\", \"reason\"}}: {e}"),
+                format!("body must be {{\"app\", \"region\", \"environment\", \"reason\"}}: {e}"),
             )
         }
+    };
+    let environment = match b.environment.as_deref().map(Environment::parse).transpose() {
+        Ok(e) => e.unwrap_or_default(),
+        Err(e) => return error(ctl, "rollback", StatusCode::BAD_REQUEST, e.to_string()),
     };
     let known = match ctl.knows_app(&b.app).await {
         Ok(k) => k,
@@ -357,6 +377,7 @@ async fn generic(State(st): State<AppState>, headers: HeaderMap, body: Bytes) ->
         action: "rollback".into(),
         app: b.app,
         region: b.region,
+        environment,
         reason: b.reason,
     };
     let outcome = match ctl.act(&r).await {

@@ -107,6 +107,7 @@ pub fn init(opts: &InitOptions) -> Result<PathBuf, Error> {
                     action: action.to_string(),
                     app_label: "app".into(),
                     region_label: "region".into(),
+                    environment_label: "environment".into(),
                 })
                 .collect(),
         },

@@ -15,6 +15,9 @@ pub struct Args {
     /// Every agent in this region.
     #[arg(long)]
     region: Option<String>,
+    /// Only agents of this environment (every environment the target covers when left out).
+    #[arg(long = "env", value_name = "NAME")]
+    environment: Option<String>,
     /// Every agent.
     #[arg(long)]
     all: bool,
@@ -64,6 +67,7 @@ pub async fn run(config: &super::Globals, a: Args) -> anyhow::Result<()> {
             app: a.app.clone(),
             agent_ids: a.agents,
             region: a.region.unwrap_or_default(),
+            environment: a.environment.unwrap_or_default(),
             all: a.all,
             to_version: a.to.unwrap_or_default(),
             from_version: a.from.unwrap_or_default(),

@@ -260,12 +260,24 @@ impl pb::admin_service_server::AdminService for AdminSvc {
         };
         let to = (!r.to_version.is_empty()).then_some(r.to_version);
         let from = (!r.from_version.is_empty()).then_some(r.from_version);
-        let params = serde_json::json!({"app": r.app, "target": format!("{target:?}"), "from": from, "to": to, "reason": r.reason});
+        let params = serde_json::json!({"app": r.app, "target": format!("{target:?}"), "environment": r.environment, "from": from, "to": to, "reason": r.reason});
+        let environment =
+            match (!r.environment.is_empty()).then(|| Environment::parse(&r.environment)).transpose() {
+                Ok(env) => env,
+                Err(e) => {
+                    self.0
+                        .audit()
+                        .refusal(&admin.to_string(), "rollback", &r.app, params, &format!("refused: {e}"))
+                        .await;
+                    return Err(to_status(e));
+                }
+            };
+        let scope = logic::Scope { target, environment };
         let by = admin.to_string();
         let run = self
             .0
             .rollouts()
-            .rollback(&r.app, &target, from.clone(), to.clone(), &r.reason, &by)
+            .rollback(&r.app, &scope, from.clone(), to.clone(), &r.reason, &by)
             .instrument(tracing::info_span!("rollback", %admin, app = %r.app));
         let result = self
             .audited_with(&admin, "rollback", &r.app, params, run, |(results, _)| {

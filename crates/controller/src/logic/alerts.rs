@@ -13,7 +13,7 @@ use std::time::Duration;
 use crate::logic::core::{blocking_method, Core};
 use crate::logic::roles::{Action, Principal};
 use crate::logic::rollouts::{Control, Rollout, RolloutState};
-use crate::logic::{Audit, OrderOutcome, Registry, Releases, Rollouts, Target};
+use crate::logic::{Audit, Environment, OrderOutcome, Registry, Releases, Rollouts, Scope, Target};
 use crate::store::Tree;
 use crate::time::now;
 
@@ -23,6 +23,8 @@ pub(crate) struct Request {
     pub action: String,
     pub app: String,
     pub region: Option<String>,
+    /// The environment the alert is about (production when the alert does not say).
+    pub environment: Environment,
     pub reason: String,
 }
 
@@ -103,12 +105,12 @@ impl AlertPolicy {
         &self,
         actor: &str,
         app: &str,
-        target: &Target,
+        scope: &Scope,
         from: Option<String>,
         reason: &str,
     ) -> crate::logic::Result<(Vec<(String, crate::logic::Result<OrderOutcome>, Duration)>, Duration)> {
         Principal::Hook.authorize(actor, Action::Rollback)?;
-        self.rollouts.rollback(app, target, from, None, reason, actor).await
+        self.rollouts.rollback(app, scope, from, None, reason, actor).await
     }
 
     /// Records `key` (a delivery, a signature, an incident) as acted on, atomically and
@@ -138,7 +140,8 @@ impl AlertPolicy {
     pub(crate) async fn act(&self, r: &Request) -> Result<String, Unavailable> {
         let target = r.region.clone().unwrap_or_else(|| "*".into());
         let audit_target = format!("{}/{target}", r.app);
-        let params = json!({"app": r.app, "region": r.region, "reason": r.reason});
+        let params =
+            json!({"app": r.app, "region": r.region, "environment": r.environment, "reason": r.reason});
         let intent = self
             .audit
             .intent(&r.actor, &r.action, &audit_target, params.clone())
@@ -168,6 +171,9 @@ impl AlertPolicy {
                 return Err(Unavailable(format!("cannot read rollouts: {e}")));
             }
         };
+        // Only the alert's environment: an alert about production never touches staging.
+        let rollouts: Vec<Rollout> =
+            rollouts.into_iter().filter(|ro| ro.spec.environment == r.environment).collect();
         let active = rollouts.iter().find(|x| !x.state.is_final());
         let outcome = match (active, r.action.as_str()) {
             (Some(ro), "rollback") => match self.abort(&r.actor, &ro.id).await {
@@ -197,19 +203,25 @@ impl AlertPolicy {
                 let from = match completed {
                     Some(ro) => ro.spec.version.clone(),
                     None => self
-                        .running_version(&r.app, r.region.as_deref())
+                        .running_version(&r.app, r.region.as_deref(), &r.environment)
                         .await
                         .map_err(|e| Unavailable(format!("cannot read agents: {e}")))?,
                 };
                 if from.is_empty() {
                     return Ok(format!("no agent runs {}: nothing to roll back", r.app));
                 }
-                let once = format!("rb:{}:{target}:{from}", r.app);
+                // Production keeps the key format from before environments.
+                let once = if r.environment.is_default() {
+                    format!("rb:{}:{target}:{from}", r.app)
+                } else {
+                    format!("rb:{}@{}:{target}:{from}", r.app, r.environment)
+                };
                 if claim_outcome(self.claim(&once).await)? == Claim::Already {
                     return Ok(format!("already rolled back from {}@{from} in {target}", r.app));
                 }
-                let t = r.region.clone().map(Target::Region).unwrap_or(Target::All);
-                match self.rollback(&r.actor, &r.app, &t, Some(from.clone()), &r.reason).await {
+                let target = r.region.clone().map(Target::Region).unwrap_or(Target::All);
+                let scope = Scope { target, environment: Some(r.environment.clone()) };
+                match self.rollback(&r.actor, &r.app, &scope, Some(from.clone()), &r.reason).await {
                     Ok((results, took)) => {
                         let count = |f: fn(&crate::logic::Answer) -> bool| {
                             results
@@ -253,11 +265,16 @@ impl AlertPolicy {
         Ok(!releases.is_empty())
     }
 
-    /// The release most targeted agents run now (what a rollback would leave).
-    async fn running_version(&self, app: &str, region: Option<&str>) -> crate::logic::Result<String> {
+    /// The release most targeted agents of `env` run now (what a rollback would leave).
+    async fn running_version(
+        &self,
+        app: &str,
+        region: Option<&str>,
+        env: &Environment,
+    ) -> crate::logic::Result<String> {
         let agents = self.registry.list_agents(region.map(String::from)).await?;
         let mut counts: BTreeMap<String, usize> = BTreeMap::new();
-        for a in agents {
+        for a in agents.iter().filter(|a| a.record.environment == *env) {
             if let Some(s) = a.record.apps.iter().find(|s| s.app == app) {
                 *counts.entry(s.current.clone()).or_default() += 1;
             }

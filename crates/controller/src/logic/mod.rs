@@ -135,7 +135,7 @@ pub mod rollouts;
 pub use alerts::AlertPolicy;
 pub use audit::Audit;
 pub use environment::Environment;
-pub use orders::{Answer, Order, OrderKind, OrderOutcome, Orders, ResultReceipt, Target};
+pub use orders::{Answer, Order, OrderKind, OrderOutcome, Orders, ResultReceipt, Scope, Target};
 pub use registry::{admins, AgentView, Enrolled, Registry, SessionHandle, SessionTx};
 pub use releases::{BlobChunk, Releases, Upload, UploadError, BUNDLE_CHUNK};
 pub use rollouts::Rollouts;

@@ -121,6 +121,20 @@ pub enum Target {
     All,
 }
 
+/// Which agents an admin action targets, within one environment or across all of them.
+#[derive(Clone, Debug)]
+pub struct Scope {
+    pub target: Target,
+    /// `None`: every environment the target covers.
+    pub environment: Option<super::Environment>,
+}
+
+impl From<Target> for Scope {
+    fn from(target: Target) -> Self {
+        Self { target, environment: None }
+    }
+}
+
 /// Sequence numbers are reserved in blocks, durably, so numbering never goes backwards across a
 /// controller restart without a flush per order.
 const SEQ_BLOCK: u64 = 1024;
@@ -317,13 +331,17 @@ impl Orders {
     }
 
     /// Agents an admin action targets.
-    pub async fn resolve_targets(&self, target: &Target) -> Result<Vec<String>> {
-        let all = self.registry.list_agents(None).await?;
-        let ids: Vec<String> = match target {
-            Target::All => all.into_iter().filter(|a| !a.record.revoked).map(|a| a.record.id).collect(),
+    pub async fn resolve_targets(&self, scope: &Scope) -> Result<Vec<String>> {
+        let in_env =
+            |a: &super::AgentView| scope.environment.as_ref().is_none_or(|e| a.record.environment == *e);
+        let all: Vec<_> = self.registry.list_agents(None).await?;
+        let ids: Vec<String> = match &scope.target {
+            Target::All => {
+                all.into_iter().filter(|a| !a.record.revoked && in_env(a)).map(|a| a.record.id).collect()
+            }
             Target::Region(r) => all
                 .into_iter()
-                .filter(|a| !a.record.revoked && &a.record.region == r)
+                .filter(|a| !a.record.revoked && &a.record.region == r && in_env(a))
                 .map(|a| a.record.id)
                 .collect(),
             Target::Agents(ids) => {
@@ -331,6 +349,13 @@ impl Orders {
                     match all.iter().find(|a| &a.record.id == id) {
                         None => return Err(Error::UnknownAgent(id.clone())),
                         Some(a) if a.record.revoked => return Err(Error::Revoked(format!("agent {id:?}"))),
+                        Some(a) if !in_env(a) => {
+                            return Err(Error::InvalidArgument(format!(
+                                "agent {id:?} is in environment {}, not {}",
+                                a.record.environment,
+                                scope.environment.as_ref().map(|e| e.as_str()).unwrap_or_default()
+                            )))
+                        }
                         Some(_) => {}
                     }
                 }

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use super::promotion::{self, RollbackMark};
 use super::Rollouts;
-use crate::logic::{Answer, Environment, Error, OrderKind, OrderOutcome, Result, Target};
+use crate::logic::{Answer, Environment, Error, OrderKind, OrderOutcome, Result, Scope};
 use crate::store::Tree;
 
 /// A name or version in an admin request that is not valid, worded as the request's `field`
@@ -37,7 +37,7 @@ impl Rollouts {
     pub async fn rollback(
         &self,
         app: &str,
-        target: &Target,
+        scope: &Scope,
         from: Option<String>,
         to: Option<String>,
         reason: &str,
@@ -53,7 +53,7 @@ impl Rollouts {
         if let Some(v) = &to {
             convoy_bundle::check_version(v).map_err(|e| invalid("to_version", e))?;
         }
-        let ids = self.orders.resolve_targets(target).await?;
+        let ids = self.orders.resolve_targets(scope).await?;
         if ids.is_empty() {
             return Err(Error::InvalidArgument("no agent matches the target".into()));
         }
@@ -148,7 +148,7 @@ impl Rollouts {
             })
             .await?;
         }
-        self.record_desired(app, running, &format!("rollback by {by}"), target, targeted).await?;
+        self.record_desired(app, running, &format!("rollback by {by}"), &scope.target, targeted).await?;
         Ok((out, elapsed))
     }
 }
