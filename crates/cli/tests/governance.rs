@@ -520,3 +520,67 @@ async fn hostile_governance_input_is_refused_specifically_and_moves_nothing() {
     assert!(refusals >= 8, "{:?}", &log[refused_before..]);
     g.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn promotion_evidence_cannot_be_faked_and_an_approved_rollout_is_checked_again_at_its_start() {
+    let mut g = Gov::new().await;
+    for v in ["1.0.0", "1.1.0"] {
+        g.push(v).await;
+    }
+    // A staging rollout of a slice of the environment proves nothing.
+    let slice = pb::DeployRequest { regions: vec!["eu-west".into()], ..deploy("1.0.0", "staging", "") };
+    let st = try_deploy(&mut g.dana, slice).await.unwrap();
+    g.wait_state(&st, pb::RolloutState::Completed).await;
+    refused(
+        try_deploy(&mut g.dana, deploy("1.0.0", "production", "n")).await,
+        Code::FailedPrecondition,
+        "has not completed in staging",
+    );
+    // The whole environment does.
+    let st = try_deploy(&mut g.dana, pb::DeployRequest { supersede: true, ..deploy("1.0.0", "staging", "") })
+        .await;
+    let st = st.unwrap();
+    g.wait_state(&st, pb::RolloutState::Completed).await;
+
+    // Approved while a freeze covers production: it does not start until the freeze ends.
+    let prod = try_deploy(&mut g.dana, deploy("1.0.0", "production", "n")).await.unwrap();
+    let t = convoy_controller::logic::now();
+    g.root
+        .freeze(pb::FreezeRequest {
+            action: "add".into(),
+            from_unix: t - 60,
+            to_unix: t + 3600,
+            reason: "flash sale".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    g.alex.control_rollout(control(&prod, "approve", "", "")).await.unwrap();
+    let held = eventually(WAIT, "the start is held by the freeze", || async {
+        let r = g.rollout(&prod).await;
+        r.events.iter().any(|e| e.message.starts_with("start held: deploys are frozen")).then_some(r)
+    })
+    .await;
+    assert_eq!(held.state, pb::RolloutState::Scheduled as i32);
+    assert_eq!(g.serving("eu-0"), None, "nothing moved during the freeze");
+    g.dana.control_rollout(control(&prod, "abort", "", "")).await.unwrap();
+    assert_eq!(g.wait_state(&prod, pb::RolloutState::Aborted).await.state, pb::RolloutState::Aborted as i32);
+
+    // A rollback never moves agents forward.
+    let resp = g
+        .dana
+        .rollback(pb::RollbackRequest {
+            app: "shop-api".into(),
+            agent_ids: vec!["st-0".into()],
+            to_version: "1.1.0".into(),
+            reason: "forward".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let outcome = &resp.outcomes[0];
+    assert!(outcome.message.contains("is not older than 1.0.0"), "{outcome:?}");
+    assert_eq!(g.serving("st-0").as_deref(), Some("1.0.0"));
+    g.shutdown().await;
+}

@@ -74,17 +74,15 @@ impl Rollouts {
                 let note = note.map(|n| format!(": {n}")).unwrap_or_default();
                 r.event(format!("approved by {by} ({valid} of {required}){note}"));
                 if valid >= required {
-                    let starts = r.spec.start_at.filter(|at| *at > t);
-                    r.state = match starts {
+                    // Its driver starts it (at its start time), after checking again what the
+                    // deploy checked: freezes, the bad mark, the promotion rule, the approvals.
+                    match r.spec.start_at.filter(|at| *at > t) {
                         Some(at) => {
-                            r.event(format!("approved; scheduled to start at {}", crate::cli_time(at)));
-                            RolloutState::Scheduled
+                            r.event(format!("approved; scheduled to start at {}", crate::cli_time(at)))
                         }
-                        None => {
-                            r.event("approved; starting");
-                            RolloutState::Staging
-                        }
-                    };
+                        None => r.event("approved; starting"),
+                    }
+                    r.state = RolloutState::Scheduled;
                 }
             }
         }

@@ -11,6 +11,9 @@ use super::{
 use crate::logic::{now, Environment, Error, Result};
 use crate::store::{AgentRecord, ReleaseRecord, Tree};
 
+/// Agent ids per environment.
+type Agents = BTreeMap<Environment, Vec<String>>;
+
 impl Rollouts {
     /// Starts a rollout. Checks everything first (spec, release exists and is not bad, agents
     /// of the environment to target, no downgrade unless asked, no other active rollout of the
@@ -52,10 +55,7 @@ impl Rollouts {
         promotion::note_required(&rule, &spec.environment, spec.note.is_some())
             .map_err(DeployRefusal::from)?;
         if spec.skip_promotion.is_none() {
-            let (rollbacks, unhealthy) = self.promotion_evidence(&spec, &rule.requires, &agents).await?;
-            let evidence = Evidence { rollouts: &history, rollbacks: &rollbacks, unhealthy: &unhealthy };
-            promotion::check(&rule, &spec.app, &spec.version, &spec.environment, &evidence, t)
-                .map_err(DeployRefusal::from)?;
+            self.promotion_holds(&spec, &history, &agents, t).await?;
         }
         let starts = spec.start_at.unwrap_or(t).max(t);
         let (app, regions) = (spec.app.clone(), plan::regions(&targets));
@@ -118,6 +118,19 @@ impl Rollouts {
         Ok(r.id)
     }
 
+    /// The checks a waiting rollout passes again when it starts: its release is not marked
+    /// bad (unless forced) and its environment's promotion rule holds (unless skipped).
+    pub(super) async fn start_checks(&self, r: &Rollout) -> Result<()> {
+        self.deployable_release(&r.spec).await?;
+        if r.spec.skip_promotion.is_none() {
+            let history = self.rollouts(Some(r.spec.app.clone())).await?;
+            let agents: Vec<_> =
+                self.registry.list_agents(None).await?.into_iter().map(|a| a.record).collect();
+            self.promotion_holds(&r.spec, &history, &agents, now()).await?;
+        }
+        Ok(())
+    }
+
     /// The release a spec names, refused when unknown or (without `force`) marked bad.
     async fn deployable_release(&self, spec: &RolloutSpec) -> Result<ReleaseRecord> {
         let (app, version) = (spec.app.clone(), spec.version.clone());
@@ -142,21 +155,50 @@ impl Rollouts {
         Ok(release)
     }
 
+    /// Judges `spec` against its environment's promotion rule now: the app's rollouts
+    /// (`history`), the agents as they report, the rollback marks and the bad mark.
+    pub(super) async fn promotion_holds(
+        &self,
+        spec: &RolloutSpec,
+        history: &[Rollout],
+        agents: &[AgentRecord],
+        t: i64,
+    ) -> Result<()> {
+        let rule = self.core.settings.promotion.rule(&spec.environment);
+        if rule.requires.is_empty() {
+            return Ok(());
+        }
+        let (rollbacks, unhealthy, not_running) =
+            self.promotion_evidence(spec, &rule.requires, agents).await?;
+        let key = format!("{}@{}", spec.app, spec.version);
+        let bad: Option<BadRelease> =
+            self.blocking(move |c| Ok(c.core.store.get(Tree::BadReleases, &key)?)).await?;
+        let evidence = Evidence {
+            rollouts: history,
+            rollbacks: &rollbacks,
+            unhealthy: &unhealthy,
+            not_running: &not_running,
+            marked_bad: bad.as_ref().map(|b| b.reason.as_str()),
+        };
+        promotion::check(&rule, &spec.app, &spec.version, &spec.environment, &evidence, t)
+            .map_err(|r| DeployRefusal::from(r).into())
+    }
+
     /// What the promotion rule judges in each required environment: the rollbacks recorded
-    /// away from the release there, and its agents there that report it unhealthy now.
+    /// away from the release there, its agents there that report it unhealthy now, and those
+    /// that have the app but run another release.
     async fn promotion_evidence(
         &self,
         spec: &RolloutSpec,
         required: &[Environment],
         agents: &[AgentRecord],
-    ) -> Result<(BTreeMap<Environment, Vec<RollbackMark>>, BTreeMap<Environment, Vec<String>>)> {
-        let mut unhealthy: BTreeMap<Environment, Vec<String>> = BTreeMap::new();
+    ) -> Result<(BTreeMap<Environment, Vec<RollbackMark>>, Agents, Agents)> {
+        let (mut unhealthy, mut not_running) = (Agents::new(), Agents::new());
         for a in agents.iter().filter(|a| !a.revoked && required.contains(&a.environment)) {
-            let sick = a
-                .apps
-                .iter()
-                .any(|s| s.app == spec.app && s.current == spec.version && s.health == "unhealthy");
-            if sick {
+            let Some(s) = a.apps.iter().find(|s| s.app == spec.app) else { continue };
+            if s.current != spec.version {
+                not_running.entry(a.environment.clone()).or_default().push(a.id.clone());
+            } else if s.health == "unhealthy" {
                 unhealthy.entry(a.environment.clone()).or_default().push(a.id.clone());
             }
         }
@@ -175,7 +217,7 @@ impl Rollouts {
                 Ok(out)
             })
             .await?;
-        Ok((rollbacks, unhealthy))
+        Ok((rollbacks, unhealthy, not_running))
     }
 }
 

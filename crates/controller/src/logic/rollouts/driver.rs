@@ -190,8 +190,27 @@ async fn wait_for_start(ctl: &Rollouts, r: &mut Rollout, controls: &mut ControlR
             }
         }
     }
+    // What held at the deploy must still hold now: the approvals, the release not marked bad,
+    // the promotion rule.
+    let t = now();
+    if r.approval.as_ref().is_some_and(|g| g.valid(t) < g.required as usize) {
+        r.state = RolloutState::Expired;
+        r.finished_at = Some(t);
+        r.failure = Some("its approvals expired before its start".into());
+        r.event("its approvals expired before its start: nothing moved");
+        ctl.save(r).await?;
+        return Ok(false);
+    }
+    if let Err(e) = ctl.start_checks(r).await {
+        r.state = RolloutState::Aborted;
+        r.finished_at = Some(t);
+        r.failure = Some(format!("did not start: {e}"));
+        r.event(format!("did not start: {e}; nothing moved"));
+        ctl.save(r).await?;
+        return Ok(false);
+    }
     r.state = RolloutState::Staging;
-    r.event("start time reached: starting");
+    r.event("starting");
     ctl.save(r).await?;
     ctl.core.notify("rollout_started", super::deploy::created_event(r));
     Ok(true)

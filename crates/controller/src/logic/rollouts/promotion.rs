@@ -162,6 +162,10 @@ pub struct Evidence<'a> {
     pub rollbacks: &'a BTreeMap<Environment, Vec<RollbackMark>>,
     /// Agents per environment that report the release unhealthy now.
     pub unhealthy: &'a BTreeMap<Environment, Vec<String>>,
+    /// Agents per environment that have the app but no longer run the release.
+    pub not_running: &'a BTreeMap<Environment, Vec<String>>,
+    /// Why the release is marked bad, if it is.
+    pub marked_bad: Option<&'a str>,
 }
 
 /// Why a deploy breaks its environment's promotion rule.
@@ -179,12 +183,29 @@ pub enum Refusal {
     RolledBack { release: String, env: Environment, by: String, reason: String },
     #[error("{release} is unhealthy in {env} now (on {agents}), so it is not promoted")]
     Unhealthy { release: String, env: Environment, agents: String },
+    #[error("{release} no longer runs in {env} (not on {agents}), so it is not promoted")]
+    NotRunning { release: String, env: Environment, agents: String },
+    #[error("rollout {rollout} of {release} in {env} ended {state} after it completed there, so it is not promoted")]
+    LaterFailure { release: String, env: Environment, rollout: String, state: &'static str },
+    #[error("{release} is marked bad ({reason}), so it is not promoted")]
+    MarkedBad { release: String, reason: String },
     #[error("deploys to {env} need a change note (--note or --note-file)")]
     NoteRequired { env: Environment },
 }
 
 fn human(d: Duration) -> String {
     humantime::format_duration(Duration::from_secs(d.as_secs())).to_string()
+}
+
+/// Whether a completed rollout proves its release in its environment: it covered the whole
+/// environment and every agent it targeted took the release and stayed healthy.
+fn proves(r: &Rollout) -> bool {
+    r.spec.selector.is_empty()
+        && r.spec.regions.is_empty()
+        && r.converging.is_empty()
+        && r.stopping.is_none()
+        && !r.agents.is_empty()
+        && r.agents.values().all(|a| a.step == super::AgentStep::Healthy)
 }
 
 /// Refuses a deploy into `target` without a change note when its rule requires one (skipping
@@ -207,13 +228,23 @@ pub fn check(
     now: i64,
 ) -> Result<(), Refusal> {
     let release = format!("{app}@{version}");
+    if rule.requires.is_empty() {
+        return Ok(());
+    }
+    if let Some(reason) = evidence.marked_bad {
+        return Err(Refusal::MarkedBad { release, reason: reason.to_owned() });
+    }
     for env in &rule.requires {
-        // The latest completion there: a re-deploy after a rollback starts the soak again.
+        let of_release =
+            |r: &&Rollout| r.spec.app == app && r.spec.version == version && r.spec.environment == *env;
+        // The latest completion there that proves something: the whole environment (no
+        // selector, no regions), every targeted agent healthy, none left to converge. A
+        // re-deploy after a rollback starts the soak again.
         let completed = evidence
             .rollouts
             .iter()
-            .filter(|r| r.spec.app == app && r.spec.version == version && r.spec.environment == *env)
-            .filter(|r| r.state == RolloutState::Completed)
+            .filter(of_release)
+            .filter(|r| r.state == RolloutState::Completed && proves(r))
             .filter_map(|r| r.finished_at.map(|at| (at, r)))
             .max_by_key(|(at, _)| *at);
         let Some((done_at, rollout)) = completed else {
@@ -227,8 +258,19 @@ pub fn check(
                 reason: m.reason.clone(),
             });
         }
+        let later = evidence.rollouts.iter().filter(of_release).find(|r| {
+            matches!(r.state, RolloutState::RolledBack | RolloutState::Aborted)
+                && r.finished_at.is_some_and(|at| at >= done_at)
+        });
+        if let Some(r) = later {
+            let state = if r.state == RolloutState::RolledBack { "rolled back" } else { "aborted" };
+            return Err(Refusal::LaterFailure { release, env: env.clone(), rollout: r.id.clone(), state });
+        }
         if let Some(agents) = evidence.unhealthy.get(env).filter(|a| !a.is_empty()) {
             return Err(Refusal::Unhealthy { release, env: env.clone(), agents: agents.join(", ") });
+        }
+        if let Some(agents) = evidence.not_running.get(env).filter(|a| !a.is_empty()) {
+            return Err(Refusal::NotRunning { release, env: env.clone(), agents: agents.join(", ") });
         }
         let soaked = Duration::from_secs(now.saturating_sub(done_at).max(0) as u64);
         if soaked < rule.soak {
@@ -297,11 +339,38 @@ mod tests {
             plan::new_rollout(id.into(), spec, "d".into(), "admin/a", 0, &[("eu".into(), "a1".into())]);
         r.state = RolloutState::Completed;
         r.finished_at = Some(finished_at);
+        for a in r.agents.values_mut() {
+            a.step = crate::logic::rollouts::AgentStep::Healthy;
+        }
         r
     }
 
-    type Marks = BTreeMap<Environment, Vec<RollbackMark>>;
-    type Sick = BTreeMap<Environment, Vec<String>>;
+    type Agents = BTreeMap<Environment, Vec<String>>;
+
+    /// One case: what the evidence holds, and the refusal wanted (`None`: accepted).
+    struct Case {
+        rollouts: Vec<Rollout>,
+        marks: Vec<RollbackMark>,
+        unhealthy: Vec<&'static str>,
+        not_running: Vec<&'static str>,
+        bad: Option<&'static str>,
+        note: bool,
+        now: i64,
+        want: Option<&'static str>,
+    }
+
+    fn case(rollouts: Vec<Rollout>, now: i64, want: Option<&'static str>) -> Case {
+        Case {
+            rollouts,
+            marks: vec![],
+            unhealthy: vec![],
+            not_running: vec![],
+            bad: None,
+            note: true,
+            now,
+            want,
+        }
+    }
 
     #[test]
     fn a_deploy_is_judged_on_completion_soak_rollbacks_health_and_note() {
@@ -312,40 +381,90 @@ mod tests {
             ..Rule::default()
         };
         let prod = env("production");
-        let none: Marks = BTreeMap::new();
-        let well: Sick = BTreeMap::new();
-        let in_staging = [completed("ro-1", "1.4.2", "staging", 1000)];
-        let other_env = [completed("ro-1", "1.4.2", "qa", 1000)];
-        let other_version = [completed("ro-1", "1.4.1", "staging", 1000)];
-        let mut running = in_staging[0].clone();
-        running.state = RolloutState::Running;
-        let unfinished = [running];
-        let rolled_back: Marks =
-            [(env("staging"), vec![RollbackMark { at: 1200, by: "alert:x".into(), reason: "5xx".into() }])]
-                .into();
-        let rolled_back_before: Marks =
-            [(env("staging"), vec![RollbackMark { at: 900, by: "admin/a".into(), reason: "old".into() }])]
-                .into();
-        let sick: Sick = [(env("staging"), vec!["s1".to_string()])].into();
-        // (rollouts, rollback marks, unhealthy agents, has a note, now, the refusal wanted)
-        type Case<'a> = (&'a [Rollout], &'a Marks, &'a Sick, bool, i64, Option<&'a str>);
-        let cases: Vec<Case> = vec![
-            (&in_staging, &none, &well, true, 1000 + 1800, None),
-            (&in_staging, &none, &well, false, 1000 + 1800, Some("need a change note")),
-            (&[], &none, &well, true, 5000, Some("shop-api@1.4.2 has not completed in staging")),
-            (&other_env, &none, &well, true, 5000, Some("has not completed in staging")),
-            (&other_version, &none, &well, true, 5000, Some("has not completed in staging")),
-            (&unfinished, &none, &well, true, 5000, Some("has not completed in staging")),
-            (&in_staging, &none, &well, true, 1000 + 600, Some("has run in staging for 10m of the 30m")),
-            (&in_staging, &rolled_back, &well, true, 5000, Some("rolled back in staging by alert:x (5xx)")),
-            (&in_staging, &rolled_back_before, &well, true, 5000, None),
-            (&in_staging, &none, &sick, true, 5000, Some("unhealthy in staging now (on s1)")),
+        let done = || completed("ro-1", "1.4.2", "staging", 1000);
+        let mark = |at: i64| RollbackMark { at, by: "alert:x".into(), reason: "5xx".into() };
+        let with = |f: fn(&mut Rollout)| {
+            let mut r = done();
+            f(&mut r);
+            r
+        };
+        let later = |state: RolloutState| {
+            let mut r = completed("ro-2", "1.4.2", "staging", 1500);
+            r.state = state;
+            r
+        };
+        let cases = vec![
+            case(vec![done()], 1000 + 1800, None),
+            Case { note: false, ..case(vec![done()], 2800, Some("need a change note")) },
+            case(vec![], 5000, Some("shop-api@1.4.2 has not completed in staging")),
+            case(vec![completed("ro-1", "1.4.2", "qa", 1000)], 5000, Some("has not completed in staging")),
+            case(
+                vec![completed("ro-1", "1.4.1", "staging", 1000)],
+                5000,
+                Some("has not completed in staging"),
+            ),
+            case(vec![with(|r| r.state = RolloutState::Running)], 5000, Some("has not completed in staging")),
+            // Completions that prove nothing: a slice of the environment, a failed or offline
+            // agent, agents left to converge.
+            case(
+                vec![with(|r| {
+                    r.spec.selector.insert("canary".into(), "yes".into());
+                })],
+                5000,
+                Some("has not completed"),
+            ),
+            case(vec![with(|r| r.spec.regions = vec!["eu".into()])], 5000, Some("has not completed")),
+            case(
+                vec![with(|r| {
+                    for a in r.agents.values_mut() {
+                        a.step = crate::logic::rollouts::AgentStep::Failed;
+                    }
+                })],
+                5000,
+                Some("has not completed"),
+            ),
+            case(vec![with(|r| r.converging = vec!["a2".into()])], 5000, Some("has not completed")),
+            case(vec![done()], 1000 + 600, Some("has run in staging for 10m of the 30m")),
+            Case {
+                marks: vec![mark(1200)],
+                ..case(vec![done()], 5000, Some("rolled back in staging by alert:x (5xx)"))
+            },
+            Case { marks: vec![mark(900)], ..case(vec![done()], 5000, None) },
+            case(
+                vec![done(), later(RolloutState::RolledBack)],
+                5000,
+                Some("rollout ro-2 of shop-api@1.4.2 in staging ended rolled back"),
+            ),
+            case(vec![done(), later(RolloutState::Aborted)], 5000, Some("ended aborted")),
+            Case {
+                unhealthy: vec!["s1"],
+                ..case(vec![done()], 5000, Some("unhealthy in staging now (on s1)"))
+            },
+            Case {
+                not_running: vec!["s2"],
+                ..case(vec![done()], 5000, Some("no longer runs in staging (not on s2)"))
+            },
+            Case {
+                bad: Some("canary failed"),
+                ..case(vec![done()], 5000, Some("is marked bad (canary failed)"))
+            },
         ];
-        for (i, (rollouts, rollbacks, unhealthy, note, now, want)) in cases.into_iter().enumerate() {
-            let evidence = Evidence { rollouts, rollbacks, unhealthy };
-            let got = note_required(&rule, &prod, note)
-                .and_then(|()| check(&rule, "shop-api", "1.4.2", &prod, &evidence, now));
-            match (want, got) {
+        for (i, c) in cases.into_iter().enumerate() {
+            let staging = |list: Vec<&str>| -> Agents {
+                [(env("staging"), list.into_iter().map(String::from).collect())].into()
+            };
+            let rollbacks: BTreeMap<Environment, Vec<RollbackMark>> = [(env("staging"), c.marks)].into();
+            let (unhealthy, not_running) = (staging(c.unhealthy), staging(c.not_running));
+            let evidence = Evidence {
+                rollouts: &c.rollouts,
+                rollbacks: &rollbacks,
+                unhealthy: &unhealthy,
+                not_running: &not_running,
+                marked_bad: c.bad,
+            };
+            let got = note_required(&rule, &prod, c.note)
+                .and_then(|()| check(&rule, "shop-api", "1.4.2", &prod, &evidence, c.now));
+            match (c.want, got) {
                 (None, Ok(())) => {}
                 (Some(w), Err(e)) => assert!(e.to_string().contains(w), "case {i}: {e} (wanted {w})"),
                 (w, g) => panic!("case {i}: wanted {w:?}, got {g:?}"),

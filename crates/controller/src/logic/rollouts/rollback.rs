@@ -53,6 +53,15 @@ impl Rollouts {
         if let Some(v) = &to {
             convoy_bundle::check_version(v).map_err(|e| invalid("to_version", e))?;
         }
+        // A rollback goes back, never forward: `--to` names an older release that is not marked
+        // bad (moving agents forward is a rollout, with its waves, windows and approvals).
+        if let Some(v) = &to {
+            if self.is_marked_bad(app, v).await? {
+                return Err(Error::FailedPrecondition(format!(
+                    "{app}@{v} is marked bad: a rollback cannot go to it"
+                )));
+            }
+        }
         let ids = self.orders.resolve_targets(scope).await?;
         if ids.is_empty() {
             return Err(Error::InvalidArgument("no agent matches the target".into()));
@@ -85,6 +94,12 @@ impl Rollouts {
             tasks.spawn(async move {
                 let t = Instant::now();
                 let r = match from {
+                    Some(from) if to.as_deref().is_some_and(|to| !older(to, &from)) => {
+                        Err(Error::FailedPrecondition(format!(
+                            "a rollback goes back: {app}@{} is not older than {from}, which agent {id} runs",
+                            to.as_deref().unwrap_or_default()
+                        )))
+                    }
                     Some(from) => {
                         let kind = OrderKind::Rollback { app, from, to, reason };
                         this.orders.send_order(&id, kind, Duration::from_secs(120)).await
@@ -151,4 +166,9 @@ impl Rollouts {
         self.record_desired(app, running, &format!("rollback by {by}"), &scope.target, targeted).await?;
         Ok((out, elapsed))
     }
+}
+
+/// Whether version `a` is older than `b` (both valid versions, checked at the edge).
+fn older(a: &str, b: &str) -> bool {
+    matches!((semver::Version::parse(a), semver::Version::parse(b)), (Ok(a), Ok(b)) if a < b)
 }
