@@ -96,9 +96,15 @@ fn spec_message(e: &SpecError) -> String {
                 logic::rollouts::spec::MAX_NOTE
             )
         }
-        SpecError::NoteControl => "--note may hold newlines and tabs but no other control characters".into(),
+        SpecError::NoteControl => {
+            "--note may hold newlines and tabs but no other control or invisible characters".into()
+        }
         SpecError::Ticket(t) => format!("--ticket {t:?} must be an http(s) URL"),
         SpecError::SkipWithoutReason => "--skip-promotion needs a --reason".into(),
+        SpecError::Reason => format!(
+            "--reason is at most {} bytes on one line, without control characters",
+            logic::rollouts::spec::MAX_REASON
+        ),
         SpecError::StartTooLate => {
             format!("--at is more than {} days ahead", logic::rollouts::spec::MAX_SCHEDULE_DAYS)
         }

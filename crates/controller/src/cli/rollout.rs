@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use convoy_proto::v1 as pb;
 
+use super::agents::printable;
 use super::json::Rollout;
 use super::Output;
 
@@ -68,12 +69,12 @@ fn render(r: &Rollout) -> String {
     ));
     out.push_str(&format!("by {}", r.created_by));
     if let Some(t) = &r.spec.ticket {
-        out.push_str(&format!("  ticket {t}"));
+        out.push_str(&format!("  ticket {}", printable(t)));
     }
     out.push('\n');
     if let Some(note) = &r.spec.note {
         for line in note.lines() {
-            out.push_str(&format!("  | {line}\n"));
+            out.push_str(&format!("  | {}\n", printable(line)));
         }
     }
     if let Some(g) = &r.approval {
@@ -85,11 +86,15 @@ fn render(r: &Rollout) -> String {
             if who.is_empty() { String::new() } else { format!(" ({})", who.join(", ")) }
         ));
         if let Some(rej) = &g.rejected {
-            out.push_str(&format!("rejected by {}: {}\n", rej.by, rej.note.as_deref().unwrap_or("-")));
+            out.push_str(&format!(
+                "rejected by {}: {}\n",
+                rej.by,
+                printable(rej.note.as_deref().unwrap_or("-"))
+            ));
         }
     }
     for w in &r.waiting {
-        out.push_str(&format!("{w}\n"));
+        out.push_str(&format!("{}\n", printable(w)));
     }
     out.push_str(&format!(
         "agents: {} healthy, {} failed, {} rolled back, {} offline/pending, {} total\n",
@@ -100,7 +105,7 @@ fn render(r: &Rollout) -> String {
         r.agents.len()
     ));
     if let Some(f) = &r.failure {
-        out.push_str(&format!("failure: {f}\n"));
+        out.push_str(&format!("failure: {}\n", printable(f)));
     }
     if !r.converging.is_empty() {
         out.push_str(&format!(
@@ -110,7 +115,7 @@ fn render(r: &Rollout) -> String {
         ));
     }
     if let Some(last) = r.events.last() {
-        out.push_str(&format!("last event: {}\n", last.message));
+        out.push_str(&format!("last event: {}\n", printable(&last.message)));
     }
     for (i, ids) in r.waves.iter().enumerate() {
         let done = ids.iter().filter(|id| r.agents.get(*id).is_some_and(|a| a.step == "healthy")).count();
@@ -119,7 +124,9 @@ fn render(r: &Rollout) -> String {
         out.push_str(&format!("{marker} wave {:>2} [{bar:<20}] {done}/{}\n", i + 1, ids.len()));
         for id in ids {
             let (region, step, err) = match r.agents.get(id) {
-                Some(a) => (a.region.as_str(), a.step, a.error.as_deref().map(|e| format!("  {e}"))),
+                Some(a) => {
+                    (a.region.as_str(), a.step, a.error.as_deref().map(|e| format!("  {}", printable(e))))
+                }
                 None => ("?", "?", None),
             };
             let err = err.unwrap_or_default();
@@ -166,7 +173,7 @@ pub async fn run(config: &super::Globals, cmd: Command) -> anyhow::Result<()> {
                             if output == Output::Json {
                                 println!("{}", serde_json::to_string(e)?);
                             } else {
-                                println!("{} {}", crate::cli::fmt_time(e.at), e.message);
+                                println!("{} {}", crate::cli::fmt_time(e.at), printable(&e.message));
                             }
                         }
                         seen = r.events.len();

@@ -339,9 +339,7 @@ impl pb::admin_service_server::AdminService for AdminSvc {
                 return Err(to_status(e));
             }
         };
-        let mut params = serde_json::to_value(&spec).unwrap_or_default();
-        // The record leaves the default environment out; the audit log always names it.
-        params["environment"] = spec.environment.to_string().into();
+        let params = deploy_params(&spec);
         let by = admin.to_string();
         let run = self.0.rollouts().deploy(spec, &by).instrument(tracing::info_span!("deploy", %admin, %app));
         let result = self.audited(&admin, "deploy", &target, params, run).await?;
@@ -398,7 +396,8 @@ impl pb::admin_service_server::AdminService for AdminSvc {
                 Act::Control(cmd) => rollouts.control(&r.id, cmd).await,
                 Act::Approve => {
                     let note = (!r.note.is_empty()).then(|| r.note.clone());
-                    rollouts.decide(&r.id, &by, Decision::Approve { note }).await.map(drop)
+                    let serial = admin.serial.clone();
+                    rollouts.decide(&r.id, &by, Decision::Approve { note, serial }).await.map(drop)
                 }
                 Act::Reject => {
                     rollouts.decide(&r.id, &by, Decision::Reject { reason: r.reason.clone() }).await.map(drop)
@@ -608,4 +607,26 @@ impl pb::admin_service_server::AdminService for AdminSvc {
         let was_online = result.map_err(to_status)?;
         Ok(Response::new(pb::RevokeAgentResponse { was_online }))
     }
+}
+
+/// What a deploy's audit entry records: the whole spec, with the environment always named and
+/// the change note cut to its first KiB plus its length and SHA-256, so the entry stays under the
+/// audit log's size cap and keeps every governance field (environment, reasons, flags, ticket).
+fn deploy_params(spec: &logic::rollouts::RolloutSpec) -> serde_json::Value {
+    use sha2::Digest;
+    let mut params = serde_json::to_value(spec).unwrap_or_default();
+    params["environment"] = spec.environment.to_string().into();
+    if let Some(note) = &spec.note {
+        let cut: String = note
+            .chars()
+            .scan(0, |n, c| {
+                *n += c.len_utf8();
+                (*n <= 1024).then_some(c)
+            })
+            .collect();
+        params["note"] = cut.into();
+        params["note_bytes"] = note.len().into();
+        params["note_sha256"] = hex::encode(sha2::Sha256::digest(note.as_bytes())).into();
+    }
+    params
 }

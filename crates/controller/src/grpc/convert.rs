@@ -493,7 +493,8 @@ pub(super) fn deploy_spec(r: pb::DeployRequest) -> Result<RolloutSpec, logic::Er
     spec.override_freeze = r.override_freeze.then_some(r.reason);
     spec.require_all = r.require_all;
     spec.environment = logic::Environment::parse_or_default(&r.environment)?;
-    spec.note = (!r.note.is_empty()).then_some(r.note);
+    // A note of blanks is no note.
+    spec.note = (!r.note.trim().is_empty()).then_some(r.note);
     spec.ticket = (!r.ticket.is_empty()).then_some(r.ticket);
     spec.start_at = (r.start_at_unix != 0).then_some(r.start_at_unix);
     spec.skip_promotion = r.skip_promotion.then_some(r.skip_reason);

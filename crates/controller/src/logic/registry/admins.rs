@@ -338,6 +338,12 @@ impl Registry {
         .await
     }
 
+    /// One admin's record (`name` without the `admin/` prefix), if recorded.
+    pub async fn admin(&self, name: &str) -> Result<Option<AdminRecord>> {
+        let name = name.to_owned();
+        self.blocking(move |c| Ok(c.core.store.get::<AdminRecord>(Tree::Admins, &name)?)).await
+    }
+
     /// Every admin, in name order.
     pub async fn list_admins(&self) -> Result<Vec<AdminRecord>> {
         self.blocking(|c| {

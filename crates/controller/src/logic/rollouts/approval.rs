@@ -13,8 +13,14 @@ pub const MAX_WORDS: usize = 4096;
 /// What an approver decided.
 #[derive(Clone, Debug)]
 pub enum Decision {
-    Approve { note: Option<String> },
-    Reject { reason: String },
+    /// `serial` is the approver's certificate: where it came from is checked, not only the name.
+    Approve {
+        note: Option<String>,
+        serial: String,
+    },
+    Reject {
+        reason: String,
+    },
 }
 
 impl Rollouts {
@@ -23,12 +29,12 @@ impl Rollouts {
     /// needed moves the rollout on (scheduled, or staging now) and starts its driver.
     pub async fn decide(&self, id: &str, by: &str, decision: Decision) -> Result<Rollout> {
         let words = match &decision {
-            Decision::Approve { note } => note.as_deref().unwrap_or_default(),
+            Decision::Approve { note, .. } => note.as_deref().unwrap_or_default(),
             Decision::Reject { reason } => reason,
         };
-        if words.len() > MAX_WORDS || words.chars().any(|c| c.is_control() && c != '\n') {
+        if words.len() > MAX_WORDS || words.chars().any(|c| c.is_control() || super::spec::is_invisible(c)) {
             return Err(Error::InvalidArgument(format!(
-                "an approval's note or a rejection's reason is at most {MAX_WORDS} bytes of text without control characters"
+                "an approval's note or a rejection's reason is at most {MAX_WORDS} bytes of text on one line, without control characters"
             )));
         }
         let _gate = self.inner.gate.lock().await;
@@ -45,6 +51,14 @@ impl Rollouts {
                 state_name(r.state)
             )));
         }
+        if let Decision::Approve { serial, .. } = &decision {
+            if by == r.created_by {
+                return Err(Error::PermissionDenied(format!(
+                    "{by} deployed rollout {id} and cannot approve it: approval needs a second person"
+                )));
+            }
+            self.approver_is_independent(by, serial, &r).await?;
+        }
         let Some(gate) = r.approval.as_mut() else {
             return Err(Error::Internal(format!("rollout {id} awaits approval but has no approval gate")));
         };
@@ -59,12 +73,7 @@ impl Rollouts {
                 r.failure = Some(format!("rejected by {by}: {reason}"));
                 r.event(format!("rejected by {by}: {reason}"));
             }
-            Decision::Approve { note } => {
-                if by == r.created_by {
-                    return Err(Error::PermissionDenied(format!(
-                        "{by} deployed rollout {id} and cannot approve it: approval needs a second person"
-                    )));
-                }
+            Decision::Approve { note, .. } => {
                 if gate.approvals.iter().any(|a| a.by == by && a.at + gate.ttl_secs as i64 > t) {
                     return Err(Error::FailedPrecondition(format!("{by} has already approved rollout {id}")));
                 }
@@ -96,6 +105,28 @@ impl Rollouts {
             self.spawn_driver(r.id.clone());
         }
         Ok(r)
+    }
+
+    /// Refuses an approval the deployer could have arranged alone: one made with a certificate
+    /// the deployer issued (a rekey of another admin), or by an admin name the deployer created
+    /// after the rollout.
+    async fn approver_is_independent(&self, by: &str, serial: &str, r: &Rollout) -> Result<()> {
+        let Some(name) = by.strip_prefix("admin/") else { return Ok(()) };
+        let Some(rec) = self.registry.admin(name).await? else { return Ok(()) };
+        let deployer = &r.created_by;
+        if rec.certs.iter().any(|c| c.serial == serial && c.issued_by == *deployer) {
+            return Err(Error::PermissionDenied(format!(
+                "the certificate {by} approves with was issued by {deployer}, who deployed rollout {}: approval needs a second person",
+                r.id
+            )));
+        }
+        if rec.created_by == *deployer && rec.created_at >= r.created_at {
+            return Err(Error::PermissionDenied(format!(
+                "{by} was created by {deployer} after rollout {} was deployed: approval needs a second person",
+                r.id
+            )));
+        }
+        Ok(())
     }
 
     /// Abort or supersede of a rollout without a driver (awaiting approval): ends it at once.
@@ -265,7 +296,10 @@ mod tests {
         ctl.save(&awaiting("ro-1", t - 2 * DAY)).await.unwrap();
         ctl.save(&awaiting("ro-2", t - DAY / 2)).await.unwrap();
         ctl.save(&awaiting("ro-3", t - 2 * DAY)).await.unwrap();
-        let e = ctl.decide("ro-1", "admin/b", Decision::Approve { note: None }).await.unwrap_err();
+        let e = ctl
+            .decide("ro-1", "admin/b", Decision::Approve { note: None, serial: String::new() })
+            .await
+            .unwrap_err();
         assert!(e.to_string().contains("was not approved in time and has expired"), "{e}");
         let r = ctl.rollout(Some("ro-1".into())).await.unwrap();
         assert_eq!((r.state, r.failure.as_deref()), (RolloutState::Expired, Some("not approved in time")));
@@ -274,18 +308,31 @@ mod tests {
         assert_eq!(ctl.rollout(Some("ro-3".into())).await.unwrap().state, RolloutState::Expired);
         assert_eq!(ctl.rollout(Some("ro-2".into())).await.unwrap().state, RolloutState::AwaitingApproval);
         // One approval of two: still waiting, and the same admin cannot approve twice.
-        let r = ctl.decide("ro-2", "admin/b", Decision::Approve { note: Some("ok".into()) }).await.unwrap();
+        let r = ctl
+            .decide("ro-2", "admin/b", Decision::Approve { note: Some("ok".into()), serial: String::new() })
+            .await
+            .unwrap();
         assert_eq!(r.state, RolloutState::AwaitingApproval);
         assert_eq!(
             waiting(&r, t),
             ["waiting for 1 more approval(s) from admins other than admin/a (expires in 12h)"]
         );
-        let e = ctl.decide("ro-2", "admin/b", Decision::Approve { note: None }).await.unwrap_err();
+        let e = ctl
+            .decide("ro-2", "admin/b", Decision::Approve { note: None, serial: String::new() })
+            .await
+            .unwrap_err();
         assert!(e.to_string().contains("has already approved"), "{e}");
-        let e = ctl.decide("ro-2", "admin/a", Decision::Approve { note: None }).await.unwrap_err();
+        let e = ctl
+            .decide("ro-2", "admin/a", Decision::Approve { note: None, serial: String::new() })
+            .await
+            .unwrap_err();
         assert!(e.to_string().contains("cannot approve it"), "{e}");
         let e = ctl
-            .decide("ro-2", "admin/c", Decision::Approve { note: Some("\u{1b}[2J".into()) })
+            .decide(
+                "ro-2",
+                "admin/c",
+                Decision::Approve { note: Some("\u{1b}[2J".into()), serial: String::new() },
+            )
             .await
             .unwrap_err();
         assert!(e.to_string().contains("without control characters"), "{e}");

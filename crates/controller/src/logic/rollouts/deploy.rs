@@ -24,6 +24,7 @@ impl Rollouts {
     pub async fn deploy(&self, spec: RolloutSpec, by: &str) -> Result<String> {
         let t = now();
         spec.validate(t)?;
+        let _one_at_a_time = self.inner.deploying.lock().await;
         let release = self.deployable_release(&spec).await?;
         let agents: Vec<_> = self.registry.list_agents(None).await?.into_iter().map(|a| a.record).collect();
         let targets = plan::targets(&spec, &agents);

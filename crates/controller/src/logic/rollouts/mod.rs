@@ -284,6 +284,9 @@ struct State {
     /// Serializes changes to rollouts that have no driver (approvals, rejections, expiry,
     /// aborts of rollouts awaiting approval) and the start of their driver.
     gate: tokio::sync::Mutex<()>,
+    /// Serializes deploys, from the check for another active rollout to the new record and
+    /// its driver: two deploys of one app cannot both find none active.
+    deploying: tokio::sync::Mutex<()>,
 }
 
 impl Rollouts {
@@ -297,6 +300,7 @@ impl Rollouts {
                 drivers: Mutex::new(HashMap::new()),
                 converging: Mutex::new(HashSet::new()),
                 gate: tokio::sync::Mutex::new(()),
+                deploying: tokio::sync::Mutex::new(()),
             }),
         }
     }

@@ -32,6 +32,21 @@ pub enum SpecError {
     SkipWithoutReason,
     #[error("the start time is more than {MAX_SCHEDULE_DAYS} days ahead")]
     StartTooLate,
+    #[error("a reason is at most {MAX_REASON} bytes of text on one line")]
+    Reason,
+}
+
+/// The longest reason for overriding a freeze or skipping promotion.
+pub const MAX_REASON: usize = 1024;
+
+/// Whether `s` is a one-line reason of bounded size (it is shown in rollout histories).
+fn reason_ok(s: &str) -> bool {
+    s.len() <= MAX_REASON && !s.chars().any(|c| c.is_control() || is_invisible(c))
+}
+
+/// Characters that reorder or hide text on a terminal.
+pub fn is_invisible(c: char) -> bool {
+    matches!(c, '\u{200b}'..='\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
 }
 
 /// The longest change note kept (the CLI's `--note-file` reads at most this much).
@@ -161,11 +176,14 @@ impl RolloutSpec {
         if self.skip_promotion.as_deref().is_some_and(|r| r.trim().is_empty()) {
             return Err(SpecError::SkipWithoutReason);
         }
+        if [&self.override_freeze, &self.skip_promotion].into_iter().flatten().any(|r| !reason_ok(r)) {
+            return Err(SpecError::Reason);
+        }
         if let Some(note) = &self.note {
             if note.len() > MAX_NOTE {
                 return Err(SpecError::NoteTooLong(note.len()));
             }
-            if note.chars().any(|c| c.is_control() && c != '\n' && c != '\t') {
+            if note.chars().any(|c| (c.is_control() && c != '\n' && c != '\t') || is_invisible(c)) {
                 return Err(SpecError::NoteControl);
             }
         }
@@ -173,7 +191,7 @@ impl RolloutSpec {
             let url_ok = t.len() <= MAX_TICKET
                 && (t.starts_with("https://") || t.starts_with("http://"))
                 && t.len() > "https://".len()
-                && !t.chars().any(|c| c.is_control() || c.is_whitespace());
+                && !t.chars().any(|c| c.is_control() || c.is_whitespace() || is_invisible(c));
             if !url_ok {
                 return Err(SpecError::Ticket(t.chars().take(80).collect()));
             }

@@ -71,6 +71,10 @@ fn every_region() -> Vec<String> {
 pub enum Problem {
     #[error("must not be empty")]
     EmptyEnv,
+    /// Not an environment name: it would never match an agent's environment, and the region
+    /// would silently have no window.
+    #[error("{0:?} is not an environment name (lowercase letters, digits and '-', starting with a letter)")]
+    BadEnv(String),
     #[error("no patterns: leave `regions` out to cover every region")]
     EmptyRegions,
     #[error("region pattern {0:?} is empty or contains whitespace")]
@@ -437,6 +441,9 @@ impl DeployWindows {
                 };
                 if c.env.trim().is_empty() {
                     return Err(err("env")(Problem::EmptyEnv));
+                }
+                if crate::logic::Environment::parse(&c.env).is_err() {
+                    return Err(err("env")(Problem::BadEnv(c.env.clone())));
                 }
                 if c.regions.is_empty() {
                     return Err(err("regions")(Problem::EmptyRegions));
@@ -818,6 +825,11 @@ mod tests {
         let ok = window("production", &["eu-*"], "mon-fri", "02:00", "05:00", "Europe/Berlin");
         let table: Vec<(WindowConfig, &str, Problem)> = vec![
             (WindowConfig { env: " ".into(), ..ok.clone() }, "env", Problem::EmptyEnv),
+            (
+                WindowConfig { env: "Production".into(), ..ok.clone() },
+                "env",
+                Problem::BadEnv("Production".into()),
+            ),
             (WindowConfig { regions: vec![], ..ok.clone() }, "regions", Problem::EmptyRegions),
             (
                 WindowConfig { regions: vec!["eu-*".into(), "".into()], ..ok.clone() },
