@@ -254,15 +254,41 @@ fn real_binaries_enroll_run_list_revoke_and_shut_down_gracefully() {
 #[test]
 fn demo_runs_a_local_fleet_and_exits_zero() {
     let out = run_ok(convoy().arg("demo"));
-    for id in ["eu-1", "us-1", "ap-1"] {
-        assert!(out.lines().any(|l| l.starts_with(id) && l.contains("online")), "{out}");
+    for (id, env) in
+        [("st-eu-1", "staging"), ("eu-1", "production"), ("us-1", "production"), ("ap-1", "production")]
+    {
+        assert!(out.lines().any(|l| l.starts_with(id) && l.contains(env) && l.contains("online")), "{out}");
     }
     assert!(out.contains("demo finished"), "{out}");
-    assert!(out.contains("6/6 agents serve 1.0.0"), "{out}");
-    assert!(out.contains("2.0.0 is marked bad"), "{out}");
-    assert!(out.contains("6/6 agents serve 3.0.0"), "{out}");
+    // 1.0.0: staging, then production waits for a second admin with nothing moved.
+    assert!(out.contains("1/1 staging agents serve 1.0.0"), "{out}");
+    assert!(
+        out.lines().any(|l| l.contains("is AwaitingApproval: waiting for 1 more approval(s)")
+            && l.contains("admin/dana")
+            && l.ends_with("nothing moved: 0/6 production agents serve 1.0.0")),
+        "{out}"
+    );
+    assert!(
+        out.lines().any(|l| l.contains("dana approves her own rollout") && l.contains("→ refused: ")),
+        "{out}"
+    );
+    assert!(out.contains("6/6 production agents serve 1.0.0"), "{out}");
+    // 2.0.0: caught in staging, refused in production.
+    assert!(
+        out.lines()
+            .any(|l| l.contains("of 2.0.0 in staging: RolledBack") && l.ends_with("2.0.0 is marked bad")),
+        "{out}"
+    );
+    // Refused, and production still serves 1.0.0.
+    assert!(
+        out.lines().any(|l| l
+            .contains("dana deploys shop-api@2.0.0 to production → refused: shop-api@2.0.0 is marked bad")
+            && l.ends_with("6/6 production agents serve 1.0.0")),
+        "{out}"
+    );
+    assert!(out.contains("6/6 production agents serve 3.0.0"), "{out}");
     assert!(out.contains("HTTP 200; fleet rolled back"), "{out}");
-    assert!(out.contains("6/6 agents serve 1.0.0 again"), "{out}");
+    assert!(out.contains("6/6 production agents serve 1.0.0 again"), "{out}");
     assert!(out.contains("hash chain intact"), "{out}");
     assert!(out.contains("alert:CheckoutErrorRate"), "{out}");
 }
