@@ -136,9 +136,9 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     }
     n.say("seven agents enrolled with one-time tokens bound to a region and an environment (keys generated on the agents): st-eu-1 in staging; six in production in eu-west, us-east, ap-south");
 
-    let mut dana = ctl.admin_as(&ctl.add_admin("dana", "deployer").await?).await?;
+    let mut dana = ctl.admin_as(&ctl.add_admin("dana", "approver").await?).await?;
     let mut alex = ctl.admin_as(&ctl.add_admin("alex", "approver").await?).await?;
-    n.say("admins added with their own certificates: dana (role deployer), alex (role approver)");
+    n.say("admins added with their own certificates: dana (role approver: she may deploy, and approve the rollouts of others), alex (role approver)");
 
     for (version, mode, what) in [
         ("1.0.0", "healthy", "healthy"),

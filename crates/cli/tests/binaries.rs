@@ -269,7 +269,9 @@ fn demo_runs_a_local_fleet_and_exits_zero() {
         "{out}"
     );
     assert!(
-        out.lines().any(|l| l.contains("dana approves her own rollout") && l.contains("→ refused: ")),
+        out.lines().any(|l| l.contains("dana approves her own rollout")
+            && l.contains("→ refused: ")
+            && l.contains("approval needs a second person")),
         "{out}"
     );
     assert!(out.contains("6/6 production agents serve 1.0.0"), "{out}");

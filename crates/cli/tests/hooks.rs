@@ -396,7 +396,10 @@ async fn notifications_are_delivered_and_retried_and_metrics_parse() {
     ] {
         assert!(text.contains(&format!("# TYPE {family} ")), "{family} missing:\n{text}");
     }
-    assert!(text.contains("convoy_agents{region=\"eu-west\",state=\"online\"} 1"), "{text}");
+    assert!(
+        text.contains("convoy_agents{environment=\"production\",region=\"eu-west\",state=\"online\"} 1"),
+        "{text}"
+    );
     assert!(text.contains("convoy_rollouts{state=\"completed\"} 1"), "{text}");
 
     // An agent that stays away longer than `offline_after` is announced.
