@@ -398,7 +398,7 @@ async fn rollback_logs_status_and_agents_from_the_cli() {
     let (ok, out, _) = convoy_cli(&f.ctl, &["status", "-o", "json"]).await;
     assert!(ok);
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
-    assert_eq!(v["shop-api"]["eu-west"]["running"]["1.1.0"], 2);
+    assert_eq!(v["shop-api"]["production"]["eu-west"]["running"]["1.1.0"], 2);
 
     let (ok, _, err) = convoy_cli(&f.ctl, &["rollback", "shop-api", "--reason", "x"]).await;
     assert!(!ok && err.contains("--agent"), "{err}");

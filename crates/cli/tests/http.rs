@@ -274,10 +274,24 @@ async fn gauges(addr: SocketAddr) -> Vec<String> {
 fn expect(regions: &[(&str, u64, u64)], rollouts: &[(&str, u64)]) -> Vec<String> {
     let mut lines = vec![];
     for (region, offline, online) in regions {
-        lines.push(format!("convoy_agents{{region=\"{region}\",state=\"offline\"}} {offline}"));
-        lines.push(format!("convoy_agents{{region=\"{region}\",state=\"online\"}} {online}"));
+        let labels = format!("environment=\"production\",region=\"{region}\"");
+        lines.push(format!("convoy_agents{{{labels},state=\"offline\"}} {offline}"));
+        lines.push(format!("convoy_agents{{{labels},state=\"online\"}} {online}"));
     }
-    for state in ["aborted", "completed", "paused", "rolled_back", "running", "staging", "superseded"] {
+    let states = [
+        "aborted",
+        "awaiting_approval",
+        "completed",
+        "expired",
+        "paused",
+        "rejected",
+        "rolled_back",
+        "running",
+        "scheduled",
+        "staging",
+        "superseded",
+    ];
+    for state in states {
         let n = rollouts.iter().find(|(s, _)| *s == state).map_or(0, |(_, n)| *n);
         lines.push(format!("convoy_rollouts{{state=\"{state}\"}} {n}"));
     }

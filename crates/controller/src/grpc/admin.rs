@@ -256,7 +256,13 @@ impl pb::admin_service_server::AdminService for AdminSvc {
         } else if r.all {
             logic::Target::All
         } else {
-            return Err(Status::invalid_argument("name the target: agents, a region, or all"));
+            let why = "name the target: agents, a region, or all";
+            let params = serde_json::json!({"app": r.app});
+            self.0
+                .audit()
+                .refusal(&admin.to_string(), "rollback", &r.app, params, &format!("refused: {why}"))
+                .await;
+            return Err(Status::invalid_argument(why));
         };
         let to = (!r.to_version.is_empty()).then_some(r.to_version);
         let from = (!r.from_version.is_empty()).then_some(r.from_version);
@@ -386,7 +392,13 @@ impl pb::admin_service_server::AdminService for AdminSvc {
         let admin = self.caller(&req, action, &req.get_ref().id.clone()).await?;
         let r = req.into_inner();
         let Some(act) = act else {
-            return Err(Status::invalid_argument(format!("unknown rollout action {:?}", r.action)));
+            let why = format!("unknown rollout action {:?}", r.action);
+            let params = serde_json::json!({"action": r.action});
+            self.0
+                .audit()
+                .refusal(&admin.to_string(), "rollout.control", &r.id, params, &format!("refused: {why}"))
+                .await;
+            return Err(Status::invalid_argument(why));
         };
         tracing::info!(%admin, rollout = %r.id, action = %r.action, "rollout control");
         let by = admin.to_string();

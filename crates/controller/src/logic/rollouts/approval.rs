@@ -193,6 +193,11 @@ impl Rollouts {
         r.failure = Some("not approved in time".into());
         r.event("not approved in time: expired, nothing moved");
         self.save(r).await?;
+        let target = format!("{}@{}", r.spec.app, r.spec.version);
+        let params = serde_json::json!({"rollout": r.id, "environment": r.spec.environment});
+        self.audit
+            .record("controller", "rollout.expire", &target, params, "expired: not approved in time")
+            .await;
         self.core.notify(
             "rollout_expired",
             serde_json::json!({"rollout": r.id, "app": r.spec.app, "version": r.spec.version}),

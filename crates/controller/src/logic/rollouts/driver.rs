@@ -212,6 +212,11 @@ async fn wait_for_start(ctl: &Rollouts, r: &mut Rollout, controls: &mut ControlR
     r.state = RolloutState::Staging;
     r.event("starting");
     ctl.save(r).await?;
+    let target = format!("{}@{}", r.spec.app, r.spec.version);
+    let params = serde_json::json!({"rollout": r.id, "environment": r.spec.environment});
+    ctl.audit
+        .record("controller", "rollout.start", &target, params, "started after its approvals and start time")
+        .await;
     ctl.core.notify("rollout_started", super::deploy::created_event(r));
     Ok(true)
 }
