@@ -318,7 +318,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
 fn approve(id: &str, note: &str) -> pb::ControlRolloutRequest {
     pb::ControlRolloutRequest {
         id: id.into(),
-        action: "approve".into(),
+        action: pb::RolloutAction::Approve as i32,
         note: note.into(),
         ..Default::default()
     }

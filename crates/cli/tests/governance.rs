@@ -145,9 +145,17 @@ fn deploy(version: &str, env: &str, note: &str) -> pb::DeployRequest {
 }
 
 fn control(id: &str, action: &str, reason: &str, note: &str) -> pb::ControlRolloutRequest {
+    let action = match action {
+        "pause" => pb::RolloutAction::Pause,
+        "resume" => pb::RolloutAction::Resume,
+        "abort" => pb::RolloutAction::Abort,
+        "approve" => pb::RolloutAction::Approve,
+        "reject" => pb::RolloutAction::Reject,
+        _ => pb::RolloutAction::Unspecified,
+    };
     pb::ControlRolloutRequest {
         id: id.into(),
-        action: action.into(),
+        action: action as i32,
         reason: reason.into(),
         note: note.into(),
     }
@@ -547,7 +555,7 @@ async fn promotion_evidence_cannot_be_faked_and_an_approved_rollout_is_checked_a
     let t = convoy_controller::logic::now();
     g.root
         .freeze(pb::FreezeRequest {
-            action: "add".into(),
+            action: pb::FreezeAction::Add as i32,
             from_unix: t - 60,
             to_unix: t + 3600,
             reason: "flash sale".into(),

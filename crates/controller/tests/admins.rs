@@ -132,13 +132,13 @@ async fn call_every_rpc(
 ) -> Vec<(&'static str, Code)> {
     let mut c = client(ctl, id).await;
     let code = |r: Result<(), tonic::Status>| r.err().map(|s| s.code()).unwrap_or(Code::Ok);
-    let control = |action: &str| pb::ControlRolloutRequest {
+    let control = |action: pb::RolloutAction| pb::ControlRolloutRequest {
         id: "no-such-rollout".into(),
-        action: action.into(),
+        action: action as i32,
         ..Default::default()
     };
-    let freeze = |action: &str| pb::FreezeRequest {
-        action: action.into(),
+    let freeze = |action: pb::FreezeAction| pb::FreezeRequest {
+        action: action as i32,
         from_unix: 4_000_000_000,
         to_unix: 4_000_000_060,
         reason: "test".into(),
@@ -226,12 +226,12 @@ async fn call_every_rpc(
         ),
         (RPCS[9], code(c.get_rollout(pb::RolloutRef { id: "no-such-rollout".into() }).await.map(drop))),
         (RPCS[10], code(c.list_rollouts(pb::ListRolloutsRequest::default()).await.map(drop))),
-        (RPCS[11], code(c.control_rollout(control("pause")).await.map(drop))),
-        (RPCS[12], code(c.control_rollout(control("resume")).await.map(drop))),
-        (RPCS[13], code(c.control_rollout(control("abort")).await.map(drop))),
-        (RPCS[14], code(c.freeze(freeze("list")).await.map(drop))),
-        (RPCS[15], code(c.freeze(freeze("add")).await.map(drop))),
-        (RPCS[16], code(c.freeze(freeze("rm")).await.map(drop))),
+        (RPCS[11], code(c.control_rollout(control(pb::RolloutAction::Pause)).await.map(drop))),
+        (RPCS[12], code(c.control_rollout(control(pb::RolloutAction::Resume)).await.map(drop))),
+        (RPCS[13], code(c.control_rollout(control(pb::RolloutAction::Abort)).await.map(drop))),
+        (RPCS[14], code(c.freeze(freeze(pb::FreezeAction::List)).await.map(drop))),
+        (RPCS[15], code(c.freeze(freeze(pb::FreezeAction::Add)).await.map(drop))),
+        (RPCS[16], code(c.freeze(freeze(pb::FreezeAction::Remove)).await.map(drop))),
         (RPCS[17], code(c.status(pb::StatusRequest {}).await.map(drop))),
         (RPCS[18], code(c.audit(pb::AuditRequest::default()).await.map(drop))),
         (
@@ -709,7 +709,7 @@ async fn freezes_past_the_year_9999_are_refused() {
     for (from, to) in [(now, i64::MAX), (now, 253_402_300_800), (-5, now)] {
         let s = c
             .freeze(pb::FreezeRequest {
-                action: "add".into(),
+                action: pb::FreezeAction::Add as i32,
                 from_unix: from,
                 to_unix: to,
                 reason: "sale".into(),

@@ -117,7 +117,7 @@ fn add_request(a: &AddArgs) -> Result<pb::FreezeRequest, Usage> {
         }
     };
     Ok(pb::FreezeRequest {
-        action: "add".into(),
+        action: pb::FreezeAction::Add as i32,
         from_unix,
         to_unix,
         reason: a.reason.clone(),
@@ -143,8 +143,14 @@ fn when(f: &pb::FreezeWindow) -> String {
 pub async fn run(config: &super::Globals, cmd: Command) -> anyhow::Result<()> {
     let req = match &cmd {
         Command::Add(a) => add_request(a)?,
-        Command::List { .. } => pb::FreezeRequest { action: "list".into(), ..Default::default() },
-        Command::Rm { id } => pb::FreezeRequest { action: "rm".into(), id: id.clone(), ..Default::default() },
+        Command::List { .. } => {
+            pb::FreezeRequest { action: pb::FreezeAction::List as i32, ..Default::default() }
+        }
+        Command::Rm { id } => pb::FreezeRequest {
+            action: pb::FreezeAction::Remove as i32,
+            id: id.clone(),
+            ..Default::default()
+        },
     };
     let config = config.load_config()?;
     let mut client = crate::client::admin_client(&config).await?;

@@ -149,6 +149,7 @@ async fn get(
 }
 
 pub async fn run(config: &super::Globals, cmd: Command) -> anyhow::Result<()> {
+    use pb::RolloutAction as A;
     let config = config.load_config()?;
     let mut client = crate::client::admin_client(&config).await?;
     match cmd {
@@ -219,25 +220,25 @@ pub async fn run(config: &super::Globals, cmd: Command) -> anyhow::Result<()> {
             print!("{}", super::agents::table(&rows));
             Ok(())
         }
-        Command::Pause { id } => control(&mut client, id, "pause", String::new(), String::new()).await,
-        Command::Resume { id } => control(&mut client, id, "resume", String::new(), String::new()).await,
-        Command::Abort { id } => control(&mut client, id, "abort", String::new(), String::new()).await,
+        Command::Pause { id } => control(&mut client, id, A::Pause, String::new(), String::new()).await,
+        Command::Resume { id } => control(&mut client, id, A::Resume, String::new(), String::new()).await,
+        Command::Abort { id } => control(&mut client, id, A::Abort, String::new(), String::new()).await,
         Command::Approve { id, note } => {
-            control(&mut client, id, "approve", String::new(), note.unwrap_or_default()).await
+            control(&mut client, id, A::Approve, String::new(), note.unwrap_or_default()).await
         }
-        Command::Reject { id, reason } => control(&mut client, id, "reject", reason, String::new()).await,
+        Command::Reject { id, reason } => control(&mut client, id, A::Reject, reason, String::new()).await,
     }
 }
 
 async fn control(
     client: &mut pb::admin_service_client::AdminServiceClient<tonic::transport::Channel>,
     id: String,
-    action: &str,
+    action: pb::RolloutAction,
     reason: String,
     note: String,
 ) -> anyhow::Result<()> {
     let r = client
-        .control_rollout(pb::ControlRolloutRequest { id: id.clone(), action: action.into(), reason, note })
+        .control_rollout(pb::ControlRolloutRequest { id: id.clone(), action: action as i32, reason, note })
         .await
         .map_err(super::status_error)?
         .into_inner();

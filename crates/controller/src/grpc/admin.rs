@@ -380,19 +380,20 @@ impl pb::admin_service_server::AdminService for AdminSvc {
             Approve,
             Reject,
         }
-        let (act, action) = match req.get_ref().action.as_str() {
-            "pause" => (Some(Act::Control(Control::Pause)), Action::PauseRollout),
-            "resume" => (Some(Act::Control(Control::Resume)), Action::ResumeRollout),
-            "abort" => (Some(Act::Control(Control::Abort)), Action::AbortRollout),
-            "approve" => (Some(Act::Approve), Action::ApproveRollout),
-            "reject" => (Some(Act::Reject), Action::RejectRollout),
+        use pb::RolloutAction as A;
+        let (act, action) = match A::try_from(req.get_ref().action) {
+            Ok(A::Pause) => (Some(Act::Control(Control::Pause)), Action::PauseRollout),
+            Ok(A::Resume) => (Some(Act::Control(Control::Resume)), Action::ResumeRollout),
+            Ok(A::Abort) => (Some(Act::Control(Control::Abort)), Action::AbortRollout),
+            Ok(A::Approve) => (Some(Act::Approve), Action::ApproveRollout),
+            Ok(A::Reject) => (Some(Act::Reject), Action::RejectRollout),
             // An unknown action is checked as the least a rollout control needs, then refused.
-            _ => (None, Action::PauseRollout),
+            Ok(A::Unspecified) | Err(_) => (None, Action::PauseRollout),
         };
         let admin = self.caller(&req, action, &req.get_ref().id.clone()).await?;
         let r = req.into_inner();
         let Some(act) = act else {
-            let why = format!("unknown rollout action {:?}", r.action);
+            let why = format!("unknown rollout action {}", r.action);
             let params = serde_json::json!({"action": r.action});
             self.0
                 .audit()
@@ -400,7 +401,7 @@ impl pb::admin_service_server::AdminService for AdminSvc {
                 .await;
             return Err(Status::invalid_argument(why));
         };
-        tracing::info!(%admin, rollout = %r.id, action = %r.action, "rollout control");
+        tracing::info!(%admin, rollout = %r.id, action = action.audit_name(), "rollout control");
         let by = admin.to_string();
         let rollouts = self.0.rollouts();
         let run = async {
@@ -424,16 +425,18 @@ impl pb::admin_service_server::AdminService for AdminSvc {
     }
 
     async fn freeze(&self, req: Request<pb::FreezeRequest>) -> Result<Response<pb::FreezeResponse>, Status> {
-        let action = match req.get_ref().action.as_str() {
-            "add" => Action::AddFreeze,
-            "rm" => Action::RemoveFreeze,
+        use pb::FreezeAction as F;
+        let kind = F::try_from(req.get_ref().action).unwrap_or(F::Unspecified);
+        let action = match kind {
+            F::Add => Action::AddFreeze,
+            F::Remove => Action::RemoveFreeze,
             // Listing, and unknown actions (refused below), need the least a freeze call needs.
-            _ => Action::ListFreezes,
+            F::List | F::Unspecified => Action::ListFreezes,
         };
         let admin = self.caller(&req, action, &req.get_ref().id.clone()).await?;
         let r = req.into_inner();
-        match r.action.as_str() {
-            "add" => {
+        match kind {
+            F::Add => {
                 let recurrence = r
                     .recurrence
                     .as_ref()
@@ -458,19 +461,19 @@ impl pb::admin_service_server::AdminService for AdminSvc {
                 let windows = vec![freeze_pb(f, crate::time::now())];
                 Ok(Response::new(pb::FreezeResponse { windows, removed: String::new() }))
             }
-            "list" => {
+            F::List => {
                 let list = self.0.rollouts().freezes().await.map_err(to_status)?;
                 let now = crate::time::now();
                 let windows = list.into_iter().map(|f| freeze_pb(f, now)).collect();
                 Ok(Response::new(pb::FreezeResponse { windows, removed: String::new() }))
             }
-            "rm" => {
+            F::Remove => {
                 let run = self.0.rollouts().freeze_rm(r.id.clone());
                 let result = self.audited(&admin, "freeze.rm", &r.id, serde_json::json!({}), run).await?;
                 let removed = result.map_err(to_status)?;
                 Ok(Response::new(pb::FreezeResponse { windows: vec![], removed }))
             }
-            other => Err(Status::invalid_argument(format!("unknown freeze action {other:?}"))),
+            F::Unspecified => Err(Status::invalid_argument(format!("unknown freeze action {}", r.action))),
         }
     }
 
