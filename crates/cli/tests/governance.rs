@@ -340,6 +340,10 @@ async fn rejections_aborts_skips_rollbacks_and_schedules_move_nothing_they_shoul
         .events
         .iter()
         .any(|e| e.message.contains("promotion rules of production skipped: payment outage")));
+    // The admin who created alex's name cannot have alex approve: that is one person.
+    let own = g.alex.control_rollout(control(&skipped, "approve", "", "")).await.unwrap_err();
+    assert_eq!(own.code(), Code::PermissionDenied);
+    assert!(own.message().contains("are not independent"), "{}", own.message());
     g.root.control_rollout(control(&skipped, "abort", "", "")).await.unwrap();
 
     // A rollback in staging ends the release's promotion.

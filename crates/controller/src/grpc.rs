@@ -101,6 +101,9 @@ fn spec_message(e: &SpecError) -> String {
         }
         SpecError::Ticket(t) => format!("--ticket {t:?} must be an http(s) URL"),
         SpecError::SkipWithoutReason => "--skip-promotion needs a --reason".into(),
+        SpecError::TooMany(what) => {
+            format!("the {what} lists more than {} entries", logic::rollouts::spec::MAX_LIST)
+        }
         SpecError::Reason => format!(
             "--reason is at most {} bytes on one line, without control characters",
             logic::rollouts::spec::MAX_REASON

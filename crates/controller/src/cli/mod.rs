@@ -114,7 +114,8 @@ pub struct Refused(pub tonic::Status);
 
 impl std::fmt::Display for Refused {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "controller refused ({:?}): {}", self.0.code(), self.0.message())
+        // The message may carry what others wrote (reasons, names): shown, never obeyed.
+        write!(f, "controller refused ({:?}): {}", self.0.code(), agents::printable(self.0.message()))
     }
 }
 

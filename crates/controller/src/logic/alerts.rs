@@ -174,7 +174,11 @@ impl AlertPolicy {
         // Only the alert's environment: an alert about production never touches staging.
         let rollouts: Vec<Rollout> =
             rollouts.into_iter().filter(|ro| ro.spec.environment == r.environment).collect();
-        let active = rollouts.iter().find(|x| !x.state.is_final());
+        // A rollout moving agents; one awaiting approval or its start moves nothing, and the
+        // alert is about what runs now.
+        let active = rollouts.iter().find(|x| {
+            matches!(x.state, RolloutState::Staging | RolloutState::Running | RolloutState::Paused)
+        });
         let outcome = match (active, r.action.as_str()) {
             (Some(ro), "rollback") => match self.abort(&r.actor, &ro.id).await {
                 Ok(()) => format!("aborted rollout {} and rolled back its agents", ro.id),

@@ -107,22 +107,34 @@ impl Rollouts {
         Ok(r)
     }
 
-    /// Refuses an approval the deployer could have arranged alone: one made with a certificate
-    /// the deployer issued (a rekey of another admin), or by an admin name the deployer created
-    /// after the rollout.
-    async fn approver_is_independent(&self, by: &str, serial: &str, r: &Rollout) -> Result<()> {
-        let Some(name) = by.strip_prefix("admin/") else { return Ok(()) };
-        let Some(rec) = self.registry.admin(name).await? else { return Ok(()) };
+    /// Refuses an approval the deployer could have arranged alone: when the deployer is among
+    /// the approver's controllers, or the approver among the deployer's. A name's controllers
+    /// are the name itself, the admin who created it and every admin who issued one of its
+    /// certificates, followed through those admins' own records (a rekey through a name one
+    /// controls, or a name created by a name one created, does not hide the chain). The records
+    /// `convoy init` and the migration made are roots and control nothing.
+    async fn approver_is_independent(&self, by: &str, _serial: &str, r: &Rollout) -> Result<()> {
+        let records = self.registry.list_admins().await?;
+        let controllers = |start: &str| {
+            let mut seen = std::collections::BTreeSet::new();
+            let mut todo = vec![start.to_owned()];
+            while let Some(who) = todo.pop() {
+                if !seen.insert(who.clone()) {
+                    continue;
+                }
+                let Some(rec) = who.strip_prefix("admin/").and_then(|n| records.iter().find(|x| x.name == n))
+                else {
+                    continue;
+                };
+                todo.push(rec.created_by.clone());
+                todo.extend(rec.certs.iter().map(|c| c.issued_by.clone()));
+            }
+            seen
+        };
         let deployer = &r.created_by;
-        if rec.certs.iter().any(|c| c.serial == serial && c.issued_by == *deployer) {
+        if controllers(by).contains(deployer) || controllers(deployer).contains(by) {
             return Err(Error::PermissionDenied(format!(
-                "the certificate {by} approves with was issued by {deployer}, who deployed rollout {}: approval needs a second person",
-                r.id
-            )));
-        }
-        if rec.created_by == *deployer && rec.created_at >= r.created_at {
-            return Err(Error::PermissionDenied(format!(
-                "{by} was created by {deployer} after rollout {} was deployed: approval needs a second person",
+                "{deployer}, who deployed rollout {}, and {by} are not independent: one created the other's name or issued one of its certificates; approval needs a second person",
                 r.id
             )));
         }

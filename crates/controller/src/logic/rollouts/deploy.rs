@@ -123,6 +123,17 @@ impl Rollouts {
     /// bad (unless forced) and its environment's promotion rule holds (unless skipped).
     pub(super) async fn start_checks(&self, r: &Rollout) -> Result<()> {
         self.deployable_release(&r.spec).await?;
+        // The environment's rule as it is now (the config may have changed since the deploy).
+        let rule = self.core.settings.promotion.rule(&r.spec.environment);
+        promotion::note_required(&rule, &r.spec.environment, r.spec.note.is_some())
+            .map_err(DeployRefusal::from)?;
+        let approved = r.approval.as_ref().map_or(0, |g| g.valid(now()));
+        if approved < rule.approvals as usize {
+            return Err(Error::FailedPrecondition(format!(
+                "{} now requires {} approval(s) and rollout {} has {approved}",
+                r.spec.environment, rule.approvals, r.id
+            )));
+        }
         if r.spec.skip_promotion.is_none() {
             let history = self.rollouts(Some(r.spec.app.clone())).await?;
             let agents: Vec<_> =

@@ -233,14 +233,20 @@ impl Rollouts {
         .await
     }
 
-    /// Apps with a rollout in progress: convergence leaves them to it.
-    async fn apps_rolling_out(&self) -> Result<BTreeSet<String>> {
+    /// Apps with a rollout moving agents in an environment (staging, running or paused; not
+    /// one waiting for approval or its start): convergence leaves them to it there.
+    async fn apps_rolling_out(&self) -> Result<BTreeSet<(String, Environment)>> {
         Ok(self
             .rollouts(None)
             .await?
             .into_iter()
-            .filter(|r| !r.state.is_final())
-            .map(|r| r.spec.app)
+            .filter(|r| {
+                matches!(
+                    r.state,
+                    super::RolloutState::Staging | super::RolloutState::Running | super::RolloutState::Paused
+                )
+            })
+            .map(|r| (r.spec.app, r.spec.environment))
             .collect())
     }
 
@@ -284,7 +290,7 @@ impl Rollouts {
         }
         let rolling_out = self.apps_rolling_out().await?;
         for (app, want) in drifted {
-            if rolling_out.contains(&app) {
+            if rolling_out.contains(&(app.clone(), record.environment.clone())) {
                 continue;
             }
             let actual =
@@ -342,7 +348,8 @@ impl Rollouts {
         let mut started = Vec::new();
         for agent in agents.iter().filter(|a| !a.revoked && fleet.online(&a.id)) {
             let due = drift(agent, table.wants(agent)).into_iter().any(|(app, _)| {
-                !rolling_out.contains(&app) && !agent.apps.iter().any(|s| s.app == app && s.busy)
+                !rolling_out.contains(&(app.clone(), agent.environment.clone()))
+                    && !agent.apps.iter().any(|s| s.app == app && s.busy)
             });
             if due {
                 self.converge_with(fleet.clone(), &agent.id);

@@ -199,6 +199,7 @@ async fn wait_for_start(ctl: &Rollouts, r: &mut Rollout, controls: &mut ControlR
         r.failure = Some("its approvals expired before its start".into());
         r.event("its approvals expired before its start: nothing moved");
         ctl.save(r).await?;
+        audit_start(ctl, r, "expired: its approvals expired before its start").await;
         return Ok(false);
     }
     if let Err(e) = ctl.start_checks(r).await {
@@ -207,18 +208,22 @@ async fn wait_for_start(ctl: &Rollouts, r: &mut Rollout, controls: &mut ControlR
         r.failure = Some(format!("did not start: {e}"));
         r.event(format!("did not start: {e}; nothing moved"));
         ctl.save(r).await?;
+        audit_start(ctl, r, &format!("did not start: {e}")).await;
         return Ok(false);
     }
     r.state = RolloutState::Staging;
     r.event("starting");
     ctl.save(r).await?;
-    let target = format!("{}@{}", r.spec.app, r.spec.version);
-    let params = serde_json::json!({"rollout": r.id, "environment": r.spec.environment});
-    ctl.audit
-        .record("controller", "rollout.start", &target, params, "started after its approvals and start time")
-        .await;
+    audit_start(ctl, r, "started").await;
     ctl.core.notify("rollout_started", super::deploy::created_event(r));
     Ok(true)
+}
+
+/// Records how a waiting rollout's start went.
+async fn audit_start(ctl: &Rollouts, r: &Rollout, outcome: &str) {
+    let target = format!("{}@{}", r.spec.app, r.spec.version);
+    let params = serde_json::json!({"rollout": r.id, "environment": r.spec.environment});
+    ctl.audit.record("controller", "rollout.start", &target, params, outcome).await;
 }
 
 struct Driver<F: Fleet> {

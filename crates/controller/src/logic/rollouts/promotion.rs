@@ -187,6 +187,8 @@ pub enum Refusal {
     NotRunning { release: String, env: Environment, agents: String },
     #[error("rollout {rollout} of {release} in {env} ended {state} after it completed there, so it is not promoted")]
     LaterFailure { release: String, env: Environment, rollout: String, state: &'static str },
+    #[error("{other} was rolled out in {env} (rollout {rollout}) after {release} completed there: complete {release} there again")]
+    Interrupted { release: String, env: Environment, rollout: String, other: String },
     #[error("{release} is marked bad ({reason}), so it is not promoted")]
     MarkedBad { release: String, reason: String },
     #[error("deploys to {env} need a change note (--note or --note-file)")]
@@ -265,6 +267,23 @@ pub fn check(
         if let Some(r) = later {
             let state = if r.state == RolloutState::RolledBack { "rolled back" } else { "aborted" };
             return Err(Refusal::LaterFailure { release, env: env.clone(), rollout: r.id.clone(), state });
+        }
+        // The soak counts only while the release stays: another release rolled out there since
+        // (even one rolled back again) interrupts it, and the release must complete there anew.
+        let other = evidence.rollouts.iter().find(|r| {
+            r.spec.app == app
+                && r.spec.environment == *env
+                && r.spec.version != version
+                && r.created_at >= done_at
+                && r.agents.values().any(|a| a.moved)
+        });
+        if let Some(r) = other {
+            return Err(Refusal::Interrupted {
+                release,
+                env: env.clone(),
+                rollout: r.id.clone(),
+                other: format!("{}@{}", r.spec.app, r.spec.version),
+            });
         }
         if let Some(agents) = evidence.unhealthy.get(env).filter(|a| !a.is_empty()) {
             return Err(Refusal::Unhealthy { release, env: env.clone(), agents: agents.join(", ") });
@@ -436,6 +455,16 @@ mod tests {
                 Some("rollout ro-2 of shop-api@1.4.2 in staging ended rolled back"),
             ),
             case(vec![done(), later(RolloutState::Aborted)], 5000, Some("ended aborted")),
+            case(
+                vec![done(), {
+                    let mut r = completed("ro-3", "1.5.0", "staging", 1400);
+                    r.created_at = 1100;
+                    r.agents.values_mut().for_each(|a| a.moved = true);
+                    r
+                }],
+                5000,
+                Some("shop-api@1.5.0 was rolled out in staging (rollout ro-3) after shop-api@1.4.2 completed there"),
+            ),
             Case {
                 unhealthy: vec!["s1"],
                 ..case(vec![done()], 5000, Some("unhealthy in staging now (on s1)"))

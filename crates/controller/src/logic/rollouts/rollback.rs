@@ -46,6 +46,12 @@ impl Rollouts {
         if reason.trim().is_empty() {
             return Err(Error::MissingReason("rollback"));
         }
+        if !super::spec::reason_ok(reason) {
+            return Err(Error::InvalidArgument(format!(
+                "a rollback's reason is at most {} bytes on one line, without control characters",
+                super::spec::MAX_REASON
+            )));
+        }
         convoy_bundle::check_app_name(app).map_err(|e| invalid("app", e))?;
         if let Some(v) = &from {
             convoy_bundle::check_version(v).map_err(|e| invalid("from_version", e))?;

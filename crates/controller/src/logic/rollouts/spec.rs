@@ -34,13 +34,18 @@ pub enum SpecError {
     StartTooLate,
     #[error("a reason is at most {MAX_REASON} bytes of text on one line")]
     Reason,
+    #[error("{0} lists more than {MAX_LIST} entries")]
+    TooMany(&'static str),
 }
+
+/// The most regions, region-order prefixes or selector labels a rollout may list.
+pub const MAX_LIST: usize = 64;
 
 /// The longest reason for overriding a freeze or skipping promotion.
 pub const MAX_REASON: usize = 1024;
 
 /// Whether `s` is a one-line reason of bounded size (it is shown in rollout histories).
-fn reason_ok(s: &str) -> bool {
+pub fn reason_ok(s: &str) -> bool {
     s.len() <= MAX_REASON && !s.chars().any(|c| c.is_control() || is_invisible(c))
 }
 
@@ -178,6 +183,15 @@ impl RolloutSpec {
         }
         if [&self.override_freeze, &self.skip_promotion].into_iter().flatten().any(|r| !reason_ok(r)) {
             return Err(SpecError::Reason);
+        }
+        for (what, n) in [
+            ("regions", self.regions.len()),
+            ("region order", self.region_order.len()),
+            ("selector", self.selector.len()),
+        ] {
+            if n > MAX_LIST {
+                return Err(SpecError::TooMany(what));
+            }
         }
         if let Some(note) = &self.note {
             if note.len() > MAX_NOTE {
