@@ -18,7 +18,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpSocket;
 use tokio::task::JoinSet;
 
-const HEADER_TIMEOUT: Duration = Duration::from_secs(2);
+/// Longer than opening all the stalled connections takes on a loaded two-core machine (seconds),
+/// so that every one is still open when the test looks.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(8);
 const STALLED: usize = 2000;
 /// The stalled connections come from 127.0.0.10 to 127.0.0.49 (Linux routes all of 127/8 to the
 /// loopback interface), 50 from each: under the per-peer cap.
