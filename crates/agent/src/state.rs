@@ -151,10 +151,7 @@ impl State {
         // A state store just closed in this process (an agent restarted in place) is let go
         // of by sled's flusher a moment after its last handle: wait for it briefly.
         let config = sled::Config::new().path(dir);
-        let locked = |e: &sled::Error| {
-            matches!(e, sled::Error::Io(io) if io.kind() == std::io::ErrorKind::WouldBlock
-                || io.to_string().contains("could not acquire lock"))
-        };
+        let locked = |e: &sled::Error| matches!(e, sled::Error::Io(io) if convoy_base::files::lock_held(io));
         let db =
             convoy_base::files::retry_while_busy(std::time::Duration::from_secs(3), || config.open(), locked)
                 .map_err(sled_err)?;

@@ -92,6 +92,12 @@ pub fn read_to_string(path: &Path) -> Result<String> {
     fs::read_to_string(path).map_err(io_err(path))
 }
 
+/// Whether opening a store failed because another handle (in this process or another) still
+/// holds its lock file: what a store such as sled reports as an I/O error.
+pub fn lock_held(e: &std::io::Error) -> bool {
+    e.kind() == std::io::ErrorKind::WouldBlock || e.to_string().contains("could not acquire lock")
+}
+
 /// Calls `open` until it succeeds or fails with an error `busy` does not recognise, for at most
 /// `wait`, polling every 10 ms: for a store whose lock a handle closing in this process lets go
 /// of a moment later. Blocking.

@@ -15,8 +15,7 @@ use super::Result;
 
 /// Whether sled could not open a store because another handle still holds its lock.
 pub fn sled_locked(e: &::sled::Error) -> bool {
-    matches!(e, ::sled::Error::Io(io) if io.kind() == std::io::ErrorKind::WouldBlock
-        || io.to_string().contains("could not acquire lock"))
+    matches!(e, ::sled::Error::Io(io) if convoy_base::files::lock_held(io))
 }
 
 /// How long [`SledBackend::open`] waits for a store another handle is still letting go of.
