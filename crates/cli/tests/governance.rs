@@ -441,31 +441,7 @@ tz = "UTC"
 
 /// Runs the real `convoy` binary as the first admin: exit code, stdout, stderr.
 async fn convoy(ctl: &LocalController, args: &[&str]) -> (i32, String, String) {
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_convoy"))
-        .arg("--config")
-        .arg(&ctl.config.path)
-        .args(args)
-        .kill_on_drop(true)
-        .output()
-        .await
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
-/// The `convoy_orders_sent_total` counter from the controller's metrics.
-async fn orders_sent(ctl: &LocalController) -> u64 {
-    let url = format!("http://{}/metrics", ctl.http_addr);
-    let body = convoy_testkit::http_client().unwrap().get(&url, Duration::from_secs(10)).await.unwrap().body;
-    body.lines()
-        .find_map(|l| l.strip_prefix("convoy_orders_sent_total "))
-        .unwrap_or_else(|| panic!("no orders counter in {body}"))
-        .trim()
-        .parse()
-        .unwrap()
+    common::run_convoy(env!("CARGO_BIN_EXE_convoy"), ctl, args).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -504,7 +480,7 @@ async fn hostile_governance_input_is_refused_specifically_and_moves_nothing() {
         (vec!["token", "create", "--env", "prod/../staging"], "is invalid"),
     ];
     let before = g.ctl.controller.rollouts().rollouts(None).await.unwrap().len();
-    let sent = orders_sent(&g.ctl).await;
+    let sent = common::orders_sent(&g.ctl).await;
     let refused_before = g.ctl.controller.audit().entries(None, None).await.unwrap().len();
     for (args, words) in &cases {
         let (code, out, err) = convoy(&g.ctl, args).await;
@@ -518,7 +494,7 @@ async fn hostile_governance_input_is_refused_specifically_and_moves_nothing() {
         before,
         "no rollout was created"
     );
-    assert_eq!(orders_sent(&g.ctl).await, sent, "no order was sent");
+    assert_eq!(common::orders_sent(&g.ctl).await, sent, "no order was sent");
     assert_eq!(g.serving("st-0").as_deref(), Some("1.0.0"));
     for id in ["eu-0", "us-0", "dr-0"] {
         assert_eq!(g.serving(id), None, "{id} was not touched");

@@ -9,7 +9,6 @@
 use convoy_testkit::support as common;
 
 use std::io::{Read, Write};
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -161,19 +160,7 @@ impl Fleet {
 
 /// Runs the `convoy` CLI against `ctl`: (exit code, stdout, stderr).
 async fn convoy(ctl: &LocalController, args: &[&str]) -> (i32, String, String) {
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_convoy"))
-        .arg("--config")
-        .arg(&ctl.config.path)
-        .args(args)
-        .kill_on_drop(true)
-        .output()
-        .await
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    common::run_convoy(env!("CARGO_BIN_EXE_convoy"), ctl, args).await
 }
 
 /// `convoy rollback shop-api --all --reason r -o json [extra…]`: exit code and per-agent
@@ -199,20 +186,6 @@ async fn cli_rollback_json(
         .collect();
     rows.sort();
     (code, rows)
-}
-
-/// The controller's count of orders sent, from `/metrics`.
-fn orders_sent(http: SocketAddr) -> u64 {
-    let mut s = std::net::TcpStream::connect(http).unwrap();
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
-    let mut resp = String::new();
-    s.read_to_string(&mut resp).unwrap();
-    resp.lines()
-        .find_map(|l| l.strip_prefix("convoy_orders_sent_total "))
-        .unwrap_or_else(|| panic!("no orders counter in {resp}"))
-        .trim()
-        .parse()
-        .unwrap()
 }
 
 /// POSTs an Alertmanager payload with the controller's bearer token: status and JSON body.
@@ -304,14 +277,14 @@ async fn rollback_twice_never_rolls_forward() {
     assert!(f.all_serving("1.0.0"));
 
     // Naming the release rolled back from makes a repeat idempotent: already done, exit 0.
-    let sent = orders_sent(f.ctl().http_addr);
+    let sent = common::orders_sent(f.ctl()).await;
     let (code, rows) = cli_rollback_json(f.ctl(), &["--from", "2.0.0"]).await;
     assert_eq!(code, 0, "{rows:?}");
     for (agent, outcome, current, message) in &rows {
         assert_eq!((outcome.as_str(), current.as_str()), ("already_in_state", "1.0.0"), "{agent}: {message}");
         assert!(message.contains("already rolled back from shop-api@2.0.0"), "{agent}: {message}");
     }
-    assert_eq!(orders_sent(f.ctl().http_addr), sent + 2, "one order per agent, answered, nothing more");
+    assert_eq!(common::orders_sent(f.ctl()).await, sent + 2, "one order per agent, answered, nothing more");
     let (code, out, err) =
         convoy(f.ctl(), &["rollback", APP, "--all", "--from", "2.0.0", "--reason", "r"]).await;
     assert_eq!(code, 0, "{out}{err}");
@@ -349,7 +322,7 @@ async fn a_second_alert_about_the_same_incident_does_not_roll_further_back() {
     assert!(f.all_serving("2.0.0"));
 
     // Another alert, differently named and labelled, about the same app while it is still bad.
-    let sent = orders_sent(f.ctl().http_addr);
+    let sent = common::orders_sent(f.ctl()).await;
     let second = firing(
         json!({"alertname": "LatencySLOBurn", "app": APP, "convoy_action": "rollback", "team": "storefront"}),
         "fp-latency",
@@ -360,7 +333,7 @@ async fn a_second_alert_about_the_same_incident_does_not_roll_further_back() {
     let outcome = body["actions"][0]["outcome"].as_str().unwrap();
     assert!(outcome.contains("already rolled back from shop-api@3.0.0"), "{body}");
     assert!(!outcome.contains("duplicate delivery"), "a different alert is not a duplicate delivery: {body}");
-    assert_eq!(orders_sent(f.ctl().http_addr), sent, "the second alert sent no order");
+    assert_eq!(common::orders_sent(f.ctl()).await, sent, "the second alert sent no order");
     assert!(f.all_serving("2.0.0"), "the fleet did not go one more step back");
     for id in ["a1", "a2"] {
         assert_eq!(f.current_on_disk(id), "2.0.0");
@@ -546,8 +519,7 @@ async fn hostile_rollback_input_is_refused_before_any_agent_hears_of_it() {
     for id in ["a1", "a2"] {
         marks.push(f.agent_last_seq(id).await);
     }
-    let http = f.ctl().http_addr;
-    let sent = orders_sent(http);
+    let sent = common::orders_sent(f.ctl()).await;
     let cases: [(&[&str], &str); 5] = [
         (&["rollback", APP, "--all", "--to", "../../etc", "--reason", "r"], "../../etc"),
         (&["rollback", APP, "--all", "--from", "/etc", "--reason", "r"], "/etc"),
@@ -567,7 +539,7 @@ async fn hostile_rollback_input_is_refused_before_any_agent_hears_of_it() {
         assert!(err.contains("InvalidArgument") && err.contains(value), "{args:?}: {err}");
         assert!(!err.contains("manifest"), "the message speaks of the argument, not a manifest: {err}");
         assert!(out.is_empty(), "{args:?}: {out}");
-        assert_eq!(orders_sent(http), sent, "no order was sent for {args:?}");
+        assert_eq!(common::orders_sent(f.ctl()).await, sent, "no order was sent for {args:?}");
     }
     for (id, mark) in ["a1", "a2"].into_iter().zip(marks) {
         assert_eq!(f.agent_last_seq(id).await, mark, "{id} admitted no order");

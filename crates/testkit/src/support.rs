@@ -97,3 +97,33 @@ pub fn agent_bin(convoy_exe: &str) -> std::path::PathBuf {
     assert!(p.exists(), "{} is missing: run the suite with `cargo test --workspace`", p.display());
     p
 }
+
+/// Runs the `convoy` binary at `exe` as the controller's first admin: exit code, stdout, stderr.
+pub async fn run_convoy(exe: &str, ctl: &crate::LocalController, args: &[&str]) -> (i32, String, String) {
+    let out = tokio::process::Command::new(exe)
+        .arg("--config")
+        .arg(&ctl.config.path)
+        .args(args)
+        .kill_on_drop(true)
+        .output()
+        .await
+        .unwrap_or_else(|e| panic!("running {exe}: {e}"));
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// The controller's `convoy_orders_sent_total` counter, from a scrape of its metrics.
+pub async fn orders_sent(ctl: &crate::LocalController) -> u64 {
+    let url = format!("http://{}/metrics", ctl.http_addr);
+    let client = crate::http_client().expect("an HTTP client");
+    let body = client.get(&url, Duration::from_secs(10)).await.expect("a metrics scrape").body;
+    body.lines()
+        .find_map(|l| l.strip_prefix("convoy_orders_sent_total "))
+        .unwrap_or_else(|| panic!("no orders counter in {body}"))
+        .trim()
+        .parse()
+        .expect("a count")
+}
