@@ -409,8 +409,7 @@ impl pb::admin_service_server::AdminService for AdminSvc {
                 Act::Control(cmd) => rollouts.control(&r.id, cmd).await,
                 Act::Approve => {
                     let note = (!r.note.is_empty()).then(|| r.note.clone());
-                    let serial = admin.serial.clone();
-                    rollouts.decide(&r.id, &by, Decision::Approve { note, serial }).await.map(drop)
+                    rollouts.decide(&r.id, &by, Decision::Approve { note }).await.map(drop)
                 }
                 Act::Reject => {
                     rollouts.decide(&r.id, &by, Decision::Reject { reason: r.reason.clone() }).await.map(drop)

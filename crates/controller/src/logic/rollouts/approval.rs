@@ -13,14 +13,8 @@ pub const MAX_WORDS: usize = 4096;
 /// What an approver decided.
 #[derive(Clone, Debug)]
 pub enum Decision {
-    /// `serial` is the approver's certificate: where it came from is checked, not only the name.
-    Approve {
-        note: Option<String>,
-        serial: String,
-    },
-    Reject {
-        reason: String,
-    },
+    Approve { note: Option<String> },
+    Reject { reason: String },
 }
 
 impl Rollouts {
@@ -29,7 +23,7 @@ impl Rollouts {
     /// needed moves the rollout on (scheduled, or staging now) and starts its driver.
     pub async fn decide(&self, id: &str, by: &str, decision: Decision) -> Result<Rollout> {
         let words = match &decision {
-            Decision::Approve { note, .. } => note.as_deref().unwrap_or_default(),
+            Decision::Approve { note } => note.as_deref().unwrap_or_default(),
             Decision::Reject { reason } => reason,
         };
         if words.len() > MAX_WORDS || words.chars().any(|c| c.is_control() || super::spec::is_invisible(c)) {
@@ -51,13 +45,13 @@ impl Rollouts {
                 state_name(r.state)
             )));
         }
-        if let Decision::Approve { serial, .. } = &decision {
+        if let Decision::Approve { .. } = &decision {
             if by == r.created_by {
                 return Err(Error::PermissionDenied(format!(
                     "{by} deployed rollout {id} and cannot approve it: approval needs a second person"
                 )));
             }
-            self.approver_is_independent(by, serial, &r).await?;
+            self.approver_is_independent(by, &r).await?;
         }
         let Some(gate) = r.approval.as_mut() else {
             return Err(Error::Internal(format!("rollout {id} awaits approval but has no approval gate")));
@@ -73,7 +67,7 @@ impl Rollouts {
                 r.failure = Some(format!("rejected by {by}: {reason}"));
                 r.event(format!("rejected by {by}: {reason}"));
             }
-            Decision::Approve { note, .. } => {
+            Decision::Approve { note } => {
                 if gate.approvals.iter().any(|a| a.by == by && a.at + gate.ttl_secs as i64 > t) {
                     return Err(Error::FailedPrecondition(format!("{by} has already approved rollout {id}")));
                 }
@@ -113,7 +107,7 @@ impl Rollouts {
     /// certificates, followed through those admins' own records (a rekey through a name one
     /// controls, or a name created by a name one created, does not hide the chain). The records
     /// `convoy init` and the migration made are roots and control nothing.
-    async fn approver_is_independent(&self, by: &str, _serial: &str, r: &Rollout) -> Result<()> {
+    async fn approver_is_independent(&self, by: &str, r: &Rollout) -> Result<()> {
         let records = self.registry.list_admins().await?;
         let controllers = |start: &str| {
             let mut seen = std::collections::BTreeSet::new();
@@ -313,10 +307,7 @@ mod tests {
         ctl.save(&awaiting("ro-1", t - 2 * DAY)).await.unwrap();
         ctl.save(&awaiting("ro-2", t - DAY / 2)).await.unwrap();
         ctl.save(&awaiting("ro-3", t - 2 * DAY)).await.unwrap();
-        let e = ctl
-            .decide("ro-1", "admin/b", Decision::Approve { note: None, serial: String::new() })
-            .await
-            .unwrap_err();
+        let e = ctl.decide("ro-1", "admin/b", Decision::Approve { note: None }).await.unwrap_err();
         assert!(e.to_string().contains("was not approved in time and has expired"), "{e}");
         let r = ctl.rollout(Some("ro-1".into())).await.unwrap();
         assert_eq!((r.state, r.failure.as_deref()), (RolloutState::Expired, Some("not approved in time")));
@@ -325,31 +316,18 @@ mod tests {
         assert_eq!(ctl.rollout(Some("ro-3".into())).await.unwrap().state, RolloutState::Expired);
         assert_eq!(ctl.rollout(Some("ro-2".into())).await.unwrap().state, RolloutState::AwaitingApproval);
         // One approval of two: still waiting, and the same admin cannot approve twice.
-        let r = ctl
-            .decide("ro-2", "admin/b", Decision::Approve { note: Some("ok".into()), serial: String::new() })
-            .await
-            .unwrap();
+        let r = ctl.decide("ro-2", "admin/b", Decision::Approve { note: Some("ok".into()) }).await.unwrap();
         assert_eq!(r.state, RolloutState::AwaitingApproval);
         assert_eq!(
             waiting(&r, t),
             ["waiting for 1 more approval(s) from admins other than admin/a (expires in 12h)"]
         );
-        let e = ctl
-            .decide("ro-2", "admin/b", Decision::Approve { note: None, serial: String::new() })
-            .await
-            .unwrap_err();
+        let e = ctl.decide("ro-2", "admin/b", Decision::Approve { note: None }).await.unwrap_err();
         assert!(e.to_string().contains("has already approved"), "{e}");
-        let e = ctl
-            .decide("ro-2", "admin/a", Decision::Approve { note: None, serial: String::new() })
-            .await
-            .unwrap_err();
+        let e = ctl.decide("ro-2", "admin/a", Decision::Approve { note: None }).await.unwrap_err();
         assert!(e.to_string().contains("cannot approve it"), "{e}");
         let e = ctl
-            .decide(
-                "ro-2",
-                "admin/c",
-                Decision::Approve { note: Some("\u{1b}[2J".into()), serial: String::new() },
-            )
+            .decide("ro-2", "admin/c", Decision::Approve { note: Some("\u{1b}[2J".into()) })
             .await
             .unwrap_err();
         assert!(e.to_string().contains("without control characters"), "{e}");
